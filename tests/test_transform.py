@@ -1,0 +1,130 @@
+import copy
+
+import pytest
+import torch
+from tiny import ARCHS, tiny_model
+from reference import reference_logits
+
+import truedepth
+from truedepth import PlanError
+
+
+def rel_err(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("group", [2, 3])
+def test_parallel_wide_layer_matches_slow_reference(arch, group):
+    model = tiny_model(arch, layers=9)
+    ids = torch.randint(3, 128, (2, 11))
+    plan = f"parallel=2:{2 + 2 * group}/{group}" if group != 2 else "parallel=1:7"
+    want = reference_logits(model, plan, ids)
+    truedepth.apply_plan(model, plan)
+    got = model(ids).logits
+    assert rel_err(got, want) <= 1e-5
+    # the fused model really is shallower and wider
+    widths = model.config.truedepth["layer_widths"]
+    assert len(model.model.layers) == len(widths) == model.config.num_hidden_layers
+    assert max(widths) == group
+
+
+def test_parallel_is_not_the_sequential_model():
+    """Guards the reference itself: LP must differ from the unmodified model."""
+    model = tiny_model("llama")
+    ids = torch.randint(3, 128, (1, 9))
+    base = model(ids).logits
+    assert rel_err(reference_logits(model, "parallel=2:6", ids), base) > 1e-3
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+@pytest.mark.parametrize("plan", ["skip=3", "skip=2:4,parallel=5:7", "shuffle=1:7@5", "merge=2:6/2",
+                                  "merge=1:4/3,parallel=5:7", "parallel=0:2,parallel=4:7/3"])
+def test_every_step_kind_matches_reference(arch, plan):
+    model = tiny_model(arch, layers=8)
+    ids = torch.randint(3, 128, (2, 10))
+    want = reference_logits(model, plan, ids)
+    truedepth.apply_plan(model, plan)
+    assert rel_err(model(ids).logits, want) <= 1e-5
+    assert model.config.num_hidden_layers == truedepth.Plan.parse(plan).depth(8)
+
+
+def test_parallelize_shortcut_and_config_record():
+    model = tiny_model("llama", layers=8)
+    truedepth.parallelize(model, 2, 8, group_size=3)
+    info = model.config.truedepth
+    assert info["original_num_hidden_layers"] == 8
+    assert truedepth.Plan.from_dict(info["plan"]) == truedepth.Plan.parse("parallel=2:8/3")
+    assert [l.self_attn.layer_idx for l in model.model.layers] == list(range(4))
+
+
+def snapshot(model):
+    return (str(model), {k: v.clone() for k, v in model.state_dict().items()}, model.config.to_json_string())
+
+
+@pytest.mark.parametrize("plan, words", [
+    ("parallel=6:10", ["out of range", "8 layers"]),
+    ("parallel=2:6,skip=5", ["both use layer 5"]),
+    ("parallel=2:6/1", ["at least 2"]),
+    ("parallel=2:5", ["do not split", "2:6"]),
+    ('{"steps": [{"kind": "parallel", "layers": [2, 4]}]}', ["consecutive"]),
+    ("skip=0:8", ["removes every layer"]),
+    ("frobnicate=1:3", ["unknown step kind", "parallel=A:B"]),
+    ("parallel=3", ["needs a range"]),
+])
+def test_bad_plan_raises_and_leaves_model_unchanged(plan, words):
+    model = tiny_model("llama", layers=8)
+    before = snapshot(model)
+    with pytest.raises(PlanError) as err:
+        truedepth.apply_plan(model, plan)
+    for w in words:
+        assert w in str(err.value)
+    after = snapshot(model)
+    assert before[0] == after[0] and before[2] == after[2]
+    assert before[1].keys() == after[1].keys()
+    assert all(torch.equal(before[1][k], after[1][k]) for k in before[1])
+
+
+def test_different_eps_refused_atomically():
+    model = tiny_model("llama", layers=8)
+    model.model.layers[3].input_layernorm.variance_epsilon = 1e-3
+    before = snapshot(model)
+    with pytest.raises(PlanError, match="eps"):
+        truedepth.apply_plan(model, "parallel=2:4")
+    assert snapshot(model)[0] == before[0]
+
+
+def test_unsupported_architecture_lists_supported():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64))
+    before = str(model)
+    with pytest.raises(PlanError) as err:
+        truedepth.apply_plan(model, "parallel=0:2")
+    assert "gpt2" in str(err.value) and "llama" in str(err.value) and "qwen3" in str(err.value)
+    assert str(model) == before
+
+
+def test_second_plan_refused():
+    model = tiny_model("llama", layers=8)
+    truedepth.apply_plan(model, "parallel=2:4")
+    with pytest.raises(PlanError, match="already transformed"):
+        truedepth.apply_plan(model, "parallel=4:6")
+
+
+def test_identity_plan_changes_nothing():
+    model = tiny_model("mistral", layers=4)
+    ids = torch.randint(3, 128, (1, 7))
+    want = model(ids).logits
+    truedepth.apply_plan(model, "base")
+    assert torch.equal(model(ids).logits, want)
+
+
+def test_transform_releases_old_group_weights():
+    """Group by group: the fused model holds exactly the original parameter count, no leftovers."""
+    model = tiny_model("qwen2", layers=8)
+    n = sum(p.numel() for p in model.parameters())
+    truedepth.apply_plan(model, "parallel=0:8")
+    # every projection weight is kept once; only the 4 groups' second copies of 2 norms go
+    assert sum(p.numel() for p in model.parameters()) == n - 4 * 2 * model.config.hidden_size
+    assert all(p.device.type == "cpu" for p in model.parameters())
