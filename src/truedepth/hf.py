@@ -47,6 +47,8 @@ class TrueDepthModelMixin:
     @classmethod
     def from_pretrained(cls, *args: Any, **kwargs: Any) -> Any:
         want_info = kwargs.pop("output_loading_info", False)
+        # mismatched shapes are let through only to be reported below by name, then refused
+        kwargs.setdefault("ignore_mismatched_sizes", True)
         model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
         raise_on_loading_problems(info, args[0] if args else kwargs.get("pretrained_model_name_or_path"))
         return (model, info) if want_info else model

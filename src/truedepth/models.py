@@ -53,6 +53,7 @@ def default_model_dir() -> Path:
     gguf = default_gguf()
     kw = {"gguf_file": gguf.name}
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, **kw)
+    tokenizer.clean_up_tokenization_spaces = False  # BPE: the clean-up would strip spaces before punctuation
     quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, dtype=torch.float32, **kw)
     config = quantized.config
     del config.quantization_config  # GGUF-loaded models refuse save_pretrained (transformers-notes)
