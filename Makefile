@@ -1,0 +1,35 @@
+# Two commands do everything on a fresh machine:
+#   make demo   set up, then run the main job (truedepth demo)
+#   make test   set up, then run the whole test suite
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.setup-done
+
+.PHONY: setup demo test test-fast clean
+
+setup: $(STAMP)
+
+$(STAMP): requirements-dev.txt pyproject.toml scripts/fetch_assets.sh
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# torch first and alone, pinned: the CPU build on disk, never a CUDA download
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -r requirements-dev.txt
+	$(BIN)/pip install -q --no-deps -e .
+	PYTHON=$(BIN)/python bash scripts/fetch_assets.sh
+	# convert the GGUF default model once into a safetensors copy in the user cache
+	$(BIN)/python -c "from truedepth.models import default_model_dir; print(default_model_dir())"
+	touch $(STAMP)
+
+demo: setup
+	$(BIN)/truedepth demo
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not integration and not slow"
+
+clean:
+	rm -rf $(VENV) .pytest_cache
