@@ -1,0 +1,466 @@
+"""Tensor parallelism (TP) for base and Layer-Parallel models, under `torchrun`.
+
+Every decoder layer, wide or not, is sharded with PyTorch's tensor-parallel API (DTensor
+`parallelize_module`) using the Megatron plan: q/k/v and gate/up column-parallel, o and down
+row-parallel. Each rank holds a contiguous slice of every layer's heads and MLP neurons. A wide
+LP layer is an ordinary layer with more heads and neurons, so the same plan shards it unchanged;
+on 2 ranks a pair's rank 0 holds layer a's heads and rank 1 layer b's (the paper's layout).
+
+One all-reduce follows each row-parallel product, two per layer, so a model of L layers with a
+parallel range of Δ layers in pairs costs 2·(L − Δ/2) all-reduces per forward pass. Embeddings,
+the final norm and the LM head stay whole on every rank, so they add no collective.
+
+    torchrun --nproc_per_node=2 -m truedepth generate --tp --plan parallel=14:24 ...
+
+NCCL on GPUs (rank r uses cuda:LOCAL_RANK), gloo on CPU. Collectives time out after
+`--tp-timeout` seconds, so a rank that dies or hangs makes the others stop with an error.
+Commands wire TP with `add_tp_arguments(parser)` and `load_from_args(args)` (or `maybe_shard`).
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import datetime
+import math
+import os
+import sys
+import warnings
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+DEFAULT_TIMEOUT_S = 300.0  # long enough for a slow rank to finish loading a 7B model
+TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+COLUMN_PARALLEL = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj")
+ROW_PARALLEL = ("self_attn.o_proj", "mlp.down_proj")
+HEAD_NORMS = ("q_norm", "k_norm")  # Qwen3 per-head norms: one weight row per head in wide layers
+
+
+class TPError(ValueError):
+    """A model, plan or launch that tensor parallelism cannot handle; the message names the fix."""
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI options
+# ---------------------------------------------------------------------------------------------
+def add_tp_arguments(parser: Any) -> None:
+    """`--tp` and `--tp-timeout` (run under `torchrun --nproc_per_node=N`)."""
+    group = parser.add_argument_group("tensor parallelism (launch with torchrun --nproc_per_node=N -m truedepth ...)")
+    group.add_argument("--tp", action="store_true",
+                       help="shard every layer (wide or not) over the N torchrun processes: column-parallel "
+                            "q/k/v/gate/up, row-parallel o/down, 2 all-reduces per layer. NCCL on GPUs, gloo "
+                            "on CPU; only rank 0 prints results.")
+    group.add_argument("--tp-timeout", type=float, default=DEFAULT_TIMEOUT_S, metavar="SECONDS",
+                       help="a collective that waits longer than this (a rank died or hangs) stops every rank "
+                            "with an error instead of hanging. Default: %(default)s")
+
+
+# ---------------------------------------------------------------------------------------------
+# Process group
+# ---------------------------------------------------------------------------------------------
+def under_torchrun() -> bool:
+    return all(k in os.environ for k in ("RANK", "WORLD_SIZE"))
+
+
+def env_world_size() -> int:
+    """World size announced by torchrun; a clear error when the command was not launched by it."""
+    if not under_torchrun():
+        raise TPError("--tp needs one process per rank: launch with `torchrun --nproc_per_node=N -m truedepth "
+                      "COMMAND --tp ...` (N = number of GPUs, or CPU processes with gloo).")
+    return int(os.environ["WORLD_SIZE"])
+
+
+def rank() -> int:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank()
+    return int(os.environ.get("RANK", 0))
+
+
+def is_main() -> bool:
+    """True on rank 0 (and in a plain single process): the rank that prints results."""
+    return rank() == 0
+
+
+def print0(*args: Any, **kwargs: Any) -> None:
+    """`print` on rank 0 only."""
+    if is_main():
+        print(*args, **kwargs)
+
+
+def quiet_other_ranks() -> None:
+    """Send stdout of ranks other than 0 to /dev/null, so results are printed once.
+
+    stderr stays open on every rank: an error on any rank must still be seen. Progress bars write
+    to stderr; pass ``disable=not tp.is_main()`` to tqdm."""
+    if not is_main():
+        sys.stdout.flush()
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115  lives until the process exits
+
+
+def rank_device(device: Any = None) -> torch.device:
+    """The device of this rank: cuda:LOCAL_RANK when GPUs are used, else cpu."""
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    wanted = str(device) if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
+    if wanted == "cpu":
+        return torch.device("cpu")
+    if wanted != "cuda":
+        raise TPError(f"--device {wanted} conflicts with --tp: every rank uses cuda:LOCAL_RANK. "
+                      "Pass --device cuda (or leave it out), or --device cpu for gloo on CPU.")
+    if not torch.cuda.is_available():
+        raise TPError("--device cuda was asked for, but no GPU is visible; use --device cpu (gloo).")
+    if local >= torch.cuda.device_count():
+        raise TPError(f"LOCAL_RANK {local} has no GPU: only {torch.cuda.device_count()} are visible. "
+                      f"Use torchrun --nproc_per_node={torch.cuda.device_count()} or fewer.")
+    return torch.device("cuda", local)
+
+
+def init_distributed(timeout_s: float = DEFAULT_TIMEOUT_S, device: Any = None) -> Any:
+    """Join the torchrun process group (NCCL on GPU, gloo on CPU) and return a 1-D DeviceMesh.
+
+    `timeout_s` bounds every collective: when a rank dies or hangs the others raise (gloo) or are
+    torn down by the NCCL watchdog instead of waiting forever. Idempotent."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    if timeout_s is None or timeout_s <= 0:
+        raise TPError(f"--tp-timeout must be a positive number of seconds (got {timeout_s}).")
+    world = env_world_size()
+    dev = rank_device(device)
+    if not dist.is_initialized():
+        timeout = datetime.timedelta(seconds=float(timeout_s))
+        if dev.type == "cuda":
+            torch.cuda.set_device(dev)
+            dist.init_process_group("nccl", timeout=timeout, device_id=dev)
+        else:
+            dist.init_process_group("gloo", timeout=timeout)
+        atexit.register(_shutdown)
+    if dist.get_world_size() != world:
+        raise TPError(f"process group has {dist.get_world_size()} ranks but WORLD_SIZE is {world}.")
+    return init_device_mesh(dev.type, (world,))
+
+
+def _shutdown() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        with contextlib.suppress(Exception):  # a dead peer may make the teardown itself fail
+            dist.destroy_process_group()
+
+
+def sync_seed() -> int:
+    """Give every rank rank 0's random seed, so sampling draws the same tokens everywhere."""
+    import torch.distributed as dist
+
+    seed = torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64)
+    if dist.is_initialized():
+        backend = dist.get_backend()
+        t = seed.to(f"cuda:{torch.cuda.current_device()}") if backend == "nccl" else seed
+        dist.broadcast(t, src=0)
+        seed = t.cpu()
+    torch.manual_seed(int(seed))
+    return int(seed)
+
+
+@contextlib.contextmanager
+def explain_rank_failures(timeout_s: float | None = None) -> Iterator[None]:
+    """Turn a collective that failed because another rank died or hung into a clear RuntimeError."""
+    import torch.distributed as dist
+
+    try:
+        yield
+    except (dist.DistError, RuntimeError) as e:
+        text = str(e)
+        if isinstance(e, dist.DistError) or any(w in text for w in ("Timed out", "timed out", "Connection closed",
+                                                                     "Connection reset", "NCCL", "Gloo", "gloo")):
+            limit = f" within --tp-timeout {timeout_s:g} s" if timeout_s else ""
+            raise RuntimeError(f"rank {rank()}: a collective failed{limit}: another rank died or stopped "
+                               f"responding ({text.splitlines()[0][:200]}). Check the other ranks' errors; "
+                               "raise --tp-timeout if a rank is only slow (e.g. loading a large model).") from e
+        raise
+
+
+# ---------------------------------------------------------------------------------------------
+# Up-front validation
+# ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class LayerShape:
+    """What tensor parallelism splits in one decoder layer of the (transformed) model."""
+    index: int  # position in the transformed model
+    originals: tuple[int, ...]  # original layers it is made from
+    kind: str  # keep | parallel | merge
+    heads: int
+    kv_heads: int
+    intermediate: int
+
+    def describe(self) -> str:
+        if self.kind == "parallel":
+            return f"layer {self.index} (wide: original layers {', '.join(map(str, self.originals))} in parallel)"
+        if self.kind == "merge":
+            return f"layer {self.index} (merge of original layers {', '.join(map(str, self.originals))})"
+        return f"layer {self.index}" + (f" (original layer {self.originals[0]})" if self.originals != (self.index,) else "")
+
+    def sizes(self) -> dict[str, int]:
+        return {"attention heads": self.heads, "KV heads": self.kv_heads, "MLP intermediate size": self.intermediate}
+
+
+def _blocks_from_config(config: Any, plan: Any = None) -> list[Any]:
+    from .plan import Block, as_plan
+
+    record = getattr(config, "truedepth", None)
+    if record:
+        if plan is not None and not as_plan(plan).is_identity:
+            raise TPError(f"this model was already transformed with plan '{as_plan(record['plan'])}'; plans refer "
+                          "to the original layers: load the original model and apply one combined plan.")
+        return as_plan(record["plan"]).blocks(record["original_num_hidden_layers"])
+    n = config.num_hidden_layers
+    return as_plan(plan).blocks(n) if plan is not None else [Block("keep", (i,)) for i in range(n)]
+
+
+def shapes_from_config(config: Any, plan: Any = None) -> list[LayerShape]:
+    """Layer shapes of `config` after `plan`, without building or loading the model."""
+    heads = config.num_attention_heads
+    kv = getattr(config, "num_key_value_heads", None) or heads
+    out = []
+    for i, block in enumerate(_blocks_from_config(config, plan)):
+        width = len(block.layers) if block.kind == "parallel" else 1
+        out.append(LayerShape(i, block.layers, block.kind, heads * width, kv * width, config.intermediate_size * width))
+    return out
+
+
+def shapes_from_model(model: nn.Module) -> list[LayerShape]:
+    """Layer shapes read from the modules themselves (the source of truth after a transform)."""
+    from .transform import decoder_layers
+
+    layers = decoder_layers(model)
+    record = getattr(model.config, "truedepth", None)
+    blocks = _blocks_from_config(model.config) if record else None
+    out = []
+    for i, layer in enumerate(layers):
+        attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
+        missing = [n for n in COLUMN_PARALLEL + ROW_PARALLEL
+                   if not isinstance(getattr(getattr(layer, n.split(".")[0], None), n.split(".")[1], None), nn.Linear)]
+        if missing or attn is None or mlp is None:
+            raise TPError(f"layer {i} ({type(layer).__name__}) lacks the linear layers {', '.join(missing)}; --tp "
+                          "supports Llama-style layers (llama, mistral, qwen2, qwen3).")
+        head_dim = attn.head_dim
+        kind, originals = (blocks[i].kind, blocks[i].layers) if blocks else ("keep", (i,))
+        out.append(LayerShape(i, originals, kind, attn.q_proj.out_features // head_dim,
+                              attn.k_proj.out_features // head_dim, mlp.gate_proj.out_features))
+    return out
+
+
+def valid_world_sizes(shapes: list[LayerShape]) -> list[int]:
+    """World sizes that split every layer's heads, KV heads and MLP neurons evenly."""
+    g = 0
+    for s in shapes:
+        g = math.gcd(g, math.gcd(s.heads, math.gcd(s.kv_heads, s.intermediate)))
+    return [d for d in range(1, g + 1) if g % d == 0]
+
+
+def check_world_size(shapes: list[LayerShape], world_size: int) -> None:
+    """Raise TPError naming the first layer that `world_size` ranks cannot split, and the valid sizes."""
+    if not isinstance(world_size, int) or world_size < 1:
+        raise TPError(f"the world size must be a positive integer (got {world_size!r}).")
+    bad = [s for s in shapes if any(v % world_size for v in s.sizes().values())]
+    if not bad:
+        return
+    first = bad[0]
+    why = ", ".join(f"{name} {v}" for name, v in first.sizes().items() if v % world_size)
+    more = f" ({len(bad) - 1} more layer{'s' if len(bad) > 2 else ''} too)" if len(bad) > 1 else ""
+    valid = valid_world_sizes(shapes)
+    lower = max(d for d in valid if d <= world_size)
+    higher = [d for d in valid if d > world_size]
+    raise TPError(
+        f"--tp over {world_size} ranks cannot split {first.describe()}: not divisible by {world_size}: {why}{more}. "
+        f"Valid world sizes for this model and plan: {', '.join(map(str, valid))}. Launch with torchrun "
+        f"--nproc_per_node={lower}" + (f" (or {higher[0]})" if higher else "") + ".")
+
+
+def validate_tp(model_or_config: Any, world_size: int, plan: Any = None) -> list[LayerShape]:
+    """Check, before any weight moves, that `world_size` ranks can shard every (wide) layer.
+
+    Accepts a loaded (possibly transformed) model, or a config plus the plan to be applied."""
+    if isinstance(model_or_config, nn.Module):
+        if plan is not None:
+            raise TPError("pass `plan` only with a config; a model's layers already show its plan.")
+        shapes = shapes_from_model(model_or_config)
+    else:
+        shapes = shapes_from_config(model_or_config, plan)
+    check_world_size(shapes, world_size)
+    return shapes
+
+
+def check_config(model: Any, plan: Any, world_size: int) -> list[LayerShape]:
+    """Validate `model` (name or folder) + `plan` for `world_size` ranks from its config alone."""
+    from transformers import AutoConfig
+
+    from . import hf  # noqa: F401  registers truedepth_<arch> configs
+    from .models import resolve
+
+    config = AutoConfig.from_pretrained(resolve(model), trust_remote_code=False)
+    return validate_tp(config, world_size, plan)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sharding
+# ---------------------------------------------------------------------------------------------
+def layer_tp_plan() -> dict[str, Any]:
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
+
+    # Colwise outputs and Rowwise inputs stay local tensors (use_local_output), so the attention
+    # code between them sees ordinary tensors with this rank's heads; its reshapes use -1 heads and
+    # the q/kv head ratio it reads from the config is the same on every rank.
+    return {**{name: ColwiseParallel() for name in COLUMN_PARALLEL}, **{name: RowwiseParallel() for name in ROW_PARALLEL}}
+
+
+def _shard_head_norms(layer: nn.Module, rank_index: int, world: int) -> None:
+    """Wide Qwen3 layers carry one q/k norm weight row per head: keep this rank's heads' rows."""
+    for name in HEAD_NORMS:
+        norm = getattr(layer.self_attn, name, None)
+        if norm is not None and norm.weight.ndim == 2:
+            rows = norm.weight.detach().chunk(world, 0)[rank_index].clone()
+            norm.weight = nn.Parameter(rows, requires_grad=norm.weight.requires_grad)
+
+
+def _move_plain_tensors(model: nn.Module, device: torch.device) -> None:
+    """Move every parameter and buffer that is not a DTensor (already placed) to `device`.
+
+    A memo keeps shared parameters shared (tied embeddings and LM head stay one tensor)."""
+    from torch.distributed.tensor import DTensor
+
+    moved: dict[int, nn.Parameter] = {}
+    for module in model.modules():
+        for name, p in list(module._parameters.items()):
+            if p is None or isinstance(p, DTensor) or p.device == device:
+                continue
+            if id(p) not in moved:
+                moved[id(p)] = nn.Parameter(p.detach().to(device), requires_grad=p.requires_grad)
+            module._parameters[name] = moved[id(p)]
+        for name, b in list(module._buffers.items()):
+            if b is not None and b.device != device:
+                module._buffers[name] = b.to(device)
+
+
+def parallelize_tp(model: nn.Module, mesh_or_world: Any = None) -> nn.Module:
+    """Shard every decoder layer of `model` (wide or not) over a 1-D mesh, in place; returns `model`.
+
+    `mesh_or_world`: a DeviceMesh, or None/an int world size to use the joined process group.
+    All ranks must hold the same weights; rank 0's are scattered to the others. Validation runs
+    before any weight moves. Parameters outside the layers are moved to the mesh's device whole."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+    from torch.distributed.tensor.parallel import parallelize_module
+
+    from .transform import decoder_layers
+
+    if isinstance(mesh_or_world, DeviceMesh):
+        mesh = mesh_or_world
+    else:
+        if not dist.is_initialized():
+            raise TPError("no process group: call truedepth.tp.init_distributed() under torchrun first.")
+        world = dist.get_world_size() if mesh_or_world is None else int(mesh_or_world)
+        if world != dist.get_world_size():
+            raise TPError(f"asked for {world} ranks but the process group has {dist.get_world_size()}.")
+        mesh = init_device_mesh("cuda" if dist.get_backend() == "nccl" else "cpu", (world,))
+    if mesh.ndim != 1:
+        raise TPError(f"tensor parallelism needs a 1-D device mesh (got {mesh.ndim}-D).")
+    world = mesh.size()
+    validate_tp(model, world)
+    device = torch.device(mesh.device_type, torch.cuda.current_device()) if mesh.device_type == "cuda" else torch.device("cpu")
+    for layer in decoder_layers(model):
+        parallelize_module(layer, mesh, layer_tp_plan(), src_data_rank=0)
+        _shard_head_norms(layer, mesh.get_local_rank(), world)
+    _move_plain_tensors(model, device)
+    model._truedepth_tp_world_size = world  # noqa: SLF001  marks the model as sharded
+    return model
+
+
+def tp_world_size(model: nn.Module) -> int:
+    """Ranks the model is sharded over (1 if it is not sharded)."""
+    return getattr(model, "_truedepth_tp_world_size", 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# What commands call
+# ---------------------------------------------------------------------------------------------
+def maybe_shard(model: nn.Module, args: Any) -> nn.Module:
+    """Shard an already loaded (and transformed) model if `args.tp`; otherwise return it unchanged.
+
+    Validates first, then joins the process group, silences stdout on ranks > 0, shards, and gives
+    every rank the same random seed. Load the model on the CPU (`--device` is ignored for loading
+    under --tp): a model already on cuda was put on every rank's current GPU before the ranks
+    chose theirs. `load_from_args` does all of this and needs less memory."""
+    if not getattr(args, "tp", False):
+        return model
+    validate_tp(model, env_world_size())
+    mesh = init_distributed(getattr(args, "tp_timeout", DEFAULT_TIMEOUT_S), getattr(args, "device", None))
+    quiet_other_ranks()
+    parallelize_tp(model, mesh)
+    sync_seed()
+    return model
+
+
+def load_from_args(args: Any) -> tuple[nn.Module, Any]:
+    """`models.load_from_args`, made TP-aware: with `args.tp`, the model + plan are checked against
+    the world size from the config alone (no weight read), loaded on the host, transformed, and
+    each rank's shard moved to its own device (never the whole model onto one GPU)."""
+    from . import models
+
+    if not getattr(args, "tp", False):
+        return models.load_from_args(args)
+    world = env_world_size()
+    check_config(args.model, getattr(args, "plan", None), world)
+    mesh = init_distributed(getattr(args, "tp_timeout", DEFAULT_TIMEOUT_S), getattr(args, "device", None))
+    quiet_other_ranks()
+    dtype = getattr(args, "dtype", None) or ("bf16" if mesh.device_type == "cuda" else "fp32")
+    model, tokenizer = models.load(args.model, dtype=dtype, device=None, plan=getattr(args, "plan", None))
+    parallelize_tp(model, mesh)
+    sync_seed()
+    return model, tokenizer
+
+
+# ---------------------------------------------------------------------------------------------
+# Counting collectives
+# ---------------------------------------------------------------------------------------------
+class AllReduceCounter:
+    """Counts all-reduces issued inside a `with` block (DTensor's functional collectives and plain
+    `torch.distributed.all_reduce` alike), using PyTorch's `CommDebugMode`."""
+
+    def __init__(self) -> None:
+        self.counts: dict[str, int] = {}
+
+    @property
+    def all_reduces(self) -> int:
+        return sum(n for op, n in self.counts.items() if "all_reduce" in op or "allreduce" in op)
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    def __enter__(self) -> "AllReduceCounter":
+        from torch.distributed.tensor.debug import CommDebugMode
+
+        self._mode = CommDebugMode()
+        self._warnings = warnings.catch_warnings()
+        self._warnings.__enter__()
+        # its module tracker hooks every module for backward and warns about HF output classes
+        warnings.filterwarnings("ignore", message="For backward hooks to be called")
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        try:
+            self._mode.__exit__(*exc)
+            self.counts = {str(op): int(n) for op, n in self._mode.get_comm_counts().items()}
+        finally:
+            self._warnings.__exit__(*exc)
+
+
+def expected_all_reduces(num_layers: int) -> int:
+    """All-reduces per forward pass with every layer sharded: 2 per (possibly wide) layer."""
+    return 2 * num_layers

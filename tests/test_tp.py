@@ -1,0 +1,365 @@
+"""Tensor parallelism on CPU: 2 gloo processes against the single-process model.
+
+One torchrun launch (module fixture) runs every equivalence case in both ranks and writes JSON;
+the tests read it. Two more launches, started by hand so that the test can kill or freeze one
+rank, check that the survivor stops with an error within --tp-timeout. This file is also the
+worker: `python tests/test_tp.py equivalence OUT` / `... failure SECONDS`.
+
+Tolerance: fp32 logits of the sharded model equal the single-process model to 1e-5 relative
+(sums are split across ranks, so only the float rounding order differs); greedy tokens exactly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from tiny import tiny_config, tiny_model
+
+import truedepth
+from truedepth import tp
+
+HERE = Path(__file__).resolve()
+REPO = HERE.parent.parent
+TORCHRUN = Path(sys.executable).with_name("torchrun")
+WORLD = 2
+LAYERS = 8
+REL_TOL = 1e-5
+# (name, arch, plan, config overrides): base, pairs, a group of 3 with Qwen3's per-head norms,
+# biases with a skip, tied embeddings
+CASES = [
+    ("llama-base", "llama", "base", {}),
+    ("llama-pairs", "llama", "parallel=2:6", {}),
+    ("qwen3-triples", "qwen3", "parallel=1:7/3", {}),
+    ("qwen2-pairs-skip", "qwen2", "parallel=2:6,skip=7", {}),
+    ("llama-tied-pairs", "llama", "parallel=0:8", {"tie_word_embeddings": True}),
+]
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm()).item()
+
+
+# =============================================================================================
+# Workers (run in the spawned processes)
+# =============================================================================================
+def greedy(model, ids, **kw):
+    return model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=8,
+                          min_new_tokens=8, pad_token_id=0, **kw)
+
+
+def shard_report(model) -> dict:
+    """Local shapes of one wide/ordinary layer, and whether any shard keeps the full tensor alive."""
+    from torch.distributed.tensor import DTensor
+
+    hidden_full = []
+    for name, p in model.named_parameters():
+        if isinstance(p, DTensor):
+            local = p.to_local()
+            if local.untyped_storage().nbytes() != local.numel() * local.element_size():
+                hidden_full.append(name)
+    layer = model.model.layers[0]
+    return {"q_rows": tuple(layer.self_attn.q_proj.weight.to_local().shape)[0],
+            "q_rows_full": layer.self_attn.q_proj.weight.shape[0],
+            "o_cols": tuple(layer.self_attn.o_proj.weight.to_local().shape)[1],
+            "storage_larger_than_shard": hidden_full}
+
+
+@torch.no_grad()
+def equivalence_worker(out_dir: str) -> None:
+    from truedepth.tp_bench import count_decode_all_reduces, tp_bench
+
+    torch.set_num_threads(1)
+    mesh = tp.init_distributed(timeout_s=60)
+    results = {}
+    for name, arch, plan, overrides in CASES:
+        ref = tiny_model(arch, layers=LAYERS, seed=0, **overrides)  # same seed: same weights on every rank
+        if plan != "base":
+            truedepth.apply_plan(ref, plan)
+        ids = torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(1))
+        want = ref(ids).logits
+        want_tokens = greedy(ref, ids)
+        model = copy.deepcopy(ref)
+        tp.parallelize_tp(model, mesh)
+        with tp.AllReduceCounter() as counter:
+            got = model(ids).logits
+        prefill, step = count_decode_all_reduces(model, ids)
+        results[name] = {
+            "rel_err": rel_err(got, want), "max_abs": (got - want).abs().max().item(),
+            "tokens_equal": bool(torch.equal(greedy(model, ids), want_tokens)),
+            "static_tokens_equal": bool(torch.equal(greedy(model, ids, cache_implementation="static"), want_tokens)),
+            "all_reduces_forward": counter.all_reduces, "other_collectives": counter.total - counter.all_reduces,
+            "all_reduces_prefill": prefill, "all_reduces_decode_step": step,
+            "depth": len(model.model.layers), "tied": model.lm_head.weight is model.model.embed_tokens.weight,
+            **shard_report(model)}
+    bench = tp_bench(_bench_config(), ["base", "parallel=2:6"], prompt_tokens=6, new_tokens=3, warmup=1, timeout_s=60, progress=False)
+    out = Path(out_dir)
+    (out / f"rank{tp.rank()}.json").write_text(json.dumps({"cases": results, "bench": bench}))
+    tp.quiet_other_ranks()
+    print(f"printed by rank {tp.rank()}")
+
+
+def _bench_config():
+    config = tiny_config("llama", LAYERS)
+    config._attn_implementation = "sdpa"
+    return config
+
+
+@torch.no_grad()
+def failure_worker(timeout_s: float) -> None:
+    """Both ranks run forward passes until one is killed or frozen by the test."""
+    torch.set_num_threads(1)
+    mesh = tp.init_distributed(timeout_s=timeout_s)
+    model = tp.parallelize_tp(tiny_model("llama", layers=4), mesh)
+    ids = torch.randint(3, 128, (1, 8), generator=torch.Generator().manual_seed(0))
+    model(ids)
+    print("ready", flush=True)
+    deadline = time.monotonic() + 120
+    try:
+        with tp.explain_rank_failures(timeout_s):
+            while time.monotonic() < deadline:
+                started = time.monotonic()
+                model(ids)
+    except RuntimeError as e:
+        print(f"stopped after {time.monotonic() - started:.2f} s: {e}", file=sys.stderr, flush=True)
+        sys.exit(3)
+    sys.exit(0)  # never killed: the test fails on the exit code
+
+
+# =============================================================================================
+# Launch helpers
+# =============================================================================================
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def child_env(**extra: str) -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(
+        [str(REPO / "src"), str(HERE.parent), os.environ.get("PYTHONPATH", "")]))
+    env.update(extra)
+    return env
+
+
+@pytest.fixture(scope="module")
+def tp_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("tp")
+    cmd = [str(TORCHRUN), "--standalone", f"--nproc_per_node={WORLD}", str(HERE), "equivalence", str(out)]
+    proc = subprocess.run(cmd, cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"torchrun failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(WORLD)]
+    return {"ranks": ranks, "stdout": proc.stdout}
+
+
+# =============================================================================================
+# Equivalence, counts, memory (2 processes)
+# =============================================================================================
+@pytest.mark.parametrize("case", [c[0] for c in CASES])
+def test_sharded_logits_and_greedy_tokens_equal_single_process(tp_run, case):
+    for rank in tp_run["ranks"]:
+        r = rank["cases"][case]
+        assert r["rel_err"] <= REL_TOL, r
+        assert r["tokens_equal"] and r["static_tokens_equal"], r
+
+
+@pytest.mark.parametrize("case", [c[0] for c in CASES])
+def test_all_reduces_per_forward_are_two_per_layer(tp_run, case):
+    _, _, plan, _ = next(c for c in CASES if c[0] == case)
+    depth = truedepth.Plan.parse(plan).depth(LAYERS)
+    for rank in tp_run["ranks"]:
+        r = rank["cases"][case]
+        assert r["depth"] == depth
+        assert r["all_reduces_forward"] == r["all_reduces_prefill"] == r["all_reduces_decode_step"] == 2 * depth
+        assert r["other_collectives"] == 0  # embeddings and LM head stay whole: no gather
+
+
+def test_all_reduce_count_follows_paper_formula_for_pairs(tp_run):
+    """L layers, a parallel range of delta layers in pairs: 2·(L − delta/2) all-reduces."""
+    for case, delta in (("llama-base", 0), ("llama-pairs", 4), ("llama-tied-pairs", 8)):
+        assert tp_run["ranks"][0]["cases"][case]["all_reduces_forward"] == 2 * (LAYERS - delta // 2)
+
+
+def test_each_rank_holds_only_its_slice(tp_run):
+    for rank in tp_run["ranks"]:
+        for case, r in rank["cases"].items():
+            assert r["q_rows"] * WORLD == r["q_rows_full"], case
+            assert r["storage_larger_than_shard"] == [], case  # no hidden full copy behind a shard
+        assert rank["cases"]["llama-tied-pairs"]["tied"]  # moving to the device kept the tie
+
+
+def test_tp_bench_reports_latency_counts_and_share(tp_run):
+    for rank in tp_run["ranks"]:
+        bench = rank["bench"]
+        assert bench["world_size"] == WORLD and bench["backend"] == "gloo"
+        rows = {r["plan"]: r for r in bench["results"]}
+        assert set(rows) == {"base", "parallel=2:6"}
+        assert rows["base"]["all_reduces_per_token"] == 2 * LAYERS
+        assert rows["parallel=2:6"]["all_reduces_per_token"] == 2 * (LAYERS - 2)
+        for r in rows.values():
+            assert r["all_reduces_per_token"] == r["expected_all_reduces"]
+            assert r["ms_per_token"] > 0 and 0 <= r["all_reduce_share"] <= 1
+        assert bench["all_reduce_ms"] > 0
+    # every rank returns the same numbers (the slowest rank's time)
+    assert tp_run["ranks"][0]["bench"]["results"] == tp_run["ranks"][1]["bench"]["results"]
+
+
+def test_only_rank0_prints(tp_run):
+    assert "printed by rank 0" in tp_run["stdout"]
+    assert "printed by rank 1" not in tp_run["stdout"]
+
+
+# =============================================================================================
+# A dead or frozen rank stops the others within the timeout
+# =============================================================================================
+def start_ranks(timeout_s: float) -> list[subprocess.Popen]:
+    port = str(free_port())
+    procs = []
+    for r in range(WORLD):
+        env = child_env(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(WORLD), LOCAL_WORLD_SIZE=str(WORLD),
+                        MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+        procs.append(subprocess.Popen([sys.executable, str(HERE), "failure", str(timeout_s)], cwd=REPO, env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    return procs
+
+
+def wait_ready(procs: list[subprocess.Popen], limit_s: float = 120) -> None:
+    deadline = time.monotonic() + limit_s
+    for p in procs:
+        line = p.stdout.readline()  # blocks until "ready" (or EOF if the rank crashed)
+        if line.strip() != "ready" or time.monotonic() > deadline:
+            for q in procs:
+                q.kill()
+            raise AssertionError(f"rank did not start: {line!r} {p.stderr.read()[-3000:]}")
+
+
+@pytest.mark.parametrize("how", ["killed", "frozen"])
+def test_dead_or_hung_rank_stops_the_others_with_an_error(how):
+    timeout_s = 4.0
+    procs = start_ranks(timeout_s)
+    try:
+        wait_ready(procs)
+        os.kill(procs[1].pid, signal.SIGKILL if how == "killed" else signal.SIGSTOP)
+        started = time.monotonic()
+        try:
+            _, err = procs[0].communicate(timeout=timeout_s + 60)  # without the timeout: forever
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"rank 0 still waiting {timeout_s + 60:.0f} s after rank 1 was {how}")
+        waited = time.monotonic() - started
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+    assert procs[0].returncode == 3, err[-3000:]
+    assert "another rank died or stopped responding" in err, err[-3000:]
+    assert f"--tp-timeout {timeout_s:g} s" in err
+    print(f"rank 1 {how}: rank 0 stopped {waited:.1f} s later")
+
+
+# =============================================================================================
+# Up-front validation (single process, no process group)
+# =============================================================================================
+def test_validation_names_layer_and_valid_world_sizes():
+    model = tiny_model("llama", layers=4)  # 4 heads, 2 KV heads, intermediate 96
+    with pytest.raises(tp.TPError) as e:
+        tp.validate_tp(model, 4)
+    msg = str(e.value)
+    assert "layer 0" in msg and "KV heads 2" in msg and "attention heads" not in msg
+    assert "Valid world sizes for this model and plan: 1, 2." in msg and "--nproc_per_node=2" in msg
+    with pytest.raises(tp.TPError, match=r"attention heads 4, KV heads 2 \(3 more layers too\)"):
+        tp.validate_tp(model, 3)
+    tp.validate_tp(model, 2)  # fine
+
+
+def test_validation_depends_on_the_plan():
+    """SmolLM2-like: 3 heads / 1 KV head shard over no ranks, its pairs (6 / 2) over 2."""
+    config = dict(hidden_size=48, num_attention_heads=3, num_key_value_heads=1)
+    model = tiny_model("llama", layers=8, **config)
+    truedepth.apply_plan(model, "parallel=0:6")
+    with pytest.raises(tp.TPError, match=r"cannot split layer 3 \(original layer 6\).*Valid world sizes for this "
+                                         r"model and plan: 1\."):
+        tp.validate_tp(model, 2)
+    all_wide = tiny_model("llama", layers=8, **config)
+    truedepth.apply_plan(all_wide, "parallel=0:8")
+    tp.validate_tp(all_wide, 2)
+    # the same answers from the config alone, before any model exists
+    with pytest.raises(tp.TPError, match=r"layer 3 \(original layer 6\)"):
+        tp.validate_tp(tiny_config("llama", 8, **config), 2, "parallel=0:6")
+    tp.validate_tp(tiny_config("llama", 8, **config), 2, "parallel=0:8")
+
+
+def test_wide_layer_is_named_with_its_original_layers():
+    model = tiny_model("llama", layers=8, hidden_size=96, num_attention_heads=6, num_key_value_heads=3)
+    truedepth.apply_plan(model, "parallel=0:4/2,parallel=4:7/3")  # widths 2, 2, 3, 1
+    with pytest.raises(tp.TPError, match=r"layer 0 \(wide: original layers 0, 1 in parallel\).*KV heads 6"):
+        tp.validate_tp(model, 4)
+
+
+def test_load_from_args_checks_before_loading_anything(tmp_path, monkeypatch):
+    tiny_model("llama", layers=4).save_pretrained(tmp_path)
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "3")
+
+    def must_not_run(*a, **k):
+        raise AssertionError("validation must come before joining the group or loading weights")
+
+    monkeypatch.setattr(tp, "init_distributed", must_not_run)
+    monkeypatch.setattr("truedepth.models.load", must_not_run)
+    args = argparse.Namespace(model=str(tmp_path), plan="parallel=0:2", dtype=None, device=None, tp=True,
+                              tp_timeout=5.0)
+    with pytest.raises(tp.TPError, match="over 3 ranks cannot split layer 0.*Valid world sizes .*: 1, 2"):
+        tp.load_from_args(args)
+    with pytest.raises(tp.TPError, match="over 3 ranks"):
+        tp.maybe_shard(tiny_model("llama", layers=4), args)
+
+
+def test_tp_outside_torchrun_says_how_to_launch(monkeypatch):
+    for var in ("RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(var, raising=False)
+    args = argparse.Namespace(model="default", plan="base", dtype=None, device=None, tp=True, tp_timeout=5.0)
+    with pytest.raises(tp.TPError, match=r"torchrun --nproc_per_node=N -m truedepth"):
+        tp.maybe_shard(tiny_model("llama", layers=2), args)
+    model = tiny_model("llama", layers=2)
+    assert tp.maybe_shard(model, argparse.Namespace(tp=False)) is model  # no --tp: untouched
+
+
+def test_cli_options_and_bad_values():
+    parser = argparse.ArgumentParser()
+    tp.add_tp_arguments(parser)
+    args = parser.parse_args(["--tp", "--tp-timeout", "30"])
+    assert args.tp and args.tp_timeout == 30.0
+    assert not parser.parse_args([]).tp
+    with pytest.raises(tp.TPError, match="conflicts with --tp"):
+        tp.rank_device("cuda:1")
+    with pytest.raises(tp.TPError, match="positive number of seconds"):
+        tp.init_distributed(timeout_s=0)
+
+
+def test_default_lp_plan_matches_the_paper_range_for_7b():
+    from truedepth.tp_bench import default_lp_plan
+
+    assert default_lp_plan(32) == "parallel=16:30"  # Llama-2-7B, delta 14
+    for layers in (4, 8, 24, 30):
+        truedepth.Plan.parse(default_lp_plan(layers)).validate(layers)
+
+
+# =============================================================================================
+if __name__ == "__main__":
+    mode = sys.argv[1]
+    if mode == "equivalence":
+        equivalence_worker(sys.argv[2])
+    elif mode == "failure":
+        failure_worker(float(sys.argv[2]))
+    else:
+        raise SystemExit(f"unknown worker mode {mode!r}")
