@@ -764,9 +764,12 @@ def run(args: argparse.Namespace) -> int:
                "calibration": {"text": args.calib, "windows": args.calib_windows, "length": args.calib_length},
                "options": vars(opt) | {"objective": args.objective}, **result.to_dict()}
     summary["search_seconds"] = round(time.perf_counter() - t0, 2)
+    save = _saver(args.out)
+    save(summary)  # each stage is saved as it ends: a long run that stops later keeps its plans
     if args.baseline:
         base = contiguous_baseline(scorer, reductions, progress)
         summary["baseline"] = [base[k] for k in sorted(base)]
+        save(summary)
     if report_text is not None:
         summary["report"] = {"text": args.report, "tokens": args.report_tokens, "window": args.report_window}
         rows = summary["found"] + summary.get("baseline", [])
@@ -774,14 +777,23 @@ def run(args: argparse.Namespace) -> int:
         summary["base_heldout_ppl"] = held_out_perplexity(model, tokenizer, Plan(()), report_text,
                                                           args.report_tokens, args.report_window)
     print_summary(summary)
+    save(summary)
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(summary, indent=1))
         print(f"wrote {args.out}")
     if args.plot:
         plot(summary, args.plot)
         print(f"wrote {args.plot}")
     return 0
+
+
+def _saver(path: str | None) -> Callable[[dict], None]:
+    def save(summary: dict) -> None:
+        if path:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(path).with_name(Path(path).name + ".tmp")
+            tmp.write_text(json.dumps(summary, indent=1))
+            tmp.replace(path)
+    return save
 
 
 def _argv_of(args: argparse.Namespace) -> list[str]:
