@@ -22,8 +22,11 @@ Checkpoints (trainable weights, optimizer, scheduler, RNG state, data position; 
 are written atomically every --checkpoint-every steps under DIR/checkpoints; `--resume` continues
 from the latest one and ends with the same weights as an uninterrupted run.
 
-Precision: trainable weights are always float32 (the master copy); frozen weights use --dtype
-(default bf16 on GPU, fp32 on CPU), and forward passes run under torch.autocast in that dtype.
+Precision: trained weights are always float32 (the master copy AdamW updates). Training steps run
+under torch.autocast in --train-dtype with the frozen weights stored in it (auto: bf16 on GPU and on
+CPUs with AMX/AVX512-BF16, about 3x faster there; else fp32). The saved model and every perplexity
+use --dtype (default fp32 on CPU, bf16 on GPU): the final model is rebuilt from the original
+weights with the trained tensors put in, so frozen weights never pass through bf16.
 
 Examples:
   truedepth finetune --plan parallel=20:28 --tokens 200000 --out runs/ft
@@ -75,9 +78,9 @@ class TrainConfig:
     """Everything that determines the training trajectory (saved in every checkpoint)."""
     loss: str = "lm"
     seq_len: int = 256
-    batch_size: int = 8
+    batch_size: int = 4
     tokens: int = 200_000  # training tokens (input tokens per step = batch_size * seq_len)
-    lr: float = 2e-4
+    lr: float = 3e-4
     min_lr_ratio: float = 0.1  # cosine decay ends at lr * min_lr_ratio
     warmup: float = 0.05  # fraction of the steps with a linear warm-up
     weight_decay: float = 0.0
