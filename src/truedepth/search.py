@@ -680,32 +680,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     space.add_argument("--max-group", type=int, choices=(2, 3), default=3,
                        help="largest group of consecutive layers run in parallel. Default: %(default)s")
     space.add_argument("--allow-skip", action="store_true", help="also allow dropping single layers")
-    space.add_argument("--calib", default="austen-train",
+    space.add_argument("--calib", metavar="TEXT", default="austen-train",
                        help="calibration text: 'austen-train' (five novels, not the held-out one), "
                             "'other-domain', 'austen:<name>', a file, or a datasets name. Default: %(default)s")
-    space.add_argument("--calib-windows", type=int, default=8, help="calibration windows. Default: %(default)s")
-    space.add_argument("--calib-length", type=int, default=256, help="tokens per window. Default: %(default)s")
+    space.add_argument("--calib-windows", metavar="N", type=int, default=8, help="calibration windows. Default: %(default)s")
+    space.add_argument("--calib-length", metavar="T", type=int, default=256, help="tokens per window. Default: %(default)s")
     algo = parser.add_argument_group("algorithm and cost")
-    algo.add_argument("--beam", type=int, default=2, help="plans kept per depth level. Default: %(default)s")
-    algo.add_argument("--shortlist", type=int, default=6,
+    algo.add_argument("--beam", metavar="B", type=int, default=2, help="plans kept per depth level. Default: %(default)s")
+    algo.add_argument("--shortlist", metavar="M", type=int, default=6,
                       help="cheapest candidates tried per plan and step. Default: %(default)s")
-    algo.add_argument("--refine-rounds", type=int, default=1, help="rounds of local swaps. Default: %(default)s")
-    algo.add_argument("--screen", type=int, default=None,
+    algo.add_argument("--refine-rounds", metavar="R", type=int, default=1, help="rounds of local swaps. Default: %(default)s")
+    algo.add_argument("--screen", metavar="N", type=int, default=None,
                       help="measure alone only the N candidates with the best cosine proxy (default: all)")
-    algo.add_argument("--budget", type=int, default=None,
+    algo.add_argument("--budget", metavar="N", type=int, default=None,
                       help="soft cap on full-plan evaluations after the proxies; when reached, each depth level "
                            "still gets one evaluation so the target is reached (default: no cap)")
     out = parser.add_argument_group("comparison and output")
     out.add_argument("--baseline", action="store_true",
                      help="also find the best single contiguous range of pairs for each depth (the paper's scheme)")
-    out.add_argument("--report", default="default",
+    out.add_argument("--report", metavar="TEXT", default="default",
                      help="text to report held-out perplexity of the final plans on, with the fused model: "
                           "'default' (held-out novel), a file, ... or 'none'. Default: %(default)s")
-    out.add_argument("--report-tokens", type=int, default=8192, help="held-out tokens. Default: %(default)s")
-    out.add_argument("--report-window", type=int, default=512, help="held-out window. Default: %(default)s")
-    out.add_argument("--out", help="write the plans, objectives and counts as JSON to this file")
-    out.add_argument("--plot", help="write a PNG of the objective against depth to this file")
-    out.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    out.add_argument("--report-tokens", metavar="N", type=int, default=8192, help="held-out tokens. Default: %(default)s")
+    out.add_argument("--report-window", metavar="T", type=int, default=512, help="held-out window. Default: %(default)s")
+    out.add_argument("--out", metavar="FILE", help="write the plans, objectives and counts as JSON to this file")
+    out.add_argument("--plot", metavar="PNG", help="write a PNG of the objective against depth to this file")
+    out.add_argument("--threads", metavar="N", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     out.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
