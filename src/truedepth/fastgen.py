@@ -215,7 +215,8 @@ class FastGenerator:
         max_seq: prompt length + new tokens at most (the static cache's length).
         compile: compile the one-token step. On CUDA the default mode is "reduce-overhead" (CUDA
             graphs); elsewhere torch.compile's default mode.
-        mode / backend: passed to torch.compile (override the defaults above).
+        mode / backend / dynamic: passed to torch.compile (override the defaults above;
+            dynamic=True compiles one step for every batch size).
         fuse: run q/k/v and gate/up as single GEMMs (`fuse_projections`, in place).
 
     The cache and the compiled step are made once and reused: the first call of each batch size
@@ -223,7 +224,8 @@ class FastGenerator:
     """
 
     def __init__(self, model: nn.Module, max_batch: int = 1, max_seq: int = 2048, compile: bool = True,
-                 mode: str | None = None, backend: str = "inductor", fuse: bool = False) -> None:
+                 mode: str | None = None, backend: str = "inductor", fuse: bool = False,
+                 dynamic: bool | None = None) -> None:
         if max_batch < 1 or max_seq < 2:
             raise ValueError(f"max_batch must be >= 1 and max_seq >= 2, got {max_batch} and {max_seq}.")
         self.model = model.eval()
@@ -234,7 +236,7 @@ class FastGenerator:
         self.compiled = bool(compile)
         self.mode = mode if mode is not None else ("reduce-overhead" if self.device.type == "cuda" else None)
         self.uses_cuda_graphs = self.compiled and self.mode == "reduce-overhead" and self.device.type == "cuda"
-        self._step = (torch.compile(self._decode_step, mode=self.mode, backend=backend)
+        self._step = (torch.compile(self._decode_step, mode=self.mode, backend=backend, dynamic=dynamic)
                       if self.compiled else self._decode_step)
         self._cache: Any = None
         self._cache_batch = 0
@@ -246,11 +248,19 @@ class FastGenerator:
         logits = self.model(input_ids=tokens, past_key_values=self._cache, use_cache=True, logits_to_keep=1).logits
         return sample_next(logits[:, -1, :], do_sample, temperature, top_k, top_p)
 
-    def _prefill(self, input_ids: torch.Tensor, sampling: tuple) -> torch.Tensor:
+    def prefill(self, input_ids: torch.Tensor, sampling: tuple = (False, 1.0, None, None)) -> torch.Tensor:
+        """Reset the cache, run the prompt (not compiled: its length varies), return the first new tokens."""
         self._cache_for(input_ids.shape[0]).reset()
         logits = self.model(input_ids=input_ids, past_key_values=self._cache, use_cache=True,
                             logits_to_keep=1).logits
         return sample_next(logits[:, -1, :], *sampling)
+
+    def step(self, tokens: torch.Tensor, sampling: tuple = (False, 1.0, None, None)) -> torch.Tensor:
+        """Next tokens (batch, 1) after `tokens` (batch, 1). The result is only valid until the next
+        step (CUDA graphs reuse its memory): copy it out before calling again."""
+        if self.uses_cuda_graphs:
+            torch.compiler.cudagraph_mark_step_begin()  # the previous step's output has been consumed
+        return self._step(tokens, *sampling)
 
     def _cache_for(self, batch: int) -> Any:
         """One static cache, kept across calls (new buffers would re-record the CUDA graphs)."""
@@ -282,13 +292,11 @@ class FastGenerator:
         eos = _as_tensor(eos_token_id, self.device)
         batch = input_ids.shape[0]
         new = torch.empty(batch, max_new_tokens, dtype=torch.long, device=self.device)
-        new[:, :1] = self._prefill(input_ids, sampling)
+        new[:, :1] = self.prefill(input_ids, sampling)
         produced = 1
         while produced < max_new_tokens:
-            if self.uses_cuda_graphs:
-                torch.compiler.cudagraph_mark_step_begin()  # the previous step's output is consumed
             # the input is a view of our own buffer, never a graph output that the next replay overwrites
-            new[:, produced:produced + 1] = self._step(new[:, produced - 1:produced], *sampling)
+            new[:, produced:produced + 1] = self.step(new[:, produced - 1:produced], sampling)
             produced += 1
             if eos is not None and produced % eos_check_every == 0 and bool(_finished(new[:, :produced], eos).all()):
                 break
