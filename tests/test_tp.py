@@ -1,9 +1,11 @@
 """Tensor parallelism on CPU: 2 gloo processes against the single-process model.
 
-One torchrun launch (module fixture) runs every equivalence case in both ranks and writes JSON;
-the tests read it. Two more launches, started by hand so that the test can kill or freeze one
-rank, check that the survivor stops with an error within --tp-timeout. This file is also the
-worker: `python tests/test_tp.py equivalence OUT` / `... failure SECONDS`.
+Two launches of 2 ranks run at once (module fixture). One runs every equivalence case in both
+ranks, writes JSON for the tests to read, then has rank 1 killed while rank 0 waits in an
+all-reduce; the other has rank 1 frozen (SIGSTOP). Rank 0 must stop with an error: at once for a
+killed peer (gloo sees the closed connection), after --tp-timeout for a frozen one. This file is
+also the worker: `python tests/test_tp.py equivalence OUT TIMEOUT` / `... hang TIMEOUT`, run with
+torchrun's environment (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT).
 
 Tolerance: fp32 logits of the sharded model equal the single-process model to 1e-5 relative
 (sums are split across ranks, so only the float rounding order differs); greedy tokens exactly.
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import itertools
 import json
 import os
 import signal
@@ -31,7 +34,6 @@ from truedepth import tp
 
 HERE = Path(__file__).resolve()
 REPO = HERE.parent.parent
-TORCHRUN = Path(sys.executable).with_name("torchrun")
 WORLD = 2
 LAYERS = 8
 REL_TOL = 1e-5
@@ -58,31 +60,29 @@ def greedy(model, ids, **kw):
                           min_new_tokens=8, pad_token_id=0, **kw)
 
 
-def shard_report(model) -> dict:
-    """Local shapes of one wide/ordinary layer, and whether any shard keeps the full tensor alive."""
+def shard_report(model, ref) -> dict:
+    """Shard sizes of layer 0's q_proj against the unsharded model, and whether any shard keeps a
+    larger (full) tensor alive behind it."""
     from torch.distributed.tensor import DTensor
 
-    hidden_full = []
-    for name, p in model.named_parameters():
-        if isinstance(p, DTensor):
-            local = p.to_local()
-            if local.untyped_storage().nbytes() != local.numel() * local.element_size():
-                hidden_full.append(name)
-    layer = model.model.layers[0]
-    return {"q_rows": tuple(layer.self_attn.q_proj.weight.to_local().shape)[0],
-            "q_rows_full": layer.self_attn.q_proj.weight.shape[0],
-            "o_cols": tuple(layer.self_attn.o_proj.weight.to_local().shape)[1],
+    def local(p):
+        return p.to_local() if isinstance(p, DTensor) else p
+
+    hidden_full = [name for name, p in model.named_parameters()
+                   if local(p).untyped_storage().nbytes() != local(p).numel() * local(p).element_size()]
+    return {"q_rows": local(model.model.layers[0].self_attn.q_proj.weight).shape[0],
+            "q_rows_full": ref.model.layers[0].self_attn.q_proj.weight.shape[0],
             "storage_larger_than_shard": hidden_full}
 
 
 @torch.no_grad()
-def equivalence_worker(out_dir: str) -> None:
+def equivalence_worker(out_dir: str, timeout_s: float) -> None:
     from truedepth.tp_bench import count_decode_all_reduces, tp_bench
 
     torch.set_num_threads(1)
-    mesh = tp.init_distributed(timeout_s=60)
+    mesh = tp.init_distributed(timeout_s=timeout_s)
     results = {}
-    for name, arch, plan, overrides in CASES:
+    for (name, arch, plan, overrides), impl in itertools.product(CASES, tp.IMPLEMENTATIONS):
         ref = tiny_model(arch, layers=LAYERS, seed=0, **overrides)  # same seed: same weights on every rank
         if plan != "base":
             truedepth.apply_plan(ref, plan)
@@ -90,23 +90,24 @@ def equivalence_worker(out_dir: str) -> None:
         want = ref(ids).logits
         want_tokens = greedy(ref, ids)
         model = copy.deepcopy(ref)
-        tp.parallelize_tp(model, mesh)
+        tp.parallelize_tp(model, mesh, impl)
         with tp.AllReduceCounter() as counter:
             got = model(ids).logits
         prefill, step = count_decode_all_reduces(model, ids)
-        results[name] = {
+        results[f"{name}/{impl}"] = {
             "rel_err": rel_err(got, want), "max_abs": (got - want).abs().max().item(),
             "tokens_equal": bool(torch.equal(greedy(model, ids), want_tokens)),
             "static_tokens_equal": bool(torch.equal(greedy(model, ids, cache_implementation="static"), want_tokens)),
             "all_reduces_forward": counter.all_reduces, "other_collectives": counter.total - counter.all_reduces,
             "all_reduces_prefill": prefill, "all_reduces_decode_step": step,
             "depth": len(model.model.layers), "tied": model.lm_head.weight is model.model.embed_tokens.weight,
-            **shard_report(model)}
-    bench = tp_bench(_bench_config(), ["base", "parallel=2:6"], prompt_tokens=6, new_tokens=3, warmup=1, timeout_s=60, progress=False)
-    out = Path(out_dir)
-    (out / f"rank{tp.rank()}.json").write_text(json.dumps({"cases": results, "bench": bench}))
+            **shard_report(model, ref)}
+    bench = tp_bench(_bench_config(), ["base", "parallel=2:6"], impls=tp.IMPLEMENTATIONS, prompt_tokens=6, new_tokens=3, warmup=1,
+                     timeout_s=timeout_s, progress=False)
+    (Path(out_dir) / f"rank{tp.rank()}.json").write_text(json.dumps({"cases": results, "bench": bench}))
     tp.quiet_other_ranks()
-    print(f"printed by rank {tp.rank()}")
+    print(f"printed by rank {tp.rank()}", flush=True)
+    wait_to_fail(model, timeout_s)
 
 
 def _bench_config():
@@ -116,28 +117,34 @@ def _bench_config():
 
 
 @torch.no_grad()
-def failure_worker(timeout_s: float) -> None:
-    """Both ranks run forward passes until one is killed or frozen by the test."""
+def hang_worker(timeout_s: float) -> None:
     torch.set_num_threads(1)
     mesh = tp.init_distributed(timeout_s=timeout_s)
-    model = tp.parallelize_tp(tiny_model("llama", layers=4), mesh)
+    wait_to_fail(tp.parallelize_tp(tiny_model("llama", layers=2), mesh), timeout_s)
+
+
+def wait_to_fail(model, timeout_s: float) -> None:
+    """Rank 1 idles until the test kills or freezes it; rank 0 starts a forward pass (whose
+    all-reduces need rank 1) when the test writes a line to its stdin, and must stop with an error."""
     ids = torch.randint(3, 128, (1, 8), generator=torch.Generator().manual_seed(0))
-    model(ids)
-    print("ready", flush=True)
-    deadline = time.monotonic() + 120
+    print("ready", file=sys.__stdout__, flush=True)  # sys.__stdout__: rank 1's stdout may be silenced
+    if tp.rank() != 0:
+        time.sleep(600)
+        sys.exit(0)
+    sys.stdin.readline()
+    started = time.monotonic()
     try:
         with tp.explain_rank_failures(timeout_s):
-            while time.monotonic() < deadline:
-                started = time.monotonic()
-                model(ids)
+            model(ids)
     except RuntimeError as e:
         print(f"stopped after {time.monotonic() - started:.2f} s: {e}", file=sys.stderr, flush=True)
         sys.exit(3)
-    sys.exit(0)  # never killed: the test fails on the exit code
+    sys.exit(0)  # the forward pass finished without rank 1: the test fails on the exit code
 
 
 # =============================================================================================
-# Launch helpers
+# Launch helpers: the ranks are started by hand with torchrun's environment, so that a test can
+# kill or freeze one of them (torchrun itself would tear the group down on a death).
 # =============================================================================================
 def free_port() -> int:
     with socket.socket() as s:
@@ -152,30 +159,84 @@ def child_env(**extra: str) -> dict:
     return env
 
 
+def start_ranks(*worker_args: str) -> list[subprocess.Popen]:
+    port = str(free_port())
+    procs = []
+    for r in range(WORLD):
+        env = child_env(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(WORLD), LOCAL_WORLD_SIZE=str(WORLD),
+                        MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+        procs.append(subprocess.Popen([sys.executable, str(HERE), *worker_args], cwd=REPO, env=env, text=True,
+                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+    return procs
+
+
+def read_until_ready(proc: subprocess.Popen) -> str:
+    """Everything the rank printed to stdout before its "ready" line (EOF: it crashed)."""
+    lines = []
+    for line in proc.stdout:
+        if line.strip() == "ready":
+            return "".join(lines)
+        lines.append(line)
+    raise AssertionError(f"rank exited with {proc.wait()} before it was ready:\n{''.join(lines)[-2000:]}\n"
+                         f"{proc.stderr.read()[-6000:]}")
+
+
+def fail_one_rank(procs: list[subprocess.Popen], how: str, limit_s: float) -> dict:
+    """Let rank 0 start a forward pass, kill or freeze rank 1, and wait for rank 0 to give up."""
+    try:
+        outputs = [read_until_ready(p) for p in procs]
+        procs[0].stdin.write("go\n")
+        procs[0].stdin.flush()
+        time.sleep(0.5)  # rank 0 is now waiting inside an all-reduce for rank 1
+        os.kill(procs[1].pid, signal.SIGKILL if how == "killed" else signal.SIGSTOP)
+        started = time.monotonic()
+        try:
+            _, err = procs[0].communicate(timeout=limit_s)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"rank 0 still waiting {limit_s:.0f} s after rank 1 was {how}")
+        return {"stdout": outputs, "stderr": err, "returncode": procs[0].returncode,
+                "waited": time.monotonic() - started}
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+            p.communicate()
+
+
+EQUIVALENCE_TIMEOUT_S = 60.0  # long: the test machine may be loaded; the kill is seen at once anyway
+HANG_TIMEOUT_S = 8.0  # also bounds the start-up skew between the two ranks (rendezvous)
+
+
 @pytest.fixture(scope="module")
 def tp_run(tmp_path_factory):
+    """Both launches start together (the hang test's waiting overlaps the equivalence work)."""
     out = tmp_path_factory.mktemp("tp")
-    cmd = [str(TORCHRUN), "--standalone", f"--nproc_per_node={WORLD}", str(HERE), "equivalence", str(out)]
-    proc = subprocess.run(cmd, cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, f"torchrun failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    equivalence = start_ranks("equivalence", str(out), str(EQUIVALENCE_TIMEOUT_S))
+    hang = start_ranks("hang", str(HANG_TIMEOUT_S))
+    frozen = fail_one_rank(hang, "frozen", HANG_TIMEOUT_S + 60)
+    killed = fail_one_rank(equivalence, "killed", EQUIVALENCE_TIMEOUT_S + 60)
     ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(WORLD)]
-    return {"ranks": ranks, "stdout": proc.stdout}
+    return {"ranks": ranks, "stdout": killed["stdout"], "failures": {"killed": killed, "frozen": frozen}}
 
 
 # =============================================================================================
 # Equivalence, counts, memory (2 processes)
 # =============================================================================================
-@pytest.mark.parametrize("case", [c[0] for c in CASES])
+RUNS = [f"{c[0]}/{impl}" for c in CASES for impl in tp.IMPLEMENTATIONS]
+
+
+@pytest.mark.parametrize("case", RUNS)
 def test_sharded_logits_and_greedy_tokens_equal_single_process(tp_run, case):
     for rank in tp_run["ranks"]:
         r = rank["cases"][case]
         assert r["rel_err"] <= REL_TOL, r
+        print(f"{case}: logits rel err {r['rel_err']:.1e}, max abs {r['max_abs']:.1e}")
         assert r["tokens_equal"] and r["static_tokens_equal"], r
 
 
-@pytest.mark.parametrize("case", [c[0] for c in CASES])
+@pytest.mark.parametrize("case", RUNS)
 def test_all_reduces_per_forward_are_two_per_layer(tp_run, case):
-    _, _, plan, _ = next(c for c in CASES if c[0] == case)
+    _, _, plan, _ = next(c for c in CASES if c[0] == case.split("/")[0])
     depth = truedepth.Plan.parse(plan).depth(LAYERS)
     for rank in tp_run["ranks"]:
         r = rank["cases"][case]
@@ -186,8 +247,9 @@ def test_all_reduces_per_forward_are_two_per_layer(tp_run, case):
 
 def test_all_reduce_count_follows_paper_formula_for_pairs(tp_run):
     """L layers, a parallel range of delta layers in pairs: 2·(L − delta/2) all-reduces."""
-    for case, delta in (("llama-base", 0), ("llama-pairs", 4), ("llama-tied-pairs", 8)):
-        assert tp_run["ranks"][0]["cases"][case]["all_reduces_forward"] == 2 * (LAYERS - delta // 2)
+    for (case, delta), impl in itertools.product((("llama-base", 0), ("llama-pairs", 4), ("llama-tied-pairs", 8)),
+                                                 tp.IMPLEMENTATIONS):
+        assert tp_run["ranks"][0]["cases"][f"{case}/{impl}"]["all_reduces_forward"] == 2 * (LAYERS - delta // 2)
 
 
 def test_each_rank_holds_only_its_slice(tp_run):
@@ -195,17 +257,18 @@ def test_each_rank_holds_only_its_slice(tp_run):
         for case, r in rank["cases"].items():
             assert r["q_rows"] * WORLD == r["q_rows_full"], case
             assert r["storage_larger_than_shard"] == [], case  # no hidden full copy behind a shard
-        assert rank["cases"]["llama-tied-pairs"]["tied"]  # moving to the device kept the tie
+        assert rank["cases"]["llama-tied-pairs/dtensor"]["tied"] and rank["cases"]["llama-tied-pairs/local"]["tied"]  # moving to the device kept the tie
 
 
 def test_tp_bench_reports_latency_counts_and_share(tp_run):
     for rank in tp_run["ranks"]:
         bench = rank["bench"]
         assert bench["world_size"] == WORLD and bench["backend"] == "gloo"
-        rows = {r["plan"]: r for r in bench["results"]}
-        assert set(rows) == {"base", "parallel=2:6"}
-        assert rows["base"]["all_reduces_per_token"] == 2 * LAYERS
-        assert rows["parallel=2:6"]["all_reduces_per_token"] == 2 * (LAYERS - 2)
+        rows = {(r["impl"], r["plan"]): r for r in bench["results"]}
+        assert set(rows) == {(i, p) for i in tp.IMPLEMENTATIONS for p in ("base", "parallel=2:6")}
+        for impl in tp.IMPLEMENTATIONS:
+            assert rows[impl, "base"]["all_reduces_per_token"] == 2 * LAYERS
+            assert rows[impl, "parallel=2:6"]["all_reduces_per_token"] == 2 * (LAYERS - 2)
         for r in rows.values():
             assert r["all_reduces_per_token"] == r["expected_all_reduces"]
             assert r["ms_per_token"] > 0 and 0 <= r["all_reduce_share"] <= 1
@@ -215,56 +278,21 @@ def test_tp_bench_reports_latency_counts_and_share(tp_run):
 
 
 def test_only_rank0_prints(tp_run):
-    assert "printed by rank 0" in tp_run["stdout"]
-    assert "printed by rank 1" not in tp_run["stdout"]
+    assert "printed by rank 0" in tp_run["stdout"][0]
+    assert tp_run["stdout"][1] == ""  # rank 1's stdout was silenced
 
 
 # =============================================================================================
 # A dead or frozen rank stops the others within the timeout
 # =============================================================================================
-def start_ranks(timeout_s: float) -> list[subprocess.Popen]:
-    port = str(free_port())
-    procs = []
-    for r in range(WORLD):
-        env = child_env(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(WORLD), LOCAL_WORLD_SIZE=str(WORLD),
-                        MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
-        procs.append(subprocess.Popen([sys.executable, str(HERE), "failure", str(timeout_s)], cwd=REPO, env=env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-    return procs
-
-
-def wait_ready(procs: list[subprocess.Popen], limit_s: float = 120) -> None:
-    deadline = time.monotonic() + limit_s
-    for p in procs:
-        line = p.stdout.readline()  # blocks until "ready" (or EOF if the rank crashed)
-        if line.strip() != "ready" or time.monotonic() > deadline:
-            for q in procs:
-                q.kill()
-            raise AssertionError(f"rank did not start: {line!r} {p.stderr.read()[-3000:]}")
-
-
-@pytest.mark.parametrize("how", ["killed", "frozen"])
-def test_dead_or_hung_rank_stops_the_others_with_an_error(how):
-    timeout_s = 4.0
-    procs = start_ranks(timeout_s)
-    try:
-        wait_ready(procs)
-        os.kill(procs[1].pid, signal.SIGKILL if how == "killed" else signal.SIGSTOP)
-        started = time.monotonic()
-        try:
-            _, err = procs[0].communicate(timeout=timeout_s + 60)  # without the timeout: forever
-        except subprocess.TimeoutExpired:
-            pytest.fail(f"rank 0 still waiting {timeout_s + 60:.0f} s after rank 1 was {how}")
-        waited = time.monotonic() - started
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-            p.wait()
-    assert procs[0].returncode == 3, err[-3000:]
+@pytest.mark.parametrize("how, timeout_s", [("killed", EQUIVALENCE_TIMEOUT_S), ("frozen", HANG_TIMEOUT_S)])
+def test_dead_or_hung_rank_stops_the_others_with_an_error(tp_run, how, timeout_s):
+    result = tp_run["failures"][how]
+    err = result["stderr"]
+    assert result["returncode"] == 3, err[-3000:]
     assert "another rank died or stopped responding" in err, err[-3000:]
     assert f"--tp-timeout {timeout_s:g} s" in err
-    print(f"rank 1 {how}: rank 0 stopped {waited:.1f} s later")
+    print(f"rank 1 {how}: rank 0 exited {result['waited']:.1f} s later")
 
 
 # =============================================================================================
@@ -358,8 +386,8 @@ def test_default_lp_plan_matches_the_paper_range_for_7b():
 if __name__ == "__main__":
     mode = sys.argv[1]
     if mode == "equivalence":
-        equivalence_worker(sys.argv[2])
-    elif mode == "failure":
-        failure_worker(float(sys.argv[2]))
+        equivalence_worker(sys.argv[2], float(sys.argv[3]))
+    elif mode == "hang":
+        hang_worker(float(sys.argv[2]))
     else:
         raise SystemExit(f"unknown worker mode {mode!r}")

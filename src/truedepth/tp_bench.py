@@ -13,6 +13,7 @@ a model of the time on the critical path, not a trace.
 
 from __future__ import annotations
 
+import copy
 import gc
 import json
 import statistics
@@ -79,8 +80,8 @@ def model_factory(model: Any, dtype: torch.dtype, device: torch.device, seed: in
             from transformers import AutoModelForCausalLM
 
             torch.manual_seed(seed)  # same seed, same device type: same weights on every rank
-            with torch.device(device):
-                return AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
+            with torch.device(device):  # a copy: apply_plan edits the model's config in place
+                return AutoModelForCausalLM.from_config(copy.deepcopy(config), dtype=dtype).eval()
         return build_random
     if name in SHAPES and name != "default":
         return lambda: build_shape(get_shape(name).name, dtype=dtype, device=device, seed=seed)
@@ -169,15 +170,18 @@ def all_reduce_latency(batch: int, hidden: int, dtype: torch.dtype, device: torc
 # ---------------------------------------------------------------------------------------------
 # The benchmark
 # ---------------------------------------------------------------------------------------------
-def tp_bench(model: Any = "default", plans: Any = ("base", "auto"), *, prompt_tokens: int = 32,
-             new_tokens: int = 32, warmup: int = 4, batch: int = 1, dtype: Any = None, device: Any = None,
-             timeout_s: float = tp.DEFAULT_TIMEOUT_S, seed: int = 0, progress: bool = True) -> dict[str, Any]:
+def tp_bench(model: Any = "default", plans: Any = ("base", "auto"), *, impls: Any = ("dtensor",),
+             prompt_tokens: int = 32, new_tokens: int = 32, warmup: int = 4, batch: int = 1, dtype: Any = None,
+             device: Any = None, timeout_s: float = tp.DEFAULT_TIMEOUT_S, seed: int = 0,
+             progress: bool = True) -> dict[str, Any]:
     """Decode latency and all-reduce share of `model` under every plan, sharded over all ranks.
 
     Run under torchrun (joins the process group if needed). `model`: a shape name from
     truedepth.shapes or CPU_SHAPES (random weights), "default", a hub id or folder (real weights),
-    or a transformers config. `plans`: plan strings; "auto" is `default_lp_plan(L)`. Every plan is
-    checked against the world size before any model is built. Returns the same dict on every rank.
+    or a transformers config. `plans`: plan strings; "auto" is `default_lp_plan(L)`. `impls`: TP
+    implementations to compare ("dtensor", "local"). Every plan is checked against the world size
+    before any model is built. Returns the same dict on every rank; speed-ups are against "base"
+    with the same implementation.
     """
     from tqdm.auto import tqdm
 
@@ -190,6 +194,10 @@ def tp_bench(model: Any = "default", plans: Any = ("base", "auto"), *, prompt_to
     config = base_config(model)
     num_layers = config.num_hidden_layers
     plans = [default_lp_plan(num_layers) if str(p) == "auto" else str(as_plan(p)) for p in plans]
+    impls = list(impls)
+    for impl in impls:
+        if impl not in tp.IMPLEMENTATIONS:
+            raise ValueError(f"unknown TP implementation {impl!r}; use one of {', '.join(tp.IMPLEMENTATIONS)}.")
     world = tp.env_world_size()
     for plan in plans:  # every plan, before any weight is built or moved
         tp.validate_tp(config, world, plan)
@@ -202,13 +210,14 @@ def tp_bench(model: Any = "default", plans: Any = ("base", "auto"), *, prompt_to
     rows = []
     with tp.explain_rank_failures(timeout_s):
         latency = all_reduce_latency(batch, config.hidden_size, torch_dtype, dev)
-        for plan in tqdm(plans, desc="tp bench", unit="plan", disable=not (progress and tp.is_main())):
-            rows.append(_bench_plan(build, plan, ids, new_tokens, warmup, mesh, num_layers, latency))
+        runs = [(impl, plan) for impl in impls for plan in plans]
+        for impl, plan in tqdm(runs, desc="tp bench", unit="run", disable=not (progress and tp.is_main())):
+            rows.append(_bench_plan(build, plan, impl, ids, new_tokens, warmup, mesh, num_layers, latency))
             gc.collect()
             if dev.type == "cuda":
                 torch.cuda.empty_cache()
-    base_ms = next((r["ms_per_token"] for r in rows if r["plan"] == "base"), None)
     for r in rows:
+        base_ms = next((b["ms_per_token"] for b in rows if b["plan"] == "base" and b["impl"] == r["impl"]), None)
         r["speedup_vs_base"] = round(base_ms / r["ms_per_token"], 3) if base_ms else None
     import torch.distributed as dist
 
@@ -220,7 +229,7 @@ def tp_bench(model: Any = "default", plans: Any = ("base", "auto"), *, prompt_to
             "results": rows}
 
 
-def _bench_plan(build: Callable[[], Any], plan: str, ids: torch.Tensor, new_tokens: int, warmup: int,
+def _bench_plan(build: Callable[[], Any], plan: str, impl: str, ids: torch.Tensor, new_tokens: int, warmup: int,
                 mesh: Any, num_layers: int, all_reduce_s: float) -> dict[str, Any]:
     from .plan import as_plan
     from .transform import apply_plan
@@ -228,12 +237,12 @@ def _bench_plan(build: Callable[[], Any], plan: str, ids: torch.Tensor, new_toke
     model = build()
     if not as_plan(plan).is_identity:
         apply_plan(model, plan)
-    tp.parallelize_tp(model, mesh)
+    tp.parallelize_tp(model, mesh, impl)
     prefill_count, step_count = count_decode_all_reduces(model, ids)
     seconds = decode_latency(model, ids, new_tokens, warmup)
     depth = len(model.model.layers)
     del model
-    return {"plan": plan, "depth": depth, "original_layers": num_layers,
+    return {"impl": impl, "plan": plan, "depth": depth, "original_layers": num_layers,
             "all_reduces_per_token": step_count, "all_reduces_prefill": prefill_count,
             "expected_all_reduces": tp.expected_all_reduces(depth),
             "ms_per_token": round(seconds * 1e3, 3), "tokens_per_s": round(1.0 / seconds, 2),
@@ -244,9 +253,9 @@ def format_table(result: dict[str, Any]) -> str:
     head = (f"TP{result['world_size']} decode ({result['backend']}, {result['device']}, {result['dtype']}, batch "
             f"{result['batch']}, {result['prompt_tokens']}-token prompt, {result['new_tokens']} timed tokens); "
             f"one all-reduce of {result['all_reduce_bytes']} bytes: {result['all_reduce_ms']:.3f} ms")
-    lines = [head, f"{'plan':<24} {'depth':>5} {'all-red/tok':>11} {'ms/token':>9} {'tok/s':>8} {'AR share':>8} {'speedup':>7}"]
+    lines = [head, f"{'impl':<8} {'plan':<24} {'depth':>5} {'all-red/tok':>11} {'ms/token':>9} {'tok/s':>8} {'AR share':>8} {'speedup':>7}"]
     for r in result["results"]:
-        lines.append(f"{r['plan']:<24} {r['depth']:>5} {r['all_reduces_per_token']:>11} {r['ms_per_token']:>9.2f} "
+        lines.append(f"{r['impl']:<8} {r['plan']:<24} {r['depth']:>5} {r['all_reduces_per_token']:>11} {r['ms_per_token']:>9.2f} "
                      f"{r['tokens_per_s']:>8.1f} {r['all_reduce_share']:>8.1%} {r['speedup_vs_base'] or float('nan'):>6.2f}x")
     return "\n".join(lines)
 
@@ -259,7 +268,7 @@ def plot(result: dict[str, Any], path: Any) -> Path:
     import matplotlib.pyplot as plt
 
     rows = result["results"]
-    names = [r["plan"] for r in rows]
+    names = [f"{r['plan']}\n({r['impl']})" for r in rows]
     ar = [r["ms_per_token"] * r["all_reduce_share"] for r in rows]
     rest = [r["ms_per_token"] - a for r, a in zip(rows, ar)]
     fig, ax = plt.subplots(figsize=(1.6 + 1.4 * len(rows), 3.6))
@@ -293,13 +302,16 @@ def add_arguments(parser: Any) -> None:
     parser.add_argument("--device", default=None, help="cuda (each rank its LOCAL_RANK GPU) or cpu (gloo)")
     parser.add_argument("--tp-timeout", type=float, default=tp.DEFAULT_TIMEOUT_S, metavar="SECONDS",
                         help="stop every rank with an error when a collective waits longer. Default: %(default)s")
+    parser.add_argument("--tp-impl", nargs="+", choices=tp.IMPLEMENTATIONS, default=["dtensor"], dest="impls",
+                        help="TP implementation(s) to measure: dtensor (PyTorch parallelize_module), local (plain "
+                             "sharded weights + torch.distributed.all_reduce). Default: dtensor")
     parser.add_argument("--json", default=None, help="write the results to this JSON file (rank 0)")
     parser.add_argument("--plot", default=None, help="write a bar chart (PNG) of ms/token split into all-reduces "
                                                      "and the rest (rank 0)")
 
 
 def run(args: Any) -> int:
-    result = tp_bench(args.model, args.plans or ("base", "auto"), prompt_tokens=args.prompt_tokens,
+    result = tp_bench(args.model, args.plans or ("base", "auto"), impls=args.impls, prompt_tokens=args.prompt_tokens,
                       new_tokens=args.new_tokens, warmup=args.warmup, batch=args.batch, dtype=args.dtype,
                       device=args.device, timeout_s=args.tp_timeout)
     if tp.is_main():
