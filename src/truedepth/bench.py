@@ -417,13 +417,13 @@ def format_table(records: list[dict[str, Any]]) -> str:
     rows = [head]
     for r in records:
         if "error" in r:
-            rows.append([r["model"], r["plan"], str(r["depth"]), r["mode"], str(r["batch"]), *[""] * len(lengths),
+            rows.append([r["model"], r["plan"], str(r.get("depth", "-")), r["mode"], str(r["batch"]), *[""] * len(lengths),
                          "error: " + r["error"][:60], "", "", "", ""])
             continue
         pre = r.get("prefill_ms", {})
-        rows.append([r["model"], r["plan"], str(r["depth"]), r["mode"], str(r["batch"]),
+        rows.append([r["model"], r["plan"], str(r.get("depth", "-")), r["mode"], str(r["batch"]),
                      *[_fmt(pre.get(str(n)), ".1f") for n in lengths],
-                     _fmt(r["decode_tok_s"], ".1f"), _fmt(r["decode_tok_s_total"], ".1f"),
+                     _fmt(r["decode_tok_s"], ".1f"), _fmt(r.get("decode_tok_s_total"), ".1f"),
                      _fmt(r.get("speedup_vs_base"), ".2f"), _fmt(r.get("speedup_vs_base_compiled"), ".2f"),
                      _fmt(100 * r["bound_fraction"] if r.get("bound_fraction") else None, ".0f")])
     widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
@@ -440,13 +440,13 @@ def format_markdown(records: list[dict[str, Any]]) -> str:
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in records:
         if "error" in r:
-            out.append(f"| {r['model']} | {r['plan']} | {r['depth']} | {r['mode']} | {r['batch']} | "
+            out.append(f"| {r['model']} | {r['plan']} | {r.get('depth', '-')} | {r['mode']} | {r['batch']} | "
                        + " | ".join([""] * len(lengths)) + f" | failed: {r['error'][:80]} | | | | |")
             continue
         pre = r.get("prefill_ms", {})
-        cells = [r["model"], r["plan"], str(r["depth"]), r["mode"], str(r["batch"]),
+        cells = [r["model"], r["plan"], str(r.get("depth", "-")), r["mode"], str(r["batch"]),
                  *[_fmt(pre.get(str(n)), ".1f") for n in lengths], _fmt(r["decode_tok_s"], ".1f"),
-                 _fmt(r["decode_tok_s_total"], ".1f"), _fmt(r.get("speedup_vs_base"), ".2f"),
+                 _fmt(r.get("decode_tok_s_total"), ".1f"), _fmt(r.get("speedup_vs_base"), ".2f"),
                  _fmt(r.get("speedup_vs_base_compiled"), ".2f"),
                  _fmt(100 * r["bound_fraction"] if r.get("bound_fraction") else None, ".0f")]
         out.append("| " + " | ".join(cells) + " |")
@@ -477,6 +477,7 @@ def plot(records: list[dict[str, Any]], path: str | os.PathLike) -> Path:
             ax.bar(xs, ys, width, label=label)
         ax.set_xticks([j + width * (len(labels) - 1) / 2 for j in range(len(modes))], modes)
         ax.set_ylabel(f"decode tokens/s (batch {batches[0]})")
+        ax.set_ylim(bottom=0)
     else:
         fig, axes = plt.subplots(1, len(modes), figsize=(4.2 * len(modes), 3.8), squeeze=False)
         for ax, mode in zip(axes[0], modes):
@@ -487,6 +488,7 @@ def plot(records: list[dict[str, Any]], path: str | os.PathLike) -> Path:
             ax.set_xscale("log", base=2)
             ax.set_xticks(batches, [str(b) for b in batches])
             ax.set_title(mode)
+            ax.set_ylim(bottom=0)
             ax.set_xlabel("batch size")
             ax.grid(alpha=0.3)
         axes[0][0].set_ylabel("decode tokens/s, all sequences")

@@ -1,0 +1,151 @@
+"""`truedepth bench` end to end on the tiny shape, its arithmetic, its errors, and the shapes."""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import truedepth
+from truedepth import bench, cli
+from truedepth.shapes import SHAPES, build_shape, parameter_count, shape_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_bench_runs_end_to_end_and_writes_json_and_plot(tmp_path, capsys):
+    out, png = tmp_path / "b.json", tmp_path / "b.png"
+    code = cli.main(["bench", "--shape", "tiny", "--plan", "parallel=2:6", "--mode", "eager,compiled,fused",
+                     "--batch", "2", "--prompt", "8", "--new", "4", "--prefill", "8,16", "--repeats", "1",
+                     "--backend", "eager", "--json", str(out), "--plot", str(png)])
+    assert code == 0
+    doc = json.loads(out.read_text())
+    records = doc["records"]
+    assert {(r["plan"], r["mode"], r["batch"]) for r in records} == {
+        (p, m, b) for p in ("base", "parallel=2:6") for m in ("eager", "compiled", "fused") for b in (2,)}
+    assert not [r for r in records if "error" in r]
+    for r in records:
+        assert r["decode_tok_s"] > 0 and r["decode_tok_s_total"] == pytest.approx(r["decode_tok_s"] * r["batch"])
+        assert set(r["prefill_ms"]) == {"8", "16"}
+        assert 0 < r["bound_fraction"] and r["bandwidth_GBps"] > 0
+        if r["plan"] == "base":
+            assert r["speedup_vs_base"] == pytest.approx(1.0) and r["depth"] == 8
+        else:
+            assert r["depth"] == 6 and r["speedup_vs_base"] > 0 and r["speedup_vs_base_compiled"] > 0
+    assert doc["meta"]["torch"] == torch.__version__ and doc["meta"]["device"] == "cpu"
+    assert png.stat().st_size > 1000
+    table = capsys.readouterr().out
+    assert "parallel=2:6" in table and "x HF comp." in table
+
+
+def test_a_plan_keeps_kv_bytes_and_weight_bytes_but_not_depth():
+    """LP saves steps, not bytes: every weight and every KV head is still read once per token."""
+    base = build_shape("tiny", device="cpu")
+    lp = truedepth.apply_plan(build_shape("tiny", device="cpu"), "parallel=2:6")
+    assert bench.kv_bytes_per_token(base) == bench.kv_bytes_per_token(lp) == 8 * 2 * 2 * 16 * 4
+    merged_norms = 2 * 2 * 64 * 4  # 2 wide layers, each with 2 norm vectors fewer (folded into the GEMMs)
+    assert bench.weight_bytes_read(lp) == bench.weight_bytes_read(base) - merged_norms
+    c = base.config  # untied: the input embedding is read one row at a time, not counted
+    assert bench.weight_bytes_read(base) == 4 * (parameter_count(base) - c.vocab_size * c.hidden_size)
+    tied = build_shape("tiny", device="cpu", tie_word_embeddings=True)
+    assert bench.weight_bytes_read(tied) == 4 * parameter_count(tied)
+
+
+def test_plot_over_batch_sizes(tmp_path):
+    records = [{"model": "m", "plan": p, "mode": mode, "batch": b, "decode_tok_s": 10.0 * b,
+                "decode_tok_s_total": 10.0 * b * b} for p in ("base", "parallel=2:6") for mode in ("fast", "fused")
+               for b in (1, 8, 32)] + [{"model": "m", "plan": "base", "mode": "eager", "batch": 1, "error": "x"}]
+    path = bench.plot(records, tmp_path / "p.svg")
+    assert path.read_text().count("<svg") == 1 and path.stat().st_size > 5000
+
+
+def test_bound_fraction_arithmetic():
+    # 1 GB of weights + 1 MB/token x 4 sequences x 250 tokens = 2 GB per step; at 100 GB/s: 20 ms
+    frac, bound = bench.bound_fraction(10**9, 10**6, 4, 250, step_s=0.040, bandwidth_gbs=100)
+    assert frac == pytest.approx(0.5) and bound == pytest.approx(50)
+
+
+def test_speedups_are_against_base_same_mode_and_base_compiled():
+    rec = lambda plan, mode, tok: {"model": "m", "plan": plan, "mode": mode, "batch": 1, "decode_tok_s": tok,
+                                   "prefill_ms": {"128": 10.0 if plan == "base" else 8.0}}
+    records = [rec("base", "compiled", 100.0), rec("base", "fast", 150.0), rec("p", "fast", 180.0)]
+    bench.add_ratios(records)
+    assert records[2]["speedup_vs_base"] == pytest.approx(1.2)
+    assert records[2]["speedup_vs_base_compiled"] == pytest.approx(1.8)
+    assert records[2]["prefill_speedup"] == {"128": pytest.approx(1.25)}
+    md = bench.format_markdown(records)
+    assert md.splitlines()[0].startswith("| model | plan |") and "| 1.80 |" in md
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["--shape", "llama-9b"], "unknown shape 'llama-9b'; choose one of llama-2-7b"),
+    (["--shape", "tiny", "--plan", "parallel=2:40"], "out of range; the model has 8 layers"),
+    (["--shape", "tiny", "--mode", "eager,turbo"], "unknown --mode 'turbo'"),
+    (["--shape", "tiny", "--batch", "0"], "--batch needs integers >= 1"),
+    (["--shape", "tiny", "--batch", "one"], "--batch takes comma-separated integers"),
+    (["--shape", "tiny", "--new", "1"], "--new must be at least 2"),
+    (["--shape", "tiny", "--prefill", "4096"], "exceeds the model's 1024 positions"),
+])
+def test_bad_input_fails_before_any_work_with_the_fix(argv, match, capsys, monkeypatch):
+    monkeypatch.setattr(bench, "measure_bandwidth", lambda *a, **k: pytest.fail("work started"))
+    assert cli.main(["bench", *argv]) == 2
+    assert match in capsys.readouterr().err
+
+
+def test_model_and_shape_are_exclusive(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["bench", "--model", "default", "--shape", "tiny"])
+    assert "not allowed with argument" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name,params", [("llama-2-7b", 6_738_415_616), ("llama-3.2-3b", 3_212_749_824),
+                                         ("llama-3.1-8b", 8_030_261_248), ("qwen2.5-7b", 7_615_616_512),
+                                         ("smollm2-135m", 134_515_008)])
+def test_shapes_have_the_published_sizes(name, params):
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(shape_config(name))
+    assert parameter_count(model) == params
+
+
+def test_build_shape_materialises_a_working_model_on_the_device():
+    from transformers import AutoModelForCausalLM
+
+    model = build_shape("tiny", dtype="fp32", device="cpu", tie_word_embeddings=True)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert all(p.device.type == "cpu" and not p.isnan().any() for p in model.parameters())
+    reference = AutoModelForCausalLM.from_config(shape_config("tiny"))  # rotary buffers computed normally
+    torch.testing.assert_close(model.model.rotary_emb.inv_freq, reference.model.rotary_emb.inv_freq)
+    ids = torch.randint(3, 128, (1, 5))
+    assert model(ids).logits.isfinite().all()
+    assert torch.equal(build_shape("tiny", device="cpu").state_dict()["model.norm.weight"],
+                       build_shape("tiny", device="cpu").state_dict()["model.norm.weight"])  # seeded
+    assert set(SHAPES) >= {"llama-2-7b", "llama-3.2-3b", "llama-3.1-8b", "qwen2.5-7b", "smollm2-135m", "tiny"}
+
+
+def test_gpu_json_renders_as_markdown(tmp_path, capsys, monkeypatch):
+    doc = {"meta": {"date": "2026-11-26", "device_name": "NVIDIA H200", "dtype": "bfloat16", "torch": "2.11",
+                    "transformers": "5.17.0", "bandwidth_GBps": 4300.0, "argv": ["--out", "o"], "elapsed_s": 300},
+           "records": [{"model": "llama-2-7b", "plan": "base", "depth": 32, "mode": "compiled", "batch": 1,
+                        "decode_tok_s": 150.0, "decode_tok_s_total": 150.0, "prefill_ms": {"128": 20.0}}],
+           "targets": [{"shape": "llama-2-7b", "plan": "parallel=16:30", "loop": "fused", "lp_tok_s": 200.0,
+                        "base_hf_compiled_tok_s": 150.0, "base_same_loop_tok_s": 190.0,
+                        "x_vs_base_hf_compiled": 1.33, "x_vs_base_same_loop": 1.05, "bound_fraction": 0.6,
+                        "target_x": 1.35, "target_bound": 0.75, "meets_x": False, "meets_bound": False,
+                        "prefill_speedup": {"128": 1.02}, "x_same_loop_by_batch": {"8": 1.04}}],
+           "profiles": [{"model": "llama-2-7b", "plan": "base", "mode": "fused", "kernels_per_step": 420,
+                         "step_us": 5000, "device_busy_us_per_step": 4500, "idle_fraction": 0.1,
+                         "top_kernels": [{"name": "gemv", "share": 0.7}]}], "skipped": ["x"], "errors": []}
+    path = tmp_path / "bench_gpu.json"
+    path.write_text(json.dumps(doc))
+    spec = importlib.util.spec_from_file_location("bench_to_md", ROOT / "scripts/gpu/bench_to_md.py")
+    to_md = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(to_md)
+    monkeypatch.setattr(sys, "argv", ["bench_to_md.py", str(path)])
+    assert to_md.main() == 0
+    md = capsys.readouterr().out
+    assert "NVIDIA H200" in md and "1.33 (1.35) missed" in md and "60% (75%) missed" in md
+    assert "| llama-2-7b | base | fused | 420 |" in md and "b8: 1.04" in md
