@@ -181,7 +181,8 @@ def test_eval_tasks_only_skips_perplexity(saved, capsys, monkeypatch):
 
     def evaluate_tasks(model, tokenizer, tasks, num_fewshot=None, limit=None):
         calls.append((tasks, num_fewshot, limit))
-        return {"fake": {"acc": 0.5}}
+        return {"fake": {"acc": 0.5, "acc_stderr": 0.1, "n_samples": 3}, "other": {"exact_match": 0.25},
+                "fake_subtask": {"acc": 1.0}}
 
     monkeypatch.setitem(sys.modules, "truedepth.icl", types.SimpleNamespace(evaluate_tasks=evaluate_tasks))
     argv = ["eval", "--model", str(saved / "model"), "--tasks", "fake, other", "--num-fewshot", "2",
@@ -190,11 +191,13 @@ def test_eval_tasks_only_skips_perplexity(saved, capsys, monkeypatch):
     assert code == 0
     result = json.loads(out)
     assert calls == [(["fake", "other"], 2, 3)]
-    assert result["tasks"] == {"fake": {"acc": 0.5}} and "perplexity" not in result
+    assert result["tasks"]["fake"]["acc"] == 0.5 and "fake_subtask" in result["tasks"]
+    assert "perplexity" not in result
     # with --text as well, both are run; the table shows the task rows
     code, out, _ = run_cli(argv[:-1] + ["--text", str(saved / "text.txt"), "--tokens", "64", "--window", "64",
                                         "--no-progress"], capsys)
-    assert code == 0 and "perplexity" in out and "fake acc" in out
+    assert code == 0 and "perplexity" in out
+    assert "acc 0.5000 ± 0.1000 (n=3)" in out and "exact_match 0.2500" in out and "fake_subtask" not in out
 
 
 @pytest.mark.integration

@@ -16,7 +16,7 @@ Only whole windows are evaluated.
 Examples:
   truedepth eval --plan parallel=20:28 --text default --tokens 16384 --window 1024
   truedepth eval --model default --plan parallel=20:28 --text notes.txt --json
-  truedepth eval --tasks mmlu --limit 100           # ICL only (no --text: no perplexity)
+  truedepth eval --tasks truedepth_austen_lastword --limit 100   # ICL only (no --text: no perplexity)
 """
 
 from __future__ import annotations
@@ -45,7 +45,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=None,
                         help="windows per forward pass (default: about 2048 tokens per batch)")
     parser.add_argument("--tasks", default=None,
-                        help="comma-separated lm-evaluation-harness tasks to run as well, e.g. mmlu")
+                        help="comma-separated lm-evaluation-harness tasks to run as well, e.g. "
+                             "truedepth_austen_lastword,truedepth_mmlu (offline); see truedepth.icl")
     parser.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples per task question")
     parser.add_argument("--limit", type=int, default=None, help="at most N examples per task (quick checks)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
@@ -61,7 +62,7 @@ def check_args(args: argparse.Namespace) -> None:
     if args.batch_size is not None and args.batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1 (got {args.batch_size}).")
     if args.tasks is not None and not task_list(args.tasks):
-        raise ValueError("--tasks is empty; pass task names separated by commas, e.g. --tasks mmlu.")
+        raise ValueError("--tasks is empty; pass task names separated by commas, e.g. --tasks truedepth_mmlu.")
     if args.num_fewshot is not None and args.num_fewshot < 0:
         raise ValueError(f"--num-fewshot must be 0 or more (got {args.num_fewshot}).")
     if args.limit is not None and args.limit < 1:
@@ -130,18 +131,30 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
                          batch_size=args.batch_size, progress=not args.no_progress)
         result.update({"text": text_spec, **ppl})
     if args.tasks:
+        result["task_names"] = task_list(args.tasks)
         result["tasks"] = run_tasks(model, tokenizer, args)
     result["seconds"] = round(time.perf_counter() - start, 2)
     return result
 
 
-def _flat(prefix: str, value: Any) -> list[tuple[str, str]]:
-    """Rows for nested task results: ('mmlu acc', '0.25')."""
-    if isinstance(value, dict):
-        return [row for k, v in value.items() for row in _flat(f"{prefix} {k}".strip(), v)]
-    if isinstance(value, float):
-        return [(prefix, f"{value:.4f}")]
-    return [(prefix, str(value))]
+def task_rows(results: dict[str, Any], tasks: list[str]) -> list[tuple[str, str]]:
+    """One row per requested task with its main metric (all subtasks stay in --json output)."""
+    rows = []
+    for task in tasks:
+        metrics = results.get(task) or {}
+        numeric = [(k, v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+                   and not k.endswith("_stderr") and k not in ("n_samples", "num_fewshot")]
+        main = next((kv for key in ("acc", "acc_norm", "exact_match") for kv in numeric if kv[0] == key),
+                    numeric[0] if numeric else None)
+        if main is None:
+            rows.append((task, "no result"))
+            continue
+        stderr = metrics.get(f"{main[0]}_stderr")
+        value = f"{main[0]} {main[1]:.4f}" + (f" ± {stderr:.4f}" if isinstance(stderr, (int, float)) else "")
+        if metrics.get("n_samples") is not None:
+            value += f" (n={metrics['n_samples']})"
+        rows.append((task, value))
+    return rows
 
 
 def format_table(result: dict[str, Any]) -> str:
@@ -157,7 +170,7 @@ def format_table(result: dict[str, Any]) -> str:
                  ("nll / token", f"{result['nll']:.4f}"),
                  ("perplexity", f"{result['perplexity']:.3f}")]
     if "tasks" in result:
-        rows += _flat("", result["tasks"])
+        rows += task_rows(result["tasks"], result.get("task_names", list(result["tasks"])))
     rows.append(("seconds", f"{result['seconds']:.1f}"))
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
