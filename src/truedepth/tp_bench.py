@@ -335,7 +335,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return run(args)
     except (ValueError, FileNotFoundError, RuntimeError) as e:
-        print(f"truedepth tp_bench: error: {e}", file=sys.stderr)
+        if tp.is_main() or not isinstance(e, tp.TPError):  # a TPError is the same on every rank: say it once
+            print(f"truedepth tp_bench: error: {e}", file=sys.stderr)
         return 2
 
 
