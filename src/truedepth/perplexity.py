@@ -134,14 +134,18 @@ def perplexity(model: Any, tokenizer: Any, text: str | Sequence[int] | torch.Ten
     nll = 0.0
     from tqdm.auto import tqdm
 
-    with tqdm(total=total_tokens, unit="tok", desc="perplexity", disable=not progress, leave=False) as bar:
-        # The first window scores more tokens than later sliding ones: group windows by count.
-        groups = _runs(wins.scored)
-        for scored, first, last in groups:
-            for lo in range(first, last, size):
-                hi = min(lo + size, last)
-                nll += float(_window_nll(model, wins.ids[lo:hi].to(device), scored).sum())
-                bar.update(scored * (hi - lo))
+    was_training = model.training
+    model.eval()  # dropout would make the number random
+    try:
+        with tqdm(total=total_tokens, unit="tok", desc="perplexity", disable=not progress, leave=False) as bar:
+            # The first window scores more tokens than later sliding ones: batch windows of one count.
+            for scored, first, last in _runs(wins.scored):
+                for lo in range(first, last, size):
+                    hi = min(lo + size, last)
+                    nll += float(_window_nll(model, wins.ids[lo:hi].to(device), scored).sum())
+                    bar.update(scored * (hi - lo))
+    finally:
+        model.train(was_training)
     mean = nll / total_tokens
     return {"perplexity": math.exp(mean), "nll": mean, "tokens": total_tokens, "windows": len(wins.scored),
             "window": window, "stride": stride, "used_tokens": wins.used_tokens}
