@@ -22,8 +22,9 @@ Tasks
     fine-tuning). See :func:`lastword_items` for the construction. Metric ``acc``: the target word
     is the model's greedy continuation (every token of it is the arg-max), as in lm-eval's
     ``lambada_openai``; ``perplexity`` of the target word too. The answer is always a word of the
-    context, so a fair "chance" is guessing a random distinct context word: about 1.5 % (the
-    measured values are printed by ``python -m truedepth.icl``).
+    context, so a fair "chance" is guessing a random distinct content word of the context: 1.7 %
+    over the 372 items; always guessing the most frequent content word of the context scores 5.6 %
+    (``python -m truedepth.icl`` prints both). The default model scores about 48 %.
 """
 
 from __future__ import annotations
