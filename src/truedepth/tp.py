@@ -15,6 +15,11 @@ the final norm and the LM head stay whole on every rank, so they add no collecti
 NCCL on GPUs (rank r uses cuda:LOCAL_RANK), gloo on CPU. Collectives time out after
 `--tp-timeout` seconds, so a rank that dies or hangs makes the others stop with an error.
 Commands wire TP with `add_tp_arguments(parser)` and `load_from_args(args)` (or `maybe_shard`).
+
+Two implementations of the same layout and collectives (`--tp-impl`): "dtensor" (default,
+PyTorch's `parallelize_module`) and "local" (`shard_locally`: plain sharded nn.Linear weights and
+one `torch.distributed.all_reduce` forward hook per row-parallel layer), which was measured faster
+in eager decode because it skips DTensor's per-operation dispatch (docs/MULTI_GPU.md).
 """
 
 from __future__ import annotations
