@@ -37,7 +37,8 @@ DEFAULT_BATCH_SIZE = 8
 # Messages lm-eval logs on every run of a local task or an in-memory model; they ask the user to do
 # nothing, so they only hide real warnings.
 _NOISE = ("Custom kwargs can be passed", "`pretrained` model kwarg is not of type `str`",
-          "Overwriting default num_fewshot", "model type is neither marked as CausalLM")
+          "Overwriting default num_fewshot", "model type is neither marked as CausalLM",
+          "Passed an already-initialized model through `pretrained`")
 
 
 class _DropNoise(logging.Filter):
