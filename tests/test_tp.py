@@ -383,11 +383,55 @@ def test_default_lp_plan_matches_the_paper_range_for_7b():
 
 
 # =============================================================================================
+# The real default model through the commands' loader (3 ranks: it has 9 heads / 3 KV heads)
+# =============================================================================================
+PROMPT = "The capital of France is"
+DEFAULT_PLAN = "parallel=16:28"  # wide layers: 18 heads / 6 KV heads, also divisible by 3
+
+
+@torch.no_grad()
+def default_model_worker(out_file: str) -> None:
+    from truedepth.cli import add_model_arguments
+
+    torch.set_num_threads(1)
+    parser = argparse.ArgumentParser()
+    add_model_arguments(parser)
+    tp.add_tp_arguments(parser)
+    args = parser.parse_args(["--tp", "--plan", DEFAULT_PLAN, "--device", "cpu", "--tp-timeout", "120"])
+    model, tokenizer = tp.load_from_args(args)
+    ids = tokenizer(PROMPT, return_tensors="pt").input_ids
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False)
+    print(json.dumps(out[0].tolist()))  # rank 0 only: the other ranks' stdout is silenced
+    if tp.is_main():
+        Path(out_file).write_text(json.dumps(out[0].tolist()))
+
+
+@pytest.mark.integration
+def test_default_model_sharded_over_3_ranks_generates_the_same_tokens(tmp_path):
+    try:
+        model, tokenizer = truedepth.load("default", plan=DEFAULT_PLAN)
+    except FileNotFoundError as e:
+        pytest.skip(str(e))
+    ids = tokenizer(PROMPT, return_tensors="pt").input_ids
+    with torch.no_grad():
+        want = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False)[0].tolist()
+    out = tmp_path / "tokens.json"
+    cmd = [str(Path(sys.executable).with_name("torchrun")), "--standalone", "--nproc_per_node=3", str(HERE),
+           "default-model", str(out)]
+    proc = subprocess.run(cmd, cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    assert json.loads(out.read_text()) == want
+    assert proc.stdout.count(json.dumps(want)) == 1  # printed by rank 0 only
+
+
+# =============================================================================================
 if __name__ == "__main__":
     mode = sys.argv[1]
     if mode == "equivalence":
         equivalence_worker(sys.argv[2], float(sys.argv[3]))
     elif mode == "hang":
         hang_worker(float(sys.argv[2]))
+    elif mode == "default-model":
+        default_model_worker(sys.argv[2])
     else:
         raise SystemExit(f"unknown worker mode {mode!r}")
