@@ -82,9 +82,14 @@ def time_eager(step, iters: int, device) -> float:
     return statistics.median(samples)
 
 
+GRAPHS_BROKEN = []  # after one failed capture, skip the rest (a failed capture can leave the stream unusable)
+
+
 @torch.no_grad()
 def time_graph(step, iters: int):
     """Seconds per replay of `step` captured as one CUDA graph; None where it cannot be captured."""
+    if GRAPHS_BROKEN:
+        return None
     try:
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
@@ -108,6 +113,7 @@ def time_graph(step, iters: int):
         return statistics.median(samples)
     except Exception as e:  # noqa: BLE001  report, do not lose the eager numbers
         print(f"  CUDA graph capture failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
+        GRAPHS_BROKEN.append(f"{type(e).__name__}: {str(e)[:300]}")
         return None
 
 
@@ -245,6 +251,7 @@ def main() -> None:
               "torch": torch.__version__, "layers_per_stack": n, "delta": DELTA,
               "note": "per-layer decode step at batch 1 without KV context; the all-reduce latency in the estimate "
                       "is ASSUMED (no multi-GPU machine), not measured",
+              "graph_capture_error": GRAPHS_BROKEN[0] if GRAPHS_BROKEN else None,
               "per_layer": per_layer, "head": head, "tp_overhead_eager": overhead, "estimate": rows,
               "seconds": time.time() - started}
     out = Path(args.out)

@@ -38,7 +38,6 @@ import torch
 from torch import nn
 
 DEFAULT_TIMEOUT_S = 300.0  # long enough for a slow rank to finish loading a 7B model
-TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 COLUMN_PARALLEL = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj")
 ROW_PARALLEL = ("self_attn.o_proj", "mlp.down_proj")
 HEAD_NORMS = ("q_norm", "k_norm")
