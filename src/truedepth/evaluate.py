@@ -51,6 +51,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--limit", type=int, default=None, help="at most N examples per task (quick checks)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    from .tp import add_tp_arguments
+
+    add_tp_arguments(parser)
 
 
 def check_args(args: argparse.Namespace) -> None:
@@ -115,8 +118,8 @@ def text_token_ids(args: argparse.Namespace, text_spec: str) -> list[int]:
 
 def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     """Load, transform and evaluate as the arguments say; return the result record."""
-    from .models import load_from_args
     from .perplexity import perplexity
+    from .tp import is_main, load_from_args  # the plain loader unless --tp: then each rank loads its shard
 
     check_args(args)
     start = time.perf_counter()
@@ -128,7 +131,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
                               "device": str(param.device)}
     if ids is not None:
         ppl = perplexity(model, tokenizer, ids, tokens=args.tokens, window=args.window, stride=args.stride,
-                         batch_size=args.batch_size, progress=not args.no_progress)
+                         batch_size=args.batch_size, progress=not args.no_progress and is_main())
         result.update({"text": text_spec, **ppl})
     if args.tasks:
         result["task_names"] = task_list(args.tasks)

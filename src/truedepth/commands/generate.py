@@ -23,12 +23,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--static-cache", action="store_true", help="use transformers' static KV cache")
     parser.add_argument("--fast", action="store_true",
                         help="use truedepth's lean decode loop (static cache, compiled one-token step)")
-    try:
-        from ..tp import add_tp_arguments
-    except ImportError:  # tensor parallelism is optional
-        pass
-    else:
-        add_tp_arguments(parser)
+    from ..tp import add_tp_arguments
+
+    add_tp_arguments(parser)
 
 
 def encode(tokenizer, prompt: str, chat: bool):
@@ -41,16 +38,12 @@ def encode(tokenizer, prompt: str, chat: bool):
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from ..models import load_from_args
+    from ..tp import load_from_args  # the plain loader unless --tp: then each rank loads its shard
 
     if args.max_new_tokens < 1:
         raise ValueError("--max-new-tokens must be at least 1.")
     torch.manual_seed(args.seed)
     model, tokenizer = load_from_args(args)
-    if getattr(args, "tp", False):
-        from ..tp import maybe_shard
-
-        maybe_shard(model, args)
     ids = encode(tokenizer, args.prompt, args.chat).to(model.device)
     sampling = dict(do_sample=True, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p) \
         if args.sample else dict(do_sample=False)
