@@ -61,6 +61,25 @@ def test_plot_over_batch_sizes(tmp_path):
     assert path.read_text().count("<svg") == 1 and path.stat().st_size > 5000
 
 
+def test_interleaved_runs_alternate_and_a_failing_runner_does_not_stop_the_others():
+    calls = []
+
+    def runner(label, fail=False):
+        def run(ids, n):
+            calls.append((label, n))
+            if fail and len(calls) > 3:
+                raise RuntimeError("boom")
+            return torch.zeros(ids.shape[0], ids.shape[1] + n)
+        return run
+    settings = bench.Settings(new=16, repeats=2, warmup=1)
+    ids = torch.zeros(2, 4, dtype=torch.long)
+    results, errors = bench.measure_decode_interleaved({"a": runner("a"), "b": runner("b", fail=True)}, ids, settings)
+    assert list(results) == ["a"] and "boom" in str(errors["b"])
+    timed_calls = calls[2:]  # after one warm-up run each: a, b alternate, long run then short run (k = 2)
+    assert timed_calls[:3] == [("a", 16), ("a", 2), ("b", 16)]
+    assert results["a"]["decode_tok_s_total"] == pytest.approx(2 * results["a"]["decode_tok_s"])
+
+
 def test_bound_fraction_arithmetic():
     # 1 GB of weights + 1 MB/token x 4 sequences x 250 tokens = 2 GB per step; at 100 GB/s: 20 ms
     frac, bound = bench.bound_fraction(10**9, 10**6, 4, 250, step_s=0.040, bandwidth_gbs=100)

@@ -297,4 +297,11 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # skip interpreter teardown: inductor's compile-worker pool can hold up exit, and the lease
+    # counts every second; everything is written by now
+    import os
+
+    os._exit(code)

@@ -9,9 +9,9 @@ decode speed (tokens/s per sequence and in total) under each --mode:
              no per-token host sync (truedepth.fastgen)
   fused      the lean loop with q/k/v and gate/up each run as one GEMM in every layer
 
-Decode speed = (new - k) / (time to generate `new` tokens - time to generate k = new/8 tokens):
-the prefill and other once-per-call costs cancel, so modes compare on per-token cost; every time is the median of --repeats runs after --warmup runs, with the
-device synchronised around each run. Ratios are against the base model in the same mode and
+Decode speed = (new - k) / (time for `new` tokens - time for k = new/8 tokens): the prefill
+and other once-per-call costs cancel, so the modes compare on their per-token cost. Every time
+is the median of --repeats runs after --warmup runs, the device synchronised around each run. Ratios are against the base model in the same mode and
 batch ("x base") and against the base model under transformers' compiled path ("x HF comp.").
 The run also measures the device's copy bandwidth and reports the fraction of the
 bandwidth bound reached: (weight bytes + KV-cache bytes read per step) / step time / bandwidth.
@@ -281,36 +281,80 @@ def measure_decode(runner: Callable[[Any, int], Any], ids: Any, settings: Settin
     transformers re-recording its CUDA graphs for the fresh static cache each `generate` call),
     so every mode is compared on its per-token cost. `call_overhead_ms` is that once-per-call
     part: t(k) minus its k - 1 decode steps."""
+    results, errors = measure_decode_interleaved({"": runner}, ids, settings)
+    if errors:
+        raise errors[""]
+    return results[""]
+
+
+def measure_decode_interleaved(runners: dict[str, Callable[[Any, int], Any]], ids: Any, settings: Settings
+                               ) -> tuple[dict[str, dict[str, float]], dict[str, Exception]]:
+    """`measure_decode` for several runners whose timed runs alternate (A B C A B C ...), so load
+    that drifts during the run (a shared machine) affects them alike. A runner that raises is
+    reported in the second dict and dropped; the others go on."""
     device = ids.device
     n, k = settings.new, short_run_tokens(settings.new)
-    start = time.perf_counter()
-    warm_n = n if not getattr(runner, "short_warmup_ok", False) else min(settings.warmup_new or n, n)
-    for _ in range(settings.warmup):  # the first run of a compiled mode compiles and records graphs
-        _checked(runner, ids, warm_n)
-    synchronize(device)
-    warmup_s = time.perf_counter() - start
-    full = median_time(lambda: _checked(runner, ids, n), device, settings.repeats, warmup=0)
-    short = median_time(lambda: _checked(runner, ids, k), device, settings.repeats, warmup=0)
-    step_s = max(full - short, 1e-9) / (n - k)
-    per_seq = 1.0 / step_s
-    return {"decode_tok_s": per_seq, "decode_tok_s_total": per_seq * ids.shape[0], "step_ms": 1e3 * step_s,
-            "generate_s": full, "call_overhead_ms": 1e3 * (short - (k - 1) * step_s), "warmup_s": warmup_s}
+    errors: dict[str, Exception] = {}
+    warmup_s: dict[str, float] = {}
+    for label, runner in runners.items():
+        start = time.perf_counter()
+        warm_n = n if not getattr(runner, "short_warmup_ok", False) else min(settings.warmup_new or n, n)
+        try:
+            for _ in range(settings.warmup):  # the first run of a compiled mode compiles and records graphs
+                _checked(runner, ids, warm_n)
+            synchronize(device)
+        except Exception as e:  # noqa: BLE001 - reported per runner
+            errors[label] = e
+        warmup_s[label] = time.perf_counter() - start
+    full: dict[str, list[float]] = {label: [] for label in runners if label not in errors}
+    short: dict[str, list[float]] = {label: [] for label in full}
+    for _ in range(settings.repeats):
+        for label in list(full):
+            try:
+                full[label].append(timed(lambda: _checked(runners[label], ids, n), device))
+                short[label].append(timed(lambda: _checked(runners[label], ids, k), device))
+            except Exception as e:  # noqa: BLE001
+                errors[label] = e
+                del full[label], short[label]
+    results = {}
+    for label in full:
+        t_full, t_short = statistics.median(full[label]), statistics.median(short[label])
+        step_s = max(t_full - t_short, 1e-9) / (n - k)
+        results[label] = {"decode_tok_s": 1.0 / step_s, "decode_tok_s_total": ids.shape[0] / step_s,
+                          "step_ms": 1e3 * step_s, "generate_s": t_full,
+                          "call_overhead_ms": 1e3 * (t_short - (k - 1) * step_s), "warmup_s": warmup_s[label]}
+    return results, errors
 
 
 def measure_prefill(model: Any, lengths: tuple[int, ...], settings: Settings) -> dict[str, float]:
     """Batch-1 prefill latency (ms) per prompt length: one forward that fills a fresh KV cache."""
+    return measure_prefill_interleaved({"": model}, lengths, settings)[""]
+
+
+def measure_prefill_interleaved(models: dict[str, Any], lengths: tuple[int, ...], settings: Settings
+                                ) -> dict[str, dict[str, float]]:
+    """Prefill latency of several models, their timed runs alternating (see measure_decode_interleaved)."""
     import torch
 
-    device = next(model.parameters()).device
     gen = torch.Generator().manual_seed(settings.seed + 1)
-    out = {}
+    first = next(iter(models.values()))
+    device = next(first.parameters()).device
+    out: dict[str, dict[str, float]] = {label: {} for label in models}
     for length in lengths:
-        ids = torch.randint(3, model.config.vocab_size, (1, length), generator=gen).to(device)
+        ids = torch.randint(3, first.config.vocab_size, (1, length), generator=gen).to(device)
 
-        def forward() -> Any:
+        def forward(model: Any) -> Any:
             with torch.inference_mode():
                 return model(input_ids=ids, use_cache=True, logits_to_keep=1)
-        out[str(length)] = 1e3 * median_time(forward, device, settings.repeats, max(settings.warmup, 1))
+        for model in models.values():
+            for _ in range(max(settings.warmup, 1)):
+                forward(model)
+        times: dict[str, list[float]] = {label: [] for label in models}
+        for _ in range(settings.repeats):
+            for label, model in models.items():
+                times[label].append(timed(lambda: forward(model), device))
+        for label in models:
+            out[label][str(length)] = 1e3 * statistics.median(times[label])
     return out
 
 
@@ -352,44 +396,56 @@ def allow_many_compiles() -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# One model, all modes and batches
+# Several models (base and plans), all modes and batches
 # ---------------------------------------------------------------------------------------------
-def bench_model(model: Any, label: str, plan: str, settings: Settings, bandwidth_gbs: float | None,
-                on_record: Callable[[dict[str, Any]], None] | None = None,
-                progress: Any = None) -> list[dict[str, Any]]:
-    """Records (one per mode and batch) for one loaded model; the model is rewired by `fused`."""
+def bench_models(models: dict[str, Any], label: str, settings: Settings, bandwidth_gbs: float | None,
+                 on_record: Callable[[dict[str, Any]], None] | None = None,
+                 progress: Any = None) -> list[dict[str, Any]]:
+    """Records (one per plan, mode and batch) for loaded models keyed by plan; the plans' timed
+    runs alternate. `fused` rewires the models while it runs (undone at the end)."""
     from .transform import decoder_layers
 
     records = []
-    prefill = measure_prefill(model, settings.prefill, settings) if settings.prefill else {}
-    common = {"model": label, "plan": plan, "depth": len(decoder_layers(model)), "prompt": settings.prompt,
-              "new": settings.new, "prefill_ms": prefill, "weight_bytes": weight_bytes_read(model),
-              "kv_bytes_per_token": kv_bytes_per_token(model), "bandwidth_GBps": bandwidth_gbs}
+    prefill = measure_prefill_interleaved(models, settings.prefill, settings) if settings.prefill else {}
+    common = {plan: {"model": label, "plan": plan, "depth": len(decoder_layers(model)), "prompt": settings.prompt,
+                     "new": settings.new, "prefill_ms": prefill.get(plan, {}), "weight_bytes": weight_bytes_read(model),
+                     "kv_bytes_per_token": kv_bytes_per_token(model), "bandwidth_GBps": bandwidth_gbs}
+              for plan, model in models.items()}
     for mode in settings.modes:
-        runner = None
+        runners: dict[str, Any] = {}
+        failed: dict[str, Exception] = {}
         for batch in settings.batches:
             if progress is not None:
-                progress.set_postfix_str(f"{plan} {mode} b{batch}")
-            record = dict(common, mode=mode, batch=batch)
-            try:
-                runner = runner or make_runner(model, mode, settings, max(settings.batches))
-                record.update(measure_decode(runner, random_prompt(model, batch, settings), settings))
-                add_bound(record)
-            except Exception as e:  # noqa: BLE001 - one failed mode must not lose the others' numbers
-                if isinstance(e, KeyboardInterrupt):
-                    raise
-                record["error"] = f"{type(e).__name__}: {e}"
-            records.append(record)
-            if on_record:
-                on_record(record)
-            if progress is not None:
-                progress.update(1)
-        del runner
+                progress.set_postfix_str(f"{mode} b{batch}")
+            for plan, model in models.items():
+                if plan not in runners and plan not in failed:
+                    try:
+                        runners[plan] = make_runner(model, mode, settings, max(settings.batches))
+                    except Exception as e:  # noqa: BLE001 - one failed mode must not lose the others' numbers
+                        failed[plan] = e
+            ids = random_prompt(next(iter(models.values())), batch, settings)
+            results, errors = measure_decode_interleaved(runners, ids, settings)
+            for plan in models:
+                record = dict(common[plan], mode=mode, batch=batch)
+                error = failed.get(plan) or errors.get(plan)
+                if error is not None:
+                    record["error"] = f"{type(error).__name__}: {error}"
+                    runners.pop(plan, None)
+                else:
+                    record.update(results[plan])
+                    add_bound(record)
+                records.append(record)
+                if on_record:
+                    on_record(record)
+                if progress is not None:
+                    progress.update(1)
+        del runners
         release_compiled_state()
     if "fused" in settings.modes:
         from .fastgen import unfuse_projections
 
-        unfuse_projections(model)
+        for model in models.values():
+            unfuse_projections(model)
     return records
 
 
@@ -423,22 +479,30 @@ def _fmt(x: Any, spec: str) -> str:
     return "-" if x is None else format(x, spec)
 
 
+def step_gb(r: dict[str, Any]) -> float | None:
+    """GB one decode step must read: weights + the KV cache at the mean context length."""
+    if "weight_bytes" not in r or "kv_bytes_per_token" not in r:
+        return None
+    context = r.get("prompt", 0) + (r.get("new", 1) - 1) / 2
+    return (r["weight_bytes"] + r["kv_bytes_per_token"] * r.get("batch", 1) * context) / 1e9
+
+
 def format_table(records: list[dict[str, Any]]) -> str:
     lengths = sorted({int(k) for r in records for k in r.get("prefill_ms", {})})
     head = ["model", "plan", "depth", "mode", "batch", *[f"prefill {n} ms" for n in lengths], "tok/s/seq",
-            "tok/s total", "x base", "x HF comp.", "% bound"]
+            "tok/s total", "x base", "x HF comp.", "GB/step", "% bound"]
     rows = [head]
     for r in records:
         if "error" in r:
             rows.append([r["model"], r["plan"], str(r.get("depth", "-")), r["mode"], str(r["batch"]), *[""] * len(lengths),
-                         "error: " + r["error"][:60], "", "", "", ""])
+                         "error: " + r["error"][:60], "", "", "", "", ""])
             continue
         pre = r.get("prefill_ms", {})
         rows.append([r["model"], r["plan"], str(r.get("depth", "-")), r["mode"], str(r["batch"]),
                      *[_fmt(pre.get(str(n)), ".1f") for n in lengths],
                      _fmt(r["decode_tok_s"], ".1f"), _fmt(r.get("decode_tok_s_total"), ".1f"),
                      _fmt(r.get("speedup_vs_base"), ".2f"), _fmt(r.get("speedup_vs_base_compiled"), ".2f"),
-                     _fmt(100 * r["bound_fraction"] if r.get("bound_fraction") else None, ".0f")])
+                     _fmt(step_gb(r), ".2f"), _fmt(100 * r["bound_fraction"] if r.get("bound_fraction") else None, ".0f")])
     widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
@@ -449,18 +513,18 @@ def format_markdown(records: list[dict[str, Any]]) -> str:
     """The same table as GitHub markdown (for docs/BENCHMARKS.md)."""
     lengths = sorted({int(k) for r in records for k in r.get("prefill_ms", {})})
     head = ["model", "plan", "depth", "mode", "batch", *[f"prefill {n} (ms)" for n in lengths], "decode tok/s/seq",
-            "tok/s total", "x base (same mode)", "x base HF compiled", "% of bandwidth bound"]
+            "tok/s total", "x base (same mode)", "x base HF compiled", "GB read/step", "% of bandwidth bound"]
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in records:
         if "error" in r:
             out.append(f"| {r['model']} | {r['plan']} | {r.get('depth', '-')} | {r['mode']} | {r['batch']} | "
-                       + " | ".join([""] * len(lengths)) + f" | failed: {r['error'][:80]} | | | | |")
+                       + " | ".join([""] * len(lengths)) + f" | failed: {r['error'][:80]} | | | | | |")
             continue
         pre = r.get("prefill_ms", {})
         cells = [r["model"], r["plan"], str(r.get("depth", "-")), r["mode"], str(r["batch"]),
                  *[_fmt(pre.get(str(n)), ".1f") for n in lengths], _fmt(r["decode_tok_s"], ".1f"),
                  _fmt(r.get("decode_tok_s_total"), ".1f"), _fmt(r.get("speedup_vs_base"), ".2f"),
-                 _fmt(r.get("speedup_vs_base_compiled"), ".2f"),
+                 _fmt(r.get("speedup_vs_base_compiled"), ".2f"), _fmt(step_gb(r), ".2f"),
                  _fmt(100 * r["bound_fraction"] if r.get("bound_fraction") else None, ".0f")]
         out.append("| " + " | ".join(cells) + " |")
     return "\n".join(out)
@@ -574,6 +638,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--markdown", action="store_true", help="print the table as markdown")
     parser.add_argument("--plot", default=None, metavar="FILE", help="plot decode tokens/s per plan, mode and "
                                                                     "batch (PNG/SVG/PDF; needs matplotlib)")
+    parser.add_argument("--sequential", action="store_true",
+                        help="hold one model in memory at a time (default: base and every plan together, their "
+                             "timed runs alternating, so load that drifts during the run affects all alike)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights and prompts")
 
 
@@ -697,13 +764,16 @@ def run(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
     total = len(plans) * len(settings.modes) * len(settings.batches)
+    # all models at once, their runs alternating (fair under drifting load), or one at a time
+    groups = [[plan] for plan in plans] if args.sequential else [plans]
     with tqdm(total=total, desc="bench", unit="run", file=sys.stderr) as bar:
-        for plan in plans:
-            model = source.build(plan)
-            bench_model(model, source.label, plan, settings, meta["bandwidth_GBps"], on_record=save, progress=bar)
-            del model
+        for group in groups:
+            models = {plan: source.build(plan) for plan in group}
+            bench_models(models, source.label, settings, meta["bandwidth_GBps"], on_record=save, progress=bar)
+            del models
             release_compiled_state()
     add_ratios(records)
+    records.sort(key=lambda r: (plans.index(r["plan"]), MODES.index(r["mode"]), r["batch"]))
     print(f"{meta['device_name']} ({meta['device']}), {meta['dtype']}, torch {meta['torch']}, transformers "
           f"{meta['transformers']}, copy bandwidth {meta['bandwidth_GBps']:.1f} GB/s; prompt {settings.prompt}, "
           f"new {settings.new}, median of {settings.repeats}")
