@@ -765,8 +765,9 @@ def plot_curve(summary: dict[str, Any], path: Path) -> Path | None:
     if evals:
         ax = axes[0][1]
         key = summary["eval_names"][0]
-        ax.plot([e["tokens"] for e in evals], [e[key] for e in evals], "o-", label="fine-tuned")
         ppl = summary["perplexity"][key]
+        ax.plot([e["tokens"] for e in evals], [e[key] for e in evals], "o-", label="during training (training copy)")
+        ax.plot([summary["tokens"]], [ppl["ft"]], "*", ms=12, label=f"saved model {ppl['ft']:.2f}")
         if ppl["base"] is not None:
             ax.axhline(ppl["base"], color="green", ls="--", label=f"base {ppl['base']:.2f}")
         ax.axhline(ppl["lp"], color="red", ls="--", label=f"LP before FT {ppl['lp']:.2f}")
@@ -778,6 +779,38 @@ def plot_curve(summary: dict[str, Any], path: Path) -> Path | None:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def plot_recovery(summaries: list[str | Path], path: str | Path, text: str = "held_out") -> Path:
+    """Recovered fraction of the perplexity gap vs training tokens for several finished runs.
+
+    Each summary needs --eval-every points; the last point of each run is its saved model.
+        python -c "from truedepth.finetune import plot_recovery as p; p(['runs/a', 'runs/b'], 'cmp.png')"
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for item in summaries:
+        item = Path(item)
+        s = json.loads((item / SUMMARY_FILE if item.is_dir() else item).read_text())
+        ppl = s["perplexity"][text]
+        points = [(e["tokens"], e["recovered"]) for e in s.get("evals", []) if e.get("recovered") is not None]
+        points.append((s["tokens"], ppl["recovered"]))
+        label = f"{s['loss']}{' LoRA' if s['lora'] else ''} ({s['train_seconds'] / 60:.0f} min)"
+        ax.plot([p[0] for p in points], [100 * p[1] for p in points], "o-", label=label)
+    ax.axhline(100, color="green", ls="--", lw=1, label="base model")
+    ax.axhline(0, color="red", ls="--", lw=1, label="LP, no fine-tuning")
+    ax.set_xlabel("training tokens")
+    ax.set_ylabel(f"recovered % of the {text.replace('_', '-')} perplexity gap")
+    ax.set_title(f"plan {s['plan']}: (ppl_LP - ppl_FT) / (ppl_LP - ppl_base)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
 
 
 # =============================================================================================
