@@ -7,7 +7,7 @@
 #
 # Every measurement is appended to $OUT/results.jsonl as it finishes; an interrupted run resumes
 # where it stopped. One thread (OMP_NUM_THREADS=1) so that it shares a small machine politely;
-# on the 2-core CPU it took about 3 hours from scratch (most of it the lm-eval tasks).
+# on the 2-core CPU (shared) it took about 3.5 hours from scratch.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
@@ -23,17 +23,20 @@ if [ -z "${REPORT_ONLY:-}" ]; then
   #    that every parallel Δ has a skip at equal depth (Δ/2).
   sweep --transforms parallel --delta 2:16:2
   sweep --transforms skip --delta 1:16
-  # 2. In-context learning (lm-eval): last-word task at equal depths: parallel Δ vs skip Δ/2.
-  sweep --transforms parallel --delta 4:16:4 --tasks truedepth_austen_lastword --limit 150
-  sweep --transforms skip --delta 2:8:2 --tasks truedepth_austen_lastword --limit 150
-  # 3. Which positions tolerate pairing: every start at Δ=8 (and skip at equal depth, Δ=4).
-  sweep --transforms parallel --delta 8 --start 0:22:2
-  sweep --transforms skip --delta 4 --start 0:26:2
-  # 4. The other transforms of the paper's effective-depth study.
-  sweep --transforms shuffle,merge --delta 2:16:2
-  # 5. MMLU (offline, through lm-eval): 0-shot on 4 questions per subject, 5-shot on 1.
-  sweep --transforms parallel --delta 8,16 --tasks truedepth_mmlu --limit 4
+  # 2. In-context learning (lm-eval): last-word task at equal depths, parallel Δ vs skip Δ/2.
+  sweep --transforms parallel --delta 4:16:4 --tasks truedepth_austen_lastword --limit 100
+  sweep --transforms skip --delta 2:8:2 --tasks truedepth_austen_lastword --limit 100
+  # 3. MMLU (offline, through lm-eval): 0-shot on 3 questions per subject, 5-shot on 1.
+  sweep --transforms parallel --delta 8,16 --tasks truedepth_mmlu --limit 3
   sweep --transforms parallel --delta 8 --tasks truedepth_mmlu --num-fewshot 5 --limit 1
+  # 4. Which positions tolerate pairing: one pair at every position (Δ=2) against dropping one
+  #    layer there (skip Δ=1, the same depth); then a longer range (Δ=8) and skip at equal depth (Δ=4).
+  sweep --transforms parallel --delta 2 --start 0:28
+  sweep --transforms skip --delta 1 --start 0:29
+  sweep --transforms parallel --delta 8 --start 0:22:2
+  sweep --transforms skip --delta 4 --start 0:24:4
+  # 5. The other transforms of the paper's effective-depth study.
+  sweep --transforms shuffle,merge --delta 4:16:4
 fi
 
 # Tables, plots and the report from everything measured above.
