@@ -24,8 +24,8 @@ if [ -z "${REPORT_ONLY:-}" ]; then
   sweep --transforms parallel --delta 2:16:2
   sweep --transforms skip --delta 1:16
   # 2. In-context learning (lm-eval): last-word task at equal depths, parallel Δ vs skip Δ/2.
-  sweep --transforms parallel --delta 4:16:4 --tasks truedepth_austen_lastword --limit 100
-  sweep --transforms skip --delta 2:8:2 --tasks truedepth_austen_lastword --limit 100
+  sweep --transforms parallel --delta 2:16:2 --tasks truedepth_austen_lastword --limit 100
+  sweep --transforms skip --delta 1:8 --tasks truedepth_austen_lastword --limit 100
   # 3. MMLU (offline, through lm-eval): 0-shot on 3 questions per subject, 5-shot on 1.
   sweep --transforms parallel --delta 8,16 --tasks truedepth_mmlu --limit 3
   sweep --transforms parallel --delta 8 --tasks truedepth_mmlu --num-fewshot 5 --limit 1

@@ -184,8 +184,8 @@ def test_findings_and_report(tmp_path):
     # parallel ppl grows 3 % per layer: kept >= 95 % while 1.03**-Δ >= 0.95, i.e. Δ <= 1 -> even Δ: none
     assert sw.largest_kept(rows, "end", "parallel", "perplexity", 0.80) == 6  # 1.03**-6 = 0.837, **-8 = 0.789
     assert sw.largest_kept(rows, "end", "skip", "perplexity", 0.95) is None
-    a, b, f = sw.steepest_fall(rows, "end", "parallel", "lw")
-    assert (a, b) == (12, 16) and f == pytest.approx(-0.112)  # accuracy 0.5 - 0.001 Δ²
+    a, b, ka, kb = sw.steepest_fall(rows, "end", "parallel", "lw")
+    assert (a, b) == (12, 16) and (ka, kb) == pytest.approx((0.356 / 0.5, 0.244 / 0.5))  # acc 0.5 - 0.001 Δ²
     meta = {"settings": sweep.settings(), "machine": "test machine", "first_date": "2026-11-26",
             "last_date": "2026-11-26", "results": "runs/x/results.jsonl"}
     md = sw.write_report(sweep, rows, meta, tmp_path / "docs" / "RESULTS.md", tmp_path / "docs" / "img",

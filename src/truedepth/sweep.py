@@ -710,9 +710,10 @@ def delta_table(rows: Sequence[dict[str, Any]], rule: str, col: str) -> str:
 
 def equal_depth_table(rows: Sequence[dict[str, Any]], rule: str) -> str:
     """parallel Δ against skip Δ/2: the same depth, L - Δ/2."""
-    cols = metric_columns(rows)
     par = {r["delta"]: r for r in rows if r["transform"] == "parallel" and anchored(r, rule)}
     skip = {r["delta"]: r for r in rows if r["transform"] == "skip" and anchored(r, rule)}
+    cols = [c for c in metric_columns(rows) if any(par[d].get(c) is not None and d // 2 in skip
+                                                    and skip[d // 2].get(c) is not None for d in par)]
     body = []
     for d in sorted(par):
         s = skip.get(d // 2)
@@ -748,26 +749,19 @@ def position_table(rows: Sequence[dict[str, Any]]) -> tuple[str, list[tuple[str,
     return _md_table(head, body), keys
 
 
-def steepest_fall(rows: Sequence[dict[str, Any]], rule: str, transform: str, col: str) -> tuple[int, int, float] | None:
-    """(Δ_a, Δ_b, factor): consecutive Δ values where quality falls fastest per added layer.
-
-    Perplexity: the largest growth of log perplexity per layer; accuracy: the largest drop per layer."""
-    pts = sorted((r["delta"], r[col]) for r in rows if r["transform"] == transform and anchored(r, rule)
-                 and r.get(col) is not None)
-    base = next((r[col] for r in rows if r["transform"] == "base" and r.get(col) is not None), None)
-    if base is not None:
-        pts = [(0, base)] + pts
+def steepest_fall(rows: Sequence[dict[str, Any]], rule: str, transform: str, col: str) -> tuple[int, int, float, float] | None:
+    """(Δ_a, Δ_b, kept_a, kept_b): the consecutive measured Δ values between which the fraction of the
+    base quality kept (base ppl / ppl, or acc / base acc) falls the most per added layer."""
+    pts = sorted((r["delta"], r[f"{col}_rel"]) for r in rows if r["transform"] == transform and anchored(r, rule)
+                 and r.get(f"{col}_rel") is not None)
+    if any(r["transform"] == "base" and r.get(col) is not None for r in rows):
+        pts = [(0, 1.0)] + pts
     best = None
-    for (d0, v0), (d1, v1) in zip(pts, pts[1:]):
-        if col == "perplexity":
-            rate = (math.log(v1) - math.log(v0)) / (d1 - d0)
-            factor = v1 / v0
-        else:
-            rate = (v0 - v1) / (d1 - d0)
-            factor = v1 - v0
+    for (d0, k0), (d1, k1) in zip(pts, pts[1:]):
+        rate = (k0 - k1) / (d1 - d0)
         if best is None or rate > best[0]:
-            best = (rate, d0, d1, factor)
-    return None if best is None else (best[1], best[2], best[3])
+            best = (rate, d0, d1, k0, k1)
+    return None if best is None else best[1:]
 
 
 def largest_kept(rows: Sequence[dict[str, Any]], rule: str, transform: str, col: str, level: float) -> int | None:
@@ -792,32 +786,92 @@ def findings(rows: Sequence[dict[str, Any]], rule: str) -> list[str]:
             if not any(r["transform"] == transform and anchored(r, rule) and r.get(col) is not None for r in rows):
                 continue
             parts = []
+            first = min((r for r in rows if r["transform"] == transform and anchored(r, rule)
+                         and r.get(f"{col}_rel") is not None), key=lambda r: r["delta"])
             for level in (0.95, 0.90):
                 d = largest_kept(rows, rule, transform, col, level)
-                parts.append(f"≥{level:.0%} kept up to Δ={d}" + (f" ({d}/{L} = {d / L:.0%} of the layers)" if d else "")
-                             if d is not None else f"below {level:.0%} already at the smallest Δ")
+                parts.append(f"≥{level:.0%} kept up to Δ={d} ({d}/{L} = {d / L:.0%} of the layers)" if d is not None
+                             else f"below {level:.0%} already at the smallest Δ measured "
+                                  f"(Δ={first['delta']}: {100 * first[f'{col}_rel']:.1f} %)")
             fall = steepest_fall(rows, rule, transform, col)
             if fall:
-                a, b, f = fall
-                how = f"×{f:.2f} perplexity" if col == "perplexity" else f"{f:+.3f} accuracy"
-                parts.append(f"steepest fall between Δ={a} and Δ={b} ({how})")
+                a, b, ka, kb = fall
+                parts.append(f"falls fastest between Δ={a} and Δ={b} ({100 * ka:.0f} % → {100 * kb:.0f} % kept)")
             out.append(f"- **{transform}**, {name}: " + "; ".join(parts) + ".")
+    return out
+
+
+def position_findings(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """Per position scan: where the transform is best and worst tolerated, and the ranges that keep ≥95 %."""
+    out = []
+    groups: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    for r in rows:
+        if r["transform"] != "base" and r.get("perplexity_rel") is not None:
+            groups.setdefault((r["transform"], r["delta"]), []).append(r)
+    for (transform, delta), rs in sorted(groups.items()):
+        if len({r["start"] for r in rs}) < 3:
+            continue
+        rs = sorted(rs, key=lambda r: r["start"])
+        best = max(rs, key=lambda r: r["perplexity_rel"])
+        worst = min(rs, key=lambda r: r["perplexity_rel"])
+        good = [r["start"] for r in rs if r["perplexity_rel"] >= 0.95]
+        span = lambda r: f"layers {r['start']}–{r['end'] - 1}"  # noqa: E731
+        out.append(f"- **{transform} Δ={delta}**, position scan ({len(rs)} starts): best {span(best)} "
+                   f"({100 * best['perplexity_rel']:.0f} % kept), worst {span(worst)} "
+                   f"({100 * worst['perplexity_rel']:.1f} % kept); ≥95 % kept at "
+                   f"{len(good)} of {len(rs)} starts" + (f" ({_ranges(good)})" if good else "") + ".")
+    return out
+
+
+def _ranges(values: Sequence[int]) -> str:
+    """[0, 1, 2, 5, 7, 8] -> '0–2, 5, 7–8'."""
+    parts, run = [], []
+    for v in sorted(values):
+        if run and v != run[-1] + 1:
+            parts.append(run)
+            run = []
+        run.append(v)
+    if run:
+        parts.append(run)
+    return ", ".join(f"{p[0]}–{p[-1]}" if len(p) > 1 else str(p[0]) for p in parts)
+
+
+def equal_depth_findings(rows: Sequence[dict[str, Any]], rule: str) -> list[str]:
+    par = {r["delta"]: r for r in rows if r["transform"] == "parallel" and anchored(r, rule)}
+    skip = {r["delta"]: r for r in rows if r["transform"] == "skip" and anchored(r, rule)}
+    out = []
+    for col in metric_columns(rows):
+        pairs = [(par[d], skip[d // 2]) for d in sorted(par) if d // 2 in skip and d % 2 == 0
+                 and par[d].get(col) is not None and skip[d // 2].get(col) is not None]
+        if not pairs:
+            continue
+        better = (lambda a, b: a < b) if col == "perplexity" else (lambda a, b: a > b)
+        wins = sum(better(p[col], s[col]) for p, s in pairs)
+        ties = sum(p[col] == s[col] for p, s in pairs)
+        name = "perplexity" if col == "perplexity" else f"`{col}`"
+        out.append(f"- **Equal depth**, {name}: parallel Δ beats skip Δ/2 at {wins} of {len(pairs)} depths"
+                   + (f" ({ties} tied)" if ties else "") + ".")
     return out
 
 
 def paper_table(rows: Sequence[dict[str, Any]], rule: str) -> str:
     L = next((r["num_layers"] for r in rows), 0)
-    body = [[f"paper: {name} ({layers} layers)", f"Δ={d} ({d / layers:.0%} of layers), depth −{d // 2 / layers:.0%}",
-             "95–99 % of perplexity and ICL accuracy kept up to there; ICL drops beyond"]
+    body = [[f"paper: {name} ({layers} layers)", "95–99 % of perplexity and ICL accuracy",
+             f"Δ={d} ({d / layers:.0%} of layers, depth −{d // 2 / layers:.0%})", "–"]
             for name, d, layers in PAPER_CLAIMS]
+
+    def at(col: str, level: float) -> str:
+        d = largest_kept(rows, rule, "parallel", col, level)
+        if d is not None:
+            return f"Δ={d} ({d / L:.0%} of layers, depth −{d // 2 / L:.0%})"
+        first = min((r for r in rows if r["transform"] == "parallel" and anchored(r, rule)
+                     and r.get(f"{col}_rel") is not None), key=lambda r: r["delta"], default=None)
+        return "none" + (f" (Δ={first['delta']} keeps {100 * first[f'{col}_rel']:.1f} %)" if first else "")
+
     for col in metric_columns(rows):
-        for level in (0.95,):
-            d = largest_kept(rows, rule, "parallel", col, level)
-            what = "base perplexity / perplexity" if col == "perplexity" else f"{col} / base"
-            body.append([f"this run: default model ({L} layers), {col}",
-                         "–" if d is None else f"Δ={d} ({d / L:.0%} of layers), depth −{d // 2 / L:.0%}",
-                         f"largest Δ with {what} ≥ {level:.0%} at every Δ up to it"])
-    return _md_table(["model", "largest Δ keeping ≥95 %", "measure"], body)
+        what = "base perplexity / perplexity" if col == "perplexity" else f"`{col}` accuracy / base"
+        body.append([f"this run: default model ({L} layers)", what, at(col, 0.95), at(col, 0.90)])
+    return _md_table(["model", "measure", "parallel: largest Δ keeping ≥95 %", "keeping ≥90 %"], body)
 
 
 def tasks_table(rows: Sequence[dict[str, Any]]) -> str:
@@ -867,6 +921,8 @@ def render_report(rows: Sequence[dict[str, Any]], meta: dict[str, Any], images: 
         "## Findings (computed from the tables below)",
         "",
         *findings(rows, rule),
+        *equal_depth_findings(rows, rule),
+        *position_findings(rows),
         "",
     ]
     if "delta" in images:
