@@ -80,6 +80,16 @@ def test_interleaved_runs_alternate_and_a_failing_runner_does_not_stop_the_other
     assert results["a"]["decode_tok_s_total"] == pytest.approx(2 * results["a"]["decode_tok_s"])
 
 
+def test_profile_decode_reports_step_and_host_time():
+    from truedepth.fastgen import FastGenerator
+
+    model = build_shape("tiny", device="cpu")
+    gen = FastGenerator(model, max_batch=1, max_seq=32, compile=False)
+    prof = bench.profile_decode(gen, torch.randint(3, 128, (1, 8)), steps=50)
+    assert prof["steps"] == 32 - 8 - 3  # clamped to what the static cache holds
+    assert prof["step_us"] > 0 and prof["host_us_per_step"] > 0 and prof["kernels_per_step"] == 0  # CPU: no kernels
+
+
 def test_bound_fraction_arithmetic():
     # 1 GB of weights + 1 MB/token x 4 sequences x 250 tokens = 2 GB per step; at 100 GB/s: 20 ms
     frac, bound = bench.bound_fraction(10**9, 10**6, 4, 250, step_s=0.040, bandwidth_gbs=100)

@@ -175,7 +175,8 @@ class Run:
         try:
             prof = B.profile_decode(generator, B.random_prompt(model, batch, settings), steps=16)
             self.profiles.append({"model": shape, "plan": plan, "mode": mode, "batch": batch, **prof})
-            print(f"      profile: {prof['kernels_per_step']:.0f} kernels/step, step {prof['step_us']:.0f} us, "
+            print(f"      profile: {prof['kernels_per_step']:.0f} kernels/step, step {prof['step_us_unprofiled']:.0f} us "
+                  f"({prof['step_us']:.0f} profiled), host {prof['host_us_per_step']:.0f} us, "
                   f"device busy {prof['device_busy_us_per_step']:.0f} us", flush=True)
         except OutOfTime:
             raise

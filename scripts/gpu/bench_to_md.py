@@ -47,12 +47,13 @@ def render(doc: dict) -> str:
     profiles = doc.get("profiles", [])
     if profiles:
         lines += ["", "### Where a decode step goes (torch.profiler, 16 steps, batch 1)", "",
-                  "| shape | plan | loop | kernels/step | step (us) | device busy (us) | device idle | "
-                  "slowest kernels (share of device time) |", "|---|---|---|---|---|---|---|---|"]
+                  "| shape | plan | loop | kernels/step | step (us) | host time/step (us) | device busy (us) | "
+                  "device idle | slowest kernels (share of device time) |", "|---|---|---|---|---|---|---|---|---|"]
         for p in profiles:
             top = "; ".join(f"`{k['name'][:60]}` {100 * k['share']:.0f}%" for k in p.get("top_kernels", [])[:4])
             lines.append(f"| {p['model']} | {p['plan']} | {p['mode']} | {p['kernels_per_step']:.0f} | "
-                         f"{p['step_us']:.0f} | {p['device_busy_us_per_step']:.0f} | "
+                         f"{p.get('step_us_unprofiled', p['step_us']):.0f} | {_x(p.get('host_us_per_step'), '.0f')} | "
+                         f"{p['device_busy_us_per_step']:.0f} | "
                          f"{_x(p.get('idle_fraction'), pct=True)} | {top} |")
     if doc.get("skipped"):
         lines += ["", "Skipped for time: " + "; ".join(doc["skipped"])]

@@ -236,6 +236,18 @@ def profile_decode(generator: Any, ids: Any, steps: int = 16) -> dict[str, Any]:
         for i in range(2):  # steps outside the trace: nothing left to record or compile
             buf[:, i + 1:i + 2] = generator.step(buf[:, i:i + 1])
         synchronize(device)
+        # host time per step: the loop enqueues work without waiting for the device, so if this is
+        # well under the step time the device, not Python, sets the pace
+        buf[:, :1] = generator.prefill(ids)
+        synchronize(device)
+        start = time.perf_counter()
+        for i in range(steps):
+            buf[:, i + 1:i + 2] = generator.step(buf[:, i:i + 1])
+        host = time.perf_counter() - start
+        synchronize(device)
+        unprofiled = time.perf_counter() - start
+        buf[:, :1] = generator.prefill(ids)
+        synchronize(device)
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
         with profile(activities=activities) as prof:
             start = time.perf_counter()
@@ -256,7 +268,8 @@ def profile_decode(generator: Any, ids: Any, steps: int = 16) -> dict[str, Any]:
     total = sum(by_name.values()) or 1.0
     top = sorted(by_name.items(), key=lambda kv: -kv[1])[:8]
     step_us = 1e6 * wall / steps
-    return {"steps": steps, "step_us": step_us, "kernels_per_step": len(kernels) / steps,
+    return {"steps": steps, "step_us": step_us, "step_us_unprofiled": 1e6 * unprofiled / steps,
+            "host_us_per_step": 1e6 * host / steps, "kernels_per_step": len(kernels) / steps,
             "device_busy_us_per_step": busy / steps, "idle_fraction": max(0.0, 1 - busy / steps / step_us)
             if kernels else None,
             "top_kernels": [{"name": n[:120], "us_per_step": t / steps, "share": t / total} for n, t in top]}

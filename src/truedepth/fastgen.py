@@ -248,6 +248,7 @@ class FastGenerator:
         logits = self.model(input_ids=tokens, past_key_values=self._cache, use_cache=True, logits_to_keep=1).logits
         return sample_next(logits[:, -1, :], do_sample, temperature, top_k, top_p)
 
+    @torch.inference_mode()
     def prefill(self, input_ids: torch.Tensor, sampling: tuple = (False, 1.0, None, None)) -> torch.Tensor:
         """Reset the cache, run the prompt (not compiled: its length varies), return the first new tokens."""
         self._cache_for(input_ids.shape[0]).reset()
@@ -255,6 +256,7 @@ class FastGenerator:
                             logits_to_keep=1).logits
         return sample_next(logits[:, -1, :], *sampling)
 
+    @torch.inference_mode()
     def step(self, tokens: torch.Tensor, sampling: tuple = (False, 1.0, None, None)) -> torch.Tensor:
         """Next tokens (batch, 1) after `tokens` (batch, 1). The result is only valid until the next
         step (CUDA graphs reuse its memory): copy it out before calling again."""
