@@ -128,3 +128,13 @@ def test_transform_releases_old_group_weights():
     # every projection weight is kept once; only the 4 groups' second copies of 2 norms go
     assert sum(p.numel() for p in model.parameters()) == n - 4 * 2 * model.config.hidden_size
     assert all(p.device.type == "cpu" for p in model.parameters())
+
+
+def test_attention_backend_change_after_transform_reaches_wide_layers():
+    model = tiny_model("llama", layers=6)
+    ids = torch.randint(3, 128, (2, 9))
+    want = reference_logits(model, "parallel=2:6", ids)
+    truedepth.apply_plan(model, "parallel=2:6")
+    model.set_attn_implementation("sdpa")
+    assert all(l.self_attn.config._attn_implementation == "sdpa" for l in model.model.layers)
+    assert rel_err(model(ids).logits, want) <= 1e-5

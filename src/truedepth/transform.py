@@ -100,6 +100,12 @@ def new_layer(model: nn.Module, config: Any, layer_idx: int, group: int, device:
             layer = cls(cfg, layer_idx)
     if group > 1:
         widen_head_norms(layer, base_model_type(config), cfg)
+        # The widened copy was only needed for the shapes. Forward passes read the attention
+        # backend from `module.config`: point every submodule back at the model's own config, so
+        # a later change of `_attn_implementation` reaches the wide layers too.
+        for module in layer.modules():
+            if getattr(module, "config", None) is cfg:
+                module.config = config
     return layer
 
 
