@@ -797,8 +797,9 @@ def plot_recovery(summaries: list[str | Path], path: str | Path, text: str = "he
         item = Path(item)
         s = json.loads((item / SUMMARY_FILE if item.is_dir() else item).read_text())
         ppl = s["perplexity"][text]
-        points = [(e["tokens"], e["recovered"]) for e in s.get("evals", []) if e.get("recovered") is not None]
-        points.append((s["tokens"], ppl["recovered"]))
+        points = [(e["tokens"], e["recovered"]) for e in s.get("evals", [])
+                  if e.get(text) is not None and e.get("recovered") is not None and text == "held_out"]
+        points = (points or [(0, 0.0)]) + [(s["tokens"], ppl["recovered"])]  # 0 tokens = the LP model: 0%
         label = f"{s['loss']}{' LoRA' if s['lora'] else ''} ({s['train_seconds'] / 60:.0f} min)"
         ax.plot([p[0] for p in points], [100 * p[1] for p in points], "o-", label=label)
     ax.axhline(100, color="green", ls="--", lw=1, label="base model")
