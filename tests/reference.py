@@ -44,9 +44,9 @@ def reference_logits(model, plan, input_ids):
     inner = model.model
     x = inner.embed_tokens(input_ids)
     b, s = input_ids.shape
-    pos_ids = torch.arange(s)[None].expand(b, s)
+    pos_ids = torch.arange(s, device=input_ids.device)[None].expand(b, s)
     pos = inner.rotary_emb(x, pos_ids)
-    mask = causal_mask(b, s, x.dtype)
+    mask = causal_mask(b, s, x.dtype).to(x.device)
     for block in plan.blocks(len(inner.layers)):
         members = [inner.layers[i] for i in block.layers]
         if block.kind == "parallel":
