@@ -245,7 +245,7 @@ def test_resume_refuses_a_different_trajectory(tmp_path):
     model, _ = fresh("lm", False)
     ft.train(model, None, data, cfg, tmp_path, progress=False, stop_after=2)
     model, _ = fresh("lm", False)
-    with pytest.raises(ValueError, match=r"--lr 0.0002 \(now 0.001\)"):
+    with pytest.raises(ValueError, match=rf"--lr {cfg.lr} \(now 0.001\)"):
         ft.train(model, None, data, ft.TrainConfig(**{**cfg.__dict__, "lr": 1e-3}), tmp_path, resume=True,
                  progress=False)
     with pytest.raises(ValueError, match="training data differs"):
@@ -391,3 +391,19 @@ def test_default_model_short_finetune(tmp_path):
     assert summary["steps"] == 2 and all(h["loss"] > 0 for h in summary["history"])
     model, _ = truedepth.load(out)
     assert model.config.num_hidden_layers == 26
+
+
+def test_base_and_lp_perplexities_are_measured_once_per_model_and_texts(tiny_dir, tmp_path, monkeypatch):
+    calls = []
+    real = ft.perplexities
+    monkeypatch.setattr(ft, "perplexities", lambda model, *a, **k: calls.append(1) or real(model, *a, **k))
+    assert cli.main(finetune_args(tiny_dir, tmp_path, tmp_path / "a")) == 0
+    assert len(calls) == 3  # base, LP, fine-tuned
+    assert cli.main(finetune_args(tiny_dir, tmp_path, tmp_path / "b", "--loss", "distill")) == 0
+    assert len(calls) == 4  # base and LP from the cache
+    args = finetune_args(tiny_dir, tmp_path, tmp_path / "c")  # (re)writes the text files
+    (tmp_path / "held.txt").write_text("the lady said not very " * 300)  # another held-out text
+    assert cli.main(args) == 0
+    assert len(calls) == 7  # a new text: base and LP measured again
+    a, b, c = (json.loads((tmp_path / d / ft.SUMMARY_FILE).read_text())["perplexity"] for d in "abc")
+    assert a["held_out"]["lp"] == b["held_out"]["lp"] != c["held_out"]["lp"]

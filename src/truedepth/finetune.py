@@ -959,8 +959,9 @@ def run(args: argparse.Namespace) -> int:
                             "options": dict({k: getattr(args, k) for k in RUN_OPTIONS}, dtype=DTYPE_NAMES[dtype])}
     measure = _measurer(setup.tokenizer, texts, args, device, dtype, progress)
     if not args.resume and measure:  # base and LP, in the evaluation dtype, before any weight changes
-        meta["base"] = cached_perplexities(setup.base, measure, args, "base") if setup.base is not None else None
-        meta["lp"] = cached_perplexities(setup.student, measure, args, str(setup.plan))
+        digest = hashlib.sha256("\0".join(texts.get(k, "") for k in ("held_out", "other_domain")).encode()).hexdigest()
+        meta["base"] = cached_perplexities(setup.base, measure, args, "base", digest) if setup.base is not None else None
+        meta["lp"] = cached_perplexities(setup.student, measure, args, str(setup.plan), digest)
 
     model, teacher = make_trainable(setup, cfg, train_dtype)
     memory = check_memory(model, teacher.model if teacher else None, cfg, device, train_dtype)
@@ -1105,11 +1106,11 @@ def save_model(model: Any, tokenizer: Any, out: Path) -> None:
 
 
 def cached_perplexities(model: Any, measure: Callable[[Any], dict[str, float]], args: argparse.Namespace,
-                        label: str) -> dict[str, float]:
+                        label: str, texts_digest: str) -> dict[str, float]:
     """Perplexities of the base and LP models, cached (they do not depend on training options)."""
     from .models import resolve
 
-    key = json.dumps([label, _weights_fingerprint(resolve(args.model)), args.eval_text, args.other_text,
+    key = json.dumps([label, _weights_fingerprint(resolve(args.model)), texts_digest,
                       args.eval_tokens, args.eval_window, str(next(model.parameters()).dtype),
                       str(next(model.parameters()).device.type)])
     path = _ppl_cache_path()
