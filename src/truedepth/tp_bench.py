@@ -170,7 +170,7 @@ def all_reduce_latency(batch: int, hidden: int, dtype: torch.dtype, device: torc
 # ---------------------------------------------------------------------------------------------
 # The benchmark
 # ---------------------------------------------------------------------------------------------
-def tp_bench(model: Any = "default", plans: Any = ("base", "auto"), *, impls: Any = ("dtensor",),
+def tp_bench(model: Any = "default", plans: Any = ("base", "auto"), *, impls: Any = (tp.DEFAULT_IMPL,),
              prompt_tokens: int = 32, new_tokens: int = 32, warmup: int = 4, batch: int = 1, dtype: Any = None,
              device: Any = None, timeout_s: float = tp.DEFAULT_TIMEOUT_S, seed: int = 0,
              progress: bool = True) -> dict[str, Any]:
@@ -302,7 +302,7 @@ def add_arguments(parser: Any) -> None:
     parser.add_argument("--device", default=None, help="cuda (each rank its LOCAL_RANK GPU) or cpu (gloo)")
     parser.add_argument("--tp-timeout", type=float, default=tp.DEFAULT_TIMEOUT_S, metavar="SECONDS",
                         help="stop every rank with an error when a collective waits longer. Default: %(default)s")
-    parser.add_argument("--tp-impl", nargs="+", choices=tp.IMPLEMENTATIONS, default=["dtensor"], dest="impls",
+    parser.add_argument("--tp-impl", nargs="+", choices=tp.IMPLEMENTATIONS, default=[tp.DEFAULT_IMPL], dest="impls",
                         help="TP implementation(s) to measure: dtensor (PyTorch parallelize_module), local (plain "
                              "sharded weights + torch.distributed.all_reduce). Default: dtensor")
     parser.add_argument("--json", default=None, help="write the results to this JSON file (rank 0)")
