@@ -42,8 +42,9 @@ def tiny_dir(tmp_path_factory):
 
 
 @pytest.fixture(autouse=True)
-def private_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("TRUEDEPTH_CACHE", str(tmp_path / "cache"))  # perplexity cache stays in the test
+def private_cache(request, tmp_path, monkeypatch):
+    if request.node.get_closest_marker("integration") is None:  # the real model lives in the user cache
+        monkeypatch.setenv("TRUEDEPTH_CACHE", str(tmp_path / "cache"))  # perplexity cache stays in the test
 
 
 def text_file(path: Path, seed: int, chars: int = 6000) -> Path:
