@@ -227,6 +227,8 @@ def apply_plan(model: nn.Module, plan: Any) -> nn.Module:
     with `save_pretrained` / `truedepth.load` (or `AutoModelForCausalLM` after `import truedepth`).
     """
     plan = as_plan(plan)
+    if plan.is_identity:  # "base": nothing to do, also for a model that was transformed before
+        return model
     blocks = check_plan_fits(model, plan)
     arch = base_model_type(model.config)
     old = decoder_layers(model)
