@@ -32,6 +32,17 @@ LOCAL_TASKS = {
                                  "acc = greedy word correct; chance ~2% (random context word)",
 }
 LOCAL_PREFIX = "truedepth_"
+# Accuracy of guessing, for reading results: MMLU has 4 choices; for the last-word task, a random
+# content word of the context (measured by describe_local_tasks).
+CHANCE = {"truedepth_mmlu": 0.25, "truedepth_austen_lastword": 0.017}
+
+
+def chance_level(task: str) -> float | None:
+    """Chance accuracy of a shipped task, its subtasks and groups (None if unknown)."""
+    for name, level in CHANCE.items():
+        if task == name or task.startswith(name + "_"):
+            return level
+    return None
 DEFAULT_BATCH_SIZE = 8
 
 # Messages lm-eval logs on every run of a local task or an in-memory model; they ask the user to do

@@ -776,12 +776,26 @@ def largest_kept(rows: Sequence[dict[str, Any]], rule: str, transform: str, col:
     return kept
 
 
+def _at_chance(rows: Sequence[dict[str, Any]], col: str) -> bool:
+    """Is the base model's accuracy on this task within two standard errors of chance?"""
+    from .icl import chance_level
+
+    level = chance_level(col.split("@")[0])
+    base = next((r for r in rows if r["transform"] == "base" and r.get(col) is not None), None)
+    if level is None or base is None:
+        return False
+    return base[col] - level < 2 * (base.get(f"{col}_stderr") or 0.0)
+
+
 def findings(rows: Sequence[dict[str, Any]], rule: str) -> list[str]:
     """Sentences computed from the numbers (no hand-typed result in the report)."""
     out = []
     L = next((r["num_layers"] for r in rows), None)
     for col in metric_columns(rows):
         name = "perplexity" if col == "perplexity" else f"`{col}`"
+        if col != "perplexity" and _at_chance(rows, col):
+            out.append(f"- {name}: the base model is at chance level, so this task cannot measure a loss here.")
+            continue
         for transform in ("parallel", "skip", "merge", "shuffle"):
             if not any(r["transform"] == transform and anchored(r, rule) and r.get(col) is not None for r in rows):
                 continue
@@ -794,7 +808,7 @@ def findings(rows: Sequence[dict[str, Any]], rule: str) -> list[str]:
                              else f"below {level:.0%} already at the smallest Δ measured "
                                   f"(Δ={first['delta']}: {100 * first[f'{col}_rel']:.1f} %)")
             fall = steepest_fall(rows, rule, transform, col)
-            if fall:
+            if fall and fall[2] > fall[3]:
                 a, b, ka, kb = fall
                 parts.append(f"falls fastest between Δ={a} and Δ={b} ({100 * ka:.0f} % → {100 * kb:.0f} % kept)")
             out.append(f"- **{transform}**, {name}: " + "; ".join(parts) + ".")
@@ -870,6 +884,9 @@ def paper_table(rows: Sequence[dict[str, Any]], rule: str) -> str:
 
     for col in metric_columns(rows):
         what = "base perplexity / perplexity" if col == "perplexity" else f"`{col}` accuracy / base"
+        if col != "perplexity" and _at_chance(rows, col):
+            body.append([f"this run: default model ({L} layers)", what, "base at chance: no measure", "–"])
+            continue
         body.append([f"this run: default model ({L} layers)", what, at(col, 0.95), at(col, 0.90)])
     return _md_table(["model", "measure", "parallel: largest Δ keeping ≥95 %", "keeping ≥90 %"], body)
 
