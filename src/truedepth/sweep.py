@@ -500,28 +500,70 @@ def _plt():
     return plt
 
 
+PPL_CAP = 30.0  # perplexity axes stop at 30x the base model's: beyond, the model is broken anyway
+
+
 def _axes(plt, n: int):
-    fig, axes = plt.subplots(1, n, figsize=(5.2 * n, 4.0), squeeze=False)
-    return fig, axes[0]
+    cols = min(n, 2)
+    rows = (n + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(6.0 * cols, 4.0 * rows), squeeze=False)
+    flat = list(axes.flat)
+    for ax in flat[n:]:
+        ax.axis("off")
+    return fig, flat[:n]
 
 
 def _label(metric: str) -> str:
     return "perplexity (log scale)" if metric == "perplexity" else f"{metric} (accuracy)"
 
 
+def _base_value(rows, metric) -> float | None:
+    return next((r[metric] for r in rows if r["transform"] == "base" and r.get(metric) is not None), None)
+
+
 def _base_line(ax, rows, metric) -> None:
-    base = next((r for r in rows if r["transform"] == "base" and r.get(metric) is not None), None)
+    from .icl import chance_level
+
+    base = _base_value(rows, metric)
     if base is not None:
-        ax.axhline(base[metric], color="black", ls=":", lw=1, label="base")
+        ax.axhline(base, color="black", ls=":", lw=1, label="base")
+    level = chance_level(metric.split("@")[0]) if metric != "perplexity" else None
+    if level is not None:
+        ax.axhline(level, color="gray", ls="--", lw=1, label="chance")
 
 
-def _finish(fig, ax_list, metrics, path: Path, title: str) -> Path:
+def _cap(rows, metric) -> float | None:
+    base = _base_value(rows, metric)
+    return base * PPL_CAP if metric == "perplexity" and base else None
+
+
+def _draw(ax, xs, ys, cap, style, **kw) -> None:
+    """Line/markers with values above `cap` drawn at the cap as ▲ (off scale)."""
+    ys = list(ys)
+    shown = [min(y, cap) if cap else y for y in ys]
+    if style == "scatter":
+        ax.scatter(xs, shown, **kw)
+    else:
+        ax.plot(xs, shown, style, **kw)
+    over = [(x, cap) for x, y in zip(xs, ys) if cap and y > cap]
+    if over:
+        ax.scatter(*zip(*over), marker="^", s=50, color=kw.get("color"), zorder=4)
+
+
+def _finish(fig, ax_list, metrics, path: Path, title: str, rows=()) -> Path:
     for ax, metric in zip(ax_list, metrics):
+        cap = _cap(rows, metric)
         if metric == "perplexity":
             ax.set_yscale("log")
+            if cap:
+                ax.set_ylim(top=cap * 1.3)
+                ax.text(0.99, 0.98, f"▲ off scale (> {cap:.0f})", transform=ax.transAxes, ha="right", va="top",
+                        fontsize=7, color="gray")
+        else:
+            ax.set_ylim(bottom=0)
         ax.set_ylabel(_label(metric))
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -529,6 +571,11 @@ def _finish(fig, ax_list, metrics, path: Path, title: str) -> Path:
 
     plt.close(fig)
     return path
+
+
+def _with_data(rows, metrics, pts) -> list[str]:
+    """Metrics that have at least one measured point besides the base model."""
+    return [m for m in metrics if any(r.get(m) is not None and r["transform"] != "base" for r in pts)]
 
 
 def anchored(row: dict[str, Any], rule: str) -> bool:
@@ -540,43 +587,47 @@ def anchored(row: dict[str, Any], rule: str) -> bool:
 
 def plot_delta(rows: Sequence[dict[str, Any]], path: Path, rule: str = "end", title: str = "") -> Path | None:
     """Metric against Δ for each transform, ranges at the default position (the paper's figure)."""
-    metrics = metric_columns(rows)
     pts = [r for r in rows if anchored(r, rule)]
+    metrics = _with_data(rows, metric_columns(rows), pts)
     if not pts or not metrics:
         return None
     plt = _plt()
     fig, axes = _axes(plt, len(metrics))
     for ax, metric in zip(axes, metrics):
+        cap = _cap(rows, metric)
         for transform in TRANSFORMS:
             xs = sorted((r["delta"], r[metric]) for r in pts if r["transform"] == transform and r.get(metric) is not None)
             if xs:
-                ax.plot(*zip(*xs), "o-", color=COLORS[transform], label=transform)
+                _draw(ax, [x for x, _ in xs], [y for _, y in xs], cap, "o-", color=COLORS[transform], label=transform)
         _base_line(ax, rows, metric)
         ax.set_xlabel("Δ = layers transformed" + (" (range ends at L-2)" if rule == "end" else " (centred)"))
-    return _finish(fig, axes, metrics, path, title or "Quality against Δ")
+    return _finish(fig, axes, metrics, path, title or "Quality against Δ", rows)
 
 
 def plot_start(rows: Sequence[dict[str, Any]], path: Path, title: str = "") -> Path | None:
     """Metric against start position, one line per (transform, Δ) with at least 3 starts."""
-    metrics = metric_columns(rows)
     groups: dict[tuple[str, int], list[dict[str, Any]]] = {}
     for r in rows:
         if r["transform"] != "base":
             groups.setdefault((r["transform"], r["delta"]), []).append(r)
     groups = {k: v for k, v in groups.items() if len({r["start"] for r in v}) >= 3}
+    metrics = [m for m in metric_columns(rows)
+               if any(sum(r.get(m) is not None for r in v) >= 3 for v in groups.values())]
     if not groups or not metrics:
         return None
     plt = _plt()
     fig, axes = _axes(plt, len(metrics))
     styles = ["o-", "s--", "^-.", "d:"]
     for ax, metric in zip(axes, metrics):
+        cap = _cap(rows, metric)
         for i, ((transform, delta), rs) in enumerate(sorted(groups.items())):
             xs = sorted((r["start"], r[metric]) for r in rs if r.get(metric) is not None)
             if len(xs) >= 2:
-                ax.plot(*zip(*xs), styles[i % len(styles)], color=COLORS[transform], label=f"{transform} Δ={delta}")
+                _draw(ax, [x for x, _ in xs], [y for _, y in xs], cap, styles[i % len(styles)], ms=4,
+                      color=COLORS[transform], label=f"{transform} Δ={delta}")
         _base_line(ax, rows, metric)
         ax.set_xlabel("start layer of the range (first transformed layer)")
-    return _finish(fig, axes, metrics, path, title or "Quality against position at fixed Δ")
+    return _finish(fig, axes, metrics, path, title or "Quality against position at fixed Δ", rows)
 
 
 def pareto_front(points: Sequence[tuple[float, float]], lower_x_better: bool, lower_y_better: bool):
@@ -593,32 +644,34 @@ def pareto_front(points: Sequence[tuple[float, float]], lower_x_better: bool, lo
 def plot_pareto(rows: Sequence[dict[str, Any]], path: Path, bench: dict[str, float] | None = None,
                 title: str = "") -> Path | None:
     """Metric against depth (or decode ms/token from a bench JSON), all plans, with the Pareto front."""
-    metrics = metric_columns(rows)
-    if not metrics:
-        return None
 
     def xval(r):
         return bench.get(r["plan"]) if bench is not None else r["depth"]
 
     pts = [r for r in rows if xval(r) is not None]
-    if not pts:
+    metrics = _with_data(rows, metric_columns(rows), pts)
+    if not pts or not metrics:
         return None
     plt = _plt()
     fig, axes = _axes(plt, len(metrics))
     for ax, metric in zip(axes, metrics):
         lower_better = metric == "perplexity"
+        cap = _cap(rows, metric)
         for transform in ("base",) + TRANSFORMS:
             xs = [(xval(r), r[metric]) for r in pts if r["transform"] == transform and r.get(metric) is not None]
             if xs:
-                ax.scatter(*zip(*xs), color=COLORS[transform], label=transform, s=22 if transform != "base" else 60,
-                           marker="o" if transform != "base" else "*", zorder=3)
+                _draw(ax, [x for x, _ in xs], [y for _, y in xs], cap, "scatter", color=COLORS[transform],
+                      label=transform, s=22 if transform != "base" else 80,
+                      marker="o" if transform != "base" else "*", zorder=3)
         allpts = [(xval(r), r[metric]) for r in pts if r.get(metric) is not None]
-        front = pareto_front(allpts, lower_x_better=True, lower_y_better=lower_better)
+        front = [(x, min(y, cap) if cap else y) for x, y in
+                 pareto_front(allpts, lower_x_better=True, lower_y_better=lower_better)]
         if len(front) > 1:
             ax.step(*zip(*front), where="post", color="gray", lw=1, alpha=0.7, label="Pareto front")
+        _base_line(ax, rows, metric)
         ax.set_xlabel("decode ms per token (from bench)" if bench is not None else "depth (sequential layers)")
     return _finish(fig, axes, metrics, path, title or ("Quality against decode time" if bench else
-                                                       "Quality against depth"))
+                                                       "Quality against depth"), rows)
 
 
 # Paper: Llama 2 7B (32 layers) keeps 95-99 % up to Δ=14, Llama 3.2 3B (28 layers) up to Δ=10.
