@@ -181,6 +181,17 @@ def test_cosine_proxy_is_zero_where_a_layer_does_nothing():
     assert found.objective == scorer.base
 
 
+def test_search_copy_in_bf16_ranks_like_fp32():
+    model, ids = tiny_model("llama", layers=8, seed=7), calib(7, n=4, t=32)
+    assert S.search_copy(model, None) is model and S.search_copy(model, "fp32") is model
+    low = S.search_copy(model, "bf16")
+    assert next(low.parameters()).dtype == torch.bfloat16 and next(model.parameters()).dtype == torch.float32
+    full, half = S.PlanScorer(model, ids, "kl"), S.PlanScorer(low, ids, "kl")
+    plans = ["parallel=0:2", "parallel=2:4", "parallel=4:6", "parallel=6:8", "skip=3", "parallel=1:4/3"]
+    for p in plans:
+        assert half.score(p) == pytest.approx(full.score(p), rel=0.1)
+
+
 def test_budget_still_reaches_the_target():
     model, ids = tiny_model("llama", layers=8), calib()
     scorer = S.PlanScorer(model, ids)
@@ -286,6 +297,7 @@ def test_cli_single_target_prints_plan_and_json(tiny_cli, capsys):
     (["--target-depth", "five"], "cannot read --target-depth"),
     (["--target-depth", "4", "--report", "austen-train"], "same text"),
     (["--target-depth", "4", "--beam", "0"], "--beam must be at least 1"),
+    (["--target-depth", "4", "--search-dtype", "int8"], "unknown dtype 'int8'"),
 ])
 def test_cli_errors_name_the_problem(tiny_cli, capsys, argv, message):
     assert main(["search", *argv, "--quiet"]) == 2

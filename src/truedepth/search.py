@@ -195,7 +195,7 @@ def target_reductions(num_layers: int, depths: Sequence[int] | None, reductions:
 # ---------------------------------------------------------------------------------------------
 # Calibration batch
 # ---------------------------------------------------------------------------------------------
-def calibration_ids(tokenizer: Any, text: str, windows: int = 8, length: int = 256) -> Any:
+def calibration_ids(tokenizer: Any, text: str, windows: int = 16, length: int = 512) -> Any:
     """`windows` windows of `length` tokens spread evenly over `text` (deterministic), as a
     (windows, length) LongTensor. Spreading them samples many chapters with few tokens."""
     import torch
@@ -683,8 +683,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     space.add_argument("--calib", metavar="TEXT", default="austen-train",
                        help="calibration text: 'austen-train' (five novels, not the held-out one), "
                             "'other-domain', 'austen:<name>', a file, or a datasets name. Default: %(default)s")
-    space.add_argument("--calib-windows", metavar="N", type=int, default=8, help="calibration windows. Default: %(default)s")
-    space.add_argument("--calib-length", metavar="T", type=int, default=256, help="tokens per window. Default: %(default)s")
+    space.add_argument("--calib-windows", metavar="N", type=int, default=16, help="calibration windows. Default: %(default)s")
+    space.add_argument("--calib-length", metavar="T", type=int, default=512, help="tokens per window. Default: %(default)s")
     algo = parser.add_argument_group("algorithm and cost")
     algo.add_argument("--beam", metavar="B", type=int, default=2, help="plans kept per depth level. Default: %(default)s")
     algo.add_argument("--shortlist", metavar="M", type=int, default=6,
@@ -705,6 +705,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     out.add_argument("--report-window", metavar="T", type=int, default=512, help="held-out window. Default: %(default)s")
     out.add_argument("--out", metavar="FILE", help="write the plans, objectives and counts as JSON to this file")
     out.add_argument("--plot", metavar="PNG", help="write a PNG of the objective against depth to this file")
+    algo.add_argument("--search-dtype", metavar="DTYPE", default=None,
+                      help="dtype of the copy the search scores plans with (e.g. bf16: ~2-3x faster on CPUs "
+                           "with AMX, rankings within ~0.1%%); held-out numbers still use --dtype. "
+                           "Default: the model's dtype, no copy")
     out.add_argument("--threads", metavar="N", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     out.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -730,6 +734,10 @@ def check_args(args: argparse.Namespace) -> tuple[list[int] | None, list[int] | 
     if args.report != "none" and args.report_tokens < args.report_window:
         raise ValueError(f"--report-tokens ({args.report_tokens}) must be at least one --report-window "
                          f"({args.report_window}).")
+    if args.search_dtype is not None:
+        from .models import as_dtype
+
+        as_dtype(args.search_dtype)  # raises naming the accepted dtypes
     if args.report != "none" and args.report == args.calib:
         raise ValueError(f"--report and --calib are the same text ({args.calib!r}); report on text the search "
                          "did not see, e.g. --report default (the held-out novel).")
@@ -756,12 +764,13 @@ def run(args: argparse.Namespace) -> int:
     opt = Options(args.max_group, args.allow_skip, args.beam, args.shortlist, args.refine_rounds, args.screen,
                   args.budget, progress)
     t0 = time.perf_counter()
-    scorer = PlanScorer(model, ids, args.objective)
+    scorer = PlanScorer(search_copy(model, args.search_dtype), ids, args.objective)
     print(f"{args.model}: {L} layers; calibration {tuple(ids.shape)} tokens of {args.calib!r}; "
           f"objective {args.objective}, original model {scorer.base:.4f}")
     result = search(scorer, reductions, opt)
     summary = {"model": args.model, "command": "truedepth search " + " ".join(_argv_of(args)),
-               "calibration": {"text": args.calib, "windows": args.calib_windows, "length": args.calib_length},
+               "calibration": {"text": args.calib, "windows": args.calib_windows, "length": args.calib_length,
+                               "dtype": str(next(scorer.model.parameters()).dtype)},
                "options": vars(opt) | {"objective": args.objective}, **result.to_dict()}
     summary["search_seconds"] = round(time.perf_counter() - t0, 2)
     save = _saver(args.out)
@@ -784,6 +793,16 @@ def run(args: argparse.Namespace) -> int:
         plot(summary, args.plot)
         print(f"wrote {args.plot}")
     return 0
+
+
+def search_copy(model: Any, dtype: Any) -> Any:
+    """The model the search scores plans with: `model` itself, or a copy cast to `dtype`."""
+    from .models import as_dtype
+
+    dtype = as_dtype(dtype)
+    if dtype is None or dtype == next(model.parameters()).dtype:
+        return model
+    return copy.deepcopy(model).to(dtype)
 
 
 def _saver(path: str | None) -> Callable[[dict], None]:
