@@ -882,12 +882,15 @@ def position_findings(rows: Sequence[dict[str, Any]]) -> list[str]:
         best = max(rs, key=lambda r: r["perplexity_rel"])
         worst = min(rs, key=lambda r: r["perplexity_rel"])
         good = [r["start"] for r in rs if r["perplexity_rel"] >= 0.95]
-        span = lambda r: f"layers {r['start']}–{r['end'] - 1}"  # noqa: E731
-        out.append(f"- **{transform} Δ={delta}**, position scan ({len(rs)} starts): best {span(best)} "
-                   f"({100 * best['perplexity_rel']:.0f} % kept), worst {span(worst)} "
+        out.append(f"- **{transform} Δ={delta}**, position scan ({len(rs)} starts): best {_span(best)} "
+                   f"({100 * best['perplexity_rel']:.0f} % kept), worst {_span(worst)} "
                    f"({100 * worst['perplexity_rel']:.1f} % kept); ≥95 % kept at "
                    f"{len(good)} of {len(rs)} starts" + (f" ({_ranges(good)})" if good else "") + ".")
     return out
+
+
+def _span(row: dict[str, Any]) -> str:
+    return f"layer {row['start']}" if row["end"] - row["start"] == 1 else f"layers {row['start']}–{row['end'] - 1}"
 
 
 def _ranges(values: Sequence[int]) -> str:
