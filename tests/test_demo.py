@@ -42,7 +42,7 @@ def test_decode_speed_generates_every_token_even_past_eos():
 def test_settings_quick_and_defaults():
     s = demo.settings(demo_args())
     assert [str(p) for p in s["plans"]] == ["base", *demo.DEFAULT_PLANS]
-    assert str(s["sample_plan"]) == demo.DEFAULT_PLANS[0] and s["tokens"] == 8192
+    assert str(s["sample_plan"]) == demo.DEFAULT_PLANS[0] and s["tokens"] == 4096
     quick = demo.settings(demo_args("--quick", "--plan", "parallel=2:6", "--plan", "parallel=2:4"))
     assert [str(p) for p in quick["plans"]] == ["base", "parallel=2:6"]
     assert quick["tokens"] == demo.QUICK["tokens"] and quick["repeats"] == 1

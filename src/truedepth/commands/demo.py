@@ -39,9 +39,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--text", default="default",
                         help="text for perplexity (see `truedepth eval --help`). Default: %(default)s "
                              "(held-out Austen novel)")
-    parser.add_argument("--tokens", type=int, default=8192, help="tokens of text to score. Default: %(default)s")
+    parser.add_argument("--tokens", type=int, default=4096, help="tokens of text to score. Default: %(default)s")
     parser.add_argument("--window", type=int, default=512, help="tokens per (disjoint) window. Default: %(default)s")
-    parser.add_argument("--new-tokens", type=int, default=32,
+    parser.add_argument("--new-tokens", type=int, default=24,
                         help="tokens generated per timed decode run. Default: %(default)s")
     parser.add_argument("--repeats", type=int, default=3, help="timed decode runs per model (median). Default: %(default)s")
     parser.add_argument("--prompt", default=DEFAULT_PROMPT, help="question for the sample (chat template). "
