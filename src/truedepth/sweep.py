@@ -681,7 +681,7 @@ PAPER_CLAIMS = (("Llama 2 7B", 14, 32), ("Llama 3.2 3B", 10, 28))
 def plot_relative(rows: Sequence[dict[str, Any]], path: Path, rule: str = "end", title: str = "") -> Path | None:
     """Fraction of the base model's quality kept against the fraction of layers transformed (Δ/L),
     with the paper's claims (95-99 % kept up to Δ=14 of 32 and Δ=10 of 28) marked."""
-    metrics = metric_columns(rows)
+    metrics = [m for m in metric_columns(rows) if m == "perplexity" or not _at_chance(rows, m)]
     pts = [r for r in rows if anchored(r, rule)]
     if not pts or not metrics:
         return None
@@ -798,7 +798,8 @@ def position_table(rows: Sequence[dict[str, Any]]) -> tuple[str, list[tuple[str,
             cells.append("–" if r is None else f"{r['perplexity']:.1f} ({100 * r['perplexity_rel']:.0f} %)"
                          if r.get("perplexity_rel") is not None else f"{r['perplexity']:.1f}")
         body.append(cells)
-    head = ["start"] + [f"{t} Δ={d} (layers start..start+{d - 1})" for t, d in keys]
+    head = ["start"] + [f"{t} Δ={d} (" + ("layer start)" if d == 1 else f"layers start..start+{d - 1})")
+                        for t, d in keys]
     return _md_table(head, body), keys
 
 
@@ -947,6 +948,27 @@ def paper_table(rows: Sequence[dict[str, Any]], rule: str) -> str:
     return _md_table(["model", "measure", "parallel: largest Δ keeping ≥95 %", "keeping ≥90 %"], body)
 
 
+def paper_summary(rows: Sequence[dict[str, Any]], rule: str) -> list[str]:
+    """One computed sentence: how far LP goes here against the paper's Δ/L, as fractions of depth."""
+    L = next((r["num_layers"] for r in rows), 0)
+    claims = ", ".join(f"Δ/L = {d / layers:.0%} ({name})" for name, d, layers in PAPER_CLAIMS)
+    ours = []
+    for col in metric_columns(rows):
+        if col != "perplexity" and _at_chance(rows, col):
+            continue
+        d = largest_kept(rows, rule, "parallel", col, 0.95)
+        name = "perplexity" if col == "perplexity" else f"`{col}` accuracy"
+        ours.append(f"{name}: Δ/L = {(d or 0) / L:.0%}" + ("" if d else " (not even the smallest Δ)"))
+    if not ours:
+        return []
+    smallest = min((largest_kept(rows, rule, "parallel", c, 0.95) or 0) for c in metric_columns(rows)
+                   if c == "perplexity" or not _at_chance(rows, c)) / L
+    verdict = ("a much smaller fraction of its depth than the paper's models" if smallest < 0.5 * 10 / 28
+               else "a comparable fraction of its depth")
+    return [f"The paper keeps 95–99 % up to {claims}. Here, 95 % is kept (at every Δ up to it) for "
+            f"{'; '.join(ours)}: the {L}-layer default model tolerates pairing over {verdict}."]
+
+
 def tasks_table(rows: Sequence[dict[str, Any]]) -> str:
     cols = _task_cols(rows)
     body = []
@@ -1017,13 +1039,15 @@ def render_report(rows: Sequence[dict[str, Any]], meta: dict[str, Any], images: 
             lines += [f"![quality against position]({images['start']})", ""]
     if _task_cols(rows):
         lines += ["## In-context learning (lm-evaluation-harness)", "", tasks_table(rows), ""]
-    lines += ["## Against the paper", "", paper_table(rows, rule), ""]
+    lines += ["## Against the paper", "", paper_table(rows, rule), "", *paper_summary(rows, rule), ""]
     if "relative" in images:
         lines += [f"![kept against Δ/L]({images['relative']})", ""]
     lines += ["Caveats: the paper measures 3B–7B models on RedPajama perplexity and standard ICL benchmarks; "
               "this page measures a 135M model (4-bit-quantised weights, de-quantised) on one novel and on "
               "offline tasks with a few hundred items, so differences of a few points are within noise "
-              "(see ± and the per-task n). MMLU is at chance for a model this small, so it cannot show a loss.", "",
+              "(see ± and the per-task n)." + ("".join(
+                  f" `{c}` is at chance for this model, so it cannot show a loss." for c in _task_cols(rows)
+                  if _at_chance(rows, c))), "",
               "## Reproduce", "", "```", command, "```", "",
               "The individual `truedepth sweep` commands are in `scripts/results.sh`.", ""]
     return "\n".join(lines)
