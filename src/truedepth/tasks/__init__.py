@@ -24,7 +24,8 @@ Tasks
     ``lambada_openai``; ``perplexity`` of the target word too. The answer is always a word of the
     context, so a fair "chance" is guessing a random distinct content word of the context: 1.7 %
     over the 372 items; always guessing the most frequent content word of the context scores 5.6 %
-    (``python -m truedepth.icl`` prints both). The default model scores about 48 %.
+    (``python -m truedepth.icl`` prints both). The default model scores 48 % on the first 100
+    items (docs/RESULTS.md).
 """
 
 from __future__ import annotations
