@@ -1,6 +1,5 @@
 """truedepth.icl: lm-evaluation-harness on in-memory (transformed) models, and the offline tasks."""
 
-import copy
 import json
 import math
 import random

@@ -39,7 +39,6 @@ import copy
 import csv
 import datetime
 import json
-import math
 import os
 import platform
 import sys
