@@ -547,6 +547,7 @@ def _draw(ax, xs, ys, cap, style, **kw) -> None:
     over = [(x, cap) for x, y in zip(xs, ys) if cap and y > cap]
     if over:
         ax.scatter(*zip(*over), marker="^", s=50, color=kw.get("color"), zorder=4)
+        ax.truedepth_off_scale = True  # read by _finish: explain the ▲ only where there is one
 
 
 def _finish(fig, ax_list, metrics, path: Path, title: str, rows=()) -> Path:
@@ -554,7 +555,7 @@ def _finish(fig, ax_list, metrics, path: Path, title: str, rows=()) -> Path:
         cap = _cap(rows, metric)
         if metric == "perplexity":
             ax.set_yscale("log")
-            if cap:
+            if cap and getattr(ax, "truedepth_off_scale", False):
                 ax.set_ylim(top=cap * 1.3)
                 ax.text(0.99, 0.98, f"▲ off scale (> {cap:.0f})", transform=ax.transAxes, ha="right", va="top",
                         fontsize=7, color="gray")
