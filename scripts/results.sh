@@ -7,7 +7,7 @@
 #
 # Every measurement is appended to $OUT/results.jsonl as it finishes; an interrupted run resumes
 # where it stopped. One thread (OMP_NUM_THREADS=1) so that it shares a small machine politely;
-# on the 2-core CPU (shared) it took about 3.5 hours from scratch.
+# on the shared 2-core CPU it took about 2 hours of wall time from scratch (2026-11-26).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
