@@ -233,6 +233,44 @@ def test_calibration_windows_are_spread_and_deterministic():
         S.calibration_ids(tok, "short text", windows=2, length=50)
 
 
+def test_selection_windows_are_disjoint_from_the_search_windows():
+    tok = CharTokenizer()
+    text = "".join(f"word{i} " for i in range(3000))
+    search_ids, select_ids = S.split_calibration_ids(tok, text, windows=4, select=6, length=50)
+    assert search_ids.shape == (4, 50) and select_ids.shape == (6, 50)
+    together = S.calibration_ids(tok, text, windows=10, length=50)  # the same windows, dealt out
+    rows = {tuple(r) for r in together.tolist()}
+    assert {tuple(r) for r in search_ids.tolist()} | {tuple(r) for r in select_ids.tolist()} == rows
+    assert not {tuple(r) for r in search_ids.tolist()} & {tuple(r) for r in select_ids.tolist()}
+    where = [together.tolist().index(r) for r in search_ids.tolist()]
+    assert where == [1, 3, 6, 8]  # both sets sample the whole text, dealt out alternately
+    only, none = S.split_calibration_ids(tok, text, windows=4, select=0, length=50)
+    assert none is None and torch.equal(only, S.calibration_ids(tok, text, windows=4, length=50))
+
+
+def test_final_choice_is_the_best_finalist_on_fresh_windows():
+    model = tiny_model("llama", layers=8, seed=8)
+    scorer, selector = S.PlanScorer(model, calib(8), "kl"), S.PlanScorer(model, calib(9), "kl")
+    result = S.search(scorer, [2, 3], S.Options(beam=2, shortlist=4, **QUIET))
+    picked = {k: f.plan for k, f in result.found.items()}
+    S.contiguous_baseline(scorer, [2, 3], progress=False)  # contiguous ranges join the pool
+    S.select_on_fresh_windows(scorer, selector, result.found, finalists=4, progress=False)
+    for k, f in result.found.items():
+        # independent reference: every plan of this reduction the scorer saw, fused for real
+        pool = sorted((fused_objective(model, p, calib(8), "kl"), p) for p in scorer.scored()
+                      if Plan.parse(p).depth(8) == 8 - k)
+        finalists = [p for _, p in pool[:4]]
+        assert [r["plan"] for r in f.finalists] == finalists
+        fresh = {p: fused_objective(model, p, calib(9), "kl") for p in finalists}
+        assert str(f.plan) == min(fresh, key=fresh.get)
+        assert f.selection_objective == pytest.approx(fresh[str(f.plan)], rel=1e-4)
+        assert f.objective == scorer.score(f.plan) and f.plan.depth(8) == 8 - k
+        assert f.search_plan == picked[k]
+        assert f"parallel=0:{2 * k}" in scorer.scored()  # the baseline's ranges were candidates
+    # every finalist was scored once on the fresh windows, after the selector's recording pass
+    assert sum(f.selection_passes for f in result.found.values()) == selector.evals - 1 == 8
+
+
 # ---- command line -----------------------------------------------------------------------------
 class CharTokenizer:
     """One token per character: enough for calibration windows and perplexity on a tiny model."""
@@ -274,6 +312,10 @@ def test_cli_search_writes_plans_json_and_plot(tiny_cli, tmp_path, capsys):
                           window=64, progress=False)["perplexity"]
         assert row["heldout_ppl"] == pytest.approx(want, rel=1e-6)
     assert summary["base_heldout_ppl"] > 0 and summary["forward_passes"] > 1
+    for row in summary["found"]:  # the final choice on fresh windows is recorded with its finalists
+        assert row["plan"]["plan"] in [f["plan"] for f in row["finalists"]]
+        assert row["selection_objective"] == min(f["selection_objective"] for f in row["finalists"])
+    assert all(b["selection_objective"] > 0 for b in summary["baseline"])
     assert png.stat().st_size > 10_000
     text = capsys.readouterr().out
     assert "best contiguous range" in text and "forward passes" in text
@@ -281,7 +323,7 @@ def test_cli_search_writes_plans_json_and_plot(tiny_cli, tmp_path, capsys):
 
 def test_cli_single_target_prints_plan_and_json(tiny_cli, capsys):
     rc = main(["search", "--reduce", "2", "--calib-windows", "2", "--calib-length", "32", "--report", "none",
-               "--quiet", "--max-group", "2", "--allow-skip"])
+               "--quiet", "--max-group", "2", "--allow-skip", "--select-windows", "0"])
     assert rc == 0
     lines = capsys.readouterr().out.splitlines()
     plan = Plan.parse(next(x for x in lines if x.startswith("plan: "))[6:])
@@ -297,6 +339,8 @@ def test_cli_single_target_prints_plan_and_json(tiny_cli, capsys):
     (["--target-depth", "five"], "cannot read --target-depth"),
     (["--target-depth", "4", "--report", "austen-train"], "same text"),
     (["--target-depth", "4", "--beam", "0"], "--beam must be at least 1"),
+    (["--target-depth", "4", "--finalists", "0"], "--finalists must be at least 1"),
+    (["--target-depth", "4", "--select-windows", "-1"], "--select-windows must be 0 or more"),
     (["--target-depth", "4", "--search-dtype", "int8"], "unknown dtype 'int8'"),
 ])
 def test_cli_errors_name_the_problem(tiny_cli, capsys, argv, message):
@@ -310,7 +354,7 @@ def test_cli_help_describes_the_algorithm(capsys):
         main(["search", "--help"])
     text = capsys.readouterr().out
     for word in ("--target-depth", "--reduce", "--objective", "--max-group", "--allow-skip", "--budget",
-                 "--calib", "--baseline", "beam", "forward"):
+                 "--calib", "--baseline", "beam", "forward", "--select-windows", "--finalists"):
         assert word in text
 
 

@@ -22,8 +22,13 @@ Algorithm (cost counted in forward passes over the calibration batch):
   5. refinement by local swaps (--refine-rounds): replace one group by another group or skip of
      the same size (or the same group shifted by one layer); keep the best improvement
   6. optionally (--baseline) the paper's scheme: for each depth, the best single contiguous range
-     of pairs over every start position; and (--report) held-out perplexity of the final plans,
-     computed on the real fused model (apply_plan)
+     of pairs over every start position
+  7. final choice (--select-windows, --finalists): the best plans of each depth among all those
+     scored (the contiguous ranges included) are scored again on calibration windows the search
+     never saw, and the best there is kept: choosing among many plans on one sample favours the
+     luckiest; a fresh sample does not
+  8. optionally (--report) held-out perplexity of the final plans, computed on the real fused
+     model (apply_plan)
 
 Examples:
   truedepth search --target-depth 26
@@ -219,6 +224,20 @@ def calibration_ids(tokenizer: Any, text: str, windows: int = 16, length: int = 
     return torch.tensor(rows, dtype=torch.long)
 
 
+def split_calibration_ids(tokenizer: Any, text: str, windows: int, select: int, length: int) -> tuple[Any, Any]:
+    """Two disjoint sets of windows of `text`: `windows` for the search and `select` for the final
+    choice among finalists (None when select is 0). All windows are spread evenly over the text
+    together and dealt out alternately, so both sets sample the whole text and never share a
+    window (they overlap only when the text is shorter than all windows end to end)."""
+    ids = calibration_ids(tokenizer, text, windows + select, length)
+    if not select:
+        return ids, None
+    picked = {int((i + 0.5) * (windows + select) / select) for i in range(select)}
+    chosen = [i for i in range(windows + select) if i in picked]
+    rest = [i for i in range(windows + select) if i not in picked]
+    return ids[rest], ids[chosen]
+
+
 def _word_start(text: str, pos: int) -> int:
     """First position at or after `pos` that starts a word (windows never open mid-word)."""
     if pos == 0:
@@ -337,6 +356,10 @@ class PlanScorer:
             self.evals += 1
         return self._cache[key]
 
+    def scored(self) -> dict[str, float]:
+        """Every plan scored so far (plan string -> objective), the original model included."""
+        return dict(self._cache)
+
     def _run_block(self, block: Block, x: Any) -> Any:
         kw = self.kwargs[block.layers[0]]
         if block.kind == "keep":
@@ -402,11 +425,23 @@ class Found:
     evals: int  # plan evaluations a single-target run would have needed
     layer_runs: int
     seconds: float
+    # set by select_on_fresh_windows: the search's own pick, the chosen plan's objective on the
+    # selection windows, and every finalist with both objectives
+    search_plan: Plan | None = None
+    selection_objective: float | None = None
+    finalists: list[dict] = field(default_factory=list)
+    selection_passes: int = 0
+    selection_seconds: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
-        return {"depth": self.depth, "reduction": self.reduction, "plan": self.plan.to_dict(),
-                "objective": self.objective, "objective_before_refinement": self.built_objective,
-                "forward_passes": self.evals, "layer_runs": self.layer_runs, "seconds": round(self.seconds, 2)}
+        out = {"depth": self.depth, "reduction": self.reduction, "plan": self.plan.to_dict(),
+               "objective": self.objective, "objective_before_refinement": self.built_objective,
+               "forward_passes": self.evals, "layer_runs": self.layer_runs, "seconds": round(self.seconds, 2)}
+        if self.search_plan is not None:
+            out |= {"search_plan": str(self.search_plan), "selection_objective": self.selection_objective,
+                    "finalists": self.finalists, "selection_passes": self.selection_passes,
+                    "selection_seconds": round(self.selection_seconds, 2)}
+        return out
 
 
 @dataclass
@@ -537,6 +572,9 @@ def beam_build(scorer: PlanScorer, ranked: Sequence[Element], top: int, opt: Opt
         done[r + 1] = (scorer.evals - evals0, scorer.layer_runs - runs0, time.perf_counter() - t0)
         bar.update(1)
         bar.set_postfix_str(f"depth {L - r - 1}: {nxt[0][0]:.4g} {plan_of(nxt[0][1])}")
+        if opt.progress:  # the objective along the way, kept on screen
+            tqdm.write(f"depth {L - r - 1}: {scorer.objective} {nxt[0][0]:.4f}  {plan_of(nxt[0][1])}  "
+                       f"({scorer.evals} passes)")
     bar.close()
     levels[top] = sorted(levels[top], key=lambda t: t[0])[: opt.beam]
     return levels, done
@@ -577,6 +615,32 @@ def refine(scorer: PlanScorer, chosen: Sequence[Element], ranked: Sequence[Eleme
         if not improved:
             break
     return best_obj, best
+
+
+def select_on_fresh_windows(scorer: PlanScorer, selector: PlanScorer, found: dict[int, Found], finalists: int,
+                            progress: bool = True) -> None:
+    """Final choice per depth, against the winner's curse: the `finalists` plans of that depth with
+    the best search objective, among every plan the search scored (the beam, the swaps, and the
+    contiguous ranges when --baseline ran first), are scored again on `selector`'s windows, which
+    the search never saw; the best there replaces `found[k]` (in place). A plan chosen among many
+    on one sample is biased low on it; a fresh sample ranks the finalists without that bias."""
+    from tqdm.auto import tqdm
+
+    L = scorer.num_layers
+    by_reduction: dict[int, list[tuple[float, str]]] = {}
+    for key, obj in scorer.scored().items():
+        by_reduction.setdefault(L - Plan.parse(key).depth(L), []).append((obj, key))
+    for k, f in tqdm(sorted(found.items()), desc="final choice on fresh windows", unit="depth",
+                     disable=not progress, leave=False):
+        t0 = selector.evals, selector.layer_runs, time.perf_counter()
+        pool = sorted(by_reduction.get(k, []))[:finalists]
+        rows = [{"plan": key, "objective": obj, "selection_objective": selector.score(key)} for obj, key in pool]
+        best = min(rows, key=lambda r: r["selection_objective"])
+        f.search_plan, f.plan, f.objective = f.plan, Plan.parse(best["plan"]), best["objective"]
+        f.selection_objective, f.finalists = best["selection_objective"], rows
+        # kept apart from the search's counts: these passes run over the (larger) selection batch
+        f.selection_passes = selector.evals - t0[0]
+        f.selection_seconds = time.perf_counter() - t0[2]
 
 
 def contiguous_baseline(scorer: PlanScorer, reductions: Sequence[int], progress: bool = True) -> dict[int, dict]:
@@ -685,6 +749,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                             "'other-domain', 'austen:<name>', a file, or a datasets name. Default: %(default)s")
     space.add_argument("--calib-windows", metavar="N", type=int, default=16, help="calibration windows. Default: %(default)s")
     space.add_argument("--calib-length", metavar="T", type=int, default=512, help="tokens per window. Default: %(default)s")
+    space.add_argument("--select-windows", metavar="N", type=int, default=48,
+                       help="more calibration windows, never seen by the search, that make the final choice among "
+                            "the --finalists best plans of each depth (0: keep the search's own pick). "
+                            "Default: %(default)s")
+    space.add_argument("--finalists", metavar="F", type=int, default=6,
+                       help="plans per depth re-scored on the --select-windows. Default: %(default)s")
     algo = parser.add_argument_group("algorithm and cost")
     algo.add_argument("--beam", metavar="B", type=int, default=2, help="plans kept per depth level. Default: %(default)s")
     algo.add_argument("--shortlist", metavar="M", type=int, default=6,
@@ -700,7 +770,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      help="also find the best single contiguous range of pairs for each depth (the paper's scheme)")
     out.add_argument("--report", metavar="TEXT", default="default",
                      help="text to report held-out perplexity of the final plans on, with the fused model: "
-                          "'default' (held-out novel), a file, ... or 'none'. Default: %(default)s")
+                          "'default' (held-out novel), a file, ... or 'none'. Each plan is fused on a copy of "
+                          "the model, so this needs room for two copies: for a large model pass 'none' and run "
+                          "`truedepth eval --plan` on the plans afterwards. Default: %(default)s")
     out.add_argument("--report-tokens", metavar="N", type=int, default=8192, help="held-out tokens. Default: %(default)s")
     out.add_argument("--report-window", metavar="T", type=int, default=512, help="held-out window. Default: %(default)s")
     out.add_argument("--out", metavar="FILE", help="write the plans, objectives and counts as JSON to this file")
@@ -719,10 +791,10 @@ def check_args(args: argparse.Namespace) -> tuple[list[int] | None, list[int] | 
         raise ValueError("give exactly one of --target-depth D (e.g. --target-depth 26) or --reduce K.")
     depths = parse_int_list(args.target_depth, "--target-depth") if args.target_depth is not None else None
     reduce = parse_int_list(args.reduce, "--reduce") if args.reduce is not None else None
-    for name in ("beam", "shortlist", "calib_windows", "report_tokens"):
+    for name in ("beam", "shortlist", "calib_windows", "report_tokens", "finalists"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(args, name)}).")
-    for name in ("refine_rounds",):
+    for name in ("refine_rounds", "select_windows"):
         if getattr(args, name) < 0:
             raise ValueError(f"--{name.replace('_', '-')} must be 0 or more (got {getattr(args, name)}).")
     if args.calib_length < 2:
@@ -760,24 +832,38 @@ def run(args: argparse.Namespace) -> int:
     model, tokenizer = load_from_args(args)
     L = len(decoder_layers(model))
     reductions = target_reductions(L, depths, reduce, args.max_group, args.allow_skip)
-    ids = calibration_ids(tokenizer, calib_text, args.calib_windows, args.calib_length)
+    ids, select_ids = split_calibration_ids(tokenizer, calib_text, args.calib_windows, args.select_windows,
+                                            args.calib_length)
     opt = Options(args.max_group, args.allow_skip, args.beam, args.shortlist, args.refine_rounds, args.screen,
                   args.budget, progress)
     t0 = time.perf_counter()
-    scorer = PlanScorer(search_copy(model, args.search_dtype), ids, args.objective)
-    print(f"{args.model}: {L} layers; calibration {tuple(ids.shape)} tokens of {args.calib!r}; "
+    scoring_model = search_copy(model, args.search_dtype)
+    scorer = PlanScorer(scoring_model, ids, args.objective)
+    print(f"{args.model}: {L} layers; calibration {tuple(ids.shape)} tokens of {args.calib!r} "
+          f"(+ {args.select_windows} fresh windows for the final choice); "
           f"objective {args.objective}, original model {scorer.base:.4f}")
     result = search(scorer, reductions, opt)
     summary = {"model": args.model, "command": "truedepth search " + " ".join(_argv_of(args)),
                "calibration": {"text": args.calib, "windows": args.calib_windows, "length": args.calib_length,
+                               "select_windows": args.select_windows, "finalists": args.finalists,
                                "dtype": str(next(scorer.model.parameters()).dtype)},
                "options": vars(opt) | {"objective": args.objective}, **result.to_dict()}
     summary["search_seconds"] = round(time.perf_counter() - t0, 2)
     save = _saver(args.out)
     save(summary)  # each stage is saved as it ends: a long run that stops later keeps its plans
-    if args.baseline:
+    if args.baseline:  # before the final choice, so the contiguous ranges are among its finalists
         base = contiguous_baseline(scorer, reductions, progress)
         summary["baseline"] = [base[k] for k in sorted(base)]
+        save(summary)
+    if select_ids is not None:
+        t1 = time.perf_counter()
+        selector = PlanScorer(scoring_model, select_ids, args.objective)
+        select_on_fresh_windows(scorer, selector, result.found, args.finalists, progress)
+        summary["found"] = [f.to_dict() for _, f in sorted(result.found.items())]
+        for row in summary.get("baseline", []):
+            row["selection_objective"] = selector.score(Plan.from_dict(row["plan"]))
+        summary["selection_base_objective"] = selector.base
+        summary["selection_seconds"] = round(time.perf_counter() - t1, 2)
         save(summary)
     if report_text is not None:
         summary["report"] = {"text": args.report, "tokens": args.report_tokens, "window": args.report_window}
@@ -824,20 +910,25 @@ def _argv_of(args: argparse.Namespace) -> list[str]:
 def print_summary(summary: dict) -> None:
     base = {b["depth"]: b for b in summary.get("baseline", [])}
     obj = summary["objective"]
-    print(f"\n{'depth':>5}  {obj:>9}  {'held-out':>8}  {'passes':>6}  plan")
+
+    def num(row: dict, key: str, fmt: str) -> str:
+        return format(row[key], fmt) if row.get(key) is not None else "-"
+
+    print(f"\n{'depth':>5}  {obj:>9}  {'fresh':>9}  {'held-out':>8}  {'passes':>6}  plan")
     for f in summary["found"]:
-        held = f"{f['heldout_ppl']:.3f}" if "heldout_ppl" in f else "-"
-        print(f"{f['depth']:>5}  {f['objective']:>9.4f}  {held:>8}  {f['forward_passes']:>6}  {f['plan']['plan']}")
+        print(f"{f['depth']:>5}  {f['objective']:>9.4f}  {num(f, 'selection_objective', '9.4f'):>9}  "
+              f"{num(f, 'heldout_ppl', '.3f'):>8}  {f['forward_passes']:>6}  {f['plan']['plan']}")
         b = base.get(f["depth"])
         if b:
-            held = f"{b['heldout_ppl']:.3f}" if "heldout_ppl" in b else "-"
-            print(f"{'':>5}  {b['objective']:>9.4f}  {held:>8}  {b['forward_passes']:>6}  {b['plan']['plan']}"
+            print(f"{'':>5}  {b['objective']:>9.4f}  {num(b, 'selection_objective', '9.4f'):>9}  "
+                  f"{num(b, 'heldout_ppl', '.3f'):>8}  {b['forward_passes']:>6}  {b['plan']['plan']}"
                   "  (best contiguous range)")
     if "base_heldout_ppl" in summary:
         print(f"original model: {obj} {summary['base_objective']:.4f}, held-out ppl {summary['base_heldout_ppl']:.3f}")
     print(f"search: {summary['forward_passes']} forward passes over the calibration batch "
           f"({summary['layer_runs'] / summary['num_layers']:.1f} full-model equivalents of decoder layers), "
-          f"{summary['search_seconds']:.1f} s")
+          f"{summary['search_seconds']:.1f} s" + (f"; final choice on fresh windows {summary['selection_seconds']:.1f} s"
+                                                 if "selection_seconds" in summary else ""))
     if len(summary["found"]) == 1:
         print("plan:", summary["found"][0]["plan"]["plan"])
         print("json:", json.dumps(summary["found"][0]["plan"]))
