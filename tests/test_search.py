@@ -2,6 +2,7 @@
 
 import copy
 import json
+import math
 
 import pytest
 import torch
@@ -231,6 +232,24 @@ def test_calibration_windows_are_spread_and_deterministic():
     assert not torch.equal(ids[0], ids[-1])
     with pytest.raises(ValueError, match="too short.*--calib-length"):
         S.calibration_ids(tok, "short text", windows=2, length=50)
+
+
+@pytest.mark.parametrize("objective", ["ppl", "kl"])
+def test_window_losses_are_the_fused_models_per_window_losses(objective):
+    model, ids = tiny_model("llama", layers=8, seed=10), calib(10, n=4)
+    scorer, plan = S.PlanScorer(model, ids, objective), "parallel=2:4,skip=6"
+    losses = scorer.window_losses(plan)
+    fused = apply_plan(copy.deepcopy(model), plan)
+    with torch.no_grad():  # independent reference: a plain forward of the fused model, per window
+        logp = torch.log_softmax(fused(ids).logits[:, :-1].float(), -1)
+        if objective == "ppl":
+            want = -logp.gather(2, ids[:, 1:, None]).squeeze(-1).mean(1)
+        else:
+            base = torch.log_softmax(model(ids).logits[:, :-1].float(), -1)
+            want = (base.exp() * (base - logp)).sum(-1).mean(1)
+    assert losses.shape == (4,) and torch.allclose(losses, want.double(), rtol=1e-4, atol=1e-7)
+    mean = float(losses.mean())
+    assert scorer.score(plan) == pytest.approx(math.exp(mean) if objective == "ppl" else mean, rel=1e-12)
 
 
 def test_selection_windows_are_disjoint_from_the_search_windows():

@@ -320,41 +320,68 @@ class PlanScorer:
         logits = self.model.lm_head(self.model.model.norm(hidden[:-1])).float()
         return torch.log_softmax(logits, dim=-1)
 
-    def _objective(self, hidden: Any) -> float:
-        """Calibration perplexity, or mean KL(original || candidate) per predicted token."""
-        total, count = 0.0, 0
+    def _window_losses(self, hidden: Any) -> Any:
+        """Per window: mean negative log-likelihood (ppl) or mean KL(original || candidate) per
+        predicted token, as a float64 tensor."""
+        import torch
+
+        out = []
         for b in range(hidden.shape[0]):  # one window at a time: logits are tokens x vocab floats
             logp = self._log_probs(hidden[b])
             if self.objective == "ppl":
-                total += float(-logp.gather(1, self.input_ids[b, 1:, None]).sum())
+                out.append(float(-logp.gather(1, self.input_ids[b, 1:, None]).mean()))
             else:  # the original distribution is recomputed from its final hidden states: one more
                 # head product per window, instead of keeping tokens x vocab floats in memory
                 base = self._log_probs(self.inputs[-1][b])
-                total += float((base.exp() * (base - logp)).sum())
-            count += logp.shape[0]
-        mean = total / count
+                out.append(float((base.exp() * (base - logp)).sum(-1).mean()))
+        return torch.tensor(out, dtype=torch.float64)
+
+    def _objective(self, hidden: Any) -> float:
+        """Calibration perplexity, or mean KL(original || candidate) per predicted token (windows
+        have equal lengths, so the mean over windows is the mean over tokens)."""
+        mean = float(self._window_losses(hidden).mean())
         return math.exp(mean) if self.objective == "ppl" else mean
 
+    def _final_hidden(self, plan: Plan) -> Any:
+        """Final (pre-norm) hidden states of `plan`, re-running only the layers from the first one
+        it changes; counted as one forward pass."""
+        import torch
+
+        blocks = plan.blocks(self.num_layers)
+        first = first_changed_block(blocks)
+        with torch.no_grad():
+            x = self.inputs[first]
+            for block in blocks[first:]:
+                x = self._run_block(block, x)
+                self.layer_runs += len(block.layers)
+        self.evals += 1
+        return x
+
     # ---- plans ------------------------------------------------------------------------------------
+    @staticmethod
+    def _as_plan(plan: Any) -> Plan:
+        if not isinstance(plan, (Plan, str)):
+            plan = plan_of(plan)
+        return plan if isinstance(plan, Plan) else Plan.parse(plan)
+
     def score(self, plan: Any) -> float:
         """Objective of `plan` (a Plan, plan string or list of Elements) on the calibration batch."""
         import torch
 
-        if not isinstance(plan, (Plan, str)):
-            plan = plan_of(plan)
-        plan = plan if isinstance(plan, Plan) else Plan.parse(plan)
+        plan = self._as_plan(plan)
         key = str(plan)
         if key not in self._cache:
-            blocks = plan.blocks(self.num_layers)
-            first = first_changed_block(blocks)
             with torch.no_grad():
-                x = self.inputs[first]
-                for block in blocks[first:]:
-                    x = self._run_block(block, x)
-                    self.layer_runs += len(block.layers)
-                self._cache[key] = self._objective(x)
-            self.evals += 1
+                self._cache[key] = self._objective(self._final_hidden(plan))
         return self._cache[key]
+
+    def window_losses(self, plan: Any) -> Any:
+        """Per-window objective of `plan` (mean NLL or KL per token; not memoised): what paired
+        comparisons of two plans need, since most of the variance between windows is shared."""
+        import torch
+
+        with torch.no_grad():
+            return self._window_losses(self._final_hidden(self._as_plan(plan)))
 
     def scored(self) -> dict[str, float]:
         """Every plan scored so far (plan string -> objective), the original model included."""
@@ -859,7 +886,7 @@ def run(args: argparse.Namespace) -> int:
         t1 = time.perf_counter()
         selector = PlanScorer(scoring_model, select_ids, args.objective)
         select_on_fresh_windows(scorer, selector, result.found, args.finalists, progress)
-        summary["found"] = [f.to_dict() for _, f in sorted(result.found.items())]
+        summary["found"] = result.to_dict()["found"]
         for row in summary.get("baseline", []):
             row["selection_objective"] = selector.score(Plan.from_dict(row["plan"]))
         summary["selection_base_objective"] = selector.base
