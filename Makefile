@@ -19,7 +19,7 @@ $(STAMP): requirements-dev.txt pyproject.toml scripts/fetch_assets.sh
 	$(BIN)/pip install -q --no-deps -e .
 	PYTHON=$(BIN)/python bash scripts/fetch_assets.sh
 	# convert the GGUF default model once into a safetensors copy in the user cache
-	$(BIN)/python -c "from truedepth.models import default_model_dir; print(default_model_dir())"
+	$(BIN)/python -c "from truedepth.core.loading import default_model_dir; print(default_model_dir())"
 	touch $(STAMP)
 
 demo: setup

@@ -10,7 +10,7 @@ import copy
 
 import torch
 
-from truedepth.plan import as_plan
+from truedepth.core.plan import as_plan
 
 
 def causal_mask(batch: int, seq: int, dtype: torch.dtype) -> torch.Tensor:

@@ -9,8 +9,11 @@ import pytest
 import torch
 
 import truedepth
-from truedepth import bench, cli
-from truedepth.shapes import SHAPES, build_shape, parameter_count, shape_config
+from truedepth import cli
+from truedepth.measure.bench import decode as bench_decode
+from truedepth.measure.bench import report as bench_report
+from truedepth.measure.bench import run as bench_run
+from truedepth.core.shapes import SHAPES, build_shape, parameter_count, shape_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -44,20 +47,20 @@ def test_a_plan_keeps_kv_bytes_and_weight_bytes_but_not_depth():
     """LP saves steps, not bytes: every weight and every KV head is still read once per token."""
     base = build_shape("tiny", device="cpu")
     lp = truedepth.apply_plan(build_shape("tiny", device="cpu"), "parallel=2:6")
-    assert bench.kv_bytes_per_token(base) == bench.kv_bytes_per_token(lp) == 8 * 2 * 2 * 16 * 4
+    assert bench_decode.kv_bytes_per_token(base) == bench_decode.kv_bytes_per_token(lp) == 8 * 2 * 2 * 16 * 4
     merged_norms = 2 * 2 * 64 * 4  # 2 wide layers, each with 2 norm vectors fewer (folded into the GEMMs)
-    assert bench.weight_bytes_read(lp) == bench.weight_bytes_read(base) - merged_norms
+    assert bench_decode.weight_bytes_read(lp) == bench_decode.weight_bytes_read(base) - merged_norms
     c = base.config  # untied: the input embedding is read one row at a time, not counted
-    assert bench.weight_bytes_read(base) == 4 * (parameter_count(base) - c.vocab_size * c.hidden_size)
+    assert bench_decode.weight_bytes_read(base) == 4 * (parameter_count(base) - c.vocab_size * c.hidden_size)
     tied = build_shape("tiny", device="cpu", tie_word_embeddings=True)
-    assert bench.weight_bytes_read(tied) == 4 * parameter_count(tied)
+    assert bench_decode.weight_bytes_read(tied) == 4 * parameter_count(tied)
 
 
 def test_plot_over_batch_sizes(tmp_path):
     records = [{"model": "m", "plan": p, "mode": mode, "batch": b, "decode_tok_s": 10.0 * b,
                 "decode_tok_s_total": 10.0 * b * b} for p in ("base", "parallel=2:6") for mode in ("fast", "fused")
                for b in (1, 8, 32)] + [{"model": "m", "plan": "base", "mode": "eager", "batch": 1, "error": "x"}]
-    path = bench.plot(records, tmp_path / "p.svg")
+    path = bench_report.plot(records, tmp_path / "p.svg")
     assert path.read_text().count("<svg") == 1 and path.stat().st_size > 5000
 
 
@@ -71,9 +74,9 @@ def test_interleaved_runs_alternate_and_a_failing_runner_does_not_stop_the_other
                 raise RuntimeError("boom")
             return torch.zeros(ids.shape[0], ids.shape[1] + n)
         return run
-    settings = bench.Settings(new=16, repeats=2, warmup=1)
+    settings = bench_decode.Settings(new=16, repeats=2, warmup=1)
     ids = torch.zeros(2, 4, dtype=torch.long)
-    results, errors = bench.measure_decode_interleaved({"a": runner("a"), "b": runner("b", fail=True)}, ids, settings)
+    results, errors = bench_decode.measure_decode_interleaved({"a": runner("a"), "b": runner("b", fail=True)}, ids, settings)
     assert list(results) == ["a"] and "boom" in str(errors["b"])
     timed_calls = calls[2:]  # after one warm-up run each: a, b alternate, long run then short run (k = 2)
     assert timed_calls[:3] == [("a", 16), ("a", 2), ("b", 16)]
@@ -81,18 +84,18 @@ def test_interleaved_runs_alternate_and_a_failing_runner_does_not_stop_the_other
 
 
 def test_profile_decode_reports_step_and_host_time():
-    from truedepth.fastgen import FastGenerator
+    from truedepth.runtime.generate import FastGenerator
 
     model = build_shape("tiny", device="cpu")
     gen = FastGenerator(model, max_batch=1, max_seq=32, compile=False)
-    prof = bench.profile_decode(gen, torch.randint(3, 128, (1, 8)), steps=50)
+    prof = bench_decode.profile_decode(gen, torch.randint(3, 128, (1, 8)), steps=50)
     assert prof["steps"] == 32 - 8 - 3  # clamped to what the static cache holds
     assert prof["step_us"] > 0 and prof["host_us_per_step"] > 0 and prof["kernels_per_step"] == 0  # CPU: no kernels
 
 
 def test_bound_fraction_arithmetic():
     # 1 GB of weights + 1 MB/token x 4 sequences x 250 tokens = 2 GB per step; at 100 GB/s: 20 ms
-    frac, bound = bench.bound_fraction(10**9, 10**6, 4, 250, step_s=0.040, bandwidth_gbs=100)
+    frac, bound = bench_decode.bound_fraction(10**9, 10**6, 4, 250, step_s=0.040, bandwidth_gbs=100)
     assert frac == pytest.approx(0.5) and bound == pytest.approx(50)
 
 
@@ -100,11 +103,11 @@ def test_speedups_are_against_base_same_mode_and_base_compiled():
     rec = lambda plan, mode, tok: {"model": "m", "plan": plan, "mode": mode, "batch": 1, "decode_tok_s": tok,
                                    "prefill_ms": {"128": 10.0 if plan == "base" else 8.0}}
     records = [rec("base", "compiled", 100.0), rec("base", "fast", 150.0), rec("p", "fast", 180.0)]
-    bench.add_ratios(records)
+    bench_decode.add_ratios(records)
     assert records[2]["speedup_vs_base"] == pytest.approx(1.2)
     assert records[2]["speedup_vs_base_compiled"] == pytest.approx(1.8)
     assert records[2]["prefill_speedup"] == {"128": pytest.approx(1.25)}
-    md = bench.format_markdown(records)
+    md = bench_report.format_markdown(records)
     assert md.splitlines()[0].startswith("| model | plan |") and "| 1.80 |" in md
 
 
@@ -113,12 +116,12 @@ def test_speedups_are_against_base_same_mode_and_base_compiled():
     (["--shape", "tiny", "--plan", "parallel=2:40"], "out of range; the model has 8 layers"),
     (["--shape", "tiny", "--mode", "eager,turbo"], "unknown --mode 'turbo'"),
     (["--shape", "tiny", "--batch", "0"], "--batch needs integers >= 1"),
-    (["--shape", "tiny", "--batch", "one"], "--batch takes comma-separated integers"),
+    (["--shape", "tiny", "--batch", "one"], "cannot read --batch 'one'"),
     (["--shape", "tiny", "--new", "1"], "--new must be at least 2"),
     (["--shape", "tiny", "--prefill", "4096"], "exceeds the model's 1024 positions"),
 ])
 def test_bad_input_fails_before_any_work_with_the_fix(argv, match, capsys, monkeypatch):
-    monkeypatch.setattr(bench, "measure_bandwidth", lambda *a, **k: pytest.fail("work started"))
+    monkeypatch.setattr(bench_run, "measure_bandwidth", lambda *a, **k: pytest.fail("work started"))
     assert cli.main(["bench", *argv]) == 2
     assert match in capsys.readouterr().err
 

@@ -1,4 +1,4 @@
-"""Tests for truedepth.data on the real offline data (first run fetches two small Debian packages)."""
+"""Tests for truedepth.measure.eval.data on the real offline data (first run fetches two small Debian packages)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import types
 
 import pytest
 
-from truedepth import data
+from truedepth.measure.eval import data
 
 
 @pytest.fixture(scope="module")

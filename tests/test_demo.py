@@ -1,4 +1,4 @@
-"""The `truedepth demo` command and its decode-speed helper (truedepth.speed)."""
+"""The `truedepth demo` command and its decode-speed helper (truedepth.measure.bench.speed)."""
 
 import argparse
 import json
@@ -9,14 +9,17 @@ from test_perplexity import TEXT, char_tokenizer
 from tiny import tiny_model
 
 from truedepth import cli
-from truedepth.commands import demo
-from truedepth.speed import decode_tokens_per_second, prompt_ids
+from truedepth.apps import demo as demo_app
+from truedepth.cli import demo
+from truedepth.cli.common import options
+from truedepth.utils.env import describe_machine, machine_info
+from truedepth.measure.bench.speed import decode_tokens_per_second, prompt_ids
 
 
 def demo_args(*argv):
     parser = argparse.ArgumentParser()
     demo.add_arguments(parser)
-    return parser.parse_args(list(argv))
+    return options(demo_app.DemoOptions, parser.parse_args(list(argv)))
 
 
 def test_decode_speed_generates_every_token_even_past_eos():
@@ -40,12 +43,12 @@ def test_decode_speed_generates_every_token_even_past_eos():
 
 
 def test_settings_quick_and_defaults():
-    s = demo.settings(demo_args())
-    assert [str(p) for p in s["plans"]] == ["base", *demo.DEFAULT_PLANS]
-    assert str(s["sample_plan"]) == demo.DEFAULT_PLANS[0] and s["tokens"] == 4096
-    quick = demo.settings(demo_args("--quick", "--plan", "parallel=2:6", "--plan", "parallel=2:4"))
+    s = demo_app.settings(demo_args())
+    assert [str(p) for p in s["plans"]] == ["base", *demo_app.DEFAULT_PLANS]
+    assert str(s["sample_plan"]) == demo_app.DEFAULT_PLANS[0] and s["tokens"] == 4096
+    quick = demo_app.settings(demo_args("--quick", "--plan", "parallel=2:6", "--plan", "parallel=2:4"))
     assert [str(p) for p in quick["plans"]] == ["base", "parallel=2:6"]
-    assert quick["tokens"] == demo.QUICK["tokens"] and quick["repeats"] == 1
+    assert quick["tokens"] == demo_app.QUICK["tokens"] and quick["repeats"] == 1
 
 
 @pytest.mark.parametrize("argv,message", [
@@ -92,7 +95,7 @@ def test_demo_runs_on_a_tiny_model(tmp_path, capsys):
     assert list(result["samples"]) == ["base", "parallel=2:6"]
     for key in ("cpu", "cores", "torch", "transformers", "device", "dtype", "date"):
         assert key in result["machine"]
-    report = demo.format_report(result)
+    report = demo_app.format_report(result)
     assert "parallel=0:8/4" in report and "Measured on:" in report and "A (parallel=2:6):" in report
 
 
@@ -101,14 +104,14 @@ def test_table_columns_line_up():
              "decode_tokens_per_s": 20.0, "speed_ratio": 1.0},
             {"plan": "parallel=12:28", "depth": 22, "perplexity": 64.0, "perplexity_ratio": 1.654,
              "decode_tokens_per_s": 21.5, "speed_ratio": 1.075}]
-    lines = demo.format_rows(rows).splitlines()
+    lines = demo_app.format_rows(rows).splitlines()
     assert len({len(line) for line in lines}) == 1  # every line the same width
     assert lines[3].split() == ["parallel=12:28", "22", "64.00", "1.654x", "21.5", "1.07x"]
 
 
 def test_machine_description_names_hardware_and_versions():
-    info = demo.machine_info("cpu", "float32")
-    text = demo.describe_machine(info)
+    info = machine_info("cpu", "float32")
+    text = describe_machine(info)
     assert info["cpu"] in text and f"{info['cores']} cores" in text and torch.__version__ in text
     assert "float32" in text and info["date"] in text
 
@@ -117,7 +120,7 @@ def test_machine_description_names_hardware_and_versions():
 def test_demo_quick_on_default_model(capsys):
     assert cli.main(["demo", "--quick", "--no-progress"]) == 0
     out = capsys.readouterr().out
-    assert "base" in out and demo.DEFAULT_PLANS[0] in out
-    assert "Measured on:" in out and f"A ({demo.DEFAULT_PLANS[0]}):" in out
+    assert "base" in out and demo_app.DEFAULT_PLANS[0] in out
+    assert "Measured on:" in out and f"A ({demo_app.DEFAULT_PLANS[0]}):" in out
     table = out.split("\n\n")[1].splitlines()
-    assert table[2].split()[:2] == ["base", "30"] and table[3].split()[:2] == [demo.DEFAULT_PLANS[0], "26"]
+    assert table[2].split()[:2] == ["base", "30"] and table[3].split()[:2] == [demo_app.DEFAULT_PLANS[0], "26"]

@@ -8,7 +8,7 @@ import torch
 from tiny import ARCHS, tiny_model
 
 import truedepth
-from truedepth.fastgen import (FastGenerator, filter_logits, fuse_projections, generate_fast, is_fused,
+from truedepth.runtime.generate import (FastGenerator, filter_logits, fuse_projections, generate_fast, is_fused,
                                sample_next, unfuse_projections)
 
 PLAN = "parallel=2:6"

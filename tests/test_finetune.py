@@ -12,7 +12,12 @@ from tiny import tiny_model
 
 import truedepth
 from truedepth import cli
-from truedepth import finetune as ft
+from truedepth.apps.finetune import checkpoint as ft_checkpoint
+from truedepth.apps.finetune import config as ft_config
+from truedepth.apps.finetune import model as ft_model
+from truedepth.apps.finetune import report as ft_report
+from truedepth.apps.finetune import run as ft_run
+from truedepth.apps.finetune import train as ft_train
 
 PLAN = "parallel=2:6"  # 8 layers -> keep 0, keep 1, wide(2,3), wide(4,5), keep 6, keep 7
 
@@ -61,14 +66,14 @@ def random_ids(n=3000, seed=0):
 
 def student_and_base(neighbours=0, plan=PLAN, arch="llama", seed=0):
     base = tiny_model(arch, layers=8, seed=seed)
-    student = ft.build_student(base, plan, neighbours)
-    layers = ft.trainable_layer_indices(student.config.truedepth["layer_widths"], neighbours)
-    ft.freeze_all_but(student, layers)
+    student = ft_model.build_student(base, plan, neighbours)
+    layers = ft_model.trainable_layer_indices(student.config.truedepth["layer_widths"], neighbours)
+    ft_model.freeze_all_but(student, layers)
     return student, base, layers
 
 
 def trained(model):
-    return {k: v.detach().clone() for k, v in ft.trainable_state(model).items()}
+    return {k: v.detach().clone() for k, v in ft_train.trainable_state(model).items()}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -76,13 +81,13 @@ def trained(model):
 # ---------------------------------------------------------------------------------------------
 def test_only_wide_layers_train_and_neighbours_add_the_adjacent_layers():
     student, _, layers = student_and_base()
-    assert layers == [2, 3] == ft.wide_layer_indices(student)
-    names = ft.freeze_all_but(student, layers)
+    assert layers == [2, 3] == ft_model.wide_layer_indices(student)
+    names = ft_model.freeze_all_but(student, layers)
     assert names and all(n.split(".")[2] in ("2", "3") for n in names)
     assert sum(p.numel() for n, p in student.named_parameters() if p.requires_grad) == \
         sum(p.numel() for i in (2, 3) for p in student.model.layers[i].parameters())
-    assert ft.trainable_layer_indices(student.config.truedepth["layer_widths"], 1) == [1, 2, 3, 4]
-    assert ft.trainable_layer_indices([1, 1, 2, 1, 3, 1, 1], 2) == [0, 1, 2, 3, 4, 5, 6]
+    assert ft_model.trainable_layer_indices(student.config.truedepth["layer_widths"], 1) == [1, 2, 3, 4]
+    assert ft_model.trainable_layer_indices([1, 1, 2, 1, 3, 1, 1], 2) == [0, 1, 2, 3, 4, 5, 6]
 
 
 def test_student_shares_frozen_weights_and_leaves_the_base_model_intact():
@@ -90,7 +95,7 @@ def test_student_shares_frozen_weights_and_leaves_the_base_model_intact():
     ids = torch.randint(3, 128, (2, 12))
     before = base(ids).logits
     reference = truedepth.apply_plan(copy.deepcopy(base), PLAN)(ids).logits
-    student = ft.build_student(base, PLAN)
+    student = ft_model.build_student(base, PLAN)
     assert torch.equal(base(ids).logits, before)  # still the original model (teacher, 'base' perplexity)
     assert torch.equal(student(ids).logits, reference)
     assert student.model.embed_tokens.weight is base.model.embed_tokens.weight
@@ -104,9 +109,9 @@ def test_student_shares_frozen_weights_and_leaves_the_base_model_intact():
 def test_teacher_logits_equal_the_original_model(arch, plan, neighbours):
     """The teacher that starts from the student's hidden state gives the original model's logits."""
     student, base, layers = student_and_base(neighbours, plan, arch)
-    split = ft.shared_prefix_length(truedepth.as_plan(plan).blocks(8), layers)
+    split = ft_model.shared_prefix_length(truedepth.as_plan(plan).blocks(8), layers)
     assert split == {PLAN: 2 - neighbours, "parallel=0:4": 0, "skip=1,parallel=4:6": 1}[plan]
-    teacher = ft.Teacher(base, student.model.layers, split)
+    teacher = ft_model.Teacher(base, student.model.layers, split)
     ids = torch.randint(3, 128, (2, 10))
     with torch.no_grad():
         student(input_ids=ids, use_cache=False)
@@ -121,21 +126,21 @@ def test_losses_match_independent_computations():
     ids = torch.randint(3, 128, (2, 10))
     with torch.no_grad():
         s, t = student(ids).logits, base(ids).logits
-    assert torch.allclose(ft.lm_loss(s, ids), student(ids, labels=ids).loss, atol=1e-6)
+    assert torch.allclose(ft_train.lm_loss(s, ids), student(ids, labels=ids).loss, atol=1e-6)
     p = torch.softmax(t.double(), -1)
     kl = (p * (torch.log_softmax(t.double(), -1) - torch.log_softmax(s.double(), -1))).sum(-1).mean()
-    assert torch.allclose(ft.distill_loss(s, t).double(), kl, atol=1e-6)
-    assert float(ft.distill_loss(t, t)) == pytest.approx(0, abs=1e-6)
+    assert torch.allclose(ft_train.distill_loss(s, t).double(), kl, atol=1e-6)
+    assert float(ft_train.distill_loss(t, t)) == pytest.approx(0, abs=1e-6)
 
 
 def test_batches_depend_only_on_the_step_and_cover_every_sequence():
-    data = ft.TokenBatches(torch.arange(100), seq_len=10, batch_size=3, seed=0)
+    data = ft_train.TokenBatches(torch.arange(100), seq_len=10, batch_size=3, seed=0)
     assert data.num_sequences == 10
     first_epoch = torch.cat([data.batch(k) for k in range(3)] + [data.batch(3)[:1]])
     assert sorted(first_epoch[:, 0].tolist()) == list(range(0, 100, 10))
-    again = ft.TokenBatches(torch.arange(100), seq_len=10, batch_size=3, seed=0)
+    again = ft_train.TokenBatches(torch.arange(100), seq_len=10, batch_size=3, seed=0)
     assert torch.equal(again.batch(7), data.batch(7))
-    assert not torch.equal(ft.TokenBatches(torch.arange(100), 10, 3, seed=1).batch(0), data.batch(0))
+    assert not torch.equal(ft_train.TokenBatches(torch.arange(100), 10, 3, seed=1).batch(0), data.batch(0))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -147,7 +152,7 @@ class Killed(Exception):
 
 def kill_at(monkeypatch, step):
     """Make the training loop die inside step `step` (counted from 1), like a SIGKILL would."""
-    real, calls = ft._train_step, {"n": 0}
+    real, calls = ft_train._train_step, {"n": 0}
 
     def dying(*args, **kwargs):
         calls["n"] += 1
@@ -155,24 +160,24 @@ def kill_at(monkeypatch, step):
             raise Killed
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(ft, "_train_step", dying)
+    monkeypatch.setattr(ft_train, "_train_step", dying)
 
 
 def fresh(loss, lora):
     student, base, layers = student_and_base()
-    model = ft.add_lora(student, layers, 4, 8) if lora else student
-    teacher = ft.Teacher(base, student.model.layers, 2) if loss == "distill" else None
+    model = ft_model.add_lora(student, layers, 4, 8) if lora else student
+    teacher = ft_model.Teacher(base, student.model.layers, 2) if loss == "distill" else None
     return model, teacher
 
 
 @pytest.mark.parametrize("loss,lora", [("lm", False), ("distill", False), ("lm", True)])
 def test_killed_and_resumed_run_ends_with_the_same_weights(tmp_path, monkeypatch, loss, lora):
-    cfg = ft.TrainConfig(loss=loss, seq_len=16, batch_size=4, tokens=16 * 4 * 12, lr=3e-3, checkpoint_every=5,
+    cfg = ft_config.TrainConfig(loss=loss, seq_len=16, batch_size=4, tokens=16 * 4 * 12, lr=3e-3, checkpoint_every=5,
                          lora=lora, lora_rank=4, lora_alpha=8)
-    data = ft.TokenBatches(random_ids(), cfg.seq_len, cfg.batch_size)
+    data = ft_train.TokenBatches(random_ids(), cfg.seq_len, cfg.batch_size)
     model, teacher = fresh(loss, lora)
     start = trained(model)
-    full = ft.train(model, teacher, data, cfg, tmp_path / "full", progress=False)
+    full = ft_train.train(model, teacher, data, cfg, tmp_path / "full", progress=False)
     want = trained(model)
     assert full.finished and full.step == 12
     assert any(not torch.equal(want[k], start[k]) for k in want)
@@ -180,11 +185,11 @@ def test_killed_and_resumed_run_ends_with_the_same_weights(tmp_path, monkeypatch
     model, teacher = fresh(loss, lora)
     kill_at(monkeypatch, 8)
     with pytest.raises(Killed):
-        ft.train(model, teacher, data, cfg, tmp_path / "killed", progress=False)
-    assert [p.name for p in ft.checkpoint_dirs(tmp_path / "killed")] == ["step-00000005"]
+        ft_train.train(model, teacher, data, cfg, tmp_path / "killed", progress=False)
+    assert [p.name for p in ft_checkpoint.checkpoint_dirs(tmp_path / "killed")] == ["step-00000005"]
     monkeypatch.undo()
     model, teacher = fresh(loss, lora)  # a new process: everything rebuilt from scratch
-    resumed = ft.train(model, teacher, data, cfg, tmp_path / "killed", resume=True, progress=False)
+    resumed = ft_train.train(model, teacher, data, cfg, tmp_path / "killed", resume=True, progress=False)
     assert resumed.finished and resumed.step == 12
     got = trained(model)
     assert got.keys() == want.keys()
@@ -194,9 +199,9 @@ def test_killed_and_resumed_run_ends_with_the_same_weights(tmp_path, monkeypatch
 
 
 def test_kill_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, monkeypatch):
-    cfg = ft.TrainConfig(seq_len=16, batch_size=4, tokens=16 * 4 * 12, lr=3e-3, checkpoint_every=4)
-    data = ft.TokenBatches(random_ids(), cfg.seq_len, cfg.batch_size)
-    real, writes = ft._write_bytes, {"n": 0}
+    cfg = ft_config.TrainConfig(seq_len=16, batch_size=4, tokens=16 * 4 * 12, lr=3e-3, checkpoint_every=4)
+    data = ft_train.TokenBatches(random_ids(), cfg.seq_len, cfg.batch_size)
+    real, writes = ft_checkpoint._write_bytes, {"n": 0}
 
     def dying_write(path, payload):
         writes["n"] += 1
@@ -205,54 +210,54 @@ def test_kill_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, monkey
             raise Killed
         real(path, payload)
 
-    monkeypatch.setattr(ft, "_write_bytes", dying_write)
+    monkeypatch.setattr(ft_checkpoint, "_write_bytes", dying_write)
     model, _ = fresh("lm", False)
     with pytest.raises(Killed):
-        ft.train(model, None, data, cfg, tmp_path, progress=False)
+        ft_train.train(model, None, data, cfg, tmp_path, progress=False)
     monkeypatch.undo()
-    assert [p.name for p in ft.checkpoint_dirs(tmp_path)] == ["step-00000004"]
+    assert [p.name for p in ft_checkpoint.checkpoint_dirs(tmp_path)] == ["step-00000004"]
     assert list((tmp_path / "checkpoints").glob(".tmp-*"))  # the torn write stays aside, never loaded
-    state = ft.load_checkpoint(ft.latest_checkpoint(tmp_path))
+    state = ft_checkpoint.load_checkpoint(ft_checkpoint.latest_checkpoint(tmp_path))
     assert state["step"] == 4
     model, _ = fresh("lm", False)
-    ft.train(model, None, data, cfg, tmp_path, resume=True, progress=False)
+    ft_train.train(model, None, data, cfg, tmp_path, resume=True, progress=False)
     assert not list((tmp_path / "checkpoints").glob(".tmp-*"))  # cleaned by the next save
-    assert [p.name for p in ft.checkpoint_dirs(tmp_path)] == ["step-00000004", "step-00000008"]
+    assert [p.name for p in ft_checkpoint.checkpoint_dirs(tmp_path)] == ["step-00000004", "step-00000008"]
 
     reference, _ = fresh("lm", False)
-    ft.train(reference, None, data, cfg, None, progress=False)
+    ft_train.train(reference, None, data, cfg, None, progress=False)
     for k, v in trained(reference).items():
         assert torch.equal(trained(model)[k], v)
 
 
 def test_checkpoints_hold_only_safetensors_and_json(tmp_path):
-    cfg = ft.TrainConfig(seq_len=16, batch_size=2, tokens=16 * 2 * 7, checkpoint_every=2, keep_checkpoints=2)
-    data = ft.TokenBatches(random_ids(), cfg.seq_len, cfg.batch_size)
+    cfg = ft_config.TrainConfig(seq_len=16, batch_size=2, tokens=16 * 2 * 7, checkpoint_every=2, keep_checkpoints=2)
+    data = ft_train.TokenBatches(random_ids(), cfg.seq_len, cfg.batch_size)
     model, _ = fresh("lm", False)
-    ft.train(model, None, data, cfg, tmp_path, progress=False, stop_after=5)
-    dirs = ft.checkpoint_dirs(tmp_path)
+    ft_train.train(model, None, data, cfg, tmp_path, progress=False, stop_after=5)
+    dirs = ft_checkpoint.checkpoint_dirs(tmp_path)
     assert [p.name for p in dirs] == ["step-00000004", "step-00000005"]  # keep 2; stop saves its progress
     files = sorted(p.name for p in dirs[-1].iterdir())
     assert files == ["optimizer.safetensors", "rng.safetensors", "state.json", "trainable.safetensors"]
-    state = ft.load_checkpoint(dirs[-1])
+    state = ft_checkpoint.load_checkpoint(dirs[-1])
     assert state["step"] == 5 and state["tokens"] == 5 * 32 and len(state["history"]) == 5
-    optimizer = torch.optim.AdamW(list(ft.trainable_state(model).values()), betas=(0.9, 0.95), foreach=False)
+    optimizer = torch.optim.AdamW(list(ft_train.trainable_state(model).values()), betas=(0.9, 0.95), foreach=False)
     optimizer.load_state_dict(state["optimizer"])  # flattened state loads back into AdamW
 
 
 def test_resume_refuses_a_different_trajectory(tmp_path):
-    cfg = ft.TrainConfig(seq_len=16, batch_size=2, tokens=16 * 2 * 4, checkpoint_every=2)
-    data = ft.TokenBatches(random_ids(), cfg.seq_len, cfg.batch_size)
+    cfg = ft_config.TrainConfig(seq_len=16, batch_size=2, tokens=16 * 2 * 4, checkpoint_every=2)
+    data = ft_train.TokenBatches(random_ids(), cfg.seq_len, cfg.batch_size)
     model, _ = fresh("lm", False)
-    ft.train(model, None, data, cfg, tmp_path, progress=False, stop_after=2)
+    ft_train.train(model, None, data, cfg, tmp_path, progress=False, stop_after=2)
     model, _ = fresh("lm", False)
     with pytest.raises(ValueError, match=rf"--lr {cfg.lr} \(now 0.001\)"):
-        ft.train(model, None, data, ft.TrainConfig(**{**cfg.__dict__, "lr": 1e-3}), tmp_path, resume=True,
+        ft_train.train(model, None, data, ft_config.TrainConfig(**{**cfg.__dict__, "lr": 1e-3}), tmp_path, resume=True,
                  progress=False)
     with pytest.raises(ValueError, match="training data differs"):
-        ft.train(model, None, ft.TokenBatches(random_ids(seed=5), 16, 2), cfg, tmp_path, resume=True, progress=False)
+        ft_train.train(model, None, ft_train.TokenBatches(random_ids(seed=5), 16, 2), cfg, tmp_path, resume=True, progress=False)
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
-        ft.train(model, None, data, cfg, tmp_path / "empty", resume=True, progress=False)
+        ft_train.train(model, None, data, cfg, tmp_path / "empty", resume=True, progress=False)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -261,7 +266,7 @@ def test_resume_refuses_a_different_trajectory(tmp_path):
 def test_plan_without_parallel_groups_is_refused():
     for plan in ("base", "skip=3", "merge=2:6,shuffle=6:8"):
         with pytest.raises(ValueError, match="no parallel groups.*--plan parallel=20:28"):
-            ft.check_plan_has_parallel_groups(plan)
+            ft_model.check_plan_has_parallel_groups(plan)
 
 
 def test_cli_refuses_bad_plan_before_loading_anything(tmp_path, capsys):
@@ -274,27 +279,27 @@ def test_cli_refuses_bad_plan_before_loading_anything(tmp_path, capsys):
 
 def test_data_shorter_than_one_sequence_or_batch_is_refused():
     with pytest.raises(ValueError, match="shorter than one sequence of --seq-len 256"):
-        ft.TokenBatches(torch.arange(100), seq_len=256, batch_size=1)
+        ft_train.TokenBatches(torch.arange(100), seq_len=256, batch_size=1)
     with pytest.raises(ValueError, match="fewer than one batch of --batch-size 8"):
-        ft.TokenBatches(torch.arange(100), seq_len=20, batch_size=8)
+        ft_train.TokenBatches(torch.arange(100), seq_len=20, batch_size=8)
 
 
 def test_batch_too_large_for_memory_is_refused(monkeypatch):
     student, base, _ = student_and_base()
-    cfg = ft.TrainConfig(loss="distill", seq_len=256, batch_size=64)
-    need = ft.estimate_training_memory(student, base, cfg)
+    cfg = ft_config.TrainConfig(loss="distill", seq_len=256, batch_size=64)
+    need = ft_model.estimate_training_memory(student, base, cfg)
     assert need["logits"] == 64 * 256 * 128 * 4 * 6
     assert need["optimizer"] == 12 * sum(p.numel() for p in student.parameters() if p.requires_grad)
-    monkeypatch.setattr(ft, "available_memory", lambda device: need["total"] - 1)
+    monkeypatch.setattr(ft_model, "available_memory", lambda device: need["total"] - 1)
     with pytest.raises(RuntimeError, match=r"lower --batch-size or --seq-len, or use --lora"):
-        ft.check_memory(student, base, cfg, "cpu")
-    monkeypatch.setattr(ft, "available_memory", lambda device: need["total"])
-    ft.check_memory(student, base, cfg, "cpu")
+        ft_model.check_memory(student, base, cfg, "cpu")
+    monkeypatch.setattr(ft_model, "available_memory", lambda device: need["total"])
+    ft_model.check_memory(student, base, cfg, "cpu")
 
 
 def test_cli_refuses_oversized_batch_before_training(tiny_dir, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(ft, "available_memory", lambda device: 1000)
-    monkeypatch.setattr(ft, "train", lambda *a, **k: pytest.fail("training started"))
+    monkeypatch.setattr(ft_model, "available_memory", lambda device: 1000)
+    monkeypatch.setattr(ft_run, "train", lambda *a, **k: pytest.fail("training started"))
     rc = cli.main(["finetune", "--model", str(tiny_dir), "--plan", PLAN, "--data", str(text_file(tmp_path / "t.txt", 0)),
                    "--no-eval", "--out", str(tmp_path / "o"), "--quiet"])
     assert rc == 2
@@ -322,9 +327,9 @@ def saved_logits(folder, ids):
 def test_cli_trains_saves_summarises_and_resumes_identically(tiny_dir, tmp_path, monkeypatch):
     out = tmp_path / "full"
     assert cli.main(finetune_args(tiny_dir, tmp_path, out, "--eval-every", "5")) == 0
-    summary = json.loads((out / ft.SUMMARY_FILE).read_text())
+    summary = json.loads((out / ft_config.SUMMARY_FILE).read_text())
     assert summary["steps"] == 10 and summary["tokens"] == 1280 and summary["finished"]
-    assert (out / ft.CURVE_FILE).stat().st_size > 0 and not (out / ft.CHECKPOINT_DIR).exists()
+    assert (out / ft_config.CURVE_FILE).stat().st_size > 0 and not (out / ft_config.CHECKPOINT_DIR).exists()
     for name in ("held_out", "other_domain"):
         p = summary["perplexity"][name]
         assert p["recovered"] == pytest.approx((p["lp"] - p["ft"]) / (p["lp"] - p["base"]))
@@ -334,7 +339,7 @@ def test_cli_trains_saves_summarises_and_resumes_identically(tiny_dir, tmp_path,
     # the saved model scores what the summary says
     model, tok = truedepth.load(out)
     held = (tmp_path / "held.txt").read_text()
-    from truedepth.perplexity import perplexity
+    from truedepth.measure.eval.perplexity import perplexity
     assert perplexity(model, tok, held, tokens=256, window=32, progress=False)["perplexity"] == \
         pytest.approx(summary["perplexity"]["held_out"]["ft"], rel=1e-6)
 
@@ -346,7 +351,7 @@ def test_cli_trains_saves_summarises_and_resumes_identically(tiny_dir, tmp_path,
     assert cli.main(["finetune", "--out", str(killed), "--resume", "--lr", "1e-3"]) == 2  # another trajectory
     assert cli.main(["finetune", "--out", str(killed), "--resume", "--quiet"]) == 0  # options from the checkpoint
     torch.testing.assert_close(saved_logits(killed, ids), want, rtol=0, atol=0)
-    resumed = json.loads((killed / ft.SUMMARY_FILE).read_text())
+    resumed = json.loads((killed / ft_config.SUMMARY_FILE).read_text())
     assert resumed["perplexity"] == summary["perplexity"] and resumed["evals"] == summary["evals"]
     assert cli.main(finetune_args(tiny_dir, tmp_path, killed)) == 2  # finished run: --overwrite needed
 
@@ -355,7 +360,7 @@ def test_cli_lora_merges_into_a_loadable_model(tiny_dir, tmp_path):
     out = tmp_path / "lora"
     assert cli.main(finetune_args(tiny_dir, tmp_path, out, "--lora", "--lora-rank", "4", "--loss", "distill",
                                   "--train-dtype", "bf16")) == 0
-    summary = json.loads((out / ft.SUMMARY_FILE).read_text())
+    summary = json.loads((out / ft_config.SUMMARY_FILE).read_text())
     assert summary["lora"] and summary["train_dtype"] == "bfloat16" and summary["dtype"] == "float32"
     model, _ = truedepth.load(out)
     assert next(model.parameters()).dtype == torch.float32
@@ -388,7 +393,7 @@ def test_default_model_short_finetune(tmp_path):
     rc = cli.main(["finetune", "--plan", "parallel=20:28", "--tokens", "512", "--seq-len", "128", "--batch-size", "2",
                    "--loss", "distill", "--no-eval", "--out", str(out), "--quiet"])
     assert rc == 0
-    summary = json.loads((out / ft.SUMMARY_FILE).read_text())
+    summary = json.loads((out / ft_config.SUMMARY_FILE).read_text())
     assert summary["steps"] == 2 and all(h["loss"] > 0 for h in summary["history"])
     model, _ = truedepth.load(out)
     assert model.config.num_hidden_layers == 26
@@ -396,8 +401,8 @@ def test_default_model_short_finetune(tmp_path):
 
 def test_base_and_lp_perplexities_are_measured_once_per_model_and_texts(tiny_dir, tmp_path, monkeypatch):
     calls = []
-    real = ft.perplexities
-    monkeypatch.setattr(ft, "perplexities", lambda model, *a, **k: calls.append(1) or real(model, *a, **k))
+    real = ft_report.perplexities
+    monkeypatch.setattr(ft_run, "perplexities", lambda model, *a, **k: calls.append(1) or real(model, *a, **k))
     assert cli.main(finetune_args(tiny_dir, tmp_path, tmp_path / "a")) == 0
     assert len(calls) == 3  # base, LP, fine-tuned
     assert cli.main(finetune_args(tiny_dir, tmp_path, tmp_path / "b", "--loss", "distill")) == 0
@@ -406,5 +411,5 @@ def test_base_and_lp_perplexities_are_measured_once_per_model_and_texts(tiny_dir
     (tmp_path / "held.txt").write_text("the lady said not very " * 300)  # another held-out text
     assert cli.main(args) == 0
     assert len(calls) == 7  # a new text: base and LP measured again
-    a, b, c = (json.loads((tmp_path / d / ft.SUMMARY_FILE).read_text())["perplexity"] for d in "abc")
+    a, b, c = (json.loads((tmp_path / d / ft_config.SUMMARY_FILE).read_text())["perplexity"] for d in "abc")
     assert a["held_out"]["lp"] == b["held_out"]["lp"] != c["held_out"]["lp"]

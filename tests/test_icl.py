@@ -1,4 +1,4 @@
-"""truedepth.icl: lm-evaluation-harness on in-memory (transformed) models, and the offline tasks."""
+"""truedepth.measure.eval.icl: lm-evaluation-harness on in-memory (transformed) models, and the offline tasks."""
 
 import json
 import math
@@ -9,7 +9,7 @@ import torch
 from tiny import tiny_model
 
 import truedepth
-from truedepth import icl, tasks
+from truedepth.measure.eval import icl, tasks
 
 pytest.importorskip("lm_eval")
 
@@ -139,11 +139,11 @@ def test_clean_results_flattens_lm_eval_keys():
 # ---------------------------------------------------------------------------------------------
 def test_shipped_mmlu_yaml_files_are_up_to_date():
     for rel, text in tasks.mmlu_yaml_files().items():
-        assert (tasks.TASKS_DIR / rel).read_text() == text, f"regenerate with truedepth.tasks.write_yaml_files(): {rel}"
+        assert (tasks.TASKS_DIR / rel).read_text() == text, f"regenerate with truedepth.measure.eval.tasks.write_yaml_files(): {rel}"
 
 
 def test_mmlu_splits_cover_every_question_once():
-    from truedepth.data import mmlu_rows
+    from truedepth.measure.eval.data import mmlu_rows
 
     rows = mmlu_rows()
     dev = test = 0

@@ -1,4 +1,4 @@
-"""Perplexity (truedepth.perplexity) and the `truedepth eval` command."""
+"""Perplexity (truedepth.measure.eval.perplexity) and the `truedepth eval` command."""
 
 import json
 import math
@@ -11,7 +11,7 @@ from tiny import tiny_model
 
 import truedepth
 from truedepth import cli
-from truedepth.perplexity import make_windows, perplexity, tokenize
+from truedepth.measure.eval.perplexity import make_windows, perplexity, tokenize
 
 
 def char_tokenizer():
@@ -184,7 +184,7 @@ def test_eval_tasks_only_skips_perplexity(saved, capsys, monkeypatch):
         return {"fake": {"acc": 0.5, "acc_stderr": 0.1, "n_samples": 3}, "other": {"exact_match": 0.25},
                 "fake_subtask": {"acc": 1.0}}
 
-    monkeypatch.setitem(sys.modules, "truedepth.icl", types.SimpleNamespace(evaluate_tasks=evaluate_tasks))
+    monkeypatch.setitem(sys.modules, "truedepth.measure.eval.icl", types.SimpleNamespace(evaluate_tasks=evaluate_tasks))
     argv = ["eval", "--model", str(saved / "model"), "--tasks", "fake, other", "--num-fewshot", "2",
             "--limit", "3", "--json"]
     code, out, _ = run_cli(argv, capsys)
@@ -204,8 +204,8 @@ def test_eval_tasks_only_skips_perplexity(saved, capsys, monkeypatch):
 def test_prefix_tokenisation_matches_whole_text_on_real_tokenizer():
     from transformers import AutoTokenizer
 
-    from truedepth.data import held_out_text
-    from truedepth.models import resolve
+    from truedepth.measure.eval.data import held_out_text
+    from truedepth.core.loading import resolve
 
     tok = AutoTokenizer.from_pretrained(resolve("default"))
     text = held_out_text()[:200_000]

@@ -9,7 +9,7 @@ from tiny import ARCHS, tiny_model
 from transformers import AutoModelForCausalLM
 
 import truedepth
-from truedepth.hf import CheckpointMismatchError
+from truedepth.core.hf import CheckpointMismatchError
 
 
 def saved(tmp_path, arch="llama", plan="parallel=2:6/2,skip=7"):

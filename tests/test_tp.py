@@ -30,7 +30,7 @@ import torch
 from tiny import tiny_config, tiny_model
 
 import truedepth
-from truedepth import tp
+from truedepth.runtime.distributed import tp
 
 HERE = Path(__file__).resolve()
 REPO = HERE.parent.parent
@@ -77,7 +77,7 @@ def shard_report(model, ref) -> dict:
 
 @torch.no_grad()
 def equivalence_worker(out_dir: str, timeout_s: float) -> None:
-    from truedepth.tp_bench import count_decode_all_reduces, tp_bench
+    from truedepth.measure.bench.tp_bench import count_decode_all_reduces, tp_bench
 
     torch.set_num_threads(1)
     mesh = tp.init_distributed(timeout_s=timeout_s)
@@ -334,7 +334,7 @@ def test_wide_layer_is_named_with_its_original_layers():
         tp.validate_tp(model, 4)
 
 
-def test_load_from_args_checks_before_loading_anything(tmp_path, monkeypatch):
+def test_load_model_checks_before_loading_anything(tmp_path, monkeypatch):
     tiny_model("llama", layers=4).save_pretrained(tmp_path)
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "3")
@@ -343,31 +343,31 @@ def test_load_from_args_checks_before_loading_anything(tmp_path, monkeypatch):
         raise AssertionError("validation must come before joining the group or loading weights")
 
     monkeypatch.setattr(tp, "init_distributed", must_not_run)
-    monkeypatch.setattr("truedepth.models.load", must_not_run)
-    args = argparse.Namespace(model=str(tmp_path), plan="parallel=0:2", dtype=None, device=None, tp=True,
-                              tp_timeout=5.0)
+    monkeypatch.setattr("truedepth.core.loading.load", must_not_run)
+    on = tp.TPOptions(enabled=True, timeout_s=5.0)
     with pytest.raises(tp.TPError, match="over 3 ranks cannot split layer 0.*Valid world sizes .*: 1, 2"):
-        tp.load_from_args(args)
+        tp.load_model(str(tmp_path), "parallel=0:2", tp=on)
     with pytest.raises(tp.TPError, match="over 3 ranks"):
-        tp.maybe_shard(tiny_model("llama", layers=4), args)
+        tp.maybe_shard(tiny_model("llama", layers=4), on)
 
 
 def test_tp_outside_torchrun_says_how_to_launch(monkeypatch):
     for var in ("RANK", "WORLD_SIZE"):
         monkeypatch.delenv(var, raising=False)
-    args = argparse.Namespace(model="default", plan="base", dtype=None, device=None, tp=True, tp_timeout=5.0)
     with pytest.raises(tp.TPError, match=r"torchrun --nproc_per_node=N -m truedepth"):
-        tp.maybe_shard(tiny_model("llama", layers=2), args)
+        tp.maybe_shard(tiny_model("llama", layers=2), tp.TPOptions(enabled=True, timeout_s=5.0))
     model = tiny_model("llama", layers=2)
-    assert tp.maybe_shard(model, argparse.Namespace(tp=False)) is model  # no --tp: untouched
+    assert tp.maybe_shard(model, tp.TPOptions()) is model  # no --tp: untouched
 
 
 def test_cli_options_and_bad_values():
+    from truedepth.cli.common import add_tp_arguments, tp_options
+
     parser = argparse.ArgumentParser()
-    tp.add_tp_arguments(parser)
+    add_tp_arguments(parser)
     args = parser.parse_args(["--tp", "--tp-timeout", "30"])
-    assert args.tp and args.tp_timeout == 30.0
-    assert not parser.parse_args([]).tp
+    assert tp_options(args) == tp.TPOptions(enabled=True, timeout_s=30.0, impl=tp.DEFAULT_IMPL)
+    assert tp_options(parser.parse_args([])) == tp.TPOptions() and not tp.TPOptions().enabled
     with pytest.raises(tp.TPError, match="conflicts with --tp"):
         tp.rank_device("cuda:1")
     with pytest.raises(tp.TPError, match="positive number of seconds"):
@@ -375,7 +375,7 @@ def test_cli_options_and_bad_values():
 
 
 def test_default_lp_plan_matches_the_paper_range_for_7b():
-    from truedepth.tp_bench import default_lp_plan
+    from truedepth.measure.bench.tp_bench import default_lp_plan
 
     assert default_lp_plan(32) == "parallel=16:30"  # Llama-2-7B, delta 14
     for layers in (4, 8, 24, 30):
@@ -391,14 +391,14 @@ DEFAULT_PLAN = "parallel=16:28"  # wide layers: 18 heads / 6 KV heads, also divi
 
 @torch.no_grad()
 def default_model_worker(out_file: str) -> None:
-    from truedepth.cli import add_model_arguments
+    from truedepth.cli.common import add_model_arguments, add_tp_arguments, tp_options
 
     torch.set_num_threads(1)
     parser = argparse.ArgumentParser()
     add_model_arguments(parser)
-    tp.add_tp_arguments(parser)
+    add_tp_arguments(parser)
     args = parser.parse_args(["--tp", "--plan", DEFAULT_PLAN, "--device", "cpu", "--tp-timeout", "120"])
-    model, tokenizer = tp.load_from_args(args)
+    model, tokenizer = tp.load_model(args.model, args.plan, args.dtype, args.device, tp_options(args))
     ids = tokenizer(PROMPT, return_tensors="pt").input_ids
     out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False)
     print(json.dumps(out[0].tolist()))  # rank 0 only: the other ranks' stdout is silenced

@@ -36,10 +36,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "src"))  # also wit
 
 import torch  # noqa: E402
 
-from truedepth import bench as B  # noqa: E402
-from truedepth.fastgen import is_fused, unfuse_projections  # noqa: E402
-from truedepth.shapes import build_shape  # noqa: E402
-from truedepth.transform import apply_plan  # noqa: E402
+from truedepth.measure.bench import decode as B  # noqa: E402
+from truedepth.runtime.generate import is_fused, unfuse_projections  # noqa: E402
+from truedepth.core.shapes import build_shape  # noqa: E402
+from truedepth.core.transform import apply_plan  # noqa: E402
 
 TARGETS = {  # issue 3, section 3: (shape, plan, min speed-up vs base HF compiled, min fraction of bound)
     "llama-2-7b": ("parallel=16:30", 1.35, 0.75),

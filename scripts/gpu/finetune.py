@@ -24,8 +24,8 @@ from pathlib import Path
 
 import torch
 
-from truedepth import finetune as ft
-from truedepth.transform import decoder_layers
+from truedepth.apps.finetune import train as ft
+from truedepth.core.transform import decoder_layers
 
 DEFAULT_SHAPE = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                      num_attention_heads=9, num_key_value_heads=3, head_dim=64, max_position_embeddings=8192,

@@ -171,7 +171,7 @@ def tp_overhead(base, iters: int, dtype, device) -> dict:
     1-rank process group (NCCL on GPU): the host overhead each implementation adds per layer."""
     import torch.distributed as dist
 
-    from truedepth import tp
+    from truedepth.runtime.distributed import tp
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -229,7 +229,7 @@ def main() -> None:
     ap.add_argument("--smoke", action="store_true", help="tiny shape on CPU, a few iterations (tests the script)")
     args = ap.parse_args()
 
-    from truedepth.shapes import shape_config
+    from truedepth.core.shapes import shape_config
 
     cuda = torch.cuda.is_available() and not args.smoke
     device = "cuda" if cuda else "cpu"

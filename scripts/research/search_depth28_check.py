@@ -1,7 +1,7 @@
 """Is any plan of the search space better than the contiguous range at depth 28 on held-out text?
 
 A check for docs/SEARCH.md, not part of the search (it looks at the held-out text, which the search
-must never do). On the default model, scored from the original layers (truedepth.search.PlanScorer)
+must never do). On the default model, scored from the original layers (truedepth.apps.search.core.PlanScorer)
 in bf16 on the report's held-out sample: the first 32,768 tokens of the held-out novel, 64 windows
 of 512.
   1. the cost of every pair alone (29 plans)
@@ -19,9 +19,9 @@ import sys
 import torch
 
 import truedepth
-from truedepth import search as S
-from truedepth.data import held_out_text
-from truedepth.perplexity import tokenize
+from truedepth.apps.search import core as S
+from truedepth.measure.eval.data import held_out_text
+from truedepth.measure.eval.perplexity import tokenize
 
 CONTIGUOUS = "parallel=24:28"
 

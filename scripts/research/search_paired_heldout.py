@@ -9,9 +9,9 @@ import math
 import torch
 
 import truedepth
-from truedepth import search as S
-from truedepth.data import held_out_text
-from truedepth.perplexity import tokenize
+from truedepth.apps.search import core as S
+from truedepth.measure.eval.data import held_out_text
+from truedepth.measure.eval.perplexity import tokenize
 
 PAIRS = [("parallel=16:18,parallel=24:28", "parallel=22:28"),  # depth 27: found vs best contiguous range
          ("parallel=16:18,parallel=21:23,parallel=24:28", "parallel=20:28")]  # depth 26

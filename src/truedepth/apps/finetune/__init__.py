@@ -1,0 +1,1 @@
+"""Fine-tune only the parallelized layers to win quality back."""

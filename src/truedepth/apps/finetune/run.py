@@ -1,0 +1,333 @@
+"""Running a fine-tune end to end (`truedepth finetune`): options, resuming, models, training, saving."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from .checkpoint import latest_checkpoint
+from .config import (CHECKPOINT_DIR, FinetuneOptions, DEFAULT_PLAN, DTYPE_NAMES, EVAL_DEFAULTS, RUN_OPTIONS, SUMMARY_FILE,
+                     TRAJECTORY_OPTIONS, TrainConfig)
+from .model import (Teacher, unique_parameters, add_lora, build_student, cast_frozen, check_memory, check_plan_has_parallel_groups,
+                    freeze_all_but, shared_prefix_length, trainable_layer_indices)
+from .report import perplexities, print_summary, summarise, write_summary
+from .train import TokenBatches, tokenize_text, train, trainable_state
+
+
+def fill_defaults(args: FinetuneOptions) -> None:
+    """Defaults of the options left unset (None, so that --resume can tell given from omitted)."""
+    for key, value in EVAL_DEFAULTS.items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+    args.no_eval = bool(args.no_eval)
+
+
+def config_from_args(args: FinetuneOptions) -> TrainConfig:
+    cfg = TrainConfig()
+    for f in fields(TrainConfig):
+        value = getattr(args, f.name, None)
+        if value is not None:
+            setattr(cfg, f.name, value)
+    cfg.lora = bool(args.lora)
+    cfg.eval_every = 0 if args.no_eval else args.eval_every
+    return cfg
+
+
+def prepare_output(out: Path, resume: bool, overwrite: bool) -> None:
+    """Refuse to clobber another run's checkpoints or a finished run."""
+    if resume:
+        if latest_checkpoint(out) is None:
+            hint = " (it holds a finished run)" if (out / SUMMARY_FILE).exists() else ""
+            raise FileNotFoundError(f"--resume: no checkpoint in {out / CHECKPOINT_DIR}{hint}; run without --resume.")
+        return
+    if latest_checkpoint(out) is not None:
+        raise ValueError(f"{out} holds checkpoints of an unfinished run; pass --resume to continue it, or choose "
+                         "another --out.")
+    if (out / SUMMARY_FILE).exists() and not overwrite:
+        raise ValueError(f"{out} already holds a fine-tuned model; pass --overwrite to replace it, or choose another --out.")
+
+
+def resolve_resume_options(args: FinetuneOptions, out: Path) -> None:
+    """On --resume, omitted options take the checkpoint's values; given ones must match them."""
+    state = json.loads((latest_checkpoint(out) / "state.json").read_text())
+    saved = dict(state["trajectory"], **state.get("options", {}))
+    given = {k: getattr(args, k) for k in TRAJECTORY_OPTIONS + RUN_OPTIONS if getattr(args, k, None) is not None}
+    unset = {"train_dtype": "auto", "model": "default", "data": "default"}  # argparse defaults that mean 'omitted'
+    clash = [f"--{k.replace('_', '-')} {v!r} (checkpoint: {saved[k]!r})" for k, v in given.items()
+             if k in saved and saved[k] != v and unset.get(k) != v]
+    if clash:
+        raise ValueError("--resume: " + ", ".join(clash) + " differ from the checkpoint; drop them to continue the "
+                         "same run, or start a new --out.")
+    for k, v in saved.items():
+        setattr(args, k, v)
+
+
+def training_text_for(spec: str) -> str:
+    from ...measure.eval import data
+
+    return data.training_text() if spec in ("default", "austen-train") else data.load_text(spec)
+
+
+def run_finetune(args: FinetuneOptions) -> int:
+    """Fine-tune, save and summarise as `args` says; returns the exit code (1: training did not finish)."""
+    from ...core.plan import as_plan
+
+    out = Path(args.out)
+    prepare_output(out, args.resume, args.overwrite)
+    if args.resume:
+        resolve_resume_options(args, out)
+    fill_defaults(args)
+    cfg = config_from_args(args)
+    cfg.validate()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device, dtype, train_dtype = resolve_precision(args)
+    cfg.train_dtype = DTYPE_NAMES[train_dtype]
+    if args.plan is not None and not as_plan(args.plan).is_identity:
+        check_plan_has_parallel_groups(args.plan)  # before loading anything
+    progress = not args.quiet
+    texts = load_texts(args)  # before the model: a bad --data fails fast
+
+    setup = prepare_models(args, cfg, device, dtype)
+    data = TokenBatches(tokenize_text(setup.tokenizer, texts.pop("train")), cfg.seq_len, cfg.batch_size, cfg.seed)
+    meta: dict[str, Any] = {"plan": str(setup.plan),
+                            "options": dict({k: getattr(args, k) for k in RUN_OPTIONS}, dtype=DTYPE_NAMES[dtype])}
+    measure = _measurer(setup.tokenizer, texts, args, device, dtype, progress)
+    if not args.resume and measure:  # base and LP, in the evaluation dtype, before any weight changes
+        digest = hashlib.sha256("\0".join(texts.get(k, "") for k in ("held_out", "other_domain")).encode()).hexdigest()
+        meta["base"] = cached_perplexities(setup.base, measure, args, "base", digest) if setup.base is not None else None
+        meta["lp"] = cached_perplexities(setup.student, measure, args, str(setup.plan), digest)
+
+    model, teacher = make_trainable(setup, cfg, train_dtype)
+    memory = check_memory(model, teacher.model if teacher else None, cfg, device, train_dtype)
+    _report_setup(args, cfg, setup, model, data, memory, train_dtype)
+    curve_eval = None
+    if cfg.eval_every and measure:
+        curve_eval = _measurer(setup.tokenizer, {"held_out": texts["held_out"]}, args, device, train_dtype, False)
+    result = train(model, teacher, data, cfg, out, device, train_dtype, resume=args.resume, evaluate=curve_eval,
+                   meta=meta, progress=progress)
+    meta = result.resumed_meta  # type: ignore[attr-defined]
+    if not result.finished and result.stopped_by != "max_minutes":
+        return 1
+    trained = {k: v.detach().float().cpu() for k, v in trainable_state(model).items()}
+    del model, teacher, setup  # the final model is rebuilt from the original weights in --dtype
+    final, tokenizer = final_model(args, cfg, trained, device, dtype)
+    save_model(final, tokenizer, out)
+    summary = summarise(args, cfg, meta["plan"], result, meta, measure(final) if measure else None, device, dtype,
+                        train_dtype, data)
+    write_summary(summary, out)
+    if result.finished and not args.keep_checkpoints_after:
+        shutil.rmtree(out / CHECKPOINT_DIR, ignore_errors=True)
+    print_summary(summary, out)
+    return 0
+
+
+def cpu_has_fast_bf16() -> bool:
+    """True where the CPU multiplies bf16 natively (AMX or AVX512-BF16): there bf16 training is ~3x faster."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        return False
+    return " amx_bf16" in flags or " avx512_bf16" in flags
+
+
+def resolve_precision(args: FinetuneOptions) -> tuple[str, torch.dtype, torch.dtype]:
+    """(device, dtype of the saved/evaluated model, dtype of the training forward/backward)."""
+    from ...utils.device import as_dtype, device_and_dtype
+
+    device, dtype_name = device_and_dtype(args.device, args.dtype)
+    on_gpu = device.startswith("cuda")
+    dtype = as_dtype(dtype_name)
+    auto = "bf16" if on_gpu or cpu_has_fast_bf16() else "fp32"
+    train_dtype = as_dtype(auto if args.train_dtype in (None, "auto") else args.train_dtype)
+    if torch.float16 in (dtype, train_dtype):
+        raise ValueError("fp16 is not supported for fine-tuning (it needs loss scaling); use bf16 or fp32.")
+    return device, dtype, train_dtype
+
+
+@dataclass
+class Setup:
+    student: Any  # the transformed model (trained layers still untouched)
+    base: Any | None  # the model before the plan (None for an already transformed --model)
+    tokenizer: Any
+    plan: Any
+    trained_layers: list[int]
+    split: int  # leading layers student and teacher share
+
+
+def prepare_models(args: FinetuneOptions, cfg: TrainConfig, device: Any, dtype: torch.dtype) -> Setup:
+    """Load --model in the evaluation dtype and build the student (sharing frozen weights with the base)."""
+    from ...core.loading import load
+    from ...core.plan import as_plan
+
+    print(f"loading {args.model} ...", file=sys.stderr)
+    base, tokenizer = load(args.model, dtype=dtype, device=device)
+    recorded = getattr(base.config, "truedepth", None)
+    if recorded is not None:
+        plan = _already_transformed(args, cfg, recorded)
+        trained = trainable_layer_indices(recorded["layer_widths"], cfg.neighbours)
+        return Setup(base, None, tokenizer, plan, trained, 0)
+    plan = as_plan(args.plan or DEFAULT_PLAN)
+    check_plan_has_parallel_groups(plan)
+    student = build_student(base, plan, cfg.neighbours)
+    trained = trainable_layer_indices(student.config.truedepth["layer_widths"], cfg.neighbours)
+    split = shared_prefix_length(plan.blocks(recorded_depth(student)), trained)
+    return Setup(student, base, tokenizer, plan, trained, split)
+
+
+def recorded_depth(model: Any) -> int:
+    return model.config.truedepth["original_num_hidden_layers"]
+
+
+def make_trainable(setup: Setup, cfg: TrainConfig, train_dtype: torch.dtype) -> tuple[Any, Teacher | None]:
+    """Freeze all but the trained layers (or add LoRA adapters); fp32 master copies of what trains,
+    `train_dtype` for everything frozen; the distillation teacher when needed."""
+    from ...core.arch import decoder_layers
+
+    freeze_all_but(setup.student, setup.trained_layers)
+    model = add_lora(setup.student, setup.trained_layers, cfg.lora_rank, cfg.lora_alpha) if cfg.lora else setup.student
+    for p in model.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()  # master copy: AdamW updates are lost in bf16
+    teacher = None
+    if cfg.loss == "distill":
+        teacher = Teacher(setup.base, decoder_layers(setup.student), setup.split)
+    cast_frozen([model, teacher.model if teacher else None], train_dtype)
+    return model, teacher
+
+
+def final_model(args: FinetuneOptions, cfg: TrainConfig, trained: dict[str, torch.Tensor], device: Any,
+                dtype: torch.dtype) -> tuple[Any, Any]:
+    """The original weights in `dtype` with the plan applied and the trained tensors put in.
+
+    LoRA adapters are merged here, in float32 where `dtype` is float32. Frozen weights come from
+    the model file, not from the training copy, which may have been cast to a lower precision.
+    """
+    from ...core.loading import load
+
+    model, tokenizer = load(args.model, dtype=dtype, device=device)
+    if getattr(model.config, "truedepth", None) is None:
+        from ...core.transform import apply_plan
+
+        apply_plan(model, args.plan or DEFAULT_PLAN)
+    layers = trainable_layer_indices(model.config.truedepth["layer_widths"], cfg.neighbours)
+    freeze_all_but(model, layers)
+    if cfg.lora:
+        model = add_lora(model, layers, cfg.lora_rank, cfg.lora_alpha)
+    load_trained(model, trained)
+    if cfg.lora:
+        model = model.merge_and_unload()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model.eval(), tokenizer
+
+
+def load_trained(model: Any, trained: dict[str, torch.Tensor]) -> None:
+    params = trainable_state(model)
+    if set(params) != set(trained):
+        missing = sorted(set(trained) ^ set(params))[:4]
+        raise RuntimeError(f"trained tensors do not match the rebuilt model (e.g. {missing}); this is a bug.")
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(trained[name].to(p.dtype))
+
+
+def save_model(model: Any, tokenizer: Any, out: Path) -> None:
+    """Save with safetensors next to the tokenizer: a folder every truedepth command loads."""
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+def cached_perplexities(model: Any, measure: Callable[[Any], dict[str, float]], args: FinetuneOptions,
+                        label: str, texts_digest: str) -> dict[str, float]:
+    """Perplexities of the base and LP models, cached (they do not depend on training options)."""
+    from ...core.loading import resolve
+
+    key = json.dumps([label, _weights_fingerprint(resolve(args.model)), texts_digest,
+                      args.eval_tokens, args.eval_window, str(next(model.parameters()).dtype),
+                      str(next(model.parameters()).device.type)])
+    path = _ppl_cache_path()
+    cache = json.loads(path.read_text()) if path.is_file() else {}
+    if key not in cache:
+        cache = dict(json.loads(path.read_text()) if path.is_file() else {}, **{key: measure(model)})
+        tmp = path.with_name(f".{path.name}.{os.getpid()}")
+        tmp.write_text(json.dumps(cache, indent=1))
+        os.replace(tmp, path)
+    return cache[key]
+
+
+def _ppl_cache_path() -> Path:
+    from ...utils.env import cache_dir
+
+    return cache_dir() / "finetune-perplexity-cache.json"
+
+
+def _weights_fingerprint(path: str) -> str:
+    """Folder + size + mtime of its weight files (a hub id has none: then the id itself)."""
+    files = sorted(Path(path).glob("*.safetensors")) if Path(path).is_dir() else []
+    return json.dumps([str(Path(path).resolve()) if files else path] + [[f.name, f.stat().st_size, f.stat().st_mtime]
+                                                                          for f in files])
+
+
+def _already_transformed(args: FinetuneOptions, cfg: TrainConfig, recorded: dict[str, Any]) -> Any:
+    from ...core.plan import as_plan
+
+    plan = as_plan(recorded["plan"])
+    if args.plan is not None and not as_plan(args.plan).is_identity and as_plan(args.plan) != plan:
+        raise ValueError(f"{args.model} was already transformed with plan '{plan}'; plans refer to the original "
+                         "layers, so pass the original model with --plan, or omit --plan to keep training this one.")
+    check_plan_has_parallel_groups(plan, recorded)
+    if cfg.loss == "distill":
+        raise ValueError(f"{args.model} is already transformed, so the model before the plan (the distillation "
+                         "teacher) is not available; use --loss lm, or start from the original model with --plan.")
+    return plan
+
+
+def load_texts(args: FinetuneOptions) -> dict[str, str]:
+    from ...measure.eval import data
+
+    texts = {"train": training_text_for(args.data)}
+    if not args.no_eval:
+        texts["held_out"] = data.load_text(args.eval_text)
+        if args.other_text.lower() != "none":
+            texts["other_domain"] = data.load_text(args.other_text)
+        if texts["held_out"][:10000] in texts["train"]:
+            print(f"warning: the training data contains the evaluation text ({args.eval_text}); held-out perplexity "
+                  "will overstate the recovery.", file=sys.stderr)
+    return texts
+
+
+def _measurer(tokenizer: Any, texts: dict[str, str], args: FinetuneOptions, device: Any, dtype: torch.dtype,
+              progress: bool) -> Callable[[Any], dict[str, float]] | None:
+    texts = {k: v for k, v in texts.items() if k in ("held_out", "other_domain")}
+    if not texts or args.no_eval:
+        return None
+    return lambda model: perplexities(model, tokenizer, texts, args.eval_tokens, args.eval_window, device, dtype,
+                                      progress)
+
+
+def _report_setup(args: FinetuneOptions, cfg: TrainConfig, setup: Setup, model: Any, data: TokenBatches,
+                  memory: dict[str, int], train_dtype: torch.dtype) -> None:
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    n_all = sum(p.numel() for p in unique_parameters(model))
+    epochs = data.epochs(cfg.total_steps)
+    depth = len(setup.student.config.truedepth["layer_widths"])
+    print(f"plan {setup.plan}: training layers {setup.trained_layers} of {depth} "
+          f"({'LoRA r=%d' % cfg.lora_rank if cfg.lora else 'full weights'}; {n_train / 1e6:.2f}M of "
+          f"{n_all / 1e6:.1f}M parameters), loss {cfg.loss}, computing in {str(train_dtype)[6:]}", file=sys.stderr)
+    print(f"data {args.data}: {data.num_sequences} sequences of {cfg.seq_len} tokens; {cfg.total_steps} steps of "
+          f"{cfg.batch_size} x {cfg.seq_len} = {cfg.total_steps * cfg.tokens_per_step} tokens ({epochs:.2f} epochs); "
+          f"estimated extra memory {memory['total'] / 2**30:.2f} GiB", file=sys.stderr)
+    if epochs > 1:
+        print(f"note: {epochs:.1f} passes over the training data; beyond one the model may memorise it.",
+              file=sys.stderr)

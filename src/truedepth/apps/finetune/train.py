@@ -1,0 +1,260 @@
+"""Training the wide layers of an LP model: token batches, losses, the loop with resumable checkpoints."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+
+from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, set_rng_state
+from .config import CHECKPOINT_DIR, TrainConfig
+from .model import Teacher, autocast
+
+
+# =============================================================================================
+# Data: fixed-length sequences in a seeded order that depends only on the step
+# =============================================================================================
+class TokenBatches:
+    """Batches of `batch_size` sequences of `seq_len` tokens cut from one token stream.
+
+    Sequence order is a permutation per epoch, seeded by (seed, epoch), so batch k is a pure
+    function of k: resuming at a step needs no saved iterator, only the step number.
+    """
+
+    def __init__(self, ids: torch.Tensor, seq_len: int, batch_size: int, seed: int = 0):
+        ids = torch.as_tensor(ids, dtype=torch.long).reshape(-1)
+        self.num_sequences = ids.numel() // seq_len
+        if self.num_sequences < 1:
+            raise ValueError(f"the training data has {ids.numel()} tokens, shorter than one sequence of "
+                             f"--seq-len {seq_len}; use a longer text or a smaller --seq-len.")
+        if self.num_sequences < batch_size:
+            raise ValueError(f"the training data holds only {self.num_sequences} sequence(s) of {seq_len} tokens, "
+                             f"fewer than one batch of --batch-size {batch_size}; use a longer text or lower "
+                             "--batch-size / --seq-len.")
+        self.sequences = ids[: self.num_sequences * seq_len].view(self.num_sequences, seq_len)
+        self.batch_size, self.seed = batch_size, seed
+        self._orders: dict[int, torch.Tensor] = {}
+        self.digest = hashlib.sha256(self.sequences.numpy().tobytes()).hexdigest()[:16]
+
+    def _order(self, epoch: int) -> torch.Tensor:
+        if epoch not in self._orders:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._orders = {epoch: torch.randperm(self.num_sequences, generator=g)}
+        return self._orders[epoch]
+
+    def batch(self, step: int) -> torch.Tensor:
+        rows = []
+        for k in range(step * self.batch_size, (step + 1) * self.batch_size):
+            epoch, pos = divmod(k, self.num_sequences)
+            rows.append(int(self._order(epoch)[pos]))
+        return self.sequences[rows]
+
+    def epochs(self, steps: int) -> float:
+        return steps * self.batch_size / self.num_sequences
+
+
+def tokenize_text(tokenizer: Any, text: str) -> torch.Tensor:
+    """Token ids of the whole text, no special tokens (long inputs are fine: no model limit here)."""
+    ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+    return torch.tensor(ids, dtype=torch.long)
+
+
+# =============================================================================================
+# Losses
+# =============================================================================================
+def lm_loss(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy (position t predicts token t+1), in float32."""
+    return F.cross_entropy(logits[:, :-1].float().flatten(0, 1), ids[:, 1:].flatten())
+
+
+def distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """Mean over positions of KL(teacher || student) between next-token distributions, in float32."""
+    s = F.log_softmax(student_logits.float().flatten(0, 1), -1)
+    t = F.log_softmax(teacher_logits.float().flatten(0, 1), -1)
+    return F.kl_div(s, t, log_target=True, reduction="batchmean")
+
+
+def compute_loss(student: Any, teacher: "Teacher | None", ids: torch.Tensor, loss: str) -> torch.Tensor:
+    logits = student(input_ids=ids, use_cache=False).logits
+    if loss == "lm":
+        return lm_loss(logits, ids)
+    with torch.no_grad():
+        target = teacher(ids)  # after the student: it may start from the student's hidden state
+    return distill_loss(logits, target)
+
+
+# =============================================================================================
+# The training loop
+# =============================================================================================
+def lr_factor(step: int, cfg: TrainConfig) -> float:
+    """Linear warm-up, then cosine decay to `min_lr_ratio` at the last step."""
+    total = cfg.total_steps
+    warm = int(cfg.warmup * total)
+    if step < warm:
+        return (step + 1) / warm
+    progress = (step - warm) / max(1, total - warm)
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+@dataclass
+class TrainResult:
+    step: int  # steps done in total (across resumes)
+    tokens: int
+    finished: bool  # reached the configured number of steps
+    train_seconds: float  # wall time of training steps, across resumes
+    history: list[dict[str, Any]] = field(default_factory=list)  # per step: step, tokens, loss, lr
+    evals: list[dict[str, Any]] = field(default_factory=list)  # eval callback results
+    stopped_by: str | None = None  # "max_minutes" or "stop_after"
+
+
+def trainable_state(model: Any) -> dict[str, torch.Tensor]:
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def train(student: Any, teacher: Teacher | None, data: TokenBatches, cfg: TrainConfig, out: Path | None,
+          device: Any = "cpu", dtype: torch.dtype = torch.float32, resume: bool = False,
+          stop_after: int | None = None, evaluate: Callable[[Any], dict[str, Any]] | None = None,
+          meta: dict[str, Any] | None = None, progress: bool = True) -> TrainResult:
+    """Train the student's trainable parameters with AdamW; checkpoint to `out`/checkpoints.
+
+    `resume` restores the latest checkpoint in `out` (weights, optimizer, scheduler, RNG, step).
+    `stop_after` stops after that many steps in total (used to simulate an interruption).
+    `evaluate(model)` runs every `cfg.eval_every` steps and at the end; its dict is recorded.
+    `meta` (JSON-able) is stored in checkpoints and returned in `resumed_meta` on resume.
+    """
+    from tqdm.auto import tqdm
+
+    cfg.validate()
+    if cfg.loss == "distill" and teacher is None:
+        raise ValueError("--loss distill needs the teacher (the model before the plan).")
+    params = trainable_state(student)
+    if not params:
+        raise ValueError("the model has no trainable parameters; is there a parallel group in the plan?")
+    optimizer = torch.optim.AdamW(list(params.values()), lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                  betas=(0.9, 0.95), foreach=False)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
+    result = TrainResult(step=0, tokens=0, finished=False, train_seconds=0.0)
+    meta = dict(meta or {})
+    if resume:
+        result = _restore(out, params, optimizer, scheduler, cfg, data, meta)
+    total = cfg.total_steps
+    student.train()
+    if teacher is not None:
+        teacher.model.eval()
+    started, last_saved = time.perf_counter(), result.step
+    base_seconds = result.train_seconds
+    if evaluate and cfg.eval_every and result.step == 0:
+        result.evals.append(_run_eval(evaluate, student, result))  # the curve starts at the LP model
+    bar = tqdm(total=total, initial=result.step, desc=f"finetune ({cfg.loss})", unit="step", disable=not progress,
+               dynamic_ncols=True)
+    try:
+        while result.step < total:
+            if stop_after is not None and result.step >= stop_after:
+                result.stopped_by = "stop_after"
+                break
+            if cfg.max_minutes is not None and result.train_seconds >= cfg.max_minutes * 60:
+                result.stopped_by = "max_minutes"
+                break
+            loss = _train_step(student, teacher, data.batch(result.step).to(device), cfg, optimizer, scheduler,
+                               params, device, dtype)
+            result.step += 1
+            result.tokens = result.step * cfg.tokens_per_step
+            result.train_seconds = base_seconds + time.perf_counter() - started
+            result.history.append({"step": result.step, "tokens": result.tokens, "loss": loss,
+                                   "lr": scheduler.get_last_lr()[0], "seconds": round(result.train_seconds, 3)})
+            bar.update(1)
+            bar.set_postfix(loss=f"{_smoothed(result.history):.4f}",
+                            tok_s=f"{result.tokens / max(result.train_seconds, 1e-9):.0f}")
+            if evaluate and cfg.eval_every and result.step % cfg.eval_every == 0 and result.step < total:
+                result.evals.append(_run_eval(evaluate, student, result))
+            if out is not None and result.step % cfg.checkpoint_every == 0 and result.step < total:
+                _checkpoint(out, result, params, optimizer, scheduler, cfg, data, meta)
+                last_saved = result.step
+    finally:
+        bar.close()
+    result.finished = result.step >= total
+    if out is not None and not result.finished and result.step > last_saved:
+        _checkpoint(out, result, params, optimizer, scheduler, cfg, data, meta)  # stopped early: keep progress
+    result.resumed_meta = meta  # type: ignore[attr-defined]
+    return result
+
+
+def _train_step(student: Any, teacher: Teacher | None, ids: torch.Tensor, cfg: TrainConfig, optimizer: Any,
+                scheduler: Any, params: dict[str, torch.Tensor], device: Any, dtype: torch.dtype) -> float:
+    optimizer.zero_grad(set_to_none=True)
+    with autocast(device, dtype):
+        loss = compute_loss(student, teacher, ids, cfg.loss)
+    loss.backward()
+    if cfg.grad_clip:
+        torch.nn.utils.clip_grad_norm_(list(params.values()), cfg.grad_clip, foreach=False)
+    optimizer.step()
+    scheduler.step()
+    return float(loss.detach())
+
+
+def _smoothed(history: list[dict[str, Any]], n: int = 20) -> float:
+    recent = [h["loss"] for h in history[-n:]]
+    return sum(recent) / len(recent)
+
+
+def _run_eval(evaluate: Callable[[Any], dict[str, Any]], student: Any, result: TrainResult) -> dict[str, Any]:
+    student.eval()
+    try:
+        with torch.no_grad():
+            record = dict(evaluate(student), step=result.step, tokens=result.tokens)
+    finally:
+        student.train()
+    return record
+
+
+def _checkpoint(out: Path, result: TrainResult, params: dict[str, torch.Tensor], optimizer: Any, scheduler: Any,
+                cfg: TrainConfig, data: TokenBatches, meta: dict[str, Any]) -> None:
+    info = dict(meta, config=asdict(cfg), trajectory=cfg.trajectory(), data_digest=data.digest,
+                data_sequences=data.num_sequences, tokens=result.tokens, train_seconds=result.train_seconds,
+                history=result.history, evals=result.evals)
+    save_checkpoint(out, result.step, params, optimizer, scheduler, info, keep=cfg.keep_checkpoints)
+
+
+def _restore(out: Path | None, params: dict[str, torch.Tensor], optimizer: Any, scheduler: Any, cfg: TrainConfig,
+             data: TokenBatches, meta: dict[str, Any]) -> TrainResult:
+    path = latest_checkpoint(out) if out is not None else None
+    if path is None:
+        raise FileNotFoundError(f"--resume: no checkpoint in {Path(out or '.') / CHECKPOINT_DIR}; run without "
+                                "--resume to start training.")
+    state = load_checkpoint(path)
+    check_resumable(state, cfg, data, set(params))
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(state["trainable"][name])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    set_rng_state(state["rng"])
+    for key in ("base", "lp"):  # measurements made before training, so the summary stays complete
+        if key in state:
+            meta.setdefault(key, state[key])
+    return TrainResult(step=state["step"], tokens=state["tokens"], finished=False,
+                       train_seconds=state["train_seconds"], history=state["history"], evals=state["evals"])
+
+
+def check_resumable(state: dict[str, Any], cfg: TrainConfig, data: TokenBatches, names: set[str]) -> None:
+    """The checkpoint must come from the same trajectory: same options, data and parameters."""
+    saved = state["trajectory"]
+    diff = [f"--{k.replace('_', '-')} {saved.get(k)!r} (now {v!r})" for k, v in cfg.trajectory().items()
+            if saved.get(k) != v]
+    if diff:
+        raise ValueError("--resume: the checkpoint was trained with " + ", ".join(diff) + "; pass the same "
+                         "options as the first run (or start a new --out).")
+    if state["data_digest"] != data.digest:
+        raise ValueError("--resume: the training data differs from the data of the checkpoint; pass the same "
+                         "--data (and --model, whose tokenizer cuts it) as the first run.")
+    if set(state["trainable"]) != names:
+        raise ValueError("--resume: the checkpoint's trainable parameters do not match this model; pass the same "
+                         "--model and --plan as the first run.")
+
+

@@ -1,0 +1,1 @@
+"""Search for the layer groups that cost least at a target depth."""

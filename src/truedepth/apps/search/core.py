@@ -1,0 +1,365 @@
+"""The search space (candidate groups and skips) and scoring plans on calibration windows (`truedepth search`)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Sequence
+
+from ...core.plan import Block, Plan, Step
+
+OBJECTIVES = ("ppl", "kl")
+
+
+# ---------------------------------------------------------------------------------------------
+# Search space: candidate elements (a group of consecutive layers run in parallel, or a skip)
+# ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True, order=True)
+class Element:
+    """One change to the stack: `size` consecutive layers from `start` in parallel, or a skip."""
+    start: int
+    size: int
+    kind: str  # "parallel" | "skip"
+
+    @property
+    def layers(self) -> range:
+        return range(self.start, self.start + self.size)
+
+    @property
+    def reduction(self) -> int:
+        """Layers of depth this element removes."""
+        return self.size - 1 if self.kind == "parallel" else self.size
+
+    def step(self) -> Step:
+        if self.kind == "parallel":
+            return Step("parallel", self.start, self.start + self.size, self.size)
+        return Step("skip", self.start, self.start + self.size)
+
+    def shifted(self, by: int) -> "Element":
+        return Element(self.start + by, self.size, self.kind)
+
+    def __str__(self) -> str:
+        return str(self.step())
+
+
+def candidate_elements(num_layers: int, max_group: int = 3, allow_skip: bool = False) -> list[Element]:
+    """Every group of 2..max_group consecutive layers, plus every single-layer skip if allowed."""
+    out = [Element(a, g, "parallel") for g in range(2, max_group + 1) for a in range(num_layers - g + 1)]
+    if allow_skip:
+        out += [Element(i, 1, "skip") for i in range(num_layers)]
+    return out
+
+
+def fits(chosen: Iterable[Element], element: Element, num_layers: int | None = None) -> bool:
+    """True if `element` uses no layer already used by `chosen` (and lies inside the stack)."""
+    if num_layers is not None and (element.start < 0 or element.start + element.size > num_layers):
+        return False
+    used = {i for e in chosen for i in e.layers}
+    return not used.intersection(element.layers)
+
+
+def plan_of(elements: Iterable[Element]) -> Plan:
+    """The Plan of a set of elements; neighbouring groups of one size share a step
+    (parallel=20:24 rather than parallel=20:22,parallel=22:24), neighbouring skips too."""
+    steps: list[Step] = []
+    for e in sorted(elements):
+        last = steps[-1] if steps else None
+        same = last is not None and last.end == e.start and last.kind == e.kind and \
+            (e.kind == "skip" or last.group == e.size)
+        if same:
+            steps[-1] = Step(last.kind, last.start, e.start + e.size, last.group)
+        else:
+            steps.append(e.step())
+    return Plan(tuple(steps))
+
+
+def elements_of(plan: Plan, num_layers: int) -> list[Element]:
+    """Inverse of plan_of for plans made of parallel groups and skips."""
+    out: list[Element] = []
+    for step in plan.steps:
+        if step.kind == "parallel":
+            out += [Element(g[0], len(g), "parallel") for g in step.groups()]
+        elif step.kind == "skip":
+            out += [Element(i, 1, "skip") for i in step.layers]
+        elif step.kind != "keep":
+            raise ValueError(f"step '{step}': the search only handles parallel groups and skips.")
+    return out
+
+
+def reachable(chosen: Iterable[Element], num_layers: int, max_group: int, allow_skip: bool) -> int:
+    """Largest further depth reduction the layers not used by `chosen` still allow."""
+    used = {i for e in chosen for i in e.layers}
+    total, run = 0, 0
+    for i in range(num_layers + 1):
+        if i < num_layers and i not in used:
+            run += 1
+            continue
+        whole, rest = divmod(run, max_group)
+        total += run if allow_skip else whole * (max_group - 1) + max(rest - 1, 0)
+        run = 0
+    return total
+
+
+def reduction_of(elements: Iterable[Element]) -> int:
+    return sum(e.reduction for e in elements)
+
+
+def max_reduction(num_layers: int, max_group: int, allow_skip: bool) -> int:
+    """Largest depth reduction the search space can reach."""
+    if allow_skip:
+        return num_layers - 1
+    whole, rest = divmod(num_layers, max_group)
+    return whole * (max_group - 1) + max(rest - 1, 0)
+
+
+def target_reductions(num_layers: int, depths: Sequence[int] | None, reductions: Sequence[int] | None,
+                      max_group: int, allow_skip: bool) -> list[int]:
+    """Depth reductions to search for, checked against what the search space can reach."""
+    if (depths is None) == (reductions is None):
+        raise ValueError("give exactly one of --target-depth D or --reduce K.")
+    wanted = [num_layers - d for d in depths] if depths is not None else list(reductions)
+    limit = max_reduction(num_layers, max_group, allow_skip)
+    for k in wanted:
+        depth = num_layers - k
+        if k < 1 or depth < 1:
+            raise ValueError(f"target depth {depth} (reduce {k}) is outside 1..{num_layers - 1}: the model "
+                             f"has {num_layers} layers; pick a target depth below {num_layers}.")
+        if k > limit:
+            how = "add --allow-skip" if not allow_skip else "pick a larger depth"
+            if not allow_skip and max_group < 3:
+                how = "use --max-group 3 or --allow-skip"
+            raise ValueError(f"target depth {depth} cannot be reached with groups of at most {max_group} "
+                             f"layers{' and skips' if allow_skip else ''} (lowest reachable: "
+                             f"{num_layers - limit}); {how}.")
+    return sorted(set(wanted))
+
+
+# ---------------------------------------------------------------------------------------------
+# Calibration batch
+# ---------------------------------------------------------------------------------------------
+def calibration_ids(tokenizer: Any, text: str, windows: int = 16, length: int = 512) -> Any:
+    """`windows` windows of `length` tokens spread evenly over `text` (deterministic), as a
+    (windows, length) LongTensor. Spreading them samples many chapters with few tokens."""
+    import torch
+
+    if windows < 1 or length < 2:
+        raise ValueError(f"need at least 1 calibration window of at least 2 tokens (got {windows} x {length}); "
+                         "pass e.g. --calib-windows 8 --calib-length 256.")
+    chars = length * 8  # Austen-like English averages ~4-5 characters per token: 8 leaves spare
+    if len(text) < chars:
+        raise ValueError(f"the calibration text has {len(text)} characters, too short for windows of {length} "
+                         "tokens; pass a longer --calib text or a smaller --calib-length.")
+    rows = []
+    for k in range(windows):
+        start = (len(text) - chars) * k // max(windows - 1, 1)
+        start = _word_start(text, start)
+        ids = tokenizer(text[start:start + chars], add_special_tokens=False)["input_ids"]
+        if len(ids) < length:
+            raise ValueError(f"calibration window {k} holds only {len(ids)} tokens, fewer than {length}; "
+                             "pass a smaller --calib-length or a longer --calib text.")
+        rows.append(list(ids[:length]))
+    return torch.tensor(rows, dtype=torch.long)
+
+
+def split_calibration_ids(tokenizer: Any, text: str, windows: int, select: int, length: int) -> tuple[Any, Any]:
+    """Two disjoint sets of windows of `text`: `windows` for the search and `select` for the final
+    choice among finalists (None when select is 0). All windows are spread evenly over the text
+    together and dealt out alternately, so both sets sample the whole text and never share a
+    window (they overlap only when the text is shorter than all windows end to end)."""
+    ids = calibration_ids(tokenizer, text, windows + select, length)
+    if not select:
+        return ids, None
+    picked = {int((i + 0.5) * (windows + select) / select) for i in range(select)}
+    chosen = [i for i in range(windows + select) if i in picked]
+    rest = [i for i in range(windows + select) if i not in picked]
+    return ids[rest], ids[chosen]
+
+
+def _word_start(text: str, pos: int) -> int:
+    """First position at or after `pos` that starts a word (windows never open mid-word)."""
+    if pos == 0:
+        return 0
+    nxt = text.find(" ", pos)
+    return pos if nxt < 0 else nxt + 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Scoring plans on the calibration batch
+# ---------------------------------------------------------------------------------------------
+class PlanScorer:
+    """Objective of plans on a fixed calibration batch, from the ORIGINAL model's layers.
+
+    One forward of the original model records the input of every layer and the keyword
+    arguments (attention mask, rotary embeddings) each layer receives. A plan is then evaluated
+    from the first layer it changes, with its parallel groups computed from the definition
+        h = x + sum_i Attn_i(Norm_i(x)),   out = h + sum_i MLP_i(Norm'_i(h))
+    which is what the fused wide layer of `apply_plan` computes (up to float rounding), so the
+    search never copies or rebuilds the model. Results are memoised per plan.
+    """
+
+    def __init__(self, model: Any, input_ids: Any, objective: str = "ppl") -> None:
+        import torch
+
+        from ...core.arch import check_supported, current_plan, decoder_layers
+
+        if objective not in OBJECTIVES:
+            raise ValueError(f"unknown objective {objective!r}; use one of {', '.join(OBJECTIVES)}.")
+        previous = current_plan(model.config)
+        if previous is not None and not previous.is_identity:
+            raise ValueError(f"the model was already transformed with plan '{previous}'; the search needs the "
+                             "original model (plans refer to its layers): load it without a plan.")
+        check_supported(model)
+        self.model = model
+        self.objective = objective
+        self.layers = decoder_layers(model)
+        self.num_layers = len(self.layers)
+        device = next(model.parameters()).device
+        self.input_ids = input_ids.to(device)
+        self.evals = 1  # forward passes over the calibration batch, the recording pass included
+        self.layer_runs = self.num_layers  # decoder layers run in those passes (a group of g counts g)
+        self._cache: dict[str, float] = {}
+        with torch.no_grad():
+            self.inputs, self.kwargs = self._record_base_pass()
+            self.base = self._objective(self.inputs[-1])
+        self._cache[str(Plan(()))] = self.base
+
+    # ---- the original model's pass ------------------------------------------------------------
+    def _record_base_pass(self) -> tuple[list[Any], list[dict]]:
+        inputs: list[Any] = [None] * (self.num_layers + 1)
+        kwargs: list[dict] = [{}] * self.num_layers
+        handles = []
+
+        def recorder(i: int) -> Callable:
+            def hook(module: Any, args: tuple, kw: dict) -> None:
+                inputs[i] = args[0] if args else kw["hidden_states"]
+                if i < len(kwargs):
+                    kwargs[i] = {k: v for k, v in kw.items() if k != "hidden_states"}
+            return hook
+
+        for i, layer in enumerate(self.layers):
+            handles.append(layer.register_forward_pre_hook(recorder(i), with_kwargs=True))
+        handles.append(self.model.model.norm.register_forward_pre_hook(recorder(self.num_layers), with_kwargs=True))
+        try:
+            self.model.model(input_ids=self.input_ids, use_cache=False)
+        finally:
+            for h in handles:
+                h.remove()
+        if any(x is None for x in inputs):
+            raise RuntimeError("could not record the layer inputs of the model: its decoder layers or final norm "
+                               "were not called as expected (is this a standard HF decoder-only model?).")
+        return inputs, kwargs
+
+    # ---- objective ------------------------------------------------------------------------------
+    def _log_probs(self, hidden: Any) -> Any:
+        """Next-token log-probabilities of one window from its final (pre-norm) hidden states."""
+        import torch
+
+        logits = self.model.lm_head(self.model.model.norm(hidden[:-1])).float()
+        return torch.log_softmax(logits, dim=-1)
+
+    def _window_losses(self, hidden: Any) -> Any:
+        """Per window: mean negative log-likelihood (ppl) or mean KL(original || candidate) per
+        predicted token, as a float64 tensor."""
+        import torch
+
+        out = []
+        for b in range(hidden.shape[0]):  # one window at a time: logits are tokens x vocab floats
+            logp = self._log_probs(hidden[b])
+            if self.objective == "ppl":
+                out.append(float(-logp.gather(1, self.input_ids[b, 1:, None]).mean()))
+            else:  # the original distribution is recomputed from its final hidden states: one more
+                # head product per window, instead of keeping tokens x vocab floats in memory
+                base = self._log_probs(self.inputs[-1][b])
+                out.append(float((base.exp() * (base - logp)).sum(-1).mean()))
+        return torch.tensor(out, dtype=torch.float64)
+
+    def _objective(self, hidden: Any) -> float:
+        """Calibration perplexity, or mean KL(original || candidate) per predicted token (windows
+        have equal lengths, so the mean over windows is the mean over tokens)."""
+        mean = float(self._window_losses(hidden).mean())
+        return math.exp(mean) if self.objective == "ppl" else mean
+
+    def _final_hidden(self, plan: Plan) -> Any:
+        """Final (pre-norm) hidden states of `plan`, re-running only the layers from the first one
+        it changes; counted as one forward pass."""
+        import torch
+
+        blocks = plan.blocks(self.num_layers)
+        first = first_changed_block(blocks)
+        with torch.no_grad():
+            x = self.inputs[first]
+            for block in blocks[first:]:
+                x = self._run_block(block, x)
+                self.layer_runs += len(block.layers)
+        self.evals += 1
+        return x
+
+    # ---- plans ------------------------------------------------------------------------------------
+    @staticmethod
+    def _as_plan(plan: Any) -> Plan:
+        if not isinstance(plan, (Plan, str)):
+            plan = plan_of(plan)
+        return plan if isinstance(plan, Plan) else Plan.parse(plan)
+
+    def score(self, plan: Any) -> float:
+        """Objective of `plan` (a Plan, plan string or list of Elements) on the calibration batch."""
+        import torch
+
+        plan = self._as_plan(plan)
+        key = str(plan)
+        if key not in self._cache:
+            with torch.no_grad():
+                self._cache[key] = self._objective(self._final_hidden(plan))
+        return self._cache[key]
+
+    def window_losses(self, plan: Any) -> Any:
+        """Per-window objective of `plan` (mean NLL or KL per token; not memoised): what paired
+        comparisons of two plans need, since most of the variance between windows is shared."""
+        import torch
+
+        with torch.no_grad():
+            return self._window_losses(self._final_hidden(self._as_plan(plan)))
+
+    def scored(self) -> dict[str, float]:
+        """Every plan scored so far (plan string -> objective), the original model included."""
+        return dict(self._cache)
+
+    def _run_block(self, block: Block, x: Any) -> Any:
+        kw = self.kwargs[block.layers[0]]
+        if block.kind == "keep":
+            out = self.layers[block.layers[0]](x, **kw)
+            return out[0] if isinstance(out, tuple) else out
+        if block.kind != "parallel":
+            raise ValueError(f"the search scorer handles parallel groups and skips, not '{block.kind}'.")
+        members = [self.layers[i] for i in block.layers]
+        h = x + sum(m.self_attn(hidden_states=m.input_layernorm(x), **kw)[0] for m in members)
+        return h + sum(m.mlp(m.post_attention_layernorm(h)) for m in members)
+
+    def cosine_proxy(self, element: Element) -> float:
+        """Zero-forward proxy of an element's cost: how far the inputs its layers see under the
+        plan are from their original inputs (1 - mean cosine similarity, summed over layers).
+
+        In a parallel group every member reads the group's input x_a instead of its own x_i; a
+        skipped layer's successor reads x_i instead of x_{i+1}. Near-identical hidden states mean
+        the change costs little."""
+        if element.kind == "skip":
+            pairs = [(element.start, element.start + 1)]
+        else:
+            pairs = [(element.start, i) for i in element.layers[1:]]
+        return sum(1.0 - self._mean_cosine(self.inputs[a], self.inputs[b]) for a, b in pairs)
+
+    def _mean_cosine(self, a: Any, b: Any) -> float:
+        import torch
+
+        return float(torch.nn.functional.cosine_similarity(a.float(), b.float(), dim=-1).mean())
+
+
+def first_changed_block(blocks: Sequence[Block]) -> int:
+    """Index of the first block that is not the original layer at that position: everything
+    before it equals the original model, so its input is the recorded hidden state."""
+    for k, block in enumerate(blocks):
+        if block != Block("keep", (k,)):
+            return k
+    return len(blocks)
+
+

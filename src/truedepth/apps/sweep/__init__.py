@@ -1,0 +1,1 @@
+"""Effective-depth study: sweep transforms over delta and start."""

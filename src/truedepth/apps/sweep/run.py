@@ -1,0 +1,47 @@
+"""Running a sweep end to end: check the settings, measure what is missing, write tables, plots and report."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+from .core import Point, Sweep, run_sweep, text_ids
+from .report import finish
+from .tables import read_bench
+
+
+def check_sweep(sweep: Sweep, tasks: bool = True) -> None:
+    """Reject bad settings before anything is loaded (`tasks`: also the task names, which takes seconds)."""
+    from ...measure.eval.perplexity import check_window_args
+
+    check_window_args(sweep.tokens, sweep.window, sweep.stride)
+    if sweep.num_fewshot is not None and sweep.num_fewshot < 0:
+        raise ValueError(f"--num-fewshot must be 0 or more (got {sweep.num_fewshot}).")
+    if sweep.limit is not None and sweep.limit < 1:
+        raise ValueError(f"--limit must be at least 1 (got {sweep.limit}).")
+    if (sweep.num_fewshot is not None or sweep.limit is not None) and not sweep.tasks:
+        raise ValueError("--num-fewshot and --limit apply to --tasks; add --tasks (e.g. truedepth_austen_lastword).")
+    if sweep.bench is not None:
+        if not sweep.bench.is_file():
+            raise FileNotFoundError(f"--bench {sweep.bench}: no such file; write it with "
+                                    f"`truedepth bench --json {sweep.bench}`.")
+        read_bench(sweep.bench, sweep.bench_mode)  # a bad bench file fails now, not after the sweep
+    if tasks and sweep.tasks:
+        from ...measure.eval.icl import check_tasks, task_manager
+
+        check_tasks(sweep.tasks, task_manager(sweep.tasks))  # unknown task names fail before any work
+
+
+def run_study(sweep: Sweep, points: Sequence[Point], notes: Sequence[str] = (), plot_only: bool = False,
+              report: Path | None = None, report_img: Path | None = None,
+              report_command: str | None = None) -> list[dict[str, Any]]:
+    """Measure every point not yet in OUT/results.jsonl (unless `plot_only`), then write tables,
+    plots and (with `report`) the Markdown report; returns the table rows."""
+    check_sweep(sweep)
+    if not plot_only:
+        ids = text_ids(sweep)
+        from ...core.loading import load_for_device
+
+        model, tokenizer = load_for_device(sweep.model, dtype=sweep.dtype, device=sweep.device)
+        run_sweep(sweep, model, tokenizer, points, ids)
+    return finish(sweep, notes, report, report_img, report_command)

@@ -1,0 +1,67 @@
+"""The `truedepth` command. Each subcommand lives in its own module with two functions:
+
+    add_arguments(parser)   declare its options
+    run(args) -> int        do the work (imports heavy libraries lazily)
+
+so `truedepth --help` stays fast and each capability stays in its module.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from ..core.plan import GRAMMAR_HELP
+
+# name -> (module, one-line help)
+COMMANDS = {
+    "demo": ("truedepth.cli.demo", "the main job: quality and speed of LP plans on the default model"),
+    "generate": ("truedepth.cli.generate", "generate text with a (transformed) model"),
+    "eval": ("truedepth.cli.eval", "perplexity and lm-evaluation-harness tasks for a model and plan"),
+    "bench": ("truedepth.cli.bench", "prefill/decode speed of the base model and plans (eager, compiled, fast)"),
+    "sweep": ("truedepth.cli.sweep", "effective-depth study: sweep transforms over delta and start, plot"),
+    "finetune": ("truedepth.cli.finetune", "fine-tune only the parallelized layers to win quality back"),
+    "search": ("truedepth.cli.search", "search for the layer groups that cost least at a target depth"),
+    "plan": ("truedepth.cli.plan", "show what a plan does to a model: layers, depth, JSON"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="truedepth",
+        description="Layer Parallelism for Hugging Face causal LMs: run groups of consecutive layers in "
+                    "parallel, measure the quality cost and the speed-up, win quality back.",
+        epilog=GRAMMAR_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module, help_text) in COMMANDS.items():
+        try:
+            mod = importlib.import_module(module)
+        except ModuleNotFoundError as e:
+            if e.name and e.name.startswith("truedepth"):
+                continue  # command not built yet
+            raise
+        p = sub.add_parser(name, help=help_text, description=(mod.__doc__ or help_text).strip(),
+                           epilog=GRAMMAR_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+        mod.add_arguments(p)
+        p.set_defaults(_module=mod)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "_module", None):
+        parser.print_help()
+        return 0
+    try:
+        return int(args._module.run(args) or 0)
+    except (ValueError, FileNotFoundError, RuntimeError) as e:  # our errors explain themselves
+        if getattr(args, "debug", False) or __import__("os").environ.get("TRUEDEPTH_DEBUG"):
+            raise
+        print(f"truedepth {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

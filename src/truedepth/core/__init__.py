@@ -1,0 +1,1 @@
+"""The core: plans, the layer anatomy, the transform, Hugging Face classes, loading, model shapes."""

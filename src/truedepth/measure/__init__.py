@@ -1,0 +1,1 @@
+"""Measuring models: quality (eval) and speed (bench)."""

@@ -1,0 +1,1 @@
+"""Speed: timing, decode/prefill benchmarks, the TP benchmark, and their reports."""

@@ -1,0 +1,182 @@
+"""Running the benchmark end to end (`truedepth bench`): where models come from, which plans, the loop, the output."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+from ...core.plan import parse_int_ranges
+from ...utils.env import environment
+from .decode import MODES, Settings, add_ratios, allow_many_compiles, bench_models, check_settings, parse_modes, release_compiled_state
+from .report import format_markdown, format_table, plot, write_json
+from .timing import measure_bandwidth
+
+
+@dataclass
+class BenchOptions:
+    """Everything `truedepth bench` takes (see its --help); the defaults are the command's."""
+    model: str | None = None
+    shape: str | None = None
+    plan: list[str] | None = None  # plans to compare with the base model
+    batch: str = "1"
+    prompt: int = 128
+    new: int | None = None
+    mode: str | None = None
+    prefill: str | None = None
+    repeats: int = 3
+    warmup: int = 1
+    dtype: str | None = None
+    device: str | None = None
+    threads: int | None = None
+    backend: str = "inductor"
+    json: str | None = None
+    markdown: bool = False
+    plot: str | None = None
+    sequential: bool = False
+    seed: int = 0
+
+
+def settings_from_args(args: BenchOptions, on_gpu: bool) -> Settings:
+    prefill = args.prefill if args.prefill is not None else ("128,512,2048" if on_gpu else "128,512")
+    return Settings(
+        prompt=args.prompt, new=args.new if args.new is not None else (256 if on_gpu else 64),
+        batches=tuple(parse_int_ranges(args.batch, "--batch", minimum=1)),
+        modes=parse_modes(args.mode or (",".join(MODES) if on_gpu else "eager,fast")),
+        prefill=() if str(prefill).lower() == "none" else tuple(parse_int_ranges(prefill, "--prefill", minimum=1)),
+        repeats=args.repeats, warmup=args.warmup, backend=args.backend, seed=args.seed)
+
+
+class Source:
+    """Where models come from: a named shape (random weights) or a checkpoint; one fresh model per plan."""
+
+    def __init__(self, args: BenchOptions, dtype: Any, device: Any) -> None:
+        from ...core.shapes import get_shape, shape_config
+
+        self.shape = get_shape(args.shape) if args.shape else None
+        self.model_id = None if self.shape else (args.model or "default")
+        self.dtype, self.device, self.seed = dtype, device, args.seed
+        if self.shape:
+            self.config = shape_config(self.shape.name)
+            self.label = self.shape.name
+        else:
+            from transformers import AutoConfig
+
+            from ...core.loading import resolve
+
+            self.config = AutoConfig.from_pretrained(resolve(self.model_id), trust_remote_code=False)
+            self.label = self.model_id if self.model_id != "default" else "default (SmolLM2-135M)"
+
+    @property
+    def num_layers(self) -> int:
+        info = getattr(self.config, "truedepth", None)
+        if info:
+            raise ValueError(f"{self.model_id} is already transformed (plan {info['plan'].get('plan')}); bench "
+                             "the original model and pass the plan with --plan.")
+        return self.config.num_hidden_layers
+
+    def default_plans(self) -> list[str]:
+        from ...core.shapes import SHAPES
+
+        if self.shape:
+            return [self.shape.default_plan]
+        for shape in SHAPES.values():  # a checkpoint with a known shape (e.g. the default model)
+            c = shape.config
+            if all(getattr(self.config, k, None) == c[k] for k in
+                   ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size")):
+                return [shape.default_plan]
+        return []
+
+    def build(self, plan: str) -> Any:
+        from ...core.transform import apply_plan
+
+        if self.shape:
+            from ...core.shapes import build_shape
+
+            model = build_shape(self.shape.name, self.dtype, self.device, seed=self.seed)
+        else:
+            from ...core.loading import load
+
+            model, _ = load(self.model_id, dtype=self.dtype, device=self.device)
+        if plan != "base":
+            apply_plan(model, plan)
+        return model
+
+
+def resolve_plans(args: BenchOptions, source: Source) -> list[str]:
+    from ...core.plan import as_plan
+
+    given = args.plan if args.plan is not None else source.default_plans()
+    plans = ["base"]
+    for text in given:
+        plan = as_plan(text)
+        plan.validate(source.num_layers)  # a bad plan fails now, before any model is built
+        if str(plan) not in plans:
+            plans.append(str(plan))
+    return plans
+
+
+def run_bench(args: BenchOptions) -> int:
+    """Build, time and report every plan as `args` says; returns the exit code (1 if every run failed)."""
+    import torch
+
+    from ...utils.device import as_dtype, device_and_dtype
+
+    device_name, dtype_name = device_and_dtype(args.device, args.dtype)
+    device = torch.device(device_name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda was asked for but torch sees no GPU; use --device cpu.")
+    on_gpu = device.type == "cuda"
+    dtype = as_dtype(dtype_name)
+    settings = settings_from_args(args, on_gpu)
+    if args.threads:
+        if args.threads < 1:
+            raise ValueError("--threads must be at least 1.")
+        torch.set_num_threads(args.threads)
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise RuntimeError("--plot needs matplotlib: pip install matplotlib (or truedepth[plot]).") from None
+    source = Source(args, dtype, device)
+    check_settings(settings, getattr(source.config, "max_position_embeddings", None))
+    plans = resolve_plans(args, source)
+    if len(plans) == 1:
+        print("note: no plan to compare; pass --plan, e.g. --plan parallel=14:24", file=sys.stderr)
+
+    allow_many_compiles()
+    meta = environment(device) | {"model": source.label, "dtype": str(dtype).replace("torch.", ""),
+                                  "settings": {k: v for k, v in vars(settings).items() if k != "extra"}}
+    meta["bandwidth_GBps"] = measure_bandwidth(device)
+    records: list[dict[str, Any]] = []
+
+    def save(record: dict[str, Any]) -> None:
+        records.append(record)
+        if args.json:  # rewritten after every record: an interrupted run keeps what it measured
+            add_ratios(records)
+            write_json(args.json, meta, records)
+
+    from tqdm.auto import tqdm
+
+    total = len(plans) * len(settings.modes) * len(settings.batches)
+    # all models at once, their runs alternating (fair under drifting load), or one at a time
+    groups = [[plan] for plan in plans] if args.sequential else [plans]
+    with tqdm(total=total, desc="bench", unit="run", file=sys.stderr) as bar:
+        for group in groups:
+            models = {plan: source.build(plan) for plan in group}
+            bench_models(models, source.label, settings, meta["bandwidth_GBps"], on_record=save, progress=bar)
+            del models
+            release_compiled_state()
+    add_ratios(records)
+    records.sort(key=lambda r: (plans.index(r["plan"]), MODES.index(r["mode"]), r["batch"]))
+    print(f"{meta['device_name']} ({meta['device']}), {meta['dtype']}, torch {meta['torch']}, transformers "
+          f"{meta['transformers']}, copy bandwidth {meta['bandwidth_GBps']:.1f} GB/s; prompt {settings.prompt}, "
+          f"new {settings.new}, median of {settings.repeats}")
+    print(format_markdown(records) if args.markdown else format_table(records))
+    if args.json:
+        write_json(args.json, meta, records)
+        print(f"wrote {args.json}")
+    if args.plot:
+        print(f"wrote {plot(records, args.plot)}")
+    failed = [r for r in records if "error" in r]
+    return 1 if failed and len(failed) == len(records) else 0

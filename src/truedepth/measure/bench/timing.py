@@ -1,0 +1,46 @@
+"""Timing on any device: wait for queued work, time a call, the median of repeats, copy bandwidth.
+The one home of timing code: bench, the TP bench, the demo's decode probe and scripts use it."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Any, Callable
+
+
+# ---------------------------------------------------------------------------------------------
+# Timing
+# ---------------------------------------------------------------------------------------------
+def synchronize(device: Any) -> None:
+    import torch
+
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn: Callable[[], Any], device: Any) -> float:
+    """Wall seconds of fn(), with the device synchronised before and after (async work counted)."""
+    synchronize(device)
+    start = time.perf_counter()
+    fn()
+    synchronize(device)
+    return time.perf_counter() - start
+
+
+def median_time(fn: Callable[[], Any], device: Any, repeats: int, warmup: int) -> float:
+    for _ in range(warmup):
+        fn()
+    return statistics.median(timed(fn, device) for _ in range(repeats))
+
+
+def measure_bandwidth(device: Any, nbytes: int | None = None, repeats: int = 10) -> float:
+    """Device copy bandwidth in GB/s: bytes read + bytes written per second, median of `repeats`."""
+    import torch
+
+    device = torch.device(device)
+    nbytes = nbytes or (1 << 30 if device.type == "cuda" else 1 << 26)
+    src = torch.randint(0, 255, (nbytes,), dtype=torch.uint8, device=device)  # never time zeros
+    dst = torch.empty_like(src)
+    seconds = median_time(lambda: dst.copy_(src), device, repeats, warmup=2)
+    del src, dst
+    return 2 * nbytes / seconds / 1e9

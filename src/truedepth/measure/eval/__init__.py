@@ -1,0 +1,1 @@
+"""Quality: perplexity, lm-evaluation-harness tasks (icl, tasks/) and the offline texts (data)."""

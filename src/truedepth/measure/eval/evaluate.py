@@ -1,0 +1,152 @@
+"""Perplexity and lm-evaluation-harness tasks of a model and plan (the library behind `truedepth eval`)."""
+
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from ...runtime.distributed.tp import TPOptions
+
+
+@dataclass
+class EvalOptions:
+    """What `evaluate` measures: perplexity of `text` (None: only `tasks`) and/or lm-eval `tasks`."""
+    model: str = "default"
+    plan: str | None = "base"
+    dtype: str | None = None
+    device: str | None = None
+    text: str | None = None
+    tokens: int = 16384
+    window: int = 1024
+    stride: int | None = None
+    batch_size: int | None = None
+    tasks: str | None = None
+    num_fewshot: int | None = None
+    limit: int | None = None
+    no_progress: bool = False
+    tp: TPOptions = field(default_factory=TPOptions)
+
+
+def check_args(args: EvalOptions) -> None:
+    """Reject bad settings before anything is loaded."""
+    from .perplexity import check_window_args
+
+    if args.text is not None or not args.tasks:
+        check_window_args(args.tokens, args.window, args.stride)
+    if args.batch_size is not None and args.batch_size < 1:
+        raise ValueError(f"--batch-size must be at least 1 (got {args.batch_size}).")
+    if args.tasks is not None and not task_list(args.tasks):
+        raise ValueError("--tasks is empty; pass task names separated by commas, e.g. --tasks truedepth_mmlu.")
+    if args.num_fewshot is not None and args.num_fewshot < 0:
+        raise ValueError(f"--num-fewshot must be 0 or more (got {args.num_fewshot}).")
+    if args.limit is not None and args.limit < 1:
+        raise ValueError(f"--limit must be at least 1 (got {args.limit}).")
+
+
+def task_list(tasks: str | None) -> list[str]:
+    return [t.strip() for t in (tasks or "").split(",") if t.strip()]
+
+
+def model_facts(model: Any) -> dict[str, Any]:
+    """Depth, original depth and plan of a (possibly transformed) model."""
+    from ...core.arch import current_plan
+
+    config = model.config
+    info = getattr(config, "truedepth", None) or {}
+    plan = current_plan(config)
+    return {"depth": config.num_hidden_layers,
+            "original_depth": info.get("original_num_hidden_layers", config.num_hidden_layers),
+            "plan": str(plan) if plan is not None else "base"}
+
+
+def run_tasks(model: Any, tokenizer: Any, args: EvalOptions) -> dict:
+    try:
+        from .icl import evaluate_tasks
+    except ModuleNotFoundError as e:
+        if e.name and e.name.startswith("truedepth"):
+            raise RuntimeError("--tasks needs truedepth.measure.eval.icl, which this installation lacks; "
+                               "update truedepth or drop --tasks.") from None
+        raise RuntimeError(f"--tasks needs the package {e.name!r}; install it with "
+                           "`pip install 'truedepth[eval]'` or drop --tasks.") from None
+    return evaluate_tasks(model, tokenizer, tasks=task_list(args.tasks), num_fewshot=args.num_fewshot,
+                          limit=args.limit)
+
+
+def text_token_ids(args: EvalOptions, text_spec: str) -> list[int]:
+    """Load and tokenise the text, and check it fills a window, before the model is loaded."""
+    from transformers import AutoTokenizer
+
+    from .data import load_text
+    from ...core.loading import resolve
+    from .perplexity import make_windows, tokenize
+
+    text = load_text(text_spec)
+    tokenizer = AutoTokenizer.from_pretrained(resolve(args.model), trust_remote_code=False)
+    ids = tokenize(tokenizer, text, args.tokens)
+    make_windows(ids, args.tokens, args.window, args.stride)  # raises if the text is too short
+    return ids
+
+
+def evaluate(args: EvalOptions) -> dict[str, Any]:
+    """Load, transform and evaluate as the arguments say; return the result record."""
+    from .perplexity import perplexity
+    from ...runtime.distributed.tp import is_main, load_model  # the plain loader unless --tp: then each rank loads its shard
+
+    check_args(args)
+    start = time.perf_counter()
+    text_spec = args.text if args.text is not None or args.tasks else "default"
+    ids = text_token_ids(args, text_spec) if text_spec is not None else None
+    model, tokenizer = load_model(args.model, args.plan, args.dtype, args.device, args.tp)
+    param = next(model.parameters())
+    result: dict[str, Any] = {"model": args.model, **model_facts(model), "dtype": str(param.dtype).replace("torch.", ""),
+                              "device": str(param.device)}
+    if ids is not None:
+        ppl = perplexity(model, tokenizer, ids, tokens=args.tokens, window=args.window, stride=args.stride,
+                         batch_size=args.batch_size, progress=not args.no_progress and is_main())
+        result.update({"text": text_spec, **ppl})
+    if args.tasks:
+        result["task_names"] = task_list(args.tasks)
+        result["tasks"] = run_tasks(model, tokenizer, args)
+    result["seconds"] = round(time.perf_counter() - start, 2)
+    return result
+
+
+def task_rows(results: dict[str, Any], tasks: list[str]) -> list[tuple[str, str]]:
+    """One row per requested task with its main metric (all subtasks stay in --json output)."""
+    rows = []
+    for task in tasks:
+        metrics = results.get(task) or {}
+        numeric = [(k, v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+                   and not k.endswith("_stderr") and k not in ("n_samples", "num_fewshot")]
+        main = next((kv for key in ("acc", "acc_norm", "exact_match") for kv in numeric if kv[0] == key),
+                    numeric[0] if numeric else None)
+        if main is None:
+            rows.append((task, "no result"))
+            continue
+        stderr = metrics.get(f"{main[0]}_stderr")
+        value = f"{main[0]} {main[1]:.4f}" + (f" ± {stderr:.4f}" if isinstance(stderr, (int, float)) else "")
+        if metrics.get("n_samples") is not None:
+            value += f" (n={metrics['n_samples']})"
+        rows.append((task, value))
+    return rows
+
+
+def format_table(result: dict[str, Any]) -> str:
+    """A small aligned two-column table of the result."""
+    rows = [("model", result["model"]), ("plan", result["plan"]),
+            ("depth", f"{result['depth']} (original {result['original_depth']})"),
+            ("dtype / device", f"{result['dtype']} / {result['device']}")]
+    if "perplexity" in result:
+        kind = "disjoint" if result["stride"] == result["window"] else f"sliding, stride {result['stride']}"
+        rows += [("text", result["text"]),
+                 ("windows", f"{result['windows']} x {result['window']} tokens ({kind})"),
+                 ("tokens scored", str(result["tokens"])),
+                 ("nll / token", f"{result['nll']:.4f}"),
+                 ("perplexity", f"{result['perplexity']:.3f}")]
+    if "tasks" in result:
+        rows += task_rows(result["tasks"], result.get("task_names", list(result["tasks"])))
+    rows.append(("seconds", f"{result['seconds']:.1f}"))
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)

@@ -1,0 +1,1 @@
+"""Running models: the lean decode loop (generate) and tensor parallelism (distributed)."""

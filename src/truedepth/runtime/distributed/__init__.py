@@ -1,0 +1,1 @@
+"""Tensor parallelism under torchrun: process group, validation, sharding."""

@@ -1,0 +1,33 @@
+"""The one rule for default devices and dtypes: the GPU in bf16 when there is one, else the CPU in fp32."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+          "fp16": torch.float16, "float16": torch.float16}
+
+
+def as_dtype(dtype: Any) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if str(dtype) not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}.")
+    return DTYPES[str(dtype)]
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def default_dtype(device: Any) -> str:
+    """bf16 on a GPU (its fast path), fp32 elsewhere (CPUs without fast bf16 would be slower)."""
+    return "bf16" if str(device).startswith("cuda") else "fp32"
+
+
+def device_and_dtype(device: Any = None, dtype: Any = None) -> tuple[str, str]:
+    """Fill in what the user left out: `device` defaults to the GPU if any, `dtype` by the device."""
+    device = str(device) if device else default_device()
+    return device, (dtype if dtype else default_dtype(device))
