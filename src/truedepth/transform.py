@@ -299,6 +299,9 @@ def apply_plan(model: nn.Module, plan: Any) -> nn.Module:
     """
     plan = as_plan(plan)
     if plan.is_identity:  # "base": nothing to do, also for a model that was transformed before
+        if plan.steps:  # but "keep=..." steps must still fit the original layers
+            info = getattr(model.config, "truedepth", None)
+            plan.validate(info["original_num_hidden_layers"] if info else len(decoder_layers(model)))
         return model
     blocks = check_plan_fits(model, plan)
     arch = base_model_type(model.config)
