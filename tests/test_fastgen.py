@@ -40,15 +40,30 @@ def test_greedy_matches_generate_for_lp_models(arch):
 
 @pytest.mark.parametrize("fuse", [False, True])
 def test_compiled_step_is_one_graph_and_matches_generate(fuse):
-    """The step compiles without graph breaks (fullgraph), so on GPU one CUDA graph covers it.
-    aot_eager runs dynamo and AOTAutograd but skips code generation, which takes minutes on CPU."""
+    """The generator's own torch.compile call runs, and the step becomes ONE graph without a graph
+    break (so on GPU one CUDA graph covers it), compiled once and reused for every token. The
+    backend wraps aot_eager: dynamo and AOTAutograd run, code generation (minutes on CPU) does not."""
+    from torch._dynamo.utils import counters
+
     model = lp_model("llama", attn="sdpa")  # what real models use
     ids = torch.randint(3, 128, (1, 9))
     want = hf_greedy(model, ids, 12)
-    gen = FastGenerator(model, max_batch=1, max_seq=32, compile=True, backend="aot_eager", fuse=fuse)
-    gen._step = torch.compile(gen._decode_step, backend="aot_eager", fullgraph=True)
-    assert torch.equal(gen.generate(ids, 12), want)
     torch._dynamo.reset()
+    counters.clear()
+    graphs = []
+
+    def counting_backend(gm, example_inputs):
+        graphs.append(gm)
+        return torch._dynamo.lookup_backend("aot_eager")(gm, example_inputs)
+
+    gen = FastGenerator(model, max_batch=1, max_seq=32, compile=True, backend=counting_backend, fuse=fuse)
+    try:
+        assert torch.equal(gen.generate(ids, 12), want)
+        assert torch.equal(gen.generate(ids, 12), want)  # the second generation reuses the graph
+        assert not counters["graph_break"], dict(counters["graph_break"])
+        assert len(graphs) == 1, [g.code[:300] for g in graphs]
+    finally:
+        torch._dynamo.reset()
 
 
 def test_lp_model_under_transformers_compiled_path():

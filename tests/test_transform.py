@@ -13,6 +13,35 @@ def rel_err(a, b):
     return ((a - b).norm() / b.norm()).item()
 
 
+def full_snapshot(model):
+    """Everything a failed transform must leave unchanged: module tree, every tensor (value, dtype,
+    device), the config (layer_types and num_hidden_layers included) and the model's class."""
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return {"tree": str(model), "class": type(model), "config": model.config.to_dict(), "state": state,
+            "params": [id(p) for p in model.parameters()], "bytes": storage_bytes(model.parameters())}
+
+
+def assert_unchanged(model, before):
+    after = full_snapshot(model)
+    assert after["tree"] == before["tree"] and after["class"] is before["class"]
+    assert after["config"] == before["config"]
+    assert after["params"] == before["params"]  # the same Parameter objects (optimizers keep working)
+    assert after["state"].keys() == before["state"].keys()
+    for k, want in before["state"].items():
+        got = after["state"][k]
+        assert got.device == want.device and got.dtype == want.dtype and torch.equal(got, want), k
+    assert all(p.is_contiguous() for p in model.parameters())
+    assert storage_bytes(model.parameters()) == before["bytes"]  # no wide tensor kept alive
+
+
+def storage_bytes(tensors):
+    """Bytes of the distinct memory blocks behind `tensors` (views of one block count once)."""
+    seen = {}
+    for t in tensors:
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    return sum(seen.values())
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("group", [2, 3])
 def test_parallel_wide_layer_matches_slow_reference(arch, group):
@@ -58,10 +87,6 @@ def test_parallelize_shortcut_and_config_record():
     assert [l.self_attn.layer_idx for l in model.model.layers] == list(range(4))
 
 
-def snapshot(model):
-    return (str(model), {k: v.clone() for k, v in model.state_dict().items()}, model.config.to_json_string())
-
-
 @pytest.mark.parametrize("plan, words", [
     ("parallel=6:10", ["out of range", "8 layers"]),
     ("parallel=2:6,skip=5", ["both use layer 5"]),
@@ -74,42 +99,41 @@ def snapshot(model):
 ])
 def test_bad_plan_raises_and_leaves_model_unchanged(plan, words):
     model = tiny_model("llama", layers=8)
-    before = snapshot(model)
+    before = full_snapshot(model)
     with pytest.raises(PlanError) as err:
         truedepth.apply_plan(model, plan)
     for w in words:
         assert w in str(err.value)
-    after = snapshot(model)
-    assert before[0] == after[0] and before[2] == after[2]
-    assert before[1].keys() == after[1].keys()
-    assert all(torch.equal(before[1][k], after[1][k]) for k in before[1])
+    assert_unchanged(model, before)
 
 
 def test_different_eps_refused_atomically():
     model = tiny_model("llama", layers=8)
     model.model.layers[3].input_layernorm.variance_epsilon = 1e-3
-    before = snapshot(model)
+    before = full_snapshot(model)
     with pytest.raises(PlanError, match="eps"):
         truedepth.apply_plan(model, "parallel=2:4")
-    assert snapshot(model)[0] == before[0]
+    assert_unchanged(model, before)
 
 
 def test_unsupported_architecture_lists_supported():
     from transformers import GPT2Config, GPT2LMHeadModel
 
     model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64))
-    before = str(model)
+    before = full_snapshot(model)
     with pytest.raises(PlanError) as err:
         truedepth.apply_plan(model, "parallel=0:2")
     assert "gpt2" in str(err.value) and "llama" in str(err.value) and "qwen3" in str(err.value)
-    assert str(model) == before
+    assert_unchanged(model, before)
 
 
 def test_second_plan_refused():
     model = tiny_model("llama", layers=8)
     truedepth.apply_plan(model, "parallel=2:4")
+    before = full_snapshot(model)
     with pytest.raises(PlanError, match="already transformed"):
         truedepth.apply_plan(model, "parallel=4:6")
+    assert_unchanged(model, before)
 
 
 def test_identity_plan_changes_nothing():
@@ -141,29 +165,6 @@ def test_attention_backend_change_after_transform_reaches_wide_layers():
 
 
 # ---- a failure in the middle of a transform leaves the model exactly as it was -----------------
-def full_snapshot(model):
-    """Everything a failed transform must leave unchanged: module tree, every tensor (value, dtype,
-    device), the config (layer_types and num_hidden_layers included) and the model's class."""
-    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    return {"tree": str(model), "class": type(model), "config": model.config.to_dict(), "state": state,
-            "params": [id(p) for p in model.parameters()], "bytes": storage_bytes(model.parameters())}
-
-
-def assert_unchanged(model, before):
-    after = full_snapshot(model)
-    assert after["tree"] == before["tree"] and after["class"] is before["class"]
-    assert after["config"] == before["config"]
-    assert after["params"] == before["params"]  # the same Parameter objects (optimizers keep working)
-    assert after["state"].keys() == before["state"].keys()
-    for k, want in before["state"].items():
-        got = after["state"][k]
-        assert got.device == want.device and got.dtype == want.dtype and torch.equal(got, want), k
-    assert all(p.is_contiguous() for p in model.parameters())
-    assert storage_bytes(model.parameters()) == before["bytes"]  # no wide tensor kept alive
-
-
-
-
 class InjectedFailure(Exception):
     pass
 
@@ -233,13 +234,6 @@ def test_interrupt_during_the_transform_leaves_the_model_unchanged(monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         truedepth.apply_plan(model, "parallel=0:6")
     assert_unchanged(model, before)
-
-
-def storage_bytes(tensors):
-    seen = {}
-    for t in tensors:
-        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-    return sum(seen.values())
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])
