@@ -5,11 +5,13 @@ import tempfile
 
 import pytest
 import torch
-from tiny import ARCHS, tiny_model
+from tiny import ARCHS, char_tokenizer, tiny_model
 
 import truedepth
-from truedepth.runtime.generate import (FastGenerator, filter_logits, fuse_projections, generate_fast, is_fused,
-                               sample_next, unfuse_projections)
+from truedepth import cli
+from truedepth.runtime.generate import (ContextLengthError, EmptyPromptError, FastGenerator, filter_logits,
+                                         fuse_projections, generate_fast, is_fused, sample_next,
+                                         unfuse_projections)
 
 PLAN = "parallel=2:6"
 
@@ -39,15 +41,30 @@ def test_greedy_matches_generate_for_lp_models(arch):
 
 @pytest.mark.parametrize("fuse", [False, True])
 def test_compiled_step_is_one_graph_and_matches_generate(fuse):
-    """The step compiles without graph breaks (fullgraph), so on GPU one CUDA graph covers it.
-    aot_eager runs dynamo and AOTAutograd but skips code generation, which takes minutes on CPU."""
+    """The generator's own torch.compile call runs, and the step becomes ONE graph without a graph
+    break (so on GPU one CUDA graph covers it), compiled once and reused for every token. The
+    backend wraps aot_eager: dynamo and AOTAutograd run, code generation (minutes on CPU) does not."""
+    from torch._dynamo.utils import counters
+
     model = lp_model("llama", attn="sdpa")  # what real models use
     ids = torch.randint(3, 128, (1, 9))
     want = hf_greedy(model, ids, 12)
-    gen = FastGenerator(model, max_batch=1, max_seq=32, compile=True, backend="aot_eager", fuse=fuse)
-    gen._step = torch.compile(gen._decode_step, backend="aot_eager", fullgraph=True)
-    assert torch.equal(gen.generate(ids, 12), want)
     torch._dynamo.reset()
+    counters.clear()
+    graphs = []
+
+    def counting_backend(gm, example_inputs):
+        graphs.append(gm)
+        return torch._dynamo.lookup_backend("aot_eager")(gm, example_inputs)
+
+    gen = FastGenerator(model, max_batch=1, max_seq=32, compile=True, backend=counting_backend, fuse=fuse)
+    try:
+        assert torch.equal(gen.generate(ids, 12), want)
+        assert torch.equal(gen.generate(ids, 12), want)  # the second generation reuses the graph
+        assert not counters["graph_break"], dict(counters["graph_break"])
+        assert len(graphs) == 1, [g.code[:300] for g in graphs]
+    finally:
+        torch._dynamo.reset()
 
 
 def test_lp_model_under_transformers_compiled_path():
@@ -161,6 +178,54 @@ def test_bad_input_is_named_with_the_fix(call, match):
     gen = FastGenerator(tiny_model("llama", layers=2), max_batch=2, max_seq=32, compile=False)
     with pytest.raises(ValueError, match=match):
         call(gen, torch.randint(3, 128, (2, 5)))
+
+
+# ---- requests the model cannot serve are refused before anything is allocated -----------------
+def test_more_tokens_than_the_model_has_positions_is_refused_with_the_limit():
+    model, tok = lp_model("llama", max_position_embeddings=16), char_tokenizer()
+    with pytest.raises(ContextLengthError) as err:
+        generate_fast(model, tok, "hello", max_new_tokens=100000, chat=False)
+    message = str(err.value)
+    assert "16 positions" in message and "max_new_tokens <= 11" in message and "\n" not in message
+    assert "_truedepth_fast_generator" not in model.__dict__  # no generator, no static cache allocated
+    ids = torch.randint(3, 128, (1, 6))
+    gen = FastGenerator(model, max_batch=1, max_seq=64, compile=False)
+    with pytest.raises(ContextLengthError, match=r"prompt \(6 tokens\) \+ max_new_tokens \(11\) = 17 exceeds the model's 16"):
+        gen.generate(ids, 11)
+    assert gen._cache is None
+    assert gen.generate(ids, 10).shape == (1, 16)  # exactly the model's positions is fine
+
+
+@pytest.mark.parametrize("prompt", ["", [], torch.empty(1, 0, dtype=torch.long), torch.empty(0, dtype=torch.long),
+                                    torch.empty(0, 4, dtype=torch.long)])
+def test_an_empty_prompt_is_refused_with_our_message(prompt):
+    model, tok = lp_model("llama"), char_tokenizer()
+    with pytest.raises(EmptyPromptError, match="empty|no prompts"):
+        generate_fast(model, tok, prompt, max_new_tokens=4, chat=False)
+    if isinstance(prompt, torch.Tensor) and prompt.dim() == 2:
+        with pytest.raises(EmptyPromptError):
+            FastGenerator(model, compile=False).generate(prompt, 4)
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-gen")
+    tiny_model("llama", layers=4).save_pretrained(path)
+    char_tokenizer().save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("fast", [[], ["--fast"]])
+@pytest.mark.parametrize("argv, words", [(["--max-new-tokens", "100000", "hello"], ["256 positions", "<= 251"]),
+                                         (["--max-new-tokens", "4", ""], ["prompt is empty"])])
+def test_generate_command_refuses_what_the_model_cannot_serve(tiny_dir, fast, argv, words, capsys):
+    assert cli.main(["generate", "--model", str(tiny_dir), "--device", "cpu", *fast, *argv]) == 2
+    out, err = capsys.readouterr()
+    errors = [line for line in err.splitlines() if "error" in line.lower()]
+    assert out == "" and "Traceback" not in err and len(errors) == 1, err
+    assert errors[0].startswith("truedepth generate: error: ")
+    for w in words:
+        assert w in errors[0]
 
 
 @pytest.mark.integration

@@ -6,29 +6,12 @@ import random
 
 import pytest
 import torch
-from tiny import tiny_model
+from tiny import char_tokenizer, tiny_model
 
 import truedepth
 from truedepth.measure.eval import icl, tasks
 
 pytest.importorskip("lm_eval")
-
-
-# ---------------------------------------------------------------------------------------------
-# A character-level tokenizer that fits the tiny models' 128-token vocabulary
-# ---------------------------------------------------------------------------------------------
-def char_tokenizer():
-    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    specials = ["<pad>", "<s>", "</s>", "<unk>"]
-    chars = [chr(c) for c in range(32, 127)] + ["\n"]
-    vocab = {t: i for i, t in enumerate(specials + chars)}
-    assert len(vocab) <= 128
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>",
-                                   eos_token="</s>", unk_token="<unk>")
 
 
 def encode(tokenizer, text):

@@ -54,6 +54,26 @@ def test_sampled_generation_is_seeded_and_valid():
     torch.manual_seed(1)
     b = model.generate(ids, **kw)
     assert torch.equal(a, b) and a.shape == (2, 10) and int(a.max()) < 128
+    torch.manual_seed(2)
+    assert not torch.equal(model.generate(ids, **kw), a)  # another seed, other tokens: it really samples
+
+
+def test_sampled_first_token_follows_the_lp_models_filtered_distribution():
+    """Fails for greedy decoding (all mass on one token) and for a wrong temperature or top-k."""
+    model = truedepth.apply_plan(tiny_model("mistral", layers=6), "parallel=2:6")
+    ids = torch.randint(3, 128, (1, 4), generator=torch.Generator().manual_seed(3))
+    n, temperature, top_k = 4000, 2.0, 4
+    with torch.no_grad():
+        logits = model(ids).logits[0, -1] / temperature
+    kth = logits.topk(top_k).values[-1]
+    want = logits.masked_fill(logits < kth, float("-inf")).softmax(-1)
+    assert want.max() < 0.6  # several likely tokens: greedy could not match this distribution
+    torch.manual_seed(0)
+    out = model.generate(ids.expand(n, -1), max_new_tokens=1, do_sample=True, temperature=temperature,
+                         top_k=top_k, top_p=None, pad_token_id=0)
+    freq = torch.bincount(out[:, -1], minlength=want.numel()).float() / n
+    assert freq[want == 0].sum() == 0
+    torch.testing.assert_close(freq, want, atol=0.03, rtol=0)  # ~4 standard deviations at n=4000
 
 
 def test_torch_compile_gives_same_logits():

@@ -84,13 +84,17 @@ def test_plain_model_folder_loads_and_transforms_through_truedepth_load(tmp_path
     from reference import reference_logits
     assert ((model(ids).logits - reference_logits(base, "parallel=0:2", ids)).norm()
             / model(ids).logits.norm()) < 1e-5
-    assert tokenizer is not None
+    assert tokenizer.convert_tokens_to_ids("a") == 1  # the folder's own tokenizer
 
 
 def test_base_plan_on_a_saved_transformed_model_is_a_no_op(tmp_path):
     """Commands apply their default plan ('base') to a saved LP model: that must change nothing."""
     model = saved(tmp_path / "lp")
-    reloaded = truedepth.apply_plan(AutoModelForCausalLM.from_pretrained(tmp_path / "lp"), "base")
+    reloaded = truedepth.apply_plan(AutoModelForCausalLM.from_pretrained(tmp_path / "lp", attn_implementation="eager"),
+                                    "base")
     assert reloaded.config.truedepth == model.config.truedepth
+    assert len(reloaded.model.layers) == len(model.model.layers)
+    ids = torch.randint(3, 128, (1, 6))
+    assert torch.equal(reloaded(ids).logits, model(ids).logits)
     with pytest.raises(truedepth.PlanError, match="already transformed"):
         truedepth.apply_plan(reloaded, "parallel=0:2")

@@ -33,3 +33,16 @@ def tiny_model(arch: str = "llama", layers: int = 8, seed: int = 0, randomize_no
                 elif name.endswith("bias"):
                     p.normal_(0, 0.1)
     return model
+
+
+def char_tokenizer():
+    """A character-level tokenizer that fits the tiny models' 128-token vocabulary."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3}
+    vocab.update({c: i + 4 for i, c in enumerate([chr(c) for c in range(32, 127)] + ["\n"])})
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                                   unk_token="<unk>")

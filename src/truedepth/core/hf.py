@@ -14,7 +14,7 @@ from typing import Any
 
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from .arch import SUPPORTED, new_layer
+from .arch import SUPPORTED, UnsupportedModelError, new_layer
 
 
 class CheckpointMismatchError(RuntimeError):
@@ -71,13 +71,22 @@ def _register(arch: str) -> None:
     _CONFIG_BY_BASE[base_config_cls] = config_cls
 
 
+def check_adoptable(model: Any) -> None:
+    """Raise before a transform if `adopt` could not give the transformed model a truedepth class."""
+    cls = type(model)
+    if not isinstance(model, TrueDepthModelMixin) and cls not in _BY_BASE:
+        names = ", ".join(sorted(c.__name__ for c in _BY_BASE))
+        raise UnsupportedModelError(
+            f"{cls.__name__} cannot be saved and reloaded as a transformed model; truedepth transforms the "
+            f"causal LM classes {names}. Load the model with AutoModelForCausalLM.")
+
+
 def adopt(model: Any) -> Any:
     """Switch a transformed model (and its config) to the registered truedepth classes in place."""
     if isinstance(model, TrueDepthModelMixin):
         return model
+    check_adoptable(model)
     cls = type(model)
-    if cls not in _BY_BASE:
-        raise TypeError(f"{cls.__name__} has no truedepth class; supported: {', '.join(sorted(SUPPORTED))}.")
     model.__class__ = _BY_BASE[cls]
     model.config.__class__ = _CONFIG_BY_BASE[type(model.config)]
     return model

@@ -105,12 +105,20 @@ class Step:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Step":
+        if not isinstance(d, dict):
+            raise PlanError(f"plan step {d!r} is not an object; write each step as "
+                            '{"kind": "parallel", "start": 2, "end": 6} (JSON) or use the text form parallel=2:6.')
         d = dict(d)
         kind = d.pop("kind", None)
         if kind is None:
             raise PlanError(f"plan step {d} has no 'kind'; use one of {', '.join(STEP_KINDS)}.")
+        if not isinstance(kind, str):
+            raise PlanError(f"plan step {d}: 'kind' must be one of {', '.join(STEP_KINDS)}, got {kind!r}.")
         if "layers" in d:  # explicit member list, e.g. {"kind": "parallel", "layers": [3, 4]}
-            layers = [int(i) for i in d.pop("layers")]
+            members = d.pop("layers")
+            if not isinstance(members, (list, tuple)):
+                raise PlanError(f"step {kind}: 'layers' must be a list of layer numbers, got {members!r}.")
+            layers = [_integer(kind, "layers", i) for i in members]
             if not layers or layers != list(range(layers[0], layers[0] + len(layers))):
                 raise PlanError(f"step {kind} {layers}: members must be consecutive layers in increasing "
                                 f"order (e.g. {kind}={min(layers, default=0)}:{min(layers, default=0) + len(layers)}).")
@@ -119,11 +127,27 @@ class Step:
         unknown = set(d) - {"start", "end", "group", "seed"}
         if unknown:
             raise PlanError(f"plan step '{kind}' has unknown fields {sorted(unknown)}.")
-        group = int(d.get("group", 2 if kind in GROUPED_KINDS else 1))
-        return cls(kind, int(d["start"]), int(d.get("end", int(d["start"]) + 1)), group, int(d.get("seed", 0)))
+        if "start" not in d:
+            raise PlanError(f"plan step '{kind}' has no 'start'; give the range as \"start\" and \"end\" "
+                            "(end exclusive) or the member list as \"layers\".")
+        start = _integer(kind, "start", d["start"])
+        fields = {name: _integer(kind, name, d[name]) for name in ("end", "group", "seed") if name in d}
+        group = fields.get("group", 2 if kind in GROUPED_KINDS else 1)
+        return cls(kind, start, fields.get("end", start + 1), group, fields.get("seed", 0))
 
 
-_STEP_RE = re.compile(r"^(?P<kind>[a-z]+)=(?P<start>\d+)(?::(?P<end>\d+))?(?:/(?P<group>\d+))?(?:@(?P<seed>\d+))?$")
+def _integer(kind: str, name: str, value: Any) -> int:
+    """A JSON number that is a whole number (2 or 2.0), else PlanError naming the field."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (
+            isinstance(value, float) and not value.is_integer()):
+        raise PlanError(f"plan step '{kind}': {name!r} must be an integer, got {value!r}.")
+    return int(value)
+
+
+# ASCII digits only, at most 9 of them (no model has a billion layers; int() of a huge string is slow)
+_NUMBER = r"[0-9]{1,9}"
+_STEP_RE = re.compile(rf"^(?P<kind>[a-z]+)=(?P<start>{_NUMBER})(?::(?P<end>{_NUMBER}))?(?:/(?P<group>{_NUMBER}))?"
+                      rf"(?:@(?P<seed>{_NUMBER}))?$")
 
 
 def _parse_step(text: str) -> Step:
@@ -156,21 +180,38 @@ class Plan:
     # ---- construction -------------------------------------------------------------------
     @classmethod
     def parse(cls, text: str) -> "Plan":
+        if text is not None and not isinstance(text, str):
+            return as_plan(text)
         text = (text or "").strip()
         if text.lower() in IDENTITY_WORDS:
             return cls(())
         if text.startswith("{") or text.startswith("["):
-            return cls.from_dict(json.loads(text))
+            return cls.from_json(text)
         return cls(tuple(_parse_step(part) for part in text.split(",") if part.strip()))
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | Sequence[dict[str, Any]]) -> "Plan":
-        steps = d.get("steps", []) if isinstance(d, dict) else d
-        return cls(tuple(Step.from_dict(s) for s in steps))
+        """The JSON form: {"steps": [step, ...]} (as written by `to_dict`), or the list of steps."""
+        if isinstance(d, dict):
+            if "steps" not in d:
+                if isinstance(d.get("plan"), str):  # {"plan": "parallel=2:6"}
+                    return cls.parse(d["plan"])
+                raise PlanError(f"a plan object needs a 'steps' list, got the keys {sorted(map(str, d))}; write "
+                                '{"steps": [{"kind": "parallel", "start": 2, "end": 6}]} (a single step goes '
+                                "inside the list).")
+            d = d["steps"]
+        if not isinstance(d, (list, tuple)):
+            raise PlanError(f"a plan's steps must be a list of step objects, got {d!r}.")
+        return cls(tuple(Step.from_dict(s) for s in d))
 
     @classmethod
     def from_json(cls, text: str) -> "Plan":
-        return cls.from_dict(json.loads(text))
+        try:
+            value = json.loads(text)
+        except (ValueError, RecursionError) as e:
+            raise PlanError(f"the plan is not valid JSON ({str(e)[:120] or type(e).__name__}); write "
+                            '{"steps": [...]} or the text form, e.g. parallel=2:6.') from None
+        return cls.from_dict(value)
 
     @classmethod
     def parallel(cls, start: int, end: int, group_size: int = 2) -> "Plan":

@@ -10,9 +10,19 @@ the norm weight g is folded into the columns of the projections that read it, so
 share one normalisation. q/k/v and gate/up rows are stacked, o_proj and down_proj placed side by
 side so one GEMM sums the members' outputs. Each member keeps its own heads, KV heads and cache.
 
-The transform works group by group: a group's wide layer is built, then the group's old weights
-are released, so memory never holds more than one extra group. Everything that can be checked is
-checked before the first weight changes, so a bad plan leaves the model untouched.
+The transform is atomic and never holds a second copy of the model. It has two phases:
+
+- staging, group by group: the members' q/k/v and gate/up rows are stacked (o/down columns placed
+  side by side) into the wide layer's tensors, and each member's parameter becomes a view of its
+  slice, so the old layers still compute exactly what they did and no weight is held twice (one
+  projection is briefly held twice while it is copied). Merged groups share the first member's
+  tensors. An error or Ctrl-C here is rolled back group by group (each staged view becomes an own
+  tensor again) and leaves the model as it was: same Parameter objects, values, devices, config.
+- commit, once every group is staged: only in-place arithmetic on tensors that already exist
+  (norm weights folded into their rows, merged weights averaged), then the new layer list and
+  config are swapped in.
+
+Everything that can be checked is checked before staging, so a bad plan changes nothing at all.
 """
 
 from __future__ import annotations
@@ -24,6 +34,7 @@ from torch import nn
 
 from .arch import (ATTN_ROWS, COLUMN_SUMS, HEAD_NORMS, MLP_ROWS, SUPPORTED, UnsupportedModelError,  # noqa: F401
                    base_model_type, check_supported, current_plan, decoder_layers, new_layer, require_original)
+from .hf import adopt, check_adoptable
 from .plan import Block, Plan, PlanError, as_plan, widths
 
 # ---------------------------------------------------------------------------------------------
@@ -36,6 +47,7 @@ def _norm_eps(norm: nn.Module) -> float:
 def check_plan_fits(model: nn.Module, plan: Plan) -> list[Block]:
     arch = check_supported(model)
     require_original(model.config)
+    check_adoptable(model)
     layers = decoder_layers(model)
     plan.validate(len(layers))
     blocks = plan.blocks(len(layers))
@@ -67,57 +79,115 @@ def _folded(linear: nn.Linear, gamma: torch.Tensor) -> torch.Tensor:
     return (linear.weight.float() * gamma.float()[None, :]).to(linear.weight.dtype)
 
 
-def fused_state(members: list[nn.Module], arch: str) -> dict[str, torch.Tensor]:
-    """State dict of the wide layer equivalent to running `members` in parallel."""
+def fused_state(members: list[nn.Module], arch: str, staged: list | None = None) -> dict[str, torch.Tensor]:
+    """Staged state dict of the wide layer equivalent to running `members` in parallel.
+
+    Stacked rows and side-by-side columns share memory with the members, whose parameters become
+    views of their slices (values unchanged); each change is recorded in `staged` for `_unstage`.
+    The norm weights are not folded in yet: that is `fold_norms`, at commit time."""
     out: dict[str, torch.Tensor] = {}
-    for name in ATTN_ROWS:
-        lins = [getattr(m.self_attn, name) for m in members]
-        out[f"self_attn.{name}.weight"] = torch.cat(
-            [_folded(lin, m.input_layernorm.weight) for lin, m in zip(lins, members)], 0)
-        if lins[0].bias is not None:
-            out[f"self_attn.{name}.bias"] = torch.cat([lin.bias for lin in lins], 0)
-    for name in MLP_ROWS:
-        lins = [getattr(m.mlp, name) for m in members]
-        out[f"mlp.{name}.weight"] = torch.cat(
-            [_folded(lin, m.post_attention_layernorm.weight) for lin, m in zip(lins, members)], 0)
-        if lins[0].bias is not None:
-            out[f"mlp.{name}.bias"] = torch.cat([lin.bias for lin in lins], 0)
+    for parent, names in (("self_attn", ATTN_ROWS), ("mlp", MLP_ROWS)):
+        for name in names:
+            lins = [getattr(getattr(m, parent), name) for m in members]
+            out[f"{parent}.{name}.weight"] = _stack_as_views([lin.weight for lin in lins], 0, staged)
+            if lins[0].bias is not None:
+                out[f"{parent}.{name}.bias"] = _stack_as_views([lin.bias for lin in lins], 0, staged)
     for parent, name in COLUMN_SUMS:
         lins = [getattr(getattr(m, parent), name) for m in members]
-        out[f"{parent}.{name}.weight"] = torch.cat([lin.weight for lin in lins], 1)
+        out[f"{parent}.{name}.weight"] = _stack_as_views([lin.weight for lin in lins], 1, staged)
         if lins[0].bias is not None:
-            out[f"{parent}.{name}.bias"] = torch.stack([lin.bias for lin in lins]).sum(0)
+            out[f"{parent}.{name}.bias"] = torch.stack([lin.bias.detach() for lin in lins]).sum(0)
     for norm in ("input_layernorm", "post_attention_layernorm"):
-        out[f"{norm}.weight"] = torch.ones_like(getattr(members[0], norm).weight)
+        out[f"{norm}.weight"] = torch.ones_like(getattr(members[0], norm).weight.detach())
     for name in SUPPORTED[arch]:  # per-head norms: each member's weight repeated over its heads
         proj = HEAD_NORMS[name]
         rows = []
         for m in members:
-            w = getattr(m.self_attn, name).weight
+            w = getattr(m.self_attn, name).weight.detach()
             n_heads = getattr(m.self_attn, proj).out_features // w.shape[-1]
             rows.append(w.reshape(-1, w.shape[-1]).expand(n_heads, -1))
         out[f"self_attn.{name}.weight"] = torch.cat(rows, 0)
     return out
 
 
-def averaged_state(members: list[nn.Module]) -> dict[str, torch.Tensor]:
-    """State dict of one layer whose every weight is the mean of the members' weights."""
+def _stack_as_views(params: list[nn.Parameter], dim: int, staged: list | None) -> torch.Tensor:
+    """`params` concatenated along `dim`; each parameter's data becomes a view of its slice, so its
+    old memory is freed and the parameter object (and its value) stays what it was."""
+    stacked = torch.cat([p.detach() for p in params], dim)
+    offset = 0
+    for p in params:
+        if staged is not None:
+            # a parameter that already was a view (fuse_projections) gets that view back; the
+            # memory it sees is held elsewhere anyway
+            staged.append((p, p.data if _is_part_of_larger(p) else None))
+        size = p.shape[dim]
+        p.data = stacked.narrow(dim, offset, size)
+        offset += size
+    return stacked
+
+
+def _is_part_of_larger(t: torch.Tensor) -> bool:
+    return t.untyped_storage().nbytes() != t.numel() * t.element_size()
+
+
+def _unstage(staged: list) -> None:
+    """Roll back `fused_state`: every parameter made a view of a wide tensor gets its own contiguous
+    copy again, last staged first, so each wide tensor is freed as soon as its slices are copied."""
+    while staged:
+        p, original = staged.pop()
+        p.data = original if original is not None else p.detach().clone(memory_format=torch.contiguous_format)
+
+
+def fold_norms(members: list[nn.Module]) -> None:
+    """Commit a staged parallel group: multiply each member's slice of the stacked q/k/v and
+    gate/up rows by the weight of the norm that reads it, in place."""
+    for parent, names, norm in (("self_attn", ATTN_ROWS, "input_layernorm"),
+                                ("mlp", MLP_ROWS, "post_attention_layernorm")):
+        for m in members:
+            gamma = getattr(m, norm).weight
+            for name in names:
+                lin = getattr(getattr(m, parent), name)
+                lin.weight.data.copy_(_folded(lin, gamma))
+
+
+def averaged_state(members: list[nn.Module], into: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """State dict of one layer whose every weight is the mean of the members' weights.
+
+    With `into` (a staged merge layer's state, sharing the first member's tensors) the means are
+    written into those tensors in place: no new layer-sized memory."""
     states = [m.state_dict() for m in members]
-    return {k: torch.stack([s[k].float() for s in states]).mean(0).to(states[0][k].dtype) for k in states[0]}
+    means = {}
+    for k in states[0]:
+        mean = torch.stack([s[k].float() for s in states]).mean(0).to(states[0][k].dtype)
+        means[k] = into[k].copy_(mean) if into is not None else mean
+    return means
 
 
-def _build(model: nn.Module, block: Block, new_idx: int, old: nn.ModuleList, arch: str, config: Any) -> nn.Module:
+def _build(model: nn.Module, block: Block, new_idx: int, old: nn.ModuleList, arch: str, config: Any,
+           staged: list | None = None) -> nn.Module:
+    """Stage the layer at `new_idx` of the transformed model (see the module docstring); every
+    parameter of the old layers it changes is recorded in `staged`."""
     members = [old[i] for i in block.layers]
     if block.kind == "keep":
         return members[0]
+    layer = new_layer(model, config, new_idx, len(members) if block.kind == "parallel" else 1)
     if block.kind == "parallel":
-        state = fused_state(members, arch)
-        layer = new_layer(model, config, new_idx, len(members))
-    else:  # merge
-        state = averaged_state(members)
-        layer = new_layer(model, config, new_idx, 1)
+        state = fused_state(members, arch, staged)
+    else:  # merge: the first member's tensors, averaged at commit
+        state = {k: v.detach() for k, v in members[0].state_dict().items()}
     layer.load_state_dict(state, assign=True, strict=True)
     return layer.train(members[0].training)
+
+
+def _commit(block: Block, layer: nn.Module, old: nn.ModuleList) -> None:
+    members = [old[i] for i in block.layers]
+    if block.kind == "parallel":
+        fold_norms(members)
+    elif block.kind == "merge":
+        averaged_state(members, into=layer.state_dict())
+    if block.kind != "keep":
+        for m in members:  # release what only the old layers hold (their norms, merged members)
+            m.to("meta")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -132,28 +202,38 @@ def apply_plan(model: nn.Module, plan: Any) -> nn.Module:
     """
     plan = as_plan(plan)
     if plan.is_identity:  # "base": nothing to do, also for a model that was transformed before
+        if plan.steps:  # but "keep=..." steps must still fit the original layers
+            info = getattr(model.config, "truedepth", None)
+            plan.validate(info["original_num_hidden_layers"] if info else len(decoder_layers(model)))
         return model
     blocks = check_plan_fits(model, plan)
     arch = base_model_type(model.config)
     old = decoder_layers(model)
     original_depth = len(old)
     config = model.config
-    if getattr(config, "layer_types", None) is not None:
-        # computed first: attention reads its layer type from config at construction time
-        config.layer_types = [config.layer_types[b.layers[0]] for b in blocks]
+    layer_types = getattr(config, "layer_types", None)
     new: list[nn.Module] = []
-    for idx, block in enumerate(blocks):
-        new.append(_build(model, block, idx, old, arch, config))
-        if block.kind != "keep":
-            for i in block.layers:  # release the group's old weights now, not at the end
-                old[i].to("meta")
+    staged: list = []
+    try:
+        if layer_types is not None:
+            # set first: attention reads its layer type from config at construction time
+            config.layer_types = [layer_types[b.layers[0]] for b in blocks]
+        for idx, block in enumerate(blocks):
+            new.append(_build(model, block, idx, old, arch, config, staged))
+    except BaseException:  # also Ctrl-C: nothing has been committed yet
+        new.clear()  # the staged layers hold the wide tensors: let them go before copying back
+        _unstage(staged)
+        if layer_types is not None:
+            config.layer_types = layer_types
+        raise
+    for block, layer in zip(blocks, new):
+        _commit(block, layer, old)
     for idx, layer in enumerate(new):
         layer.self_attn.layer_idx = idx  # cache slots are indexed by layer_idx
     model.model.layers = nn.ModuleList(new)
     config.num_hidden_layers = len(new)
     config.truedepth = {"plan": plan.to_dict(), "original_num_hidden_layers": original_depth,
                         "layer_widths": widths(blocks)}
-    from .hf import adopt  # the registered subclass makes save_pretrained/from_pretrained round-trip
 
     adopt(model)
     return model

@@ -86,6 +86,34 @@ def check_sampling(do_sample: bool, temperature: float, top_k: int | None, top_p
 
 
 # ---------------------------------------------------------------------------------------------
+# What a model can serve (checked before any memory is allocated)
+# ---------------------------------------------------------------------------------------------
+class EmptyPromptError(ValueError):
+    """A prompt of zero tokens: there is nothing to continue."""
+
+
+class ContextLengthError(ValueError):
+    """Prompt + new tokens beyond the model's positions (config.max_position_embeddings)."""
+
+
+def check_generation_length(model: nn.Module, prompt_tokens: int, max_new_tokens: int) -> None:
+    """Refuse a generation the model cannot serve, before a cache or a step is allocated: an empty
+    prompt, max_new_tokens < 1, or prompt + new tokens beyond `max_position_embeddings`."""
+    if prompt_tokens < 1:
+        raise EmptyPromptError("the prompt is empty (0 tokens); give some text to continue "
+                               "(or at least one token, e.g. the BOS token).")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}.")
+    limit = getattr(model.config, "max_position_embeddings", None)
+    total = prompt_tokens + max_new_tokens
+    if limit and total > limit:
+        fix = (f"use max_new_tokens <= {limit - prompt_tokens}" if prompt_tokens < limit
+               else f"shorten the prompt to fewer than {limit} tokens")
+        raise ContextLengthError(f"prompt ({prompt_tokens} tokens) + max_new_tokens ({max_new_tokens}) = {total} "
+                                 f"exceeds the model's {limit} positions (max_position_embeddings); {fix}.")
+
+
+# ---------------------------------------------------------------------------------------------
 # Fused projections
 # ---------------------------------------------------------------------------------------------
 _FUSED_CLASSES: dict[type, type] = {}
@@ -316,10 +344,9 @@ class FastGenerator:
             raise ValueError("input_ids must be a 2-D tensor (batch, prompt_len) of token ids; "
                              "for one prompt use tokenizer(text, return_tensors='pt').input_ids.")
         batch, length = input_ids.shape
-        if length < 1:
-            raise ValueError("the prompt is empty; pass at least one token (e.g. the BOS token).")
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}.")
+        if batch < 1:
+            raise EmptyPromptError("input_ids holds no prompt (batch of 0); pass at least one.")
+        check_generation_length(self.model, length, max_new_tokens)
         if batch > self.max_batch:
             raise ValueError(f"batch of {batch} prompts exceeds max_batch={self.max_batch}; "
                              f"create the FastGenerator with max_batch>={batch}.")
@@ -376,7 +403,13 @@ def generate_fast(model: nn.Module, tokenizer: Any, prompt: "str | list[str] | t
     if isinstance(prompt, torch.Tensor):
         ids = prompt if prompt.dim() == 2 else prompt.reshape(1, -1)
     else:
-        ids = _encode(tokenizer, [prompt] if isinstance(prompt, str) else list(prompt), chat)
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if not prompts:
+            raise EmptyPromptError("no prompts given; pass a string or a list of strings.")
+        ids = _encode(tokenizer, prompts, chat)
+    if ids.shape[0] < 1:
+        raise EmptyPromptError("no prompts given; pass at least one row of token ids.")
+    check_generation_length(model, ids.shape[1], max_new_tokens)  # before the static cache is allocated
     device = next(model.parameters()).device
     compile = device.type == "cuda" if compile is None else bool(compile)
     gen = _cached_generator(model, ids.shape[0], ids.shape[1] + max_new_tokens, compile, fuse)
