@@ -21,22 +21,22 @@ sweep() { "$PY" -m truedepth sweep --out "$OUT" --tokens 8192 --window 512 --no-
 if [ -z "${REPORT_ONLY:-}" ]; then
   # 1. Δ sweep at the default position (range ends at layer L-2 = 28). Skip also at odd Δ, so
   #    that every parallel Δ has a skip at equal depth (Δ/2).
-  sweep --transforms parallel --delta 2:16:2
-  sweep --transforms skip --delta 1:16
+  sweep --transforms parallel --delta 2:17:2
+  sweep --transforms skip --delta 1:17
   # 2. In-context learning (lm-eval): last-word task at equal depths, parallel Δ vs skip Δ/2.
-  sweep --transforms parallel --delta 2:16:2 --tasks truedepth_austen_lastword --limit 100
-  sweep --transforms skip --delta 1:8 --tasks truedepth_austen_lastword --limit 100
+  sweep --transforms parallel --delta 2:17:2 --tasks truedepth_austen_lastword --limit 100
+  sweep --transforms skip --delta 1:9 --tasks truedepth_austen_lastword --limit 100
   # 3. MMLU (offline, through lm-eval): 0-shot on 3 questions per subject, 5-shot on 1.
   sweep --transforms parallel --delta 8,16 --tasks truedepth_mmlu --limit 3
   sweep --transforms parallel --delta 8 --tasks truedepth_mmlu --num-fewshot 5 --limit 1
   # 4. Which positions tolerate pairing: one pair at every position (Δ=2) against dropping one
   #    layer there (skip Δ=1, the same depth); then a longer range (Δ=8) and skip at equal depth (Δ=4).
-  sweep --transforms parallel --delta 2 --start 0:28
-  sweep --transforms skip --delta 1 --start 0:29
-  sweep --transforms parallel --delta 8 --start 0:22:2
-  sweep --transforms skip --delta 4 --start 0:24:4
+  sweep --transforms parallel --delta 2 --start 0:29
+  sweep --transforms skip --delta 1 --start 0:30
+  sweep --transforms parallel --delta 8 --start 0:23:2
+  sweep --transforms skip --delta 4 --start 0:25:4
   # 5. The other transforms of the paper's effective-depth study.
-  sweep --transforms shuffle,merge --delta 4:16:4
+  sweep --transforms shuffle,merge --delta 4:17:4
 fi
 
 # Tables, plots and the report from everything measured above.

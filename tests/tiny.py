@@ -1,21 +1,23 @@
-"""Tiny random models of every supported architecture, built from a config (no download)."""
+"""Tiny random models of every supported architecture, built from the shape registry (no download)."""
 
 from __future__ import annotations
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoModelForCausalLM
 
-ARCHS = ("llama", "mistral", "qwen2", "qwen3")
+from truedepth.core.arch import SUPPORTED
+from truedepth.core.shapes import shape_config
+
+ARCHS = tuple(SUPPORTED)  # llama, mistral, qwen2, qwen3
 
 
 def tiny_config(arch: str = "llama", layers: int = 8, **overrides):
-    kw = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=layers,
-              num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256,
-              rms_norm_eps=1e-5, tie_word_embeddings=False, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    """The registry's "tiny" shape as `arch`, `layers` deep (positions capped at 256 to keep caches small)."""
+    kw = dict(num_hidden_layers=layers, max_position_embeddings=256)
     if arch == "mistral":
         kw["sliding_window"] = None
     kw.update(overrides)
-    return AutoConfig.for_model(arch, **kw)
+    return shape_config("tiny", "eager", arch=arch, **kw)
 
 
 def tiny_model(arch: str = "llama", layers: int = 8, seed: int = 0, randomize_norms: bool = True, **overrides):
@@ -23,7 +25,6 @@ def tiny_model(arch: str = "llama", layers: int = 8, seed: int = 0, randomize_no
     ones, a wrong fold of the norm weight into the projections would go unnoticed."""
     torch.manual_seed(seed)
     config = tiny_config(arch, layers, **overrides)
-    config._attn_implementation = "eager"
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
     if randomize_norms:
         with torch.no_grad():

@@ -80,20 +80,23 @@ def get_shape(name: str) -> Shape:
     return SHAPES[key]
 
 
-def shape_config(name: str, attn_implementation: str = "sdpa", **overrides: Any) -> Any:
-    """The transformers config of a shape (special tokens set so `generate` needs no tokenizer)."""
+def shape_config(name: str, attn_implementation: str = "sdpa", arch: str | None = None, **overrides: Any) -> Any:
+    """The transformers config of a shape (special tokens set so `generate` needs no tokenizer).
+
+    `arch` builds the same dimensions as another supported architecture, e.g.
+    ``shape_config("tiny", arch="qwen3", num_hidden_layers=4)``; `overrides` change any field."""
     from transformers import AutoConfig
 
     shape = get_shape(name)
     kw = dict(shape.config, pad_token_id=0, bos_token_id=1, eos_token_id=2)
     kw.update(overrides)
-    config = AutoConfig.for_model(shape.model_type, **kw)
+    config = AutoConfig.for_model(arch or shape.model_type, **kw)
     config._attn_implementation = attn_implementation
     return config
 
 
 def build_shape(name: str, dtype: Any = None, device: Any = None, seed: int = 0,
-                attn_implementation: str = "sdpa", **overrides: Any) -> Any:
+                attn_implementation: str = "sdpa", arch: str | None = None, **overrides: Any) -> Any:
     """A random-weight model of shape `name` on `device`, in eval mode.
 
     Built on the meta device, then materialised in place on `device`, so peak memory is the
@@ -107,7 +110,7 @@ def build_shape(name: str, dtype: Any = None, device: Any = None, seed: int = 0,
 
     torch_dtype = as_dtype(dtype) or torch.float32
     device = torch.device(device or default_device())
-    config = shape_config(name, attn_implementation, **overrides)
+    config = shape_config(name, attn_implementation, arch, **overrides)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
     model.to_empty(device=device)  # allocates uninitialised storage on the target device only
