@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .arch import (ATTN_ROWS, COLUMN_SUMS, HEAD_NORMS, MLP_ROWS, SUPPORTED, UnsupportedModelError,  # noqa: F401
+from .arch import (ATTN_ROWS, COLUMN_SUMS, HEAD_NORMS, MLP_ROWS, ROW_GROUPS, SUPPORTED, UnsupportedModelError,  # noqa: F401
                    base_model_type, check_supported, current_plan, decoder_layers, new_layer, require_original)
 from .plan import Block, Plan, PlanError, as_plan, widths
 
@@ -70,18 +70,13 @@ def _folded(linear: nn.Linear, gamma: torch.Tensor) -> torch.Tensor:
 def fused_state(members: list[nn.Module], arch: str) -> dict[str, torch.Tensor]:
     """State dict of the wide layer equivalent to running `members` in parallel."""
     out: dict[str, torch.Tensor] = {}
-    for name in ATTN_ROWS:
-        lins = [getattr(m.self_attn, name) for m in members]
-        out[f"self_attn.{name}.weight"] = torch.cat(
-            [_folded(lin, m.input_layernorm.weight) for lin, m in zip(lins, members)], 0)
-        if lins[0].bias is not None:
-            out[f"self_attn.{name}.bias"] = torch.cat([lin.bias for lin in lins], 0)
-    for name in MLP_ROWS:
-        lins = [getattr(m.mlp, name) for m in members]
-        out[f"mlp.{name}.weight"] = torch.cat(
-            [_folded(lin, m.post_attention_layernorm.weight) for lin, m in zip(lins, members)], 0)
-        if lins[0].bias is not None:
-            out[f"mlp.{name}.bias"] = torch.cat([lin.bias for lin in lins], 0)
+    for parent, names, norm in ROW_GROUPS:
+        for name in names:
+            lins = [getattr(getattr(m, parent), name) for m in members]
+            out[f"{parent}.{name}.weight"] = torch.cat(
+                [_folded(lin, getattr(m, norm).weight) for lin, m in zip(lins, members)], 0)
+            if lins[0].bias is not None:
+                out[f"{parent}.{name}.bias"] = torch.cat([lin.bias for lin in lins], 0)
     for parent, name in COLUMN_SUMS:
         lins = [getattr(getattr(m, parent), name) for m in members]
         out[f"{parent}.{name}.weight"] = torch.cat([lin.weight for lin in lins], 1)
