@@ -62,24 +62,12 @@ def build_stack(cfg, n: int, dtype, device):
     return layers, rotary
 
 
-def sync(device) -> None:
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
-
-
 @torch.no_grad()
 def time_eager(step, iters: int, device) -> float:
-    for _ in range(3):
-        step()
-    sync(device)
-    samples = []
-    for _ in range(3):
-        start = time.perf_counter()
-        for _ in range(iters):
-            step()
-        sync(device)
-        samples.append((time.perf_counter() - start) / iters)
-    return statistics.median(samples)
+    """Seconds per call of `step`: the median of 3 timed runs of `iters` calls (truedepth's timing code)."""
+    from truedepth.measure.bench.timing import median_time
+
+    return median_time(lambda: [step() for _ in range(iters)], device, repeats=3, warmup=1) / iters
 
 
 GRAPHS_BROKEN = []  # after one failed capture, skip the rest (a failed capture can leave the stream unusable)

@@ -29,6 +29,8 @@ SUPPORTED = {
 ATTN_ROWS = ("q_proj", "k_proj", "v_proj")  # read the input norm: rows stacked
 MLP_ROWS = ("gate_proj", "up_proj")  # read the post-attention norm: rows stacked
 COLUMN_SUMS = (("self_attn", "o_proj"), ("mlp", "down_proj"))  # outputs summed: columns side by side
+# (module, its row-stacked projections, the norm whose output they read)
+ROW_GROUPS = (("self_attn", ATTN_ROWS, "input_layernorm"), ("mlp", MLP_ROWS, "post_attention_layernorm"))
 HEAD_NORMS = {"q_norm": "q_proj", "k_norm": "k_proj"}  # per-head norm -> the projection whose heads it normalises
 # The same anatomy as dotted module paths inside a layer: rows stacked = column-parallel in TP,
 # columns side by side = row-parallel in TP.

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .arch import (ATTN_ROWS, COLUMN_SUMS, HEAD_NORMS, MLP_ROWS, SUPPORTED, UnsupportedModelError,  # noqa: F401
+from .arch import (ATTN_ROWS, COLUMN_SUMS, HEAD_NORMS, MLP_ROWS, ROW_GROUPS, SUPPORTED, UnsupportedModelError,  # noqa: F401
                    base_model_type, check_supported, current_plan, decoder_layers, new_layer, require_original)
 from .hf import adopt, check_adoptable
 from .plan import Block, Plan, PlanError, as_plan, widths
@@ -86,7 +86,7 @@ def fused_state(members: list[nn.Module], arch: str, staged: list | None = None)
     views of their slices (values unchanged); each change is recorded in `staged` for `_unstage`.
     The norm weights are not folded in yet: that is `fold_norms`, at commit time."""
     out: dict[str, torch.Tensor] = {}
-    for parent, names in (("self_attn", ATTN_ROWS), ("mlp", MLP_ROWS)):
+    for parent, names, _norm in ROW_GROUPS:  # the norm is folded in at commit time (fold_norms)
         for name in names:
             lins = [getattr(getattr(m, parent), name) for m in members]
             out[f"{parent}.{name}.weight"] = _stack_as_views([lin.weight for lin in lins], 0, staged)
@@ -141,8 +141,7 @@ def _unstage(staged: list) -> None:
 def fold_norms(members: list[nn.Module]) -> None:
     """Commit a staged parallel group: multiply each member's slice of the stacked q/k/v and
     gate/up rows by the weight of the norm that reads it, in place."""
-    for parent, names, norm in (("self_attn", ATTN_ROWS, "input_layernorm"),
-                                ("mlp", MLP_ROWS, "post_attention_layernorm")):
+    for parent, names, norm in ROW_GROUPS:
         for m in members:
             gamma = getattr(m, norm).weight
             for name in names:

@@ -106,14 +106,23 @@ def _with_data(rows, metrics, pts) -> list[str]:
     return [m for m in metrics if any(r.get(m) is not None and r["transform"] != "base" for r in pts)]
 
 
-def plot_delta(rows: Sequence[dict[str, Any]], path: Path, rule: str = "end", title: str = "") -> Path | None:
-    """Metric against Δ for each transform, ranges at the default position (the paper's figure)."""
-    pts = [r for r in rows if anchored(r, rule)]
+def _panels(rows: Sequence[dict[str, Any]], pts: Sequence[dict[str, Any]]):
+    """(plt, fig, axes, metrics): one panel per metric with data, or None when there is nothing to draw."""
     metrics = _with_data(rows, metric_columns(rows), pts)
     if not pts or not metrics:
         return None
     plt = _plt()
     fig, axes = _axes(plt, len(metrics))
+    return plt, fig, axes, metrics
+
+
+def plot_delta(rows: Sequence[dict[str, Any]], path: Path, rule: str = "end", title: str = "") -> Path | None:
+    """Metric against Δ for each transform, ranges at the default position (the paper's figure)."""
+    pts = [r for r in rows if anchored(r, rule)]
+    panels = _panels(rows, pts)
+    if panels is None:
+        return None
+    plt, fig, axes, metrics = panels
     for ax, metric in zip(axes, metrics):
         cap = _cap(rows, metric)
         for transform in TRANSFORMS:
@@ -170,11 +179,10 @@ def plot_pareto(rows: Sequence[dict[str, Any]], path: Path, bench: dict[str, flo
         return bench.get(r["plan"]) if bench is not None else r["depth"]
 
     pts = [r for r in rows if xval(r) is not None]
-    metrics = _with_data(rows, metric_columns(rows), pts)
-    if not pts or not metrics:
+    panels = _panels(rows, pts)
+    if panels is None:
         return None
-    plt = _plt()
-    fig, axes = _axes(plt, len(metrics))
+    plt, fig, axes, metrics = panels
     for ax, metric in zip(axes, metrics):
         lower_better = metric == "perplexity"
         cap = _cap(rows, metric)
