@@ -10,5 +10,13 @@ from .models import load
 from .plan import GRAMMAR_HELP, Plan, PlanError, Step, as_plan
 from .transform import apply_plan, parallelize
 
-__all__ = ["load", "apply_plan", "parallelize", "Plan", "Step", "PlanError", "as_plan", "GRAMMAR_HELP"]
+__all__ = ["load", "apply_plan", "parallelize", "Plan", "Step", "PlanError", "as_plan", "GRAMMAR_HELP", "export_gguf"]
+
+
+def __getattr__(name: str):  # export_gguf imports gguf-py: only when asked for
+    if name == "export_gguf":
+        from .deploy.gguf import export_gguf
+
+        return export_gguf
+    raise AttributeError(f"module 'truedepth' has no attribute {name!r}")
 __version__ = "0.1.0"

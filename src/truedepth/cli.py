@@ -24,6 +24,7 @@ COMMANDS = {
     "finetune": ("truedepth.finetune", "fine-tune only the parallelized layers to win quality back"),
     "search": ("truedepth.search", "search for the layer groups that cost least at a target depth"),
     "plan": ("truedepth.commands.plan", "show what a plan does to a model: layers, depth, JSON"),
+    "export": ("truedepth.commands.export", "write a (transformed) model as a GGUF file for llama.cpp"),
 }
 
 

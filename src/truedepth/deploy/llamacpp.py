@@ -1,0 +1,72 @@
+"""Run a GGUF file with llama.cpp through llama-cpp-python: logits, greedy tokens, perplexity, speed.
+
+Used to check exported files against truedepth's own models and to measure them; every number
+comes from llama.cpp itself (its logits, its own timers).
+"""
+
+from __future__ import annotations
+
+import os
+from types import SimpleNamespace
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+
+def open_gguf(path: str | os.PathLike, n_ctx: int = 1024, threads: int = 2, logits_all: bool = True) -> Any:
+    """A llama.cpp model and context; `logits_all` keeps every position's logits (tests), off for speed."""
+    from llama_cpp import Llama
+
+    return Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, n_threads=threads,
+                 n_threads_batch=threads, logits_all=logits_all, verbose=False)
+
+
+def logits(llm: Any, ids: Sequence[int]) -> np.ndarray:
+    """(len(ids), vocab) float32 logits of one sequence, from an empty cache."""
+    llm.reset()
+    llm.eval(list(map(int, ids)))
+    return np.array(llm.scores[: len(ids)], dtype=np.float32)
+
+
+def greedy(llm: Any, ids: Sequence[int], new_tokens: int) -> list[int]:
+    """`new_tokens` greedy tokens after `ids` (argmax of llama.cpp's logits; never stops at EOS)."""
+    llm.reset()
+    llm.eval(list(map(int, ids)))
+    out: list[int] = []
+    for _ in range(new_tokens):
+        out.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
+        llm.eval([out[-1]])
+    return out
+
+
+class LlamaCppLM(nn.Module):
+    """A llama.cpp model behind the call `model(input_ids=..., logits_to_keep=...).logits` that
+    truedepth.perplexity makes, so llama.cpp is scored on exactly the same windows as transformers."""
+
+    def __init__(self, llm: Any) -> None:
+        super().__init__()
+        self.llm = llm
+        self._device = nn.Parameter(torch.empty(0), requires_grad=False)  # tells callers: cpu
+
+    def forward(self, input_ids: torch.Tensor, logits_to_keep: int = 0, **_: Any) -> SimpleNamespace:
+        rows = [torch.from_numpy(logits(self.llm, row.tolist())) for row in input_ids]
+        out = torch.stack(rows)
+        return SimpleNamespace(logits=out[:, -logits_to_keep:] if logits_to_keep else out)
+
+
+def speed(llm: Any, prompt: Sequence[int], new_tokens: int) -> dict[str, float]:
+    """Prompt processing and decode tokens/s of one batch-1 run, by llama.cpp's own timers."""
+    import llama_cpp
+
+    ctx = llm._ctx.ctx  # llama-cpp-python exposes no public handle for the perf counters
+    llm.reset()
+    llama_cpp.llama_perf_context_reset(ctx)
+    llm.eval(list(map(int, prompt)))
+    token = int(prompt[-1])
+    for _ in range(new_tokens):  # the token fed back does not change the cost: no sampling needed
+        llm.eval([token])
+    perf = llama_cpp.llama_perf_context(ctx)
+    return {"prompt_tokens": perf.n_p_eval, "prompt_tok_s": 1e3 * perf.n_p_eval / perf.t_p_eval_ms,
+            "decode_tokens": perf.n_eval, "decode_tok_s": 1e3 * perf.n_eval / perf.t_eval_ms}

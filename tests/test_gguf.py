@@ -1,0 +1,244 @@
+"""Export to GGUF (llama.cpp `deci`), checked by running the files in llama.cpp (llama-cpp-python).
+
+Tolerance (TOL): llama.cpp's f32 logits against transformers' fp32 logits of the same model, as
+max |difference| / max |logit| over all positions and the vocabulary. Both compute in fp32 but
+with different GEMM kernels and summation orders (ggml's blocked dot products against torch's
+BLAS), so each layer's output differs by a few ulp and 30 layers amplify that; the measured
+worst case on the default model (docs/GGUF.md) is ~1e-5 of the logit scale, and a wrong head
+layout, rotary permutation or norm gives differences of order one. TOL = 1e-4 sits between.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+
+import numpy as np
+import pytest
+import torch
+from tiny import tiny_model
+
+import truedepth
+from truedepth import cli
+from truedepth.deploy.gguf import GGUFExportError, export_gguf
+from truedepth.models import default_gguf
+
+llamacpp = pytest.importorskip("truedepth.deploy.llamacpp")
+pytest.importorskip("llama_cpp")
+
+TOL = 1e-4
+NEAR_TIE = 1e-3  # top-2 log-probability gap under which greedy choices may legitimately differ
+DEFAULT_VOCAB = 49152  # tiny models share the default GGUF's tokenizer, so llama.cpp can load them
+
+
+def relative_error(got: np.ndarray, want: torch.Tensor) -> float:
+    want = want.detach().float().numpy()
+    return float(np.abs(got - want).max() / np.abs(want).max())
+
+
+def hf_logits(model, ids) -> torch.Tensor:
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0]
+
+
+def gguf_logits(path, ids) -> np.ndarray:
+    return llamacpp.logits(llamacpp.open_gguf(path, n_ctx=max(64, len(ids))), ids)
+
+
+def files_in(folder) -> list[str]:
+    return sorted(os.listdir(folder))
+
+
+# ---------------------------------------------------------------------------------------------
+# Tiny random models
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("arch, plan", [("llama", "parallel=0:2,parallel=3:6/3"), ("qwen2", "parallel=1:3,skip=5")])
+def test_tiny_model_with_wide_layers_matches_transformers(tmp_path, arch, plan):
+    # a wide FIRST layer: llama.cpp must read the head size from the file, not derive it from
+    # hidden_size / (first layer's heads); qwen2 adds q/k/v biases, permuted with their rows
+    model = truedepth.apply_plan(tiny_model(arch, layers=6, vocab_size=DEFAULT_VOCAB), plan)
+    path = export_gguf(model, None, tmp_path / "tiny.gguf", tokenizer_gguf=default_gguf())
+    ids = torch.randint(0, DEFAULT_VOCAB, (48,), generator=torch.Generator().manual_seed(0)).tolist()
+    assert relative_error(gguf_logits(path, ids), hf_logits(model, ids)) < TOL
+
+
+def test_qwen3_is_refused_before_writing(tmp_path):
+    model = tiny_model("qwen3", layers=2, vocab_size=DEFAULT_VOCAB)
+    with pytest.raises(GGUFExportError, match="q_norm/k_norm.*'deci'"):
+        export_gguf(model, None, tmp_path / "q3.gguf", tokenizer_gguf=default_gguf())
+    assert files_in(tmp_path) == []
+
+
+def test_existing_file_needs_overwrite_and_is_left_untouched(tmp_path):
+    target = tmp_path / "m.gguf"
+    target.write_bytes(b"keep me")
+    model = tiny_model("llama", layers=2, vocab_size=DEFAULT_VOCAB)
+    with pytest.raises(GGUFExportError, match="exists.*overwrite"):
+        export_gguf(model, None, target, tokenizer_gguf=default_gguf())
+    assert target.read_bytes() == b"keep me"
+    export_gguf(model, None, target, tokenizer_gguf=default_gguf(), overwrite=True)
+    assert target.read_bytes()[:4] == b"GGUF" and files_in(tmp_path) == ["m.gguf"]
+
+
+def test_unknown_type_is_refused(tmp_path):
+    with pytest.raises(GGUFExportError, match="unknown GGUF type 'q3_x'.*q8_0"):
+        export_gguf(tiny_model("llama", layers=2), None, tmp_path / "m.gguf", type="q3_x")
+
+
+def test_a_failure_while_writing_leaves_no_file(tmp_path):
+    model = tiny_model("llama", layers=2, vocab_size=DEFAULT_VOCAB)
+    model.model.register_buffer("extra", torch.zeros(3))  # a tensor llama.cpp has no name for
+    with pytest.raises(GGUFExportError, match="model.extra has no place"):
+        export_gguf(model, None, tmp_path / "m.gguf", tokenizer_gguf=default_gguf())
+    assert files_in(tmp_path) == []  # neither the file nor its temporary
+
+
+def test_llama_cpp_quantizer_makes_k_quants(tmp_path):
+    import gguf
+
+    model = tiny_model("llama", layers=2, vocab_size=DEFAULT_VOCAB, hidden_size=256, intermediate_size=512,
+                       head_dim=64)
+    path = export_gguf(model, None, tmp_path / "q4km.gguf", type="q4_k_m", tokenizer_gguf=default_gguf())
+    reader = gguf.GGUFReader(path)
+    assert reader.fields["general.file_type"].contents() == 15  # LLAMA_FTYPE_MOSTLY_Q4_K_M
+    assert gguf.GGMLQuantizationType.Q4_K in {t.tensor_type for t in reader.tensors}
+    ids = list(range(100, 132))
+    got, want = gguf_logits(path, ids), hf_logits(model, ids)
+    assert np.corrcoef(got.ravel(), want.numpy().ravel())[0, 1] > 0.95  # 4-bit weights: close, not equal
+    assert files_in(tmp_path) == ["q4km.gguf"]  # the f32 intermediate is gone
+
+
+def test_hf_tokenizer_metadata_tokenizes_like_transformers(tmp_path):
+    """Without a source GGUF the vocabulary, merges, special ids and chat template are built from
+    the Hugging Face tokenizer (gguf-py's BpeVocab/SpecialVocab); llama.cpp then tokenizes alike."""
+    from transformers import AutoTokenizer
+
+    from truedepth.data import held_out_text
+    from truedepth.models import default_model_dir
+
+    tok = AutoTokenizer.from_pretrained(default_model_dir())
+    model = tiny_model("llama", layers=2, vocab_size=DEFAULT_VOCAB)
+    path = export_gguf(model, tok, tmp_path / "hf.gguf", tokenizer_gguf=False)
+    import gguf
+
+    fields = gguf.GGUFReader(path).fields
+    assert fields["tokenizer.ggml.pre"].contents() == "smollm"
+    assert fields["tokenizer.chat_template"].contents() == tok.chat_template
+    text = held_out_text()[:3000] + " <|im_start|>user\nHi!<|im_end|>"
+    llm = llamacpp.open_gguf(path, n_ctx=64)
+    assert llm.tokenize(text.encode(), add_bos=False, special=True) == tok(text, add_special_tokens=False).input_ids
+
+
+def test_unknown_tokenizer_is_refused(tmp_path):
+    class Chars:  # not a BPE tokenizer llama.cpp knows
+        def encode(self, text):
+            return [ord(c) for c in text]
+
+    with pytest.raises(GGUFExportError, match="pre-tokenizer"):
+        export_gguf(tiny_model("llama", layers=2), Chars(), tmp_path / "m.gguf", tokenizer_gguf=False)
+    assert files_in(tmp_path) == []
+
+
+# ---------------------------------------------------------------------------------------------
+# The command
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("argv, words", [
+    (["--type", "q3_x"], "unknown GGUF type 'q3_x'"),
+    (["--plan", "parallel=20:29"], "do not split into groups"),
+    (["--dtype", "bf16"], "drop --dtype"),
+])
+def test_export_command_refuses_bad_input_with_one_line(tmp_path, capsys, argv, words):
+    assert cli.main(["export", "--gguf", str(tmp_path / "m.gguf"), *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert words in err and "\n" not in err and "Traceback" not in err
+    assert files_in(tmp_path) == []
+
+
+def test_export_command_refuses_an_existing_file_before_loading(tmp_path, capsys, monkeypatch):
+    target = tmp_path / "m.gguf"
+    target.write_bytes(b"keep me")
+    monkeypatch.setattr("truedepth.models.load", lambda *a, **k: pytest.fail("loaded weights"))
+    assert cli.main(["export", "--gguf", str(target)]) == 2
+    assert "exists; pass overwrite=True (--overwrite)" in capsys.readouterr().err
+    assert target.read_bytes() == b"keep me"
+
+
+def test_export_command_refuses_a_missing_folder(tmp_path, capsys):
+    assert cli.main(["export", "--gguf", str(tmp_path / "no" / "m.gguf")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------
+# The real default model (integration)
+# ---------------------------------------------------------------------------------------------
+PROMPTS = ["The capital of France is", "It is a truth universally acknowledged, that",
+           "def fibonacci(n):", "Once upon a time, in a small village,"]
+
+
+@pytest.fixture(scope="module")
+def default():
+    return truedepth.load("default")
+
+
+@pytest.fixture(scope="module")
+def sample_ids(default):
+    from truedepth.data import held_out_text
+
+    _, tok = default
+    return tok(held_out_text()[:20000], add_special_tokens=False).input_ids
+
+
+def first_disagreement(model, prompt_ids, continuation) -> tuple[int | None, float | None]:
+    """Where transformers' greedy choice first differs from `continuation` (llama.cpp's greedy
+    tokens, scored by teacher forcing), and the top-2 log-prob gap of transformers there."""
+    ids = list(prompt_ids) + list(continuation)
+    logp = torch.log_softmax(hf_logits(model, ids)[len(prompt_ids) - 1: -1].float(), -1)
+    for pos, token in enumerate(continuation):
+        if int(logp[pos].argmax()) != token:
+            top = logp[pos].topk(2).values
+            return pos, float(top[0] - top[1])
+    return None, None
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("plan", ["base", "parallel=20:28", "parallel=18:27/3,skip=28"])
+def test_default_model_f32_matches_transformers(default, sample_ids, tmp_path, plan):
+    import gguf
+
+    model, tok = default
+    lp = truedepth.apply_plan(copy.deepcopy(model), plan)
+    path = export_gguf(lp, tok, tmp_path / "m.gguf")
+    ids = sample_ids[:64]
+    assert relative_error(gguf_logits(path, ids), hf_logits(lp, ids)) < TOL
+    llm = llamacpp.open_gguf(path, n_ctx=128)
+    for prompt in PROMPTS:
+        prompt_ids = tok(prompt).input_ids
+        continuation = llamacpp.greedy(llm, prompt_ids, 32)
+        pos, gap = first_disagreement(lp, prompt_ids, continuation)
+        assert pos is None or gap < NEAR_TIE, f"{prompt!r}: greedy tokens differ at {pos} (gap {gap})"
+    # the tokenizer and chat template of the GGUF the default model came from, unchanged
+    source, written = gguf.GGUFReader(default_gguf()).fields, gguf.GGUFReader(path).fields
+    keys = [k for k in source if k.startswith("tokenizer.")]
+    assert "tokenizer.chat_template" in keys and [k for k in written if k.startswith("tokenizer.")] == keys
+    for k in keys:
+        assert written[k].contents() == source[k].contents(), k
+
+
+@pytest.mark.integration
+def test_default_model_q8_0_through_the_command_agrees_with_fp32(default, sample_ids, tmp_path, capsys):
+    from truedepth.perplexity import perplexity
+
+    model, tok = default
+    path = tmp_path / "lp-q8.gguf"
+    assert cli.main(["export", "--plan", "parallel=20:28", "--gguf", str(path), "--type", "q8_0"]) == 0
+    assert "wrote" in capsys.readouterr().out
+    lp = truedepth.apply_plan(copy.deepcopy(model), "parallel=20:28")
+    ids = sample_ids[:512]
+    got = llamacpp.logits(llamacpp.open_gguf(path, n_ctx=512), ids)
+    want = hf_logits(lp, ids).numpy()
+    agreement = float((got.argmax(-1) == want.argmax(-1)).mean())
+    assert agreement >= 0.95
+    q8 = perplexity(llamacpp.LlamaCppLM(llamacpp.open_gguf(path, n_ctx=512)), tok, ids, tokens=512, progress=False)
+    fp32 = perplexity(lp, tok, ids, tokens=512, progress=False)
+    print(f"q8_0 top-1 agreement {agreement:.4f}, perplexity {q8['perplexity']:.3f} (fp32 {fp32['perplexity']:.3f})")
+    assert abs(q8["nll"] - fp32["nll"]) < 0.05
