@@ -272,30 +272,41 @@ def pre_tokenizer(tokenizer: Any) -> str:
     return PRE_TOKENIZERS[digest]
 
 
+def bpe_vocabulary(tokenizer: Any, vocab_size: int) -> tuple[list[str], list[int]]:
+    """Tokens and token types by id, padded to the embedding rows: the logic of convert_hf_to_gguf.py's
+    `get_vocab_base` (gguf-py's BpeVocab rejects tokenizers that transformers rebuilt from a GGUF,
+    whose tokenizer.json carries a byte-fallback decoder although the vocabulary is byte-level)."""
+    import gguf
+
+    by_id = {i: t for t, i in tokenizer.get_vocab().items()}
+    if max(by_id) >= vocab_size:
+        raise GGUFExportError(f"the tokenizer has ids up to {max(by_id)} but the model only {vocab_size} embeddings.")
+    added = tokenizer.added_tokens_decoder
+    tokens, types = [], []
+    for i in range(vocab_size):
+        if i not in by_id:  # embedding rows with no token
+            tokens.append(f"[PAD{i}]")
+            types.append(gguf.TokenType.UNUSED)
+            continue
+        tokens.append(by_id[i])
+        types.append(gguf.TokenType.NORMAL if i not in added else
+                     gguf.TokenType.CONTROL if added[i].special else gguf.TokenType.USER_DEFINED)
+    return tokens, types
+
+
 def add_hf_tokenizer(writer: Any, tokenizer: Any, vocab_size: int) -> None:
-    """GPT-2 style BPE vocabulary, merges, special ids and chat template from a Hugging Face tokenizer,
-    read by gguf-py's BpeVocab and SpecialVocab from the tokenizer saved in its own files."""
+    """Byte-level BPE vocabulary from a Hugging Face tokenizer; merges, special ids and chat
+    template read by gguf-py's SpecialVocab from the tokenizer saved in its own files."""
     import gguf
 
     pre = pre_tokenizer(tokenizer)
+    tokens, types = bpe_vocabulary(tokenizer, vocab_size)
     with tempfile.TemporaryDirectory(prefix="truedepth-tokenizer-") as tmp:
         tokenizer.save_pretrained(tmp)
-        try:
-            vocab = gguf.vocab.BpeVocab(Path(tmp))
-        except FileNotFoundError as e:
-            raise GGUFExportError("only byte-level BPE tokenizers can be exported (Llama 3, SmolLM2, Qwen2/3).") from e
         special = gguf.SpecialVocab(Path(tmp), load_merges=True, n_vocab=vocab_size)
-    added = {t.content: t.special for t in tokenizer.added_tokens_decoder.values()}
-    tokens, types = [], []
-    for text, _, _ in vocab.all_tokens():
-        tokens.append(text)
-        types.append(gguf.TokenType.NORMAL if text not in added else
-                     gguf.TokenType.CONTROL if added[text] else gguf.TokenType.USER_DEFINED)
-    if len(tokens) > vocab_size:
-        raise GGUFExportError(f"the tokenizer has {len(tokens)} tokens but the model only {vocab_size} embeddings.")
-    for i in range(len(tokens), vocab_size):  # embedding rows with no token, as convert_hf_to_gguf pads them
-        tokens.append(f"[PAD{i}]")
-        types.append(gguf.TokenType.UNUSED)
+    if not special.merges:
+        raise GGUFExportError("the tokenizer has no BPE merges; only byte-level BPE tokenizers can be exported "
+                              "(Llama 3, SmolLM2, Qwen2/3).")
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre(pre)
     writer.add_token_list(tokens)

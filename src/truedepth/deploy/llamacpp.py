@@ -15,12 +15,17 @@ import torch
 from torch import nn
 
 
-def open_gguf(path: str | os.PathLike, n_ctx: int = 1024, threads: int = 2, logits_all: bool = True) -> Any:
-    """A llama.cpp model and context; `logits_all` keeps every position's logits (tests), off for speed."""
-    from llama_cpp import Llama
+def open_gguf(path: str | os.PathLike, n_ctx: int = 1024, threads: int = 2, logits_all: bool = True,
+              f32_cache: bool = False) -> Any:
+    """A llama.cpp model and context; `logits_all` keeps every position's logits (tests), off for speed.
 
-    return Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, n_threads=threads,
-                 n_threads_batch=threads, logits_all=logits_all, verbose=False)
+    llama.cpp keeps K and V in f16 by default (as llama-cli does); `f32_cache` keeps them in f32,
+    so an f32 file can be compared with an fp32 model without the cache's rounding."""
+    import llama_cpp
+
+    cache = {"type_k": llama_cpp.GGML_TYPE_F32, "type_v": llama_cpp.GGML_TYPE_F32} if f32_cache else {}
+    return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, n_threads=threads,
+                           n_threads_batch=threads, logits_all=logits_all, verbose=False, **cache)
 
 
 def logits(llm: Any, ids: Sequence[int]) -> np.ndarray:
