@@ -28,7 +28,7 @@ def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--plan", default="parallel=20:28")
     p.add_argument("--types", default="f32,q8_0")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", default="2", help="comma-separated thread counts, each measured (default %(default)s)")
     p.add_argument("--prompt-tokens", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--repeats", type=int, default=5)
@@ -53,14 +53,13 @@ def export_all(args: argparse.Namespace, types: list[str]) -> dict[tuple[str, st
     return files
 
 
-def measure_speed(args, files, ids) -> dict:
+def measure_speed(args, files, ids, threads: int) -> dict:
     runs: dict[str, list[dict]] = {f"{p}|{t}": [] for p, t in files}
     for _ in range(args.repeats):
         for (plan, type), path in files.items():  # interleaved: base and LP see the same load
-            llm = open_gguf(path, n_ctx=args.prompt_tokens + args.new_tokens + 8, threads=args.threads,
-                            logits_all=False)
+            llm = open_gguf(path, n_ctx=args.prompt_tokens + args.new_tokens + 8, threads=threads, logits_all=False)
             runs[f"{plan}|{type}"].append(speed(llm, ids[: args.prompt_tokens], args.new_tokens))
-            del llm
+            llm.close()
     return {k: {m: statistics.median(r[m] for r in v) for m in ("prompt_tok_s", "decode_tok_s")} | {"runs": v}
             for k, v in runs.items()}
 
@@ -71,35 +70,39 @@ def main() -> int:
     files = export_all(args, types)
     _, tok = truedepth.load("default")
     ids = tok(held_out_text()[: args.ppl_tokens * 8], add_special_tokens=False).input_ids
-    load_before = os.getloadavg()
-    t0 = time.time()
-    speeds = measure_speed(args, files, ids)
-    load_after = os.getloadavg()
+    threads = [int(t) for t in args.threads.split(",")]
+    speeds = {}
+    for n in threads:
+        load_before, t0 = os.getloadavg(), time.time()
+        speeds[n] = measure_speed(args, files, ids, n) | {"loadavg_before": load_before,
+                                                           "loadavg_after": os.getloadavg(), "seconds": time.time() - t0}
     ppl = {}
     for (plan, type), path in files.items():
-        llm = open_gguf(path, n_ctx=args.window, threads=args.threads)
+        llm = open_gguf(path, n_ctx=args.window, threads=threads[0])
         ppl[f"{plan}|{type}"] = perplexity(LlamaCppLM(llm), tok, ids, tokens=args.ppl_tokens,
                                            window=args.window, progress=False)["perplexity"]
+        llm.close()
     result = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": platform.processor() or
-              platform.machine(), "cpus": os.cpu_count(), "threads": args.threads, "plan": args.plan,
+              platform.machine(), "cpus": os.cpu_count(), "plan": args.plan,
               "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "repeats": args.repeats,
-              "loadavg_before": load_before, "loadavg_after": load_after, "speed_seconds": time.time() - t0,
-              "ppl_tokens": args.ppl_tokens, "window": args.window, "speed": speeds, "perplexity": ppl,
+              "ppl_tokens": args.ppl_tokens, "window": args.window, "speed_by_threads": speeds, "perplexity": ppl,
               "file_mib": {f"{p}|{t}": path.stat().st_size / 2**20 for (p, t), path in files.items()}}
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
-    print(table(result, types))
+    for n in threads:
+        print(f"\n{n} thread(s), load average {speeds[n]['loadavg_before'][0]:.1f} -> {speeds[n]['loadavg_after'][0]:.1f}")
+        print(table(result, types, n))
     return 0
 
 
-def table(r: dict, types: list[str]) -> str:
+def table(r: dict, types: list[str], threads: int) -> str:
     lines = ["| type | model | prompt tok/s | decode tok/s | perplexity | file MiB |", "|---|---|---|---|---|---|"]
     for type in types:
         for plan in ("base", r["plan"]):
             k = f"{plan}|{type}"
-            s = r["speed"][k]
+            s = r["speed_by_threads"][threads][k]
             lines.append(f"| {type} | {plan} | {s['prompt_tok_s']:.0f} | {s['decode_tok_s']:.1f} | "
                          f"{r['perplexity'][k]:.3f} | {r['file_mib'][k]:.0f} |")
-        b, lp = r["speed"][f"base|{type}"], r["speed"][f"{r['plan']}|{type}"]
+        b, lp = r["speed_by_threads"][threads][f"base|{type}"], r["speed_by_threads"][threads][f"{r['plan']}|{type}"]
         lines.append(f"| {type} | LP / base | {lp['prompt_tok_s'] / b['prompt_tok_s']:.2f}x | "
                      f"{lp['decode_tok_s'] / b['decode_tok_s']:.2f}x | | |")
     return "\n".join(lines)

@@ -7,6 +7,7 @@ comes from llama.cpp itself (its logits, its own timers).
 from __future__ import annotations
 
 import os
+import time
 from types import SimpleNamespace
 from typing import Any, Sequence
 
@@ -62,16 +63,19 @@ class LlamaCppLM(nn.Module):
 
 
 def speed(llm: Any, prompt: Sequence[int], new_tokens: int) -> dict[str, float]:
-    """Prompt processing and decode tokens/s of one batch-1 run, by llama.cpp's own timers."""
+    """Prompt-processing and decode tokens/s of one batch-1 run (wall clock around llama_decode;
+    llama.cpp's own perf counters stay at zero on llama-cpp-python's decode path)."""
     import llama_cpp
 
-    ctx = llm._ctx.ctx  # llama-cpp-python exposes no public handle for the perf counters
+    def timed(tokens: list[int]) -> float:
+        start = time.perf_counter()
+        llm.eval(tokens)
+        llama_cpp.llama_synchronize(llm._ctx.ctx)  # no public handle; decode may return early
+        return time.perf_counter() - start
+
     llm.reset()
-    llama_cpp.llama_perf_context_reset(ctx)
-    llm.eval(list(map(int, prompt)))
-    token = int(prompt[-1])
-    for _ in range(new_tokens):  # the token fed back does not change the cost: no sampling needed
-        llm.eval([token])
-    perf = llama_cpp.llama_perf_context(ctx)
-    return {"prompt_tokens": perf.n_p_eval, "prompt_tok_s": 1e3 * perf.n_p_eval / perf.t_p_eval_ms,
-            "decode_tokens": perf.n_eval, "decode_tok_s": 1e3 * perf.n_eval / perf.t_eval_ms}
+    prompt_s = timed(list(map(int, prompt)))
+    token = int(prompt[-1])  # the token fed back does not change the cost: no sampling needed
+    decode_s = sum(timed([token]) for _ in range(new_tokens))
+    return {"prompt_tokens": len(prompt), "prompt_tok_s": len(prompt) / prompt_s,
+            "decode_tokens": new_tokens, "decode_tok_s": new_tokens / decode_s}
