@@ -101,8 +101,10 @@ def test_existing_file_needs_overwrite_and_is_left_untouched(tmp_path):
     with pytest.raises(GGUFExportError, match="exists.*overwrite"):
         export_gguf(model, None, target, tokenizer_gguf=default_gguf())
     assert target.read_bytes() == b"keep me"
+    mode = target.stat().st_mode
     export_gguf(model, None, target, tokenizer_gguf=default_gguf(), overwrite=True)
     assert target.read_bytes()[:4] == b"GGUF" and files_in(tmp_path) == ["m.gguf"]
+    assert target.stat().st_mode == mode  # the permissions of any new file, not a temp file's 0600
 
 
 def test_unknown_type_is_refused(tmp_path):

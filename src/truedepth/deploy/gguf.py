@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import secrets
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -319,14 +320,13 @@ def add_hf_tokenizer(writer: Any, tokenizer: Any, vocab_size: int) -> None:
 # ---------------------------------------------------------------------------------------------
 @contextmanager
 def temp_file(path: Path) -> Iterator[Path]:
-    """A temporary file next to `path` (same folder, so a rename is atomic), always removed after."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    """A fresh name next to `path` (same folder, so a rename is atomic), removed after if still there.
+    Only a name: the writer creates the file, with the usual permissions (mkstemp's are 0600)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     try:
-        yield Path(tmp)
+        yield tmp
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        tmp.unlink(missing_ok=True)
 
 
 @contextmanager
