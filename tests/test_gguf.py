@@ -76,11 +76,13 @@ LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low
     ("llama", "parallel=0:2,parallel=3:6/3", {}),
     ("qwen2", "parallel=1:3,skip=5", {}),
     ("llama", "parallel=2:4,merge=4:6", {"rope_parameters": LLAMA3_ROPE, "tie_word_embeddings": True}),
+    ("mistral", "parallel=0:3/3", {"rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 5e4}}),
 ])
 def test_tiny_model_with_wide_layers_matches_transformers(tmp_path, arch, plan, extra):
     # a wide FIRST layer: llama.cpp must read the head size from the file, not derive it from
     # hidden_size / (first layer's heads); qwen2 adds q/k/v biases, permuted with their rows;
-    # Llama 3 rope scaling becomes llama.cpp's rope_freqs; tied embeddings have no output tensor
+    # Llama 3 rope scaling becomes llama.cpp's rope_freqs, linear scaling its scaling keys; tied
+    # embeddings have no output tensor
     model = truedepth.apply_plan(tiny_model(arch, layers=6, vocab_size=DEFAULT_VOCAB, **extra), plan)
     path = export_gguf(model, None, tmp_path / "tiny.gguf", tokenizer_gguf=default_gguf())
     ids = torch.randint(0, DEFAULT_VOCAB, (48,), generator=torch.Generator().manual_seed(0)).tolist()

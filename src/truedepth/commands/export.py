@@ -34,7 +34,8 @@ def run(args: argparse.Namespace) -> int:
     if args.dtype not in (None, "fp32", "float32"):
         raise ValueError("export reads the weights in fp32 and converts them itself; drop --dtype and use --type.")
     plan = as_plan(args.plan)
-    model, tokenizer = load(args.model, dtype="fp32", device="cpu", plan=plan)
+    # --device only says where the plan is applied; the tensors are written from the CPU
+    model, tokenizer = load(args.model, dtype="fp32", device=args.device or "cpu", plan=plan)
     path = export_gguf(model, tokenizer, args.gguf, type=args.type, overwrite=args.overwrite)
     info = getattr(model.config, "truedepth", None) or {}
     print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB, {args.type}, "

@@ -26,7 +26,7 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from ..transform import ATTN_ROWS, SUPPORTED, base_model_type
+from ..transform import ATTN_ROWS, MLP_ROWS, SUPPORTED, base_model_type
 
 ARCH = "deci"
 ROTARY_ROWS = ATTN_ROWS[:2]  # q and k: the rows rotary embeddings act on
@@ -128,9 +128,9 @@ def layer_shapes(model: Any) -> list[dict[str, int]]:
     shapes = [{"heads": config.num_attention_heads * w, "kv_heads": kv * w, "ff": config.intermediate_size * w}
               for w in widths]
     for i, (shape, layer) in enumerate(zip(shapes, model.model.layers)):
-        rows = {"heads": layer.self_attn.q_proj.out_features // head_dim(config),
-                "kv_heads": layer.self_attn.k_proj.out_features // head_dim(config),
-                "ff": layer.mlp.gate_proj.out_features}
+        q, k = (getattr(layer.self_attn, name) for name in ROTARY_ROWS)
+        rows = {"heads": q.out_features // head_dim(config), "kv_heads": k.out_features // head_dim(config),
+                "ff": getattr(layer.mlp, MLP_ROWS[0]).out_features}
         if rows != shape:  # a config that does not describe its weights: refuse rather than write nonsense
             raise GGUFExportError(f"layer {i} has {rows} but config.truedepth['layer_widths'] says {shape}; "
                                   "the model or its config was edited after the transform.")
