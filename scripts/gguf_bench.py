@@ -39,18 +39,21 @@ def parse_args() -> argparse.Namespace:
     return p.parse_args()
 
 
-def export_all(args: argparse.Namespace, types: list[str]) -> dict[tuple[str, str], Path]:
+def export_all(args: argparse.Namespace, types: list[str], ids: list[int]) -> tuple[dict, dict]:
+    """The GGUF files, and transformers' fp32 perplexity of each model on the same windows."""
     folder = Path(args.dir)
     folder.mkdir(parents=True, exist_ok=True)
-    files = {}
+    files, hf_ppl = {}, {}
     for plan in ("base", args.plan):
         model, tok = truedepth.load("default", plan=plan)
+        hf_ppl[plan] = perplexity(model, tok, ids, tokens=args.ppl_tokens, window=args.window,
+                                  progress=False)["perplexity"]
         for type in types:
             path = folder / f"{'base' if plan == 'base' else 'lp'}-{type}.gguf"
             if not path.exists():
                 truedepth.export_gguf(model, tok, path, type=type)
             files[plan, type] = path
-    return files
+    return files, hf_ppl
 
 
 def measure_speed(args, files, ids, threads: int) -> dict:
@@ -60,16 +63,16 @@ def measure_speed(args, files, ids, threads: int) -> dict:
             llm = open_gguf(path, n_ctx=args.prompt_tokens + args.new_tokens + 8, threads=threads, logits_all=False)
             runs[f"{plan}|{type}"].append(speed(llm, ids[: args.prompt_tokens], args.new_tokens))
             llm.close()
-    return {k: {m: statistics.median(r[m] for r in v) for m in ("prompt_tok_s", "decode_tok_s")} | {"runs": v}
-            for k, v in runs.items()}
+    metrics = ("prompt_tok_s", "decode_tok_s", "prompt_cpu_tok_s", "decode_cpu_tok_s")
+    return {k: {m: statistics.median(r[m] for r in v) for m in metrics} | {"runs": v} for k, v in runs.items()}
 
 
 def main() -> int:
     args = parse_args()
     types = args.types.split(",")
-    files = export_all(args, types)
     _, tok = truedepth.load("default")
     ids = tok(held_out_text()[: args.ppl_tokens * 8], add_special_tokens=False).input_ids
+    files, hf_ppl = export_all(args, types, ids)
     threads = [int(t) for t in args.threads.split(",")]
     speeds = {}
     for n in threads:
@@ -86,25 +89,31 @@ def main() -> int:
               platform.machine(), "cpus": os.cpu_count(), "plan": args.plan,
               "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "repeats": args.repeats,
               "ppl_tokens": args.ppl_tokens, "window": args.window, "speed_by_threads": speeds, "perplexity": ppl,
+              "transformers_fp32_perplexity": hf_ppl,
               "file_mib": {f"{p}|{t}": path.stat().st_size / 2**20 for (p, t), path in files.items()}}
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
     for n in threads:
         print(f"\n{n} thread(s), load average {speeds[n]['loadavg_before'][0]:.1f} -> {speeds[n]['loadavg_after'][0]:.1f}")
         print(table(result, types, n))
+    print("transformers fp32 perplexity, same windows:", hf_ppl)
     return 0
 
 
 def table(r: dict, types: list[str], threads: int) -> str:
-    lines = ["| type | model | prompt tok/s | decode tok/s | perplexity | file MiB |", "|---|---|---|---|---|---|"]
+    lines = ["| type | model | prompt tok/s | decode tok/s | prompt tok/CPU-s | decode tok/CPU-s | perplexity | file MiB |",
+             "|---|---|---|---|---|---|---|---|"]
     for type in types:
         for plan in ("base", r["plan"]):
             k = f"{plan}|{type}"
             s = r["speed_by_threads"][threads][k]
             lines.append(f"| {type} | {plan} | {s['prompt_tok_s']:.0f} | {s['decode_tok_s']:.1f} | "
+                         f"{s['prompt_cpu_tok_s']:.0f} | {s['decode_cpu_tok_s']:.1f} | "
                          f"{r['perplexity'][k]:.3f} | {r['file_mib'][k]:.0f} |")
         b, lp = r["speed_by_threads"][threads][f"base|{type}"], r["speed_by_threads"][threads][f"{r['plan']}|{type}"]
-        lines.append(f"| {type} | LP / base | {lp['prompt_tok_s'] / b['prompt_tok_s']:.2f}x | "
-                     f"{lp['decode_tok_s'] / b['decode_tok_s']:.2f}x | | |")
+        ratio = {m: f"{lp[m] / b[m]:.2f}x" for m in ("prompt_tok_s", "decode_tok_s", "prompt_cpu_tok_s",
+                                                      "decode_cpu_tok_s")}
+        lines.append(f"| {type} | LP / base | {ratio['prompt_tok_s']} | {ratio['decode_tok_s']} | "
+                     f"{ratio['prompt_cpu_tok_s']} | {ratio['decode_cpu_tok_s']} | | |")
     return "\n".join(lines)
 
 

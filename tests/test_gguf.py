@@ -109,9 +109,11 @@ def test_existing_file_needs_overwrite_and_is_left_untouched(tmp_path):
     assert target.stat().st_mode == mode  # the permissions of any new file, not a temp file's 0600
 
 
-def test_unknown_type_is_refused(tmp_path):
+def test_unknown_type_is_refused_by_the_public_function(tmp_path):
+    assert truedepth.export_gguf is export_gguf  # imported on first use
     with pytest.raises(GGUFExportError, match="unknown GGUF type 'q3_x'.*q8_0"):
-        export_gguf(tiny_model("llama", layers=2), None, tmp_path / "m.gguf", type="q3_x")
+        truedepth.export_gguf(tiny_model("llama", layers=2), None, tmp_path / "m.gguf", type="q3_x")
+    assert files_in(tmp_path) == []
 
 
 def test_a_failure_while_writing_leaves_no_file(tmp_path):

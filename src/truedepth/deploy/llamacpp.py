@@ -63,19 +63,23 @@ class LlamaCppLM(nn.Module):
 
 
 def speed(llm: Any, prompt: Sequence[int], new_tokens: int) -> dict[str, float]:
-    """Prompt-processing and decode tokens/s of one batch-1 run (wall clock around llama_decode;
-    llama.cpp's own perf counters stay at zero on llama-cpp-python's decode path)."""
+    """Prompt-processing and decode tokens/s of one batch-1 run, by wall clock and by this process's
+    CPU time around llama_decode (llama.cpp's own perf counters stay at zero on llama-cpp-python's
+    decode path). With one thread, CPU time is the time an idle core would take: a figure that
+    other jobs on a shared machine do not distort (with more, it counts their spin-waiting)."""
     import llama_cpp
 
-    def timed(tokens: list[int]) -> float:
-        start = time.perf_counter()
+    def timed(tokens: list[int]) -> tuple[float, float]:
+        wall, cpu = time.perf_counter(), time.process_time()
         llm.eval(tokens)
         llama_cpp.llama_synchronize(llm._ctx.ctx)  # no public handle; decode may return early
-        return time.perf_counter() - start
+        return time.perf_counter() - wall, time.process_time() - cpu
 
     llm.reset()
     prompt_s = timed(list(map(int, prompt)))
     token = int(prompt[-1])  # the token fed back does not change the cost: no sampling needed
-    decode_s = sum(timed([token]) for _ in range(new_tokens))
-    return {"prompt_tokens": len(prompt), "prompt_tok_s": len(prompt) / prompt_s,
-            "decode_tokens": new_tokens, "decode_tok_s": new_tokens / decode_s}
+    steps = [timed([token]) for _ in range(new_tokens)]
+    decode_s = (sum(w for w, _ in steps), sum(c for _, c in steps))
+    return {"prompt_tokens": len(prompt), "decode_tokens": new_tokens,
+            "prompt_tok_s": len(prompt) / prompt_s[0], "decode_tok_s": new_tokens / decode_s[0],
+            "prompt_cpu_tok_s": len(prompt) / prompt_s[1], "decode_cpu_tok_s": new_tokens / decode_s[1]}
