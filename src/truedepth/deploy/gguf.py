@@ -30,15 +30,15 @@ from ..transform import ATTN_ROWS, MLP_ROWS, SUPPORTED, base_model_type
 
 ARCH = "deci"
 ROTARY_ROWS = ATTN_ROWS[:2]  # q and k: the rows rotary embeddings act on
-# written by gguf-py: type -> (tensor type of matrices, file type)
+# written by gguf-py
 GGUF_PY_TYPES = ("f32", "f16", "bf16", "q8_0")
 # written f32, then quantized by llama.cpp (llama_model_quantize); the i-quants need an
 # importance matrix and are left out
 LLAMA_CPP_TYPES = ("q4_0", "q4_1", "q5_0", "q5_1", "q2_k", "q3_k_s", "q3_k_m", "q3_k_l",
                    "q4_k_s", "q4_k_m", "q5_k_s", "q5_k_m", "q6_k")
 TYPES = GGUF_PY_TYPES + LLAMA_CPP_TYPES
-# llama.cpp's pre-tokenizer names by the hash convert_hf_to_gguf.py computes (get_vocab_base_pre):
-# the BPE families truedepth supports
+# llama.cpp's pre-tokenizer names by the hash convert_hf_to_gguf.py computes (get_vocab_base_pre),
+# for the BPE families truedepth exports (Qwen3 models are refused for their q/k norms)
 PRE_TOKENIZER_CHECK_TEXT = (
     '\n \n\n \n\n\n \t \t\t \t\n  \n   \n    \n     \n🚀 (normal) 😶\u200d🌫️ (multiple emojis concatenated) ✅ '
     '🦙🦙 3 33 333 3333 33333 333333 3333333 33333333 3.3 3..3 3...3 កាន់តែពិសេសអាច😁 ?我想在apple工作1314151天～ '
@@ -47,8 +47,7 @@ PRE_TOKENIZER_CHECK_TEXT = (
 PRE_TOKENIZERS = {
     "0ef9807a4087ebef797fc749390439009c3b9eda9ad1a097abbe738f486c01e5": "llama-bpe",  # Llama 3
     "855059429035d75a914d1eda9f10a876752e281a054a7a3d421ef0533e5b6249": "smollm",  # SmolLM, SmolLM2
-    "e636dc30a262dcc0d8c323492e32ae2b70728f4df7dfe9737d9f920a282b8aea": "qwen2",  # Qwen1.5, Qwen2
-    "d4540891389ea895b53b399da6ac824becc30f2fba0e9ddbb98f92e55ca0e97c": "qwen2",  # Qwen3
+    "e636dc30a262dcc0d8c323492e32ae2b70728f4df7dfe9737d9f920a282b8aea": "qwen2",  # Qwen1.5, Qwen2, Qwen2.5
 }
 
 
@@ -237,16 +236,16 @@ def file_type(type: str) -> int:
 # Tokenizer and chat template
 # ---------------------------------------------------------------------------------------------
 def source_gguf(model: Any, tokenizer: Any) -> Path | None:
-    """The GGUF this model was converted from, if truedepth knows it (the default model)."""
+    """The GGUF this model was converted from, if truedepth knows it: the default model, loaded
+    from its safetensors copy in the user cache. A saved LP folder is not traced back; its
+    Hugging Face tokenizer is used."""
+    from ..data import cache_dir
     from ..models import default_gguf, default_model_dir
 
     origin = getattr(tokenizer, "name_or_path", None) or getattr(model.config, "_name_or_path", None)
-    try:
-        if origin and Path(origin).resolve() == default_model_dir().resolve():
-            return default_gguf()
-    except FileNotFoundError:
-        return None
-    return None
+    if not origin or Path(origin).resolve().parent != cache_dir().resolve():
+        return None  # checked first: default_model_dir() would convert the default model if absent
+    return default_gguf() if Path(origin).resolve() == default_model_dir().resolve() else None
 
 
 def copy_tokenizer_fields(writer: Any, gguf_path: Path) -> None:
