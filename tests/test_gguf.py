@@ -158,6 +158,15 @@ def test_hf_tokenizer_metadata_tokenizes_like_transformers(tmp_path):
     assert llm.tokenize(text.encode(), add_bos=False, special=True) == tok(text, add_special_tokens=False).input_ids
 
 
+def test_a_tokenizer_that_does_not_fit_is_refused(tmp_path):
+    small = tiny_model("llama", layers=2)  # 128 embeddings, the default GGUF has 49152 tokens
+    with pytest.raises(GGUFExportError, match="49152 tokens but the model 128 embeddings"):
+        export_gguf(small, None, tmp_path / "m.gguf", tokenizer_gguf=default_gguf())
+    with pytest.raises(GGUFExportError, match="no tokenizer"):
+        export_gguf(small, None, tmp_path / "m.gguf")
+    assert files_in(tmp_path) == []
+
+
 def test_unknown_tokenizer_is_refused(tmp_path):
     class Chars:  # not a BPE tokenizer llama.cpp knows
         def encode(self, text):

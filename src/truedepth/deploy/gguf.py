@@ -248,11 +248,15 @@ def source_gguf(model: Any, tokenizer: Any) -> Path | None:
     return default_gguf() if Path(origin).resolve() == default_model_dir().resolve() else None
 
 
-def copy_tokenizer_fields(writer: Any, gguf_path: Path) -> None:
+def copy_tokenizer_fields(writer: Any, gguf_path: Path, vocab_size: int) -> None:
     """Every tokenizer.* key (vocabulary, merges, special ids, chat template) exactly as in `gguf_path`."""
     import gguf
 
     reader = gguf.GGUFReader(gguf_path)
+    tokens = len(reader.fields["tokenizer.ggml.tokens"].data)
+    if tokens != vocab_size:
+        raise GGUFExportError(f"{gguf_path} has {tokens} tokens but the model {vocab_size} embeddings; "
+                              "take the tokenizer from the GGUF this model came from.")
     for name, field in reader.fields.items():
         if not name.startswith("tokenizer."):
             continue
@@ -341,20 +345,22 @@ def write_gguf(model: Any, tokenizer: Any, path: Path, type: str, tokenizer_gguf
     import gguf
 
     writer = gguf.GGUFWriter(path, ARCH)
-    add_hyperparameters(writer, model, shapes, name=Path(str(model.config._name_or_path or "model")).name)
-    writer.add_file_type(file_type(type))
-    if tokenizer_gguf is not None:
-        copy_tokenizer_fields(writer, tokenizer_gguf)
-    else:
-        add_hf_tokenizer(writer, tokenizer, model.config.vocab_size)
-    name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.DECI, len(shapes))
-    for hf_name, tensor in hf_tensors(model, shapes):
-        data, raw = encode_tensor(tensor, type)
-        writer.add_tensor(gguf_name(name_map, hf_name), data, raw_dtype=raw)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    try:
+        add_hyperparameters(writer, model, shapes, name=Path(str(model.config._name_or_path or "model")).name)
+        writer.add_file_type(file_type(type))
+        if tokenizer_gguf is not None:
+            copy_tokenizer_fields(writer, tokenizer_gguf, model.config.vocab_size)
+        else:
+            add_hf_tokenizer(writer, tokenizer, model.config.vocab_size)
+        name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.DECI, len(shapes))
+        for hf_name, tensor in hf_tensors(model, shapes):
+            data, raw = encode_tensor(tensor, type)
+            writer.add_tensor(gguf_name(name_map, hf_name), data, raw_dtype=raw)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+    finally:
+        writer.close()
 
 
 def llama_cpp_quantize(source: Path, target: Path, type: str, threads: int | None = None) -> None:
@@ -401,6 +407,8 @@ def resolve_tokenizer_gguf(model: Any, tokenizer: Any, tokenizer_gguf: Any) -> P
     elif tokenizer_gguf is not None and not Path(tokenizer_gguf).is_file():
         raise GGUFExportError(f"tokenizer_gguf {tokenizer_gguf} is not a file.")
     if tokenizer_gguf is None:
+        if tokenizer is None:
+            raise GGUFExportError("no tokenizer: pass the model's tokenizer (or tokenizer_gguf=<a GGUF to copy it from>).")
         pre_tokenizer(tokenizer)  # an unknown tokenizer is refused before anything is written
         return None
     return Path(tokenizer_gguf)
