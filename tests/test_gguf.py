@@ -124,6 +124,23 @@ def test_a_failure_while_writing_leaves_no_file(tmp_path):
     assert files_in(tmp_path) == []  # neither the file nor its temporary
 
 
+@pytest.mark.parametrize("type, matrices, file_type, tol", [
+    ("f16", gguf.GGMLQuantizationType.F16, 1, 2e-3),
+    ("bf16", gguf.GGMLQuantizationType.BF16, 32, 2e-2),
+    ("q8_0", gguf.GGMLQuantizationType.Q8_0, 7, 2e-2),
+])
+def test_gguf_py_types_hold_matrices_in_the_type_and_norms_in_f32(tmp_path, type, matrices, file_type, tol):
+    model = tiny_model("llama", layers=2, vocab_size=DEFAULT_VOCAB)
+    path = export_gguf(model, None, tmp_path / "m.gguf", type=type, tokenizer_gguf=default_gguf())
+    reader = gguf.GGUFReader(path)
+    assert reader.fields["general.file_type"].contents() == file_type
+    types = {t.name: t.tensor_type for t in reader.tensors}
+    assert types["blk.0.attn_q.weight"] == types["token_embd.weight"] == matrices
+    assert types["blk.0.attn_norm.weight"] == gguf.GGMLQuantizationType.F32
+    ids = list(range(100, 132))
+    assert relative_error(gguf_logits(path, ids), hf_logits(model, ids)) < tol  # rounded weights: close
+
+
 def test_llama_cpp_quantizer_makes_k_quants(tmp_path):
     model = tiny_model("llama", layers=2, vocab_size=DEFAULT_VOCAB, hidden_size=256, intermediate_size=512,
                        head_dim=64)
