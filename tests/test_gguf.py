@@ -28,8 +28,8 @@ from truedepth import cli
 from truedepth.deploy.gguf import GGUFExportError, export_gguf
 from truedepth.models import default_gguf
 
-llamacpp = pytest.importorskip("truedepth.deploy.llamacpp")
-pytest.importorskip("llama_cpp")
+pytest.importorskip("llama_cpp")  # a dev requirement; skipped where llama-cpp-python is not built
+from truedepth.deploy import llamacpp  # noqa: E402
 
 TOL = 3e-5
 NEAR_TIE = 1e-3  # top-2 log-probability gap under which greedy choices may legitimately differ
