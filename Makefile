@@ -11,6 +11,9 @@ STAMP   := $(VENV)/.setup-done
 setup: $(STAMP)
 
 $(STAMP): requirements-dev.txt pyproject.toml scripts/fetch_assets.sh
+	# llama-cpp-python (dev requirement) compiles llama.cpp from source: it needs a C++ compiler
+	@command -v c++ >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get update -q && apt-get install -y -q g++; } \
+		|| { echo "make setup: no C++ compiler; install one (apt-get install g++) and rerun"; exit 1; }
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	# torch first and alone, pinned: the CPU build on disk, never a CUDA download

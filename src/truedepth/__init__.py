@@ -16,7 +16,7 @@ from .core.loading import load
 from .core.plan import GRAMMAR_HELP, Plan, PlanError, Step, as_plan
 from .core.transform import apply_plan, parallelize
 
-__all__ = ["load", "apply_plan", "parallelize", "Plan", "Step", "PlanError", "as_plan", "GRAMMAR_HELP"]
+__all__ = ["load", "apply_plan", "parallelize", "Plan", "Step", "PlanError", "as_plan", "GRAMMAR_HELP", "export_gguf"]
 __version__ = "0.1.0"
 
 # Module paths before the layered layout (issue 11) -> where their code lives now.
@@ -51,6 +51,10 @@ class _MovedModules(importlib.abc.MetaPathFinder):
 
 
 def __getattr__(name: str):  # `from truedepth import <old>` and `truedepth.<old>`
+    if name == "export_gguf":  # imports gguf-py: only when asked for
+        from .deploy.gguf import export_gguf
+
+        return export_gguf
     if name in MOVED:
         raise _moved_error(name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -24,6 +24,7 @@ COMMANDS = {
     "finetune": ("truedepth.cli.finetune", "fine-tune only the parallelized layers to win quality back"),
     "search": ("truedepth.cli.search", "search for the layer groups that cost least at a target depth"),
     "plan": ("truedepth.cli.plan", "show what a plan does to a model: layers, depth, JSON"),
+    "export": ("truedepth.cli.export", "write a (transformed) model as a GGUF file for llama.cpp"),
 }
 
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -34,18 +36,34 @@ def fsync_dir(path: str | os.PathLike) -> None:
         os.close(fd)
 
 
-def atomic_write(path: str | os.PathLike, data: str | bytes) -> Path:
-    """Replace `path` with `data` (text is written as UTF-8) in one rename."""
+@contextmanager
+def temp_file(path: str | os.PathLike) -> Iterator[Path]:
+    """A fresh name next to `path` (same folder, so a rename is atomic), removed after if still there.
+    Only a name: the writer creates the file, with the usual permissions (mkstemp's are 0600). The
+    pid and a random suffix keep concurrent writers from clobbering each other's temporary file."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # A per-process temp name keeps two concurrent writers from clobbering each other's temp file.
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     try:
-        write_synced(tmp, data.encode("utf-8") if isinstance(data, str) else data)
-        os.replace(tmp, path)
+        yield tmp
     finally:
         tmp.unlink(missing_ok=True)
-    return path
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Write to the yielded temporary name; it becomes `path` (in one rename) only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with temp_file(path) as tmp:
+        yield tmp
+        os.replace(tmp, path)
+
+
+def atomic_write(path: str | os.PathLike, data: str | bytes) -> Path:
+    """Replace `path` with `data` (text is written as UTF-8) in one rename."""
+    with atomic_path(path) as tmp:
+        write_synced(tmp, data.encode("utf-8") if isinstance(data, str) else data)
+    return Path(path)
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any, indent: int | None = 1) -> Path:
