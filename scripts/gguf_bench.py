@@ -5,7 +5,7 @@
 Exports base and LP in each type (truedepth.export_gguf), then, in the same run and interleaved
 (base, LP, base, LP, ...) so both see the same machine load: prompt-processing and decode
 tokens/s at batch 1 by llama.cpp's own timers, median over --repeats; then llama.cpp's perplexity
-on the held-out novel, on the same windows truedepth.perplexity uses for transformers.
+on the held-out novel, on the same windows truedepth.measure.eval.perplexity uses for transformers.
 """
 
 from __future__ import annotations

@@ -212,7 +212,7 @@ def test_export_command_refuses_bad_input_with_one_line(tmp_path, capsys, argv, 
 def test_export_command_refuses_an_existing_file_before_loading(tmp_path, capsys, monkeypatch):
     target = tmp_path / "m.gguf"
     target.write_bytes(b"keep me")
-    monkeypatch.setattr("truedepth.models.load", lambda *a, **k: pytest.fail("loaded weights"))
+    monkeypatch.setattr("truedepth.core.loading.load", lambda *a, **k: pytest.fail("loaded weights"))
     assert cli.main(["export", "--gguf", str(target)]) == 2
     assert "exists; pass overwrite=True (--overwrite)" in capsys.readouterr().err
     assert target.read_bytes() == b"keep me"

@@ -49,7 +49,7 @@ def greedy(llm: Any, ids: Sequence[int], new_tokens: int) -> list[int]:
 
 class LlamaCppLM(nn.Module):
     """A llama.cpp model behind the call `model(input_ids=..., logits_to_keep=...).logits` that
-    truedepth.perplexity makes, so llama.cpp is scored on exactly the same windows as transformers."""
+    truedepth.measure.eval.perplexity makes, so llama.cpp is scored on exactly the same windows as transformers."""
 
     def __init__(self, llm: Any) -> None:
         super().__init__()
