@@ -27,7 +27,7 @@ MOVED = {
     "perplexity": "truedepth.measure.eval.perplexity", "icl": "truedepth.measure.eval.icl",
     "tasks": "truedepth.measure.eval.tasks", "data": "truedepth.measure.eval.data",
     "evaluate": "truedepth.measure.eval.evaluate", "bench": "truedepth.measure.bench (decode, run, report, timing)",
-    "speed": "truedepth.measure.bench.speed", "tp_bench": "truedepth.measure.bench.tp_bench",
+    "speed": "truedepth.measure.bench.speed", "tp_bench": "truedepth.measure.bench.tp_bench (torchrun -m truedepth.cli.tp_bench)",
     "finetune": "truedepth.apps.finetune (config, model, train, checkpoint, report, run)",
     "search": "truedepth.apps.search (core, beam, report, run)",
     "sweep": "truedepth.apps.sweep (core, tables, plots, report, run)",

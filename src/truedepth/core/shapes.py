@@ -54,6 +54,12 @@ SHAPES: dict[str, Shape] = {s.name: s for s in [
         tie_word_embeddings=False, use_sliding_window=False,
         rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}),
         "parallel=14:24", "Qwen2.5 7B (q/k/v biases)"),
+    Shape("qwen2.5-0.5b", "qwen2", dict(
+        hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2, head_dim=64,
+        intermediate_size=4864, vocab_size=151936, max_position_embeddings=32768, rms_norm_eps=1e-6,
+        tie_word_embeddings=True, use_sliding_window=False,
+        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}),
+        "parallel=12:22", "Qwen2.5 0.5B: even head counts and small enough for TP benchmarks on a CPU"),
     Shape("smollm2-135m", "llama", dict(
         hidden_size=576, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3, head_dim=64,
         intermediate_size=1536, vocab_size=49152, max_position_embeddings=8192, rms_norm_eps=1e-5,

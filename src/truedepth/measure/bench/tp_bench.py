@@ -1,7 +1,7 @@
 """Decode speed under tensor parallelism, base model against LP plans, in one torchrun launch:
 per-token latency, all-reduces per token (counted), and the share of time spent in all-reduces.
 
-    torchrun --nproc_per_node=2 -m truedepth.measure.bench.tp_bench --model llama-2-7b --plan base --plan parallel=16:30
+    torchrun --nproc_per_node=2 -m truedepth.cli.tp_bench --model llama-2-7b --plan base --plan parallel=16:30
 
 Per-token latency: greedy decode with the KV cache (eager), after a prefill and warm-up steps,
 timed on every rank between barriers; the slowest rank's time is reported. All-reduces per
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import copy
 import gc
-import json
 import statistics
 import time
 from pathlib import Path
@@ -26,16 +25,6 @@ import torch
 from .timing import synchronize
 
 from ...runtime.distributed import tp
-
-# Shapes with even head counts that fit a CPU test machine (truedepth.core.shapes holds the big ones).
-CPU_SHAPES: dict[str, tuple[str, dict[str, Any]]] = {
-    "qwen2.5-0.5b": ("qwen2", dict(
-        hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2, head_dim=64,
-        intermediate_size=4864, vocab_size=151936, max_position_embeddings=32768, rms_norm_eps=1e-6,
-        tie_word_embeddings=True, use_sliding_window=False,
-        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0})),
-}
-
 
 def default_lp_plan(num_layers: int) -> str:
     """A paper-like LP range: about 44% of the layers in pairs, in the upper middle, the last 2 kept."""
@@ -57,11 +46,6 @@ def base_config(model: Any) -> Any:
 
     if isinstance(model, PretrainedConfig):
         return model
-    if str(model).lower() in CPU_SHAPES:
-        arch, kw = CPU_SHAPES[str(model).lower()]
-        config = AutoConfig.for_model(arch, **kw, pad_token_id=0, bos_token_id=1, eos_token_id=2)
-        config._attn_implementation = "sdpa"
-        return config
     if str(model).lower() in SHAPES and str(model) != "default":
         return shape_config(get_shape(str(model)).name)
     return AutoConfig.from_pretrained(resolve(model), trust_remote_code=False)
@@ -75,7 +59,7 @@ def model_factory(model: Any, dtype: torch.dtype, device: torch.device, seed: in
     from ...core.shapes import SHAPES, build_shape, get_shape
 
     name = str(model).lower()
-    if isinstance(model, PretrainedConfig) or name in CPU_SHAPES:
+    if isinstance(model, PretrainedConfig):
         config = base_config(model)
 
         def build_random() -> Any:
@@ -171,7 +155,7 @@ def tp_bench(model: Any = "default", plans: Any = ("base", "auto"), *, impls: An
     """Decode latency and all-reduce share of `model` under every plan, sharded over all ranks.
 
     Run under torchrun (joins the process group if needed). `model`: a shape name from
-    truedepth.core.shapes or CPU_SHAPES (random weights), "default", a hub id or folder (real weights),
+    truedepth.core.shapes (random weights), "default", a hub id or folder (real weights),
     or a transformers config. `plans`: plan strings; "auto" is `default_lp_plan(L)`. `impls`: TP
     implementations to compare ("dtensor", "local"). Every plan is checked against the world size
     before any model is built. Returns the same dict on every rank; speed-ups are against "base"
@@ -276,63 +260,3 @@ def plot(result: dict[str, Any], path: Any) -> Path:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
-
-
-# ---------------------------------------------------------------------------------------------
-# `torchrun -m truedepth.measure.bench.tp_bench` (the bench command's --tp mode calls tp_bench the same way)
-# ---------------------------------------------------------------------------------------------
-def add_arguments(parser: Any) -> None:
-    parser.add_argument("--model", default="default",
-                        help="a shape (llama-2-7b, llama-3.2-3b, qwen2.5-0.5b, tiny ...: random weights), "
-                             "'default', a hub id or a folder (real weights). Default: %(default)s")
-    parser.add_argument("--plan", action="append", dest="plans", metavar="PLAN",
-                        help="a plan to measure; repeat for several. Default: base and 'auto' (a paper-like "
-                             "range of about 44%% of the layers in pairs)")
-    parser.add_argument("--prompt-tokens", type=int, default=32)
-    parser.add_argument("--new-tokens", type=int, default=32, help="timed decode steps per plan")
-    parser.add_argument("--warmup", type=int, default=4, help="untimed decode steps first")
-    parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--dtype", default=None, help="fp32, bf16, fp16 (default: bf16 on GPU, fp32 on CPU)")
-    parser.add_argument("--device", default=None, help="cuda (each rank its LOCAL_RANK GPU) or cpu (gloo)")
-    parser.add_argument("--tp-timeout", type=float, default=tp.DEFAULT_TIMEOUT_S, metavar="SECONDS",
-                        help="stop every rank with an error when a collective waits longer. Default: %(default)s")
-    parser.add_argument("--tp-impl", nargs="+", choices=tp.IMPLEMENTATIONS, default=[tp.DEFAULT_IMPL], dest="impls",
-                        help="TP implementation(s) to measure: dtensor (PyTorch parallelize_module), local (plain "
-                             "sharded weights + torch.distributed.all_reduce). Default: dtensor")
-    parser.add_argument("--json", default=None, help="write the results to this JSON file (rank 0)")
-    parser.add_argument("--plot", default=None, help="write a bar chart (PNG) of ms/token split into all-reduces "
-                                                     "and the rest (rank 0)")
-
-
-def run(args: Any) -> int:
-    result = tp_bench(args.model, args.plans or ("base", "auto"), impls=args.impls, prompt_tokens=args.prompt_tokens,
-                      new_tokens=args.new_tokens, warmup=args.warmup, batch=args.batch, dtype=args.dtype,
-                      device=args.device, timeout_s=args.tp_timeout)
-    if tp.is_main():
-        print(format_table(result))
-        if args.json:
-            Path(args.json).write_text(json.dumps(result, indent=2))
-            print(f"wrote {args.json}")
-        if args.plot:
-            print(f"wrote {plot(result, args.plot)}")
-    return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    import argparse
-    import sys
-
-    parser = argparse.ArgumentParser(prog="torchrun --nproc_per_node=N -m truedepth.measure.bench.tp_bench",
-                                     description=__doc__.strip(), formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        return run(args)
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
-        if tp.is_main() or not isinstance(e, tp.TPError):  # a TPError is the same on every rank: say it once
-            print(f"truedepth tp_bench: error: {e}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
