@@ -135,3 +135,24 @@ def check_servable(folder: str | os.PathLike, tensor_parallel_size: int = 1) -> 
         raise ServingError(f"{folder} has no config.json: it is not a saved model folder. Save a transformed "
                            "model with `model.save_pretrained(folder)`.")
     return check_config(json.loads(path.read_text()), tensor_parallel_size, where=folder)
+
+
+# ---------------------------------------------------------------------------------------------
+# Random-weight shapes for benchmarks
+# ---------------------------------------------------------------------------------------------
+def save_config_folder(config: Any, plan: Any, folder: str | os.PathLike) -> Path:
+    """Write only the config.json that `config` has after `plan` (the identity plan: unchanged).
+
+    vLLM serves such a folder with random weights (``load_format="dummy"``): a benchmark of a
+    real shape, LP or not, without its weights. The plan goes through the transform itself, on
+    the meta device, so the recorded widths are the ones a real transformed model would carry."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from ...transform import apply_plan
+
+    with torch.device("meta"):
+        model = apply_plan(AutoModelForCausalLM.from_config(config), plan)
+    model.config.architectures = [type(model).__name__]
+    model.config.save_pretrained(folder)
+    return Path(folder)
