@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
 import signal
 import socket
@@ -157,6 +158,14 @@ def test_identity_plan_through_plugin_equals_vllms_own_llama(tiny_models, tiny_r
 def test_tensor_parallel_2_equals_1(tiny_runs, name):
     for k, (one, two) in enumerate(zip(outputs(tiny_runs[0][name]), outputs(tiny_runs[1][name]))):
         assert_agree(f"{name} TP2 vs TP1 prompt {k}", two, one)
+
+
+def test_config_and_model_classes_pickle_by_module_path():
+    """vLLM pickles the config into its engine process: the classes must be found by name."""
+    model = truedepth.apply_plan(tiny_model("qwen3", layers=4, head_dim=32), "parallel=0:2")
+    config = pickle.loads(pickle.dumps(model.config))
+    assert type(config) is type(model.config) and config.truedepth == model.config.truedepth
+    assert pickle.loads(pickle.dumps(type(model))) is type(model)
 
 
 # ---------------------------------------------------------------------------------------------
