@@ -73,11 +73,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--iters", type=int, default=3)
     parser.add_argument("--out", default="docs/vllm_bench_cpu.json")
+    parser.add_argument("--case", default="", help="run only the cases whose name contains this text")
     args = parser.parse_args()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        for case in cases(work):
+        for case in (c for c in cases(work) if args.case in c["name"]):
             for batch in (1, 8):
                 runs = {plan: bench(folder, case["tp"], batch, case["dummy"], args.iters, work / "out.json")
                         for plan, folder in case["plans"].items()}
