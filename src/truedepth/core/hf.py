@@ -54,6 +54,7 @@ class TrueDepthModelMixin:
         return (model, info) if want_info else model
 
 
+TYPE_PREFIX = "truedepth_"  # architecture `arch` is registered as model type truedepth_<arch>
 _BY_BASE: dict[type, type] = {}  # original model class -> truedepth subclass
 _CONFIG_BY_BASE: dict[type, type] = {}
 
@@ -62,9 +63,12 @@ def _register(arch: str) -> None:
     base_config_cls = AutoConfig.for_model(arch).__class__
     base_model_cls = AutoModelForCausalLM._model_mapping[base_config_cls]
     config_cls = type(f"TrueDepth{base_config_cls.__name__}", (base_config_cls,),
-                      {"model_type": f"truedepth_{arch}", "truedepth_base_model_type": arch})
+                      {"model_type": f"{TYPE_PREFIX}{arch}", "truedepth_base_model_type": arch, "__module__": __name__})
     model_cls = type(f"TrueDepth{base_model_cls.__name__}", (TrueDepthModelMixin, base_model_cls),
                      {"config_class": config_cls, "__module__": __name__})
+    # module attributes, so pickle finds them by name (vLLM sends the config to its engine process)
+    globals()[config_cls.__name__] = config_cls
+    globals()[model_cls.__name__] = model_cls
     AutoConfig.register(config_cls.model_type, config_cls, exist_ok=True)
     AutoModelForCausalLM.register(config_cls, model_cls, exist_ok=True)
     _BY_BASE[base_model_cls] = model_cls
