@@ -28,13 +28,31 @@ def tiny_dir(tmp_path_factory):
     return path
 
 
+@pytest.fixture(scope="module")
+def texts(tmp_path_factory):
+    path = tmp_path_factory.mktemp("texts")
+    for i, name in enumerate(("train", "held", "other")):
+        text_file(path / f"{name}.txt", i)
+    return path
+
+
+@pytest.fixture(scope="module")
+def finished(tiny_dir, texts, tmp_path_factory):
+    """One complete run, shared by the tests that inspect or compare with it."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TRUEDEPTH_CACHE", str(tmp_path_factory.mktemp("cache")))
+        out = tmp_path_factory.mktemp("runs") / "full"
+        assert cli.main(compress_args(tiny_dir, texts, out)) == 0
+    return out
+
+
 @pytest.fixture(autouse=True)
 def private_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("TRUEDEPTH_CACHE", str(tmp_path / "cache"))
 
 
-def compress_args(tiny_dir, tmp_path, out, *extra):
-    train, held, other = (text_file(tmp_path / f"{n}.txt", i) for i, n in enumerate(("train", "held", "other")))
+def compress_args(tiny_dir, texts, out, *extra):
+    train, held, other = (texts / f"{n}.txt" for n in ("train", "held", "other"))
     return ["compress", "--model", str(tiny_dir), "--target-depth", str(DEPTH), "--budget-minutes", "5",
             "--out", str(out), "--data", str(train), "--eval-text", str(held), "--other-text", str(other),
             "--eval-tokens", "256", "--eval-window", "32", "--calib-windows", "2", "--calib-length", "32",
@@ -43,10 +61,8 @@ def compress_args(tiny_dir, tmp_path, out, *extra):
             *extra]
 
 
-def test_stages_write_a_loadable_folder_with_the_target_depth_and_a_rerun_skips_them(tiny_dir, tmp_path,
-                                                                                       monkeypatch, capsys):
-    out = tmp_path / "run"
-    assert cli.main(compress_args(tiny_dir, tmp_path, out)) == 0
+def test_stages_write_a_loadable_folder_with_the_target_depth(tiny_dir, texts, finished):
+    out = finished
     summary = json.loads((out / compress_core.SUMMARY_FILE).read_text())
     plan = as_plan(summary["plan"])
     assert len(plan.blocks(LAYERS)) == DEPTH and summary["depth"] == {"base": LAYERS, "fine-tuned": DEPTH}
@@ -55,7 +71,7 @@ def test_stages_write_a_loadable_folder_with_the_target_depth_and_a_rerun_skips_
     assert tokenizer("ab")["input_ids"] == char_tokenizer()("ab")["input_ids"]
     # the saved model is the fine-tuned one: it scores what compress.json says
     from truedepth.measure.eval.perplexity import perplexity
-    held = (tmp_path / "held.txt").read_text()
+    held = (texts / "held.txt").read_text()
     assert perplexity(model, tokenizer, held, tokens=256, window=32, progress=False)["perplexity"] == \
         pytest.approx(summary["perplexity"]["held_out"]["fine-tuned"], rel=1e-6)
     # the contiguous plan of the paper at the same depth, measured on its own
@@ -69,40 +85,40 @@ def test_stages_write_a_loadable_folder_with_the_target_depth_and_a_rerun_skips_
     assert card.startswith("---\nbase_model: " + str(tiny_dir) + "\n") and "- truedepth" in card
     for png in ("search.png", "quality.png", ft_config.CURVE_FILE):
         assert (out / png).stat().st_size > 0
-    capsys.readouterr()
 
+
+def test_rerun_skips_finished_stages_and_refuses_changed_options(tiny_dir, texts, finished, monkeypatch, capsys):
+    out, summary = finished, json.loads((finished / compress_core.SUMMARY_FILE).read_text())
     monkeypatch.setattr(search_run, "run_search", lambda *a, **k: pytest.fail("search ran again"))
     monkeypatch.setattr(compress_core, "run_finetune_stage", lambda *a, **k: pytest.fail("fine-tune ran again"))
-    assert cli.main(compress_args(tiny_dir, tmp_path, out)) == 0
+    assert cli.main(compress_args(tiny_dir, texts, out)) == 0
     printed = capsys.readouterr().out
     assert all(f"{s}: finished earlier with the same options" in printed for s in compress_core.STAGES)
     assert json.loads((out / compress_core.SUMMARY_FILE).read_text())["perplexity"] == summary["perplexity"]
 
     # an option a finished stage used is refused, naming the option and the stage; nothing changes
     before = sorted(p.name for p in out.iterdir())
-    assert cli.main(compress_args(tiny_dir, tmp_path, out, "--calib-windows", "3")) == 2
+    assert cli.main(compress_args(tiny_dir, texts, out, "--calib-windows", "3")) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--calib-windows is 3" in err[0] and "finished stage 'search'" in err[0]
-    assert cli.main(compress_args(tiny_dir, tmp_path, out, "--tokens", "1024")) == 2
+    assert cli.main(compress_args(tiny_dir, texts, out, "--tokens", "1024")) == 2
     assert "finished stage 'finetune'" in capsys.readouterr().err
     assert sorted(p.name for p in out.iterdir()) == before
 
 
-def test_interrupted_finetune_resumes_from_its_checkpoint(tiny_dir, tmp_path, monkeypatch, capsys):
-    full = tmp_path / "full"
-    assert cli.main(compress_args(tiny_dir, tmp_path, full, "--eval-tokens", "64")) == 0
+def test_interrupted_finetune_resumes_from_its_checkpoint(tiny_dir, texts, finished, tmp_path, monkeypatch, capsys):
     killed = tmp_path / "killed"
     kill_at(monkeypatch, 4)  # dies inside step 4, after the checkpoint of step 2
     with pytest.raises(Killed):
-        cli.main(compress_args(tiny_dir, tmp_path, killed, "--eval-tokens", "64"))
+        cli.main(compress_args(tiny_dir, texts, killed))
     monkeypatch.undo()
     assert compress_core.read_stage(killed, "search") is not None
     assert compress_core.read_stage(killed, "finetune") is None
     capsys.readouterr()
-    assert cli.main(compress_args(tiny_dir, tmp_path, killed, "--eval-tokens", "64")) == 0
+    assert cli.main(compress_args(tiny_dir, texts, killed)) == 0
     printed = capsys.readouterr().out
     assert "search: finished earlier" in printed and "finetune: resuming from" in printed and "step-00000002" in printed
-    a, _ = truedepth.load(full)
+    a, _ = truedepth.load(finished)
     b, _ = truedepth.load(killed)
     for (name, p), (_, q) in zip(a.named_parameters(), b.named_parameters()):
         torch.testing.assert_close(q, p, rtol=0, atol=0, msg=name)
@@ -115,31 +131,31 @@ def test_interrupted_finetune_resumes_from_its_checkpoint(tiny_dir, tmp_path, mo
     (["--budget-minutes", "1e-7"], "less than one training step"),
     (["--budget-minutes", "0"], "--budget-minutes must be positive"),
 ])
-def test_bad_input_is_one_line_exit_2_and_writes_nothing(tiny_dir, tmp_path, capsys, extra, message):
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(tiny_dir, texts, tmp_path, capsys, extra, message):
     out = tmp_path / "bad"
-    assert cli.main(compress_args(tiny_dir, tmp_path, out, *extra)) == 2
+    assert cli.main(compress_args(tiny_dir, texts, out, *extra)) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err
     assert not out.exists()
 
 
-def test_folder_with_other_content_is_refused_unless_overwrite(tiny_dir, tmp_path, capsys, monkeypatch):
+def test_folder_with_other_content_is_refused_unless_overwrite(tiny_dir, texts, tmp_path, capsys, monkeypatch):
     out = tmp_path / "taken"
     out.mkdir()
     (out / "notes.txt").write_text("mine")
-    assert cli.main(compress_args(tiny_dir, tmp_path, out)) == 2
+    assert cli.main(compress_args(tiny_dir, texts, out)) == 2
     assert "holds something other than a compress run; pass --overwrite" in capsys.readouterr().err
     assert [p.name for p in out.iterdir()] == ["notes.txt"]
     monkeypatch.setattr(search_run, "run_search", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("stop here")))
-    assert cli.main(compress_args(tiny_dir, tmp_path, out, "--overwrite")) == 2
+    assert cli.main(compress_args(tiny_dir, texts, out, "--overwrite")) == 2
     assert not (out / "notes.txt").exists() and (out / compress_core.STAGE_DIR).is_dir()
 
 
-def test_transformed_model_is_refused(tiny_dir, tmp_path, capsys):
+def test_transformed_model_is_refused(tiny_dir, texts, tmp_path, capsys):
     lp, tok = truedepth.load(tiny_dir, plan="parallel=2:4")
     lp.save_pretrained(tmp_path / "lp")
     tok.save_pretrained(tmp_path / "lp")
-    args = compress_args(tmp_path / "lp", tmp_path, tmp_path / "o")
+    args = compress_args(tmp_path / "lp", texts, tmp_path / "o")
     assert cli.main(args) == 2
     assert "already transformed" in capsys.readouterr().err
 

@@ -364,7 +364,7 @@ def prepare_folder(out: Path, overwrite: bool) -> None:
 
 def run_compress(opts: CompressOptions) -> dict[str, Any]:
     """Run (or resume) every stage as `opts` says; returns compress.json's content."""
-    from .report import write_report
+    from .report import show_report, write_report
 
     layers, device = check_inputs(opts)
     out = Path(opts.out)
@@ -377,6 +377,7 @@ def run_compress(opts: CompressOptions) -> dict[str, Any]:
         torch.set_num_threads(opts.threads)
     records: dict[str, dict[str, Any]] = {}
     clock = Clock(opts.budget_minutes)
+    ran = False
     for i, stage in enumerate(STAGES, 1):
         done = read_stage(out, stage)
         if done is not None:
@@ -386,11 +387,14 @@ def run_compress(opts: CompressOptions) -> dict[str, Any]:
             clock.spent(done["seconds"])
             continue
         print(clock.header(i, stage))
+        ran = True
         start = time.perf_counter()
         result = _run_stage(stage, opts, out, layers, records)
         records[stage] = write_stage(out, stage, opts, time.perf_counter() - start, result)
         clock.spent(records[stage]["seconds"])
         print(f"[{i}/{len(STAGES)}] {stage}: done in {records[stage]['seconds'] / 60:.1f} min")
+    if not ran and (out / SUMMARY_FILE).is_file():  # nothing new: the report stands
+        return show_report(out)
     return write_report(out, opts, records, device)
 
 

@@ -52,6 +52,11 @@ def write_report(out: Path, opts: CompressOptions, records: dict[str, dict], dev
     plot_quality(summary, out / QUALITY_PLOT)
     atomic_write(out / CARD, model_card(summary))
     atomic_write_json(out / SUMMARY_FILE, summary)
+    return show_report(out, summary)
+
+
+def show_report(out: Path, summary: dict[str, Any] | None = None) -> dict[str, Any]:
+    summary = summary or json.loads((out / SUMMARY_FILE).read_text())
     print(quality_table(summary))
     print(stage_table(summary))
     print(f"saved to {out}: load with truedepth.load('{out}'); {SUMMARY_FILE}, {CARD}, {SEARCH_PLOT}, {QUALITY_PLOT}")
