@@ -424,7 +424,7 @@ class Clock:
         left = max(self.budget - self.used, 0)
         return (f"[{index}/{len(STAGES)}] {stage}: planned {planned / 60:.1f} min "
                 f"({BUDGET_SHARES[stage]:.0%} of --budget-minutes {self.budget / 60:g}); "
-                f"{self.used / 60:.1f} min spent so far, about {left / 60:.1f} min to go")
+                f"{self.used / 60:.1f} min spent so far, {left / 60:.1f} min of the budget left")
 
 
 def options_record(opts: CompressOptions) -> dict[str, Any]:

@@ -162,7 +162,9 @@ def plot_quality(summary: dict[str, Any], path: Path) -> None:
     ax.set_ylabel("perplexity (lower is better)")
     ax.set_title(f"depth {summary['depth']['base']} -> {summary['depth']['fine-tuned']}: {summary['plan']}",
                  fontsize=8)
-    ax.legend(fontsize=8)
+    top = max(v or 0 for row in summary["perplexity"].values() for v in row.values())
+    ax.set_ylim(0, 1.35 * top)  # room for the legend above the bars
+    ax.legend(fontsize=8, ncol=2, loc="upper center")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
