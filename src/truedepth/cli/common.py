@@ -43,5 +43,6 @@ def tp_options(args: argparse.Namespace) -> TPOptions:
 
 
 def options(cls: type, args: argparse.Namespace, **extra: Any) -> Any:
-    """The dataclass `cls` filled from the parsed options of the same names (and `extra`)."""
-    return cls(**{f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)}, **extra)
+    """The dataclass `cls` filled from the parsed options of the same names; `extra` wins over a parsed
+    option of the same name (e.g. `tp`, which is both the --tp flag and the TPOptions built from it)."""
+    return cls(**{f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)} | extra)
