@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,6 +12,7 @@ from tiny import tiny_model
 import truedepth
 from truedepth import cli
 from truedepth.apps.compress import core as compress_core
+from truedepth.apps.compress import run as compress_run
 from truedepth.apps.finetune import config as ft_config
 from truedepth.apps.search import run as search_run
 from truedepth.core.plan import as_plan
@@ -90,7 +90,7 @@ def test_stages_write_a_loadable_folder_with_the_target_depth(tiny_dir, texts, f
 def test_rerun_skips_finished_stages_and_refuses_changed_options(tiny_dir, texts, finished, monkeypatch, capsys):
     out, summary = finished, json.loads((finished / compress_core.SUMMARY_FILE).read_text())
     monkeypatch.setattr(search_run, "run_search", lambda *a, **k: pytest.fail("search ran again"))
-    monkeypatch.setattr(compress_core, "run_finetune_stage", lambda *a, **k: pytest.fail("fine-tune ran again"))
+    monkeypatch.setattr(compress_run, "run_finetune_stage", lambda *a, **k: pytest.fail("fine-tune ran again"))
     assert cli.main(compress_args(tiny_dir, texts, out)) == 0
     printed = capsys.readouterr().out
     assert all(f"{s}: finished earlier with the same options" in printed for s in compress_core.STAGES)

@@ -24,7 +24,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..apps.compress.core import CompressOptions, run_compress
+from ..apps.compress.core import CompressOptions
+from ..apps.compress.run import run_compress
 from .common import add_model_arguments, options
 
 D = CompressOptions

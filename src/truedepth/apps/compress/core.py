@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ...utils.io import atomic_write_json
-from ..finetune.config import CHECKPOINT_DIR, CURVE_FILE, SUMMARY_FILE as FT_SUMMARY_FILE, TrainConfig
+from ..finetune.config import SUMMARY_FILE as FT_SUMMARY_FILE, TrainConfig
 from ..search.run import SearchOptions
 
 STAGES = ("search", "finetune", "evaluate", "save")
@@ -83,7 +83,7 @@ def model_config(model: str) -> Any:
     """The model's config (config.json only, no weights)."""
     from transformers import AutoConfig
 
-    from ...core import hf  # noqa: F401  (registers the truedepth model types, to name them in the error)
+    from ...core import hf  # noqa: F401  # registers the truedepth model types, to name them in the error
     from ...core.loading import resolve
 
     return AutoConfig.from_pretrained(resolve(model), trust_remote_code=False)
@@ -351,80 +351,6 @@ def run_save_stage(out: Path) -> dict[str, Any]:
             os.replace(tmp, dst)
             linked.append(src.name)
     return {"files": linked}
-
-
-# =============================================================================================
-# Running them
-# =============================================================================================
-def prepare_folder(out: Path, overwrite: bool) -> None:
-    if overwrite and out.exists():
-        shutil.rmtree(out)
-    (out / STAGE_DIR).mkdir(parents=True, exist_ok=True)
-
-
-def run_compress(opts: CompressOptions) -> dict[str, Any]:
-    """Run (or resume) every stage as `opts` says; returns compress.json's content."""
-    from .report import show_report, write_report
-
-    layers, device = check_inputs(opts)
-    out = Path(opts.out)
-    if not opts.overwrite:
-        check_unchanged(out, opts)
-    prepare_folder(out, opts.overwrite)
-    if opts.threads:
-        import torch
-
-        torch.set_num_threads(opts.threads)
-    records: dict[str, dict[str, Any]] = {}
-    clock = Clock(opts.budget_minutes)
-    ran = False
-    for i, stage in enumerate(STAGES, 1):
-        done = read_stage(out, stage)
-        if done is not None:
-            print(f"[{i}/{len(STAGES)}] {stage}: finished earlier with the same options "
-                  f"({stage_path(out, stage)}), skipped")
-            records[stage] = done
-            clock.spent(done["seconds"])
-            continue
-        print(clock.header(i, stage))
-        ran = True
-        start = time.perf_counter()
-        result = _run_stage(stage, opts, out, layers, records)
-        records[stage] = write_stage(out, stage, opts, time.perf_counter() - start, result)
-        clock.spent(records[stage]["seconds"])
-        print(f"[{i}/{len(STAGES)}] {stage}: done in {records[stage]['seconds'] / 60:.1f} min")
-    if not ran and (out / SUMMARY_FILE).is_file():  # nothing new: the report stands
-        return show_report(out)
-    return write_report(out, opts, records, device)
-
-
-def _run_stage(stage: str, opts: CompressOptions, out: Path, layers: int, records: dict[str, dict]) -> dict:
-    if stage == "search":
-        return run_search_stage(opts)
-    if stage == "finetune":
-        minutes = finetune_minutes(opts, records["search"]["seconds"])
-        return run_finetune_stage(opts, out, records["search"]["result"]["plan_string"], minutes)
-    if stage == "evaluate":
-        return run_evaluate_stage(opts, out, layers, records["finetune"]["result"])
-    return run_save_stage(out)
-
-
-class Clock:
-    """Budget bookkeeping for the stage headers: planned minutes, time spent, ETA of the whole run."""
-
-    def __init__(self, budget_minutes: float) -> None:
-        self.budget = budget_minutes * 60
-        self.used = 0.0
-
-    def spent(self, seconds: float) -> None:
-        self.used += seconds
-
-    def header(self, index: int, stage: str) -> str:
-        planned = self.budget * BUDGET_SHARES[stage]
-        left = max(self.budget - self.used, 0)
-        return (f"[{index}/{len(STAGES)}] {stage}: planned {planned / 60:.1f} min "
-                f"({BUDGET_SHARES[stage]:.0%} of --budget-minutes {self.budget / 60:g}); "
-                f"{self.used / 60:.1f} min spent so far, {left / 60:.1f} min of the budget left")
 
 
 def options_record(opts: CompressOptions) -> dict[str, Any]:
