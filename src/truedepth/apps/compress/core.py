@@ -141,13 +141,13 @@ def check_output(out: Path, overwrite: bool) -> None:
                      "or choose another --out.")
 
 
-def matmul_flops(device: str, n: int = 512, repeats: int = 5) -> float:
-    """Float32 matrix-multiply speed of `device` (flop/s), from a fraction of a second of timing."""
+def matmul_flops(device: str, dtype: Any, n: int = 1024, repeats: int = 5) -> float:
+    """Matrix-multiply speed of `device` in `dtype` (flop/s), from a fraction of a second of timing."""
     import torch
 
     from ...measure.bench.timing import synchronize
 
-    a = torch.randn(n, n, device=device)
+    a = torch.randn(n, n, device=device).to(dtype)
     best = float("inf")
     for _ in range(repeats):
         synchronize(a.device)
@@ -167,20 +167,27 @@ def weight_count(config: Any) -> int:
     return config.num_hidden_layers * per_layer + h * config.vocab_size
 
 
-def min_step_seconds(config: Any, tokens_per_step: int, device: str) -> float:
-    """A lower bound on one fine-tuning step: one forward pass (2 flops per weight and token) at this
-    device's measured matmul speed. A real step (backward pass, teacher) costs several times more."""
-    return 2 * weight_count(config) * tokens_per_step / matmul_flops(device)
+def min_step_seconds(config: Any, opts: CompressOptions) -> tuple[float, str]:
+    """An estimate of the least time one fine-tuning step takes, and the device: one forward pass (2 flops
+    per weight and token) at the measured matmul speed in the training dtype. A real step (backward
+    pass, teacher) costs about three times more; a loaded machine measures slower than it trains."""
+    from ..finetune.config import FinetuneOptions
+    from ..finetune.run import resolve_precision
+
+    device, _, train_dtype = resolve_precision(FinetuneOptions(device=opts.device, dtype=opts.dtype,
+                                                               train_dtype=opts.train_dtype))
+    flops = matmul_flops(device, train_dtype)
+    return 2 * weight_count(config) * opts.batch_size * opts.seq_len / flops, device
 
 
-def check_budget(opts: CompressOptions, config: Any, device: str) -> None:
+def check_budget(opts: CompressOptions, config: Any) -> None:
     share = opts.budget_minutes * 60 * BUDGET_SHARES["finetune"]
-    step = min_step_seconds(config, opts.batch_size * opts.seq_len, device)
+    step, device = min_step_seconds(config, opts)
     if share < step:
         need = step / (60 * BUDGET_SHARES["finetune"])
         raise ValueError(f"--budget-minutes {opts.budget_minutes:g} leaves {share:.3g} s for fine-tuning "
-                         f"({BUDGET_SHARES['finetune']:.0%}), less than one training step (at least {step:.3g} s "
-                         f"on {device}); pass --budget-minutes {need:.2g} or more.")
+                         f"({BUDGET_SHARES['finetune']:.0%}), less than one training step (about {step:.3g} s or "
+                         f"more on {device}); pass --budget-minutes {need:.2g} or more.")
 
 
 def check_inputs(opts: CompressOptions) -> tuple[int, str]:
@@ -193,8 +200,8 @@ def check_inputs(opts: CompressOptions) -> tuple[int, str]:
     config = model_config(opts.model)
     layers = check_target_depth(config, opts.target_depth, opts.model)
     check_output(Path(opts.out), opts.overwrite)
+    check_budget(opts, config)
     device, _ = device_and_dtype(opts.device, opts.dtype)
-    check_budget(opts, config, device)
     return layers, device
 
 
