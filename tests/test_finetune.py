@@ -316,6 +316,7 @@ def test_cli_trains_saves_summarises_and_resumes_identically(tiny_dir, tmp_path,
     assert cli.main(finetune_args(tiny_dir, tmp_path, out, "--eval-every", "5")) == 0
     summary = json.loads((out / ft_config.SUMMARY_FILE).read_text())
     assert summary["steps"] == 10 and summary["tokens"] == 1280 and summary["finished"]
+    assert summary["loss"] == "distill"  # the default
     assert (out / ft_config.CURVE_FILE).stat().st_size > 0 and not (out / ft_config.CHECKPOINT_DIR).exists()
     for name in ("held_out", "other_domain"):
         p = summary["perplexity"][name]
@@ -367,6 +368,7 @@ def test_already_transformed_model_keeps_training_with_lm_only(tiny_dir, tmp_pat
     args[args.index("--plan") + 1] = "base"
     assert cli.main(args) == 0
     assert truedepth.load(tmp_path / "second")[0].config.truedepth["plan"]["plan"] == PLAN
+    assert json.loads((tmp_path / "second" / ft_config.SUMMARY_FILE).read_text())["loss"] == "lm"  # no teacher
     args[args.index("--out") + 1] = str(tmp_path / "third")
     assert cli.main(args + ["--loss", "distill"]) == 2
     assert "teacher" in capsys.readouterr().err

@@ -60,7 +60,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--seq-len", type=int, default=None, help=f"tokens per training sequence (default {d.seq_len})")
     g.add_argument("--batch-size", type=int, default=None, help=f"sequences per step (default {d.batch_size})")
     g.add_argument("--loss", choices=LOSSES, default=None,
-                   help="lm: next-token cross-entropy; distill: KL to the model before the plan (default lm)")
+                   help="distill: KL to the model before the plan; lm: next-token cross-entropy (adapts to the training "
+                        "text). Default: distill (lm for an already transformed --model, which has no teacher)")
     g.add_argument("--lr", type=float, default=None, help=f"peak AdamW learning rate (default {d.lr})")
     g.add_argument("--warmup", type=float, default=None, help=f"warm-up fraction of the steps (default {d.warmup})")
     g.add_argument("--min-lr-ratio", type=float, default=None,

@@ -23,6 +23,7 @@ COMMANDS = {
     "sweep": ("truedepth.cli.sweep", "effective-depth study: sweep transforms over delta and start, plot"),
     "finetune": ("truedepth.cli.finetune", "fine-tune only the parallelized layers to win quality back"),
     "search": ("truedepth.cli.search", "search for the layer groups that cost least at a target depth"),
+    "compress": ("truedepth.cli.compress", "search, fine-tune, evaluate and save a shallower model in one command"),
     "plan": ("truedepth.cli.plan", "show what a plan does to a model: layers, depth, JSON"),
     "export": ("truedepth.cli.export", "write a (transformed) model as a GGUF file for llama.cpp"),
 }

@@ -49,7 +49,7 @@ TRAJECTORY_OPTIONS = ("loss", "seq_len", "batch_size", "tokens", "lr", "min_lr_r
 @dataclass
 class TrainConfig:
     """Everything that determines the training trajectory (saved in every checkpoint)."""
-    loss: str = "lm"
+    loss: str = "distill"  # recovers what LP lost on any text; lm adapts to the training domain (docs/FINETUNE.md)
     seq_len: int = 256
     batch_size: int = 4
     tokens: int = 200_000  # training tokens (input tokens per step = batch_size * seq_len)

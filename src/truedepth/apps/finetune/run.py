@@ -287,6 +287,9 @@ def _already_transformed(args: FinetuneOptions, cfg: TrainConfig, recorded: dict
         raise ValueError(f"{args.model} was already transformed with plan '{plan}'; plans refer to the original "
                          "layers, so pass the original model with --plan, or omit --plan to keep training this one.")
     check_plan_has_parallel_groups(plan, recorded)
+    if args.loss is None and cfg.loss == "distill":  # the default loss needs a teacher this model lacks
+        print(f"note: {args.model} is already transformed (no teacher): training with --loss lm.", file=sys.stderr)
+        cfg.loss = "lm"
     if cfg.loss == "distill":
         raise ValueError(f"{args.model} is already transformed, so the model before the plan (the distillation "
                          "teacher) is not available; use --loss lm, or start from the original model with --plan.")

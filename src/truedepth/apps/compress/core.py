@@ -1,0 +1,364 @@
+"""The stages of `truedepth compress`, the checks before them, and how a rerun resumes them.
+
+search -> finetune -> evaluate -> save. Each finished stage is recorded in `DIR/stages/<stage>.json`
+(written atomically) with the options that produced it. A rerun skips finished stages whose options
+are unchanged, refuses to go on when an option a finished stage used has changed (naming the option
+and the stage), and resumes an interrupted fine-tune from its latest checkpoint in `DIR/finetune`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from ...utils.io import atomic_write_json
+from ..finetune.config import SUMMARY_FILE as FT_SUMMARY_FILE, TrainConfig
+from ..search.run import SearchOptions
+
+STAGES = ("search", "finetune", "evaluate", "save")
+
+# Planned share of --budget-minutes per stage. The search cannot stop half-way (its cost is set by the
+# model and the calibration options), so the fine-tune gets its own share plus whatever the search
+# left unused of its share, and stops by time (finetune's --max-minutes); evaluation keeps its share.
+BUDGET_SHARES = {"search": 0.20, "finetune": 0.65, "evaluate": 0.15, "save": 0.0}
+
+# The options each stage's result depends on; a later stage also depends on every earlier one.
+STAGE_INPUTS = {
+    "search": ("model", "target_depth", "dtype", "data", "calib_windows", "calib_length", "select_windows",
+               "search_dtype"),
+    "finetune": ("loss", "tokens", "seq_len", "batch_size", "lr", "train_dtype", "budget_minutes", "eval_text",
+                 "other_text", "eval_tokens", "eval_window"),
+    "evaluate": ("tasks", "limit", "decode_tokens"),
+    "save": (),
+}
+
+STAGE_DIR = "stages"
+FINETUNE_DIR = "finetune"
+SUMMARY_FILE = "compress.json"
+
+
+@dataclass
+class CompressOptions:
+    """Everything `truedepth compress` takes (see its --help); the defaults are the command's."""
+    model: str = "default"
+    target_depth: int | None = None
+    budget_minutes: float = 60.0
+    out: str | None = None
+    overwrite: bool = False
+    dtype: str | None = None
+    device: str | None = None
+    data: str = "austen-train"  # search calibration and fine-tuning text
+    eval_text: str = "default"
+    other_text: str = "other-domain"
+    eval_tokens: int = 32768
+    eval_window: int = 512
+    tasks: str | None = None
+    limit: int | None = None
+    calib_windows: int = SearchOptions.calib_windows
+    calib_length: int = SearchOptions.calib_length
+    select_windows: int = SearchOptions.select_windows
+    search_dtype: str | None = None
+    loss: str = TrainConfig.loss
+    tokens: int = 200_000
+    seq_len: int = TrainConfig.seq_len
+    batch_size: int = TrainConfig.batch_size
+    lr: float = TrainConfig.lr
+    train_dtype: str = "auto"
+    checkpoint_every: int = TrainConfig.checkpoint_every
+    decode_tokens: int = 32
+    threads: int | None = None
+    quiet: bool = False
+    command_line: str = "truedepth compress"
+
+
+# =============================================================================================
+# Checks before any work
+# =============================================================================================
+def model_config(model: str) -> Any:
+    """The model's config (config.json only, no weights)."""
+    from transformers import AutoConfig
+
+    from ...core import hf  # noqa: F401  # registers the truedepth model types, to name them in the error
+    from ...core.loading import resolve
+
+    return AutoConfig.from_pretrained(resolve(model), trust_remote_code=False)
+
+
+def check_target_depth(config: Any, depth: int | None, model: str) -> int:
+    """The model's depth; raises unless 1 <= depth < model depth and the search can reach it."""
+    from ..search.core import max_reduction
+
+    if getattr(config, "truedepth", None):
+        raise ValueError(f"{model} is already transformed (plan {config.truedepth['plan']}); pass the original "
+                         "model: the search and the distillation teacher need its layers.")
+    layers = config.num_hidden_layers
+    if depth is None:
+        raise ValueError(f"give --target-depth D with 1 <= D < {layers} (the depth of {model}).")
+    lowest = layers - max_reduction(layers, SearchOptions.max_group, SearchOptions.allow_skip)
+    if not 1 <= depth < layers:
+        raise ValueError(f"--target-depth {depth} is out of range: {model} has {layers} layers, so pass "
+                         f"{max(lowest, 1)} <= D <= {layers - 1}.")
+    if depth < lowest:
+        raise ValueError(f"--target-depth {depth} is below what groups of up to {SearchOptions.max_group} layers "
+                         f"reach on {layers} layers; pass --target-depth {lowest} or more.")
+    return layers
+
+
+def check_options(opts: CompressOptions) -> None:
+    positive = {"eval_tokens": opts.eval_tokens, "eval_window": opts.eval_window, "tokens": opts.tokens,
+                "seq_len": opts.seq_len, "batch_size": opts.batch_size, "calib_windows": opts.calib_windows,
+                "calib_length": opts.calib_length, "decode_tokens": opts.decode_tokens,
+                "checkpoint_every": opts.checkpoint_every}
+    for name, value in positive.items():
+        if value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1 (got {value}).")
+    if not opts.budget_minutes > 0:
+        raise ValueError(f"--budget-minutes must be positive (got {opts.budget_minutes}).")
+    if opts.eval_tokens < opts.eval_window:
+        raise ValueError(f"--eval-tokens ({opts.eval_tokens}) must be at least one --eval-window ({opts.eval_window}).")
+    if opts.data in (opts.eval_text, opts.other_text):
+        raise ValueError(f"--data {opts.data!r} is also a text the result is measured on; train and calibrate on "
+                         "other text (the default austen-train never overlaps the held-out novel).")
+    if opts.tasks is not None:
+        from ...measure.eval.evaluate import task_list
+
+        if not task_list(opts.tasks):
+            raise ValueError("--tasks is empty; pass task names separated by commas, e.g. --tasks truedepth_mmlu.")
+
+
+def check_output(out: Path, overwrite: bool) -> None:
+    """An output folder is new, empty, an earlier compress run of its own, or replaced by --overwrite."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; pass a folder.")
+    if not out.is_dir() or not any(out.iterdir()) or (out / STAGE_DIR).is_dir() or overwrite:
+        return
+    raise ValueError(f"--out {out} holds something other than a compress run; pass --overwrite to replace it, "
+                     "or choose another --out.")
+
+
+def matmul_flops(device: str, dtype: Any, n: int = 1024, repeats: int = 5) -> float:
+    """Matrix-multiply speed of `device` in `dtype` (flop/s), from a fraction of a second of timing."""
+    import torch
+
+    from ...measure.bench.timing import synchronize
+
+    a = torch.randn(n, n, device=device).to(dtype)
+    best = float("inf")
+    for _ in range(repeats):
+        synchronize(a.device)
+        start = time.perf_counter()
+        a @ a
+        synchronize(a.device)
+        best = min(best, time.perf_counter() - start)
+    return 2 * n ** 3 / max(best, 1e-9)
+
+
+def weight_count(config: Any) -> int:
+    """Matrix weights one token passes through (decoder layers and the output head), from the config."""
+    h, heads = config.hidden_size, config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or h // heads
+    kv = getattr(config, "num_key_value_heads", None) or heads
+    per_layer = 2 * h * heads * head_dim + 2 * h * kv * head_dim + 3 * h * config.intermediate_size
+    return config.num_hidden_layers * per_layer + h * config.vocab_size
+
+
+def min_step_seconds(config: Any, opts: CompressOptions) -> tuple[float, str]:
+    """An estimate of the least time one fine-tuning step takes, and the device: one forward pass (2 flops
+    per weight and token) at the measured matmul speed in the training dtype. A real step (backward
+    pass, teacher) costs about three times more; a loaded machine measures slower than it trains."""
+    from ..finetune.config import FinetuneOptions
+    from ..finetune.run import resolve_precision
+
+    device, _, train_dtype = resolve_precision(FinetuneOptions(device=opts.device, dtype=opts.dtype,
+                                                               train_dtype=opts.train_dtype))
+    flops = matmul_flops(device, train_dtype)
+    return 2 * weight_count(config) * opts.batch_size * opts.seq_len / flops, device
+
+
+def check_budget(opts: CompressOptions, config: Any) -> None:
+    share = opts.budget_minutes * 60 * BUDGET_SHARES["finetune"]
+    step, device = min_step_seconds(config, opts)
+    if share < step:
+        need = step / (60 * BUDGET_SHARES["finetune"])
+        raise ValueError(f"--budget-minutes {opts.budget_minutes:g} leaves {share:.3g} s for fine-tuning "
+                         f"({BUDGET_SHARES['finetune']:.0%}), less than one training step (about {step:.3g} s or "
+                         f"more on {device}); pass --budget-minutes {need:.2g} or more.")
+
+
+def check_inputs(opts: CompressOptions) -> tuple[int, str]:
+    """Everything that can be refused before any work: returns (model depth, device)."""
+    from ...utils.device import device_and_dtype
+
+    if not opts.out:
+        raise ValueError("give --out DIR, the folder that will hold the compressed model.")
+    check_options(opts)
+    config = model_config(opts.model)
+    layers = check_target_depth(config, opts.target_depth, opts.model)
+    check_output(Path(opts.out), opts.overwrite)
+    check_budget(opts, config)
+    device, _ = device_and_dtype(opts.device, opts.dtype)
+    return layers, device
+
+
+# =============================================================================================
+# Stage records
+# =============================================================================================
+def stage_inputs(opts: CompressOptions, stage: str) -> dict[str, Any]:
+    return {k: getattr(opts, k) for k in STAGE_INPUTS[stage]}
+
+
+def stage_path(out: Path, stage: str) -> Path:
+    return out / STAGE_DIR / f"{stage}.json"
+
+
+def read_stage(out: Path, stage: str) -> dict[str, Any] | None:
+    path = stage_path(out, stage)
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def write_stage(out: Path, stage: str, opts: CompressOptions, seconds: float, result: dict[str, Any]) -> dict:
+    record = {"stage": stage, "inputs": stage_inputs(opts, stage), "seconds": round(seconds, 2),
+              "budget_seconds": round(opts.budget_minutes * 60 * BUDGET_SHARES[stage], 1),
+              "finished": time.strftime("%Y-%m-%d %H:%M:%S"), "result": result}
+    atomic_write_json(stage_path(out, stage), record)
+    return record
+
+
+def check_unchanged(out: Path, opts: CompressOptions) -> None:
+    """Refuse options that differ from those a finished stage used (its result would be stale)."""
+    for stage in STAGES:
+        record = read_stage(out, stage)
+        if record is None:
+            continue
+        for key, now in stage_inputs(opts, stage).items():
+            was = record["inputs"].get(key)
+            if was != now:
+                raise ValueError(f"--{key.replace('_', '-')} is {now!r} but the finished stage '{stage}' in {out} used "
+                                 f"{was!r}; rerun with the same options to resume, pass --overwrite to start over, "
+                                 "or choose another --out.")
+
+
+# =============================================================================================
+# The stages
+# =============================================================================================
+def contiguous_plan(layers: int, depth: int) -> str | None:
+    """The paper's scheme at `depth`: one contiguous range of pairs, ending two layers below the top.
+
+    On the default model the best contiguous range on calibration text ends there at every depth
+    from 28 to 22 (docs/SEARCH.md). None when pairs cannot reach `depth`.
+    """
+    width = 2 * (layers - depth)
+    if width > layers:
+        return None
+    start = max(0, layers - 2 - width)
+    return f"parallel={start}:{start + width}"
+
+
+def run_search_stage(opts: CompressOptions) -> dict[str, Any]:
+    from ...core.plan import as_plan
+    from ..search.run import run_search
+
+    summary = run_search(SearchOptions(
+        model=opts.model, dtype=opts.dtype, device=opts.device, target_depth=str(opts.target_depth), calib=opts.data,
+        calib_windows=opts.calib_windows, calib_length=opts.calib_length, select_windows=opts.select_windows,
+        search_dtype=opts.search_dtype, report="none", threads=opts.threads, quiet=opts.quiet, command=opts.command_line))
+    found = summary["found"][0]
+    return {"plan": found["plan"], "plan_string": str(as_plan(found["plan"])), "depth": found["depth"],
+            "summary": summary}
+
+
+def finetune_minutes(opts: CompressOptions, search_seconds: float) -> float:
+    """The fine-tune's time limit: its share plus what the search left unused of its own."""
+    shares = BUDGET_SHARES["search"] + BUDGET_SHARES["finetune"]
+    return max(opts.budget_minutes * shares - search_seconds / 60, 1e-3)  # a slow search: still one step
+
+
+def run_finetune_stage(opts: CompressOptions, out: Path, plan: str, max_minutes: float) -> dict[str, Any]:
+    from ..finetune.checkpoint import latest_checkpoint
+    from ..finetune.config import FinetuneOptions
+    from ..finetune.run import run_finetune
+
+    folder = out / FINETUNE_DIR
+    summary_file = folder / FT_SUMMARY_FILE
+    resume = latest_checkpoint(folder) is not None
+    if summary_file.is_file() and not resume:
+        print(f"finetune: {folder} already holds the fine-tuned model; using it")  # stopped before its record
+    else:
+        if resume:
+            print(f"finetune: resuming from {latest_checkpoint(folder)}")
+        rc = run_finetune(FinetuneOptions(
+            model=opts.model, dtype=opts.dtype, device=opts.device, plan=plan, data=opts.data, tokens=opts.tokens,
+            seq_len=opts.seq_len, batch_size=opts.batch_size, loss=opts.loss, lr=opts.lr, max_minutes=max_minutes,
+            train_dtype=opts.train_dtype, threads=opts.threads, out=str(folder), resume=resume,
+            checkpoint_every=opts.checkpoint_every, eval_text=opts.eval_text, other_text=opts.other_text,
+            eval_tokens=opts.eval_tokens, eval_window=opts.eval_window, quiet=opts.quiet))
+        if rc != 0:
+            raise RuntimeError(f"the fine-tune in {folder} stopped before its end; rerun the same command to resume it.")
+    summary = json.loads(summary_file.read_text())
+    keep = ("steps", "tokens", "finished", "stopped_by", "train_seconds", "tokens_per_second", "loss", "train_dtype",
+            "perplexity", "history")
+    return {k: summary.get(k) for k in keep} | {"max_minutes": round(max_minutes, 3)}
+
+
+def run_evaluate_stage(opts: CompressOptions, out: Path, layers: int, ft: dict[str, Any]) -> dict[str, Any]:
+    """Perplexity of the paper's contiguous plan beside the fine-tune's base / searched / fine-tuned numbers,
+    the lm-eval tasks, and decode speed of the base and the compressed model."""
+    from ...core.loading import load
+    from ...measure.bench.speed import interleaved_decode_rates
+    from ...measure.eval.data import load_text
+    from ...utils.device import as_dtype, device_and_dtype
+    from ..finetune.report import perplexities
+
+    device, dtype_name = device_and_dtype(opts.device, opts.dtype)
+    dtype = as_dtype(dtype_name)
+    texts = {"held_out": load_text(opts.eval_text)}
+    if opts.other_text.lower() != "none":
+        texts["other_domain"] = load_text(opts.other_text)
+    ppl = {name: {"base": p["base"], "searched": p["lp"], "fine-tuned": p["ft"]}
+           for name, p in (ft.get("perplexity") or {}).items()}
+    contiguous = contiguous_plan(layers, opts.target_depth)
+    if contiguous is not None:
+        model, tokenizer = load(opts.model, dtype=dtype, device=device, plan=contiguous)
+        for name, value in perplexities(model, tokenizer, texts, opts.eval_tokens, opts.eval_window, device, dtype,
+                                        not opts.quiet).items():
+            ppl.setdefault(name, {})["contiguous"] = value
+        del model
+    base, tokenizer = load(opts.model, dtype=dtype, device=device)
+    compressed, _ = load(out / FINETUNE_DIR, dtype=dtype, device=device)
+    models = {"base": base, "fine-tuned": compressed}
+    speed = interleaved_decode_rates(models, tokenizer, new_tokens=opts.decode_tokens, progress=not opts.quiet)
+    result: dict[str, Any] = {"contiguous_plan": contiguous, "perplexity": ppl, "eval_tokens": opts.eval_tokens,
+                              "eval_window": opts.eval_window, "decode_tokens_per_second": speed,
+                              "depth": {"base": layers, "fine-tuned": compressed.config.num_hidden_layers}}
+    if opts.tasks:
+        from ...measure.eval.evaluate import EvalOptions, run_tasks
+
+        task_opts = EvalOptions(tasks=opts.tasks, limit=opts.limit)
+        result["tasks"] = {name: run_tasks(m, tokenizer, task_opts) for name, m in models.items()}
+    return result
+
+
+def run_save_stage(out: Path) -> dict[str, Any]:
+    """Put the fine-tuned model and its tokenizer at the top of DIR (hard links: no second copy)."""
+    folder = out / FINETUNE_DIR
+    linked = []
+    for src in sorted(folder.iterdir()):
+        if src.is_file() and src.name != FT_SUMMARY_FILE:
+            dst = out / src.name
+            tmp = out / f".{src.name}.{os.getpid()}.tmp"
+            try:
+                os.link(src, tmp)
+            except OSError:  # another file system: a copy
+                shutil.copy2(src, tmp)
+            os.replace(tmp, dst)
+            linked.append(src.name)
+    return {"files": linked}
+
+
+def options_record(opts: CompressOptions) -> dict[str, Any]:
+    return {k: v for k, v in asdict(opts).items() if k not in ("quiet", "command_line")}

@@ -1,0 +1,167 @@
+"""`truedepth compress`: stages, the saved folder, resuming, refused changes and bad input (tiny models)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from test_finetune import Killed, char_tokenizer, kill_at, text_file
+from tiny import tiny_model
+
+import truedepth
+from truedepth import cli
+from truedepth.apps.compress import core as compress_core
+from truedepth.apps.compress import run as compress_run
+from truedepth.apps.finetune import config as ft_config
+from truedepth.apps.search import run as search_run
+from truedepth.core.plan import as_plan
+
+LAYERS, DEPTH = 8, 6
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-llama")
+    tiny_model("llama", layers=LAYERS, seed=1).save_pretrained(path)
+    char_tokenizer().save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def texts(tmp_path_factory):
+    path = tmp_path_factory.mktemp("texts")
+    for i, name in enumerate(("train", "held", "other")):
+        text_file(path / f"{name}.txt", i)
+    return path
+
+
+@pytest.fixture(scope="module")
+def finished(tiny_dir, texts, tmp_path_factory):
+    """One complete run, shared by the tests that inspect or compare with it."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TRUEDEPTH_CACHE", str(tmp_path_factory.mktemp("cache")))
+        out = tmp_path_factory.mktemp("runs") / "full"
+        assert cli.main(compress_args(tiny_dir, texts, out)) == 0
+    return out
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("TRUEDEPTH_CACHE", str(tmp_path / "cache"))
+
+
+def compress_args(tiny_dir, texts, out, *extra):
+    train, held, other = (texts / f"{n}.txt" for n in ("train", "held", "other"))
+    return ["compress", "--model", str(tiny_dir), "--target-depth", str(DEPTH), "--budget-minutes", "5",
+            "--out", str(out), "--data", str(train), "--eval-text", str(held), "--other-text", str(other),
+            "--eval-tokens", "256", "--eval-window", "32", "--calib-windows", "2", "--calib-length", "32",
+            "--select-windows", "2", "--tokens", str(32 * 4 * 6), "--seq-len", "32", "--batch-size", "4",
+            "--lr", "3e-3", "--train-dtype", "fp32", "--checkpoint-every", "2", "--decode-tokens", "4", "--quiet",
+            *extra]
+
+
+def test_stages_write_a_loadable_folder_with_the_target_depth(tiny_dir, texts, finished):
+    out = finished
+    summary = json.loads((out / compress_core.SUMMARY_FILE).read_text())
+    plan = as_plan(summary["plan"])
+    assert len(plan.blocks(LAYERS)) == DEPTH and summary["depth"] == {"base": LAYERS, "fine-tuned": DEPTH}
+    model, tokenizer = truedepth.load(out)
+    assert model.config.num_hidden_layers == DEPTH and as_plan(model.config.truedepth["plan"]) == plan
+    assert tokenizer("ab")["input_ids"] == char_tokenizer()("ab")["input_ids"]
+    # the saved model is the fine-tuned one: it scores what compress.json says
+    from truedepth.measure.eval.perplexity import perplexity
+    held = (texts / "held.txt").read_text()
+    assert perplexity(model, tokenizer, held, tokens=256, window=32, progress=False)["perplexity"] == \
+        pytest.approx(summary["perplexity"]["held_out"]["fine-tuned"], rel=1e-6)
+    # the contiguous plan of the paper at the same depth, measured on its own
+    assert summary["contiguous_plan"] == "parallel=2:6"
+    lp, _ = truedepth.load(tiny_dir, plan="parallel=2:6")
+    assert perplexity(lp, tokenizer, held, tokens=256, window=32, progress=False)["perplexity"] == \
+        pytest.approx(summary["perplexity"]["held_out"]["contiguous"], rel=1e-6)
+    assert set(summary["stages"]) == set(compress_core.STAGES)
+    assert summary["decode_tokens_per_second"]["fine-tuned"] > 0
+    card = (out / "README.md").read_text()
+    assert card.startswith("---\nbase_model: " + str(tiny_dir) + "\n") and "- truedepth" in card
+    for png in ("search.png", "quality.png", ft_config.CURVE_FILE):
+        assert (out / png).stat().st_size > 0
+
+
+def test_rerun_skips_finished_stages_and_refuses_changed_options(tiny_dir, texts, finished, monkeypatch, capsys):
+    out, summary = finished, json.loads((finished / compress_core.SUMMARY_FILE).read_text())
+    monkeypatch.setattr(search_run, "run_search", lambda *a, **k: pytest.fail("search ran again"))
+    monkeypatch.setattr(compress_run, "run_finetune_stage", lambda *a, **k: pytest.fail("fine-tune ran again"))
+    assert cli.main(compress_args(tiny_dir, texts, out)) == 0
+    printed = capsys.readouterr().out
+    assert all(f"{s}: finished earlier with the same options" in printed for s in compress_core.STAGES)
+    assert json.loads((out / compress_core.SUMMARY_FILE).read_text())["perplexity"] == summary["perplexity"]
+
+    # an option a finished stage used is refused, naming the option and the stage; nothing changes
+    before = sorted(p.name for p in out.iterdir())
+    assert cli.main(compress_args(tiny_dir, texts, out, "--calib-windows", "3")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--calib-windows is 3" in err[0] and "finished stage 'search'" in err[0]
+    assert cli.main(compress_args(tiny_dir, texts, out, "--tokens", "1024")) == 2
+    assert "finished stage 'finetune'" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == before
+
+
+def test_interrupted_finetune_resumes_from_its_checkpoint(tiny_dir, texts, finished, tmp_path, monkeypatch, capsys):
+    killed = tmp_path / "killed"
+    kill_at(monkeypatch, 4)  # dies inside step 4, after the checkpoint of step 2
+    with pytest.raises(Killed):
+        cli.main(compress_args(tiny_dir, texts, killed))
+    monkeypatch.undo()
+    assert compress_core.read_stage(killed, "search") is not None
+    assert compress_core.read_stage(killed, "finetune") is None
+    capsys.readouterr()
+    assert cli.main(compress_args(tiny_dir, texts, killed)) == 0
+    printed = capsys.readouterr().out
+    assert "search: finished earlier" in printed and "finetune: resuming from" in printed and "step-00000002" in printed
+    a, _ = truedepth.load(finished)
+    b, _ = truedepth.load(killed)
+    for (name, p), (_, q) in zip(a.named_parameters(), b.named_parameters()):
+        torch.testing.assert_close(q, p, rtol=0, atol=0, msg=name)
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--target-depth", str(LAYERS)], f"--target-depth {LAYERS} is out of range"),
+    (["--target-depth", "0"], "--target-depth 0 is out of range"),
+    (["--target-depth", "2"], "--target-depth 2 is below what groups"),
+    (["--budget-minutes", "1e-7"], "less than one training step"),
+    (["--budget-minutes", "0"], "--budget-minutes must be positive"),
+])
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(tiny_dir, texts, tmp_path, capsys, extra, message):
+    out = tmp_path / "bad"
+    assert cli.main(compress_args(tiny_dir, texts, out, *extra)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+    assert not out.exists()
+
+
+def test_folder_with_other_content_is_refused_unless_overwrite(tiny_dir, texts, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "taken"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    assert cli.main(compress_args(tiny_dir, texts, out)) == 2
+    assert "holds something other than a compress run; pass --overwrite" in capsys.readouterr().err
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]
+    monkeypatch.setattr(search_run, "run_search", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("stop here")))
+    assert cli.main(compress_args(tiny_dir, texts, out, "--overwrite")) == 2
+    assert not (out / "notes.txt").exists() and (out / compress_core.STAGE_DIR).is_dir()
+
+
+def test_transformed_model_is_refused(tiny_dir, texts, tmp_path, capsys):
+    lp, tok = truedepth.load(tiny_dir, plan="parallel=2:4")
+    lp.save_pretrained(tmp_path / "lp")
+    tok.save_pretrained(tmp_path / "lp")
+    args = compress_args(tmp_path / "lp", texts, tmp_path / "o")
+    assert cli.main(args) == 2
+    assert "already transformed" in capsys.readouterr().err
+
+
+def test_contiguous_plan_ends_two_layers_below_the_top():
+    assert compress_core.contiguous_plan(30, 24) == "parallel=16:28"
+    assert compress_core.contiguous_plan(30, 26) == "parallel=20:28"
+    assert compress_core.contiguous_plan(8, 5) == "parallel=0:6"
+    assert compress_core.contiguous_plan(8, 3) is None
