@@ -137,6 +137,8 @@ model, tokenizer = truedepth.load("path/to/this/folder")   # registers the trued
 ```bash
 truedepth eval --model path/to/this/folder --text default
 truedepth generate --model path/to/this/folder "Once upon a time"
+vllm serve path/to/this/folder                      # with truedepth installed: its vLLM plugin serves it
+truedepth export --model path/to/this/folder --gguf model.gguf --type q8_0   # for llama.cpp / Ollama
 ```
 
 The folder is an ordinary truedepth model (safetensors, `config.truedepth` records the plan).
