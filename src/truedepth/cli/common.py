@@ -44,4 +44,5 @@ def tp_options(args: argparse.Namespace) -> TPOptions:
 
 def options(cls: type, args: argparse.Namespace, **extra: Any) -> Any:
     """The dataclass `cls` filled from the parsed options of the same names (and `extra`)."""
-    return cls(**{f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)}, **extra)
+    given = {f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)}
+    return cls(**{**given, **extra})  # `extra` wins: e.g. tp=TPOptions(...) over the --tp flag

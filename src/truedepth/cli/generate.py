@@ -43,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)
     model, tokenizer = load_model(args.model, args.plan, args.dtype, args.device, tp_options(args))
     ids = encode(tokenizer, args.prompt, args.chat).to(model.device)
-    from ..fastgen import check_generation_length
+    from ..runtime.generate import check_generation_length
 
     check_generation_length(model, ids.shape[1], args.max_new_tokens)
     sampling = dict(do_sample=True, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p) \

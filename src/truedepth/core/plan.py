@@ -23,6 +23,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
 
+from ..utils.errors import UserError
+
 GROUPED_KINDS = ("parallel", "merge")
 STEP_KINDS = ("parallel", "merge", "skip", "shuffle", "keep")
 IDENTITY_WORDS = ("", "none", "base", "identity")
@@ -40,7 +42,7 @@ Examples: parallel=14:24   parallel=14:24/3   parallel=2:6,skip=27   shuffle=10:
 'base' or '' is the original model."""
 
 
-class PlanError(ValueError):
+class PlanError(UserError):
     """A plan that cannot be parsed or does not fit a model. The message names the step and the fix."""
 
 

@@ -13,6 +13,7 @@ from typing import Any, Callable
 
 import torch
 
+from ...utils.errors import check_output_dir
 from .checkpoint import latest_checkpoint
 from .config import (CHECKPOINT_DIR, FinetuneOptions, DEFAULT_PLAN, DTYPE_NAMES, EVAL_DEFAULTS, RUN_OPTIONS, SUMMARY_FILE,
                      TRAJECTORY_OPTIONS, TrainConfig)
@@ -43,6 +44,7 @@ def config_from_args(args: FinetuneOptions) -> TrainConfig:
 
 def prepare_output(out: Path, resume: bool, overwrite: bool) -> None:
     """Refuse to clobber another run's checkpoints or a finished run."""
+    check_output_dir(out, "--out")
     if resume:
         if latest_checkpoint(out) is None:
             hint = " (it holds a finished run)" if (out / SUMMARY_FILE).exists() else ""
