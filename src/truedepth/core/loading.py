@@ -161,6 +161,16 @@ def load(model: str | os.PathLike = DEFAULT_MODEL, dtype: Any = None, device: An
     return loaded, tokenizer
 
 
+def check_model_and_plan(model: str | os.PathLike, plan: Any = None) -> Any:
+    """Everything about `model` and `plan` that can be checked without reading weights; returns the config."""
+    from .plan import as_plan
+
+    config = read_config(model)
+    if plan is not None:
+        check_plan_against_config(as_plan(plan), config)
+    return config
+
+
 def check_plan_against_config(plan: Any, config: Any) -> None:
     """What apply_plan would refuse, found from config.json alone (no weights): an unsupported
     architecture, a model already transformed, layer indices that do not fit, mixed attention types."""
