@@ -109,3 +109,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     return run_finetune(options(FinetuneOptions, args))
+
+
+def resume_note(args: argparse.Namespace) -> str:
+    from pathlib import Path
+
+    from ..apps.finetune.checkpoint import latest_checkpoint
+
+    last = latest_checkpoint(Path(args.out)) if Path(args.out).is_dir() else None
+    if last is None:
+        return (f"No checkpoint had been written yet (one every --checkpoint-every {args.checkpoint_every} "
+                "steps); run the same command again to start over.")
+    return f"The latest checkpoint is {last}; add --resume to the same command to continue from it."

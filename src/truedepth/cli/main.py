@@ -98,8 +98,8 @@ def one_line(e: BaseException) -> str:
 
 
 def interrupt_note(args: argparse.Namespace) -> str:
-    """What an interrupted command kept and how to go on (each command may say it: RESUME_NOTE)."""
-    note = getattr(args._module, "RESUME_NOTE", None)
+    """What an interrupted command kept and how to go on (a command module may say it: resume_note(args))."""
+    note = getattr(args._module, "resume_note", None)
     return note(args) if callable(note) else "Nothing was saved."
 
 
