@@ -38,7 +38,7 @@ Plan grammar: steps joined by commas; ranges are start:end with end exclusive (0
   skip=A[:B]        drop layer A (or layers A..B-1)
   shuffle=A:B[@S]   run layers A..B-1 in a random order drawn with seed S (default 0)
   keep=A[:B]        keep layers (the default for layers no step mentions)
-Examples: parallel=14:24   parallel=14:24/3   parallel=2:6,skip=27   shuffle=10:20@0   merge=20:24/2
+Examples: parallel=14:24   parallel=14:26/3   parallel=2:6,skip=27   shuffle=10:20@0   merge=20:24/2
 'base' or '' is the original model."""
 
 
