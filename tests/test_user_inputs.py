@@ -108,3 +108,33 @@ def test_text_errors_on_the_command_line(capsys, tmp_path):
     assert_user_error(capsys, "eval", "--text", str(tmp_path), "--tokens", "64", "--window", "32", words="folder")
     assert_user_error(capsys, "eval", "--text", str(tmp_path / "bin.txt"), "--tokens", "64", "--window", "32",
                       words="not UTF-8")
+
+
+# ---- found by trying the CLI as a new user (each used to run for minutes, or end in a traceback) ----
+@pytest.fixture
+def tiny_dir(tmp_path, capsys):
+    import truedepth
+    from tiny import char_tokenizer, tiny_model
+
+    truedepth.save(tiny_model("llama", layers=4), char_tokenizer(), tmp_path / "m")
+    (tmp_path / "notjson.txt").write_text("hello")
+    capsys.readouterr()  # the save's progress bar is not the command's output
+    return tmp_path
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["eval", "--model", "{m}", "--window", "100000", "--tokens", "200000"], "256 positions"),  # ran 4 minutes
+    (["eval", "--model", "{m}", "--text", "", "--tokens", "64", "--window", "32"], "text spec is empty"),
+    (["eval", "--model", "", "--tokens", "64", "--window", "32"], "model name is empty"),
+    (["generate", "--model", "{m}", "hi", "--sample", "--temperature", "-1"], "--temperature"),
+    (["generate", "--model", "{m}", "hi", "--sample", "--top-k", "-3"], "--top-k"),
+    (["generate", "--model", "{m}", "hi", "--sample", "--top-p", "2"], "--top-p"),  # was silently accepted
+    (["generate", "--model", "{m}", "hi", "--chat"], "no chat template"),
+    (["sweep", "--model", "{m}", "--bench", "{d}/notjson.txt", "--out", "{d}/sw"], "not the JSON"),
+    (["finetune", "--model", "{m}", "--plan", "parallel=0:2", "--threads", "0", "--out", "{d}/ft"], "--threads"),
+    (["search", "--model", "{m}", "--target-depth", "3", "--threads", "0"], "--threads"),
+])
+def test_new_user_mistakes(capsys, tiny_dir, argv, words):
+    argv = [a.format(m=tiny_dir / "m", d=tiny_dir) for a in argv]
+    assert_user_error(capsys, *argv, words=words)
+    assert not (tiny_dir / "ft").exists() and not (tiny_dir / "sw" / "results.jsonl").exists()

@@ -68,6 +68,8 @@ def resolve(model: str | os.PathLike) -> str:
     if str(model) == DEFAULT_MODEL:
         return str(default_model_dir())
     spec = str(model)
+    if not spec.strip():
+        raise UserError("the model name is empty; give a folder, a hub id (owner/name) or 'default'.")
     path = Path(spec).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():

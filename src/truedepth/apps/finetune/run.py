@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 import torch
 
-from ...utils.errors import OutputPathError, check_output_dir
+from ...utils.errors import OutputPathError, UserError, check_output_dir
 from .checkpoint import latest_checkpoint
 from .config import (CHECKPOINT_DIR, FinetuneOptions, DEFAULT_PLAN, DTYPE_NAMES, EVAL_DEFAULTS, RUN_OPTIONS, SUMMARY_FILE,
                      TRAJECTORY_OPTIONS, TrainConfig)
@@ -93,6 +93,8 @@ def run_finetune(args: FinetuneOptions) -> int:
     fill_defaults(args)
     cfg = config_from_args(args)
     cfg.validate()
+    if args.threads is not None and args.threads < 1:
+        raise UserError(f"--threads must be at least 1 (got {args.threads}).")
     if args.threads:
         torch.set_num_threads(args.threads)
     device, dtype, train_dtype = resolve_precision(args)

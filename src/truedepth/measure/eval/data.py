@@ -299,6 +299,8 @@ def load_text(spec: str) -> str:
         if name not in AUSTEN_NOVELS:
             raise ValueError(f"Unknown novel {name!r} in text spec {spec!r}; {TEXT_SPEC_HELP}.")
         return austen_novels()[name]
+    if not spec.strip():
+        raise UserError(f"the text spec is empty; {TEXT_SPEC_HELP}.")
     path = Path(spec).expanduser()
     if path.is_dir():
         raise InputPathError(f"text {spec!r} is a folder; give one UTF-8 text file ({TEXT_SPEC_HELP}).")

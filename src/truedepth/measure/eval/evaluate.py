@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ...runtime.distributed.tp import TPOptions
+from ...utils.errors import UserError
 
 
 @dataclass
@@ -51,7 +52,11 @@ def check_before_loading(args: EvalOptions) -> None:
     """The model folder, the plan against its config.json and the task names: seconds, not a model load."""
     from ...core.loading import check_model_and_plan
 
-    check_model_and_plan(args.model, args.plan)
+    config = check_model_and_plan(args.model, args.plan)
+    positions = getattr(config, "max_position_embeddings", None)
+    if positions and (args.text is not None or not args.tasks) and args.window > positions:
+        raise UserError(f"--window {args.window} is longer than the model's {positions} positions "
+                        f"(max_position_embeddings); use --window {positions} or less.")
     if args.tasks:
         from .icl import check_tasks, task_manager
 
