@@ -113,3 +113,20 @@ def test_a_bug_keeps_its_traceback(monkeypatch):
     monkeypatch.setattr(plan_cmd, "run", broken)
     with pytest.raises(KeyError):
         main(["plan", "base", "--layers", "4"])
+
+
+def test_a_folder_without_tokenizer_names_truedepth_save(capsys, saved, tmp_path):
+    """The README's old quick start: save_pretrained alone writes no tokenizer. load says what to do,
+    and truedepth.save (what the README uses now) writes a folder that reloads."""
+    model, tok = truedepth.load(saved)
+    model.save_pretrained(tmp_path / "no-tok")
+    with pytest.raises(UserError, match=r"no tokenizer; save models with truedepth.save\(model, tokenizer"):
+        truedepth.load(tmp_path / "no-tok")
+    capsys.readouterr()
+    assert_user_error(capsys, "generate", "--model", str(tmp_path / "no-tok"), "hi", words="truedepth.save")
+    truedepth.save(model, tok, tmp_path / "no-tok")
+    again, tok2 = truedepth.load(tmp_path / "no-tok")
+    assert tok2("abc").input_ids == tok("abc").input_ids
+    import torch
+    ids = torch.tensor([tok("abc").input_ids])
+    torch.testing.assert_close(again(ids).logits, model(ids).logits, rtol=0, atol=0)

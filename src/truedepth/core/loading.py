@@ -145,6 +145,7 @@ def load(model: str | os.PathLike = DEFAULT_MODEL, dtype: Any = None, device: An
     check_device(device)
     dtype = as_dtype(dtype) or torch.float32
     path = resolve(model)
+    require_tokenizer(model, path)
     if plan is not None:
         plan = as_plan(plan)
         check_plan_against_config(plan, read_config(model))
@@ -194,13 +195,18 @@ def check_plan_against_config(plan: Any, config: Any) -> None:
                             f"{[layer_types[i] for i in block.layers]}; group only layers of one type.")
 
 
-def load_tokenizer(model: Any, path: str) -> Any:
-    from transformers import AutoTokenizer
-
+def require_tokenizer(model: Any, path: str) -> None:
+    """A local folder must hold its tokenizer (checked before the weights load)."""
     folder = Path(path)
     if folder.is_dir() and not any((folder / f).is_file() for f in TOKENIZER_FILES):
         raise InputPathError(f"model folder {model} has no tokenizer; save models with truedepth.save(model, "
                              f"tokenizer, folder) (or also call tokenizer.save_pretrained({str(model)!r})).")
+
+
+def load_tokenizer(model: Any, path: str) -> Any:
+    from transformers import AutoTokenizer
+
+    require_tokenizer(model, path)
     with loading_errors(model):
         return AutoTokenizer.from_pretrained(path, trust_remote_code=False)
 
