@@ -138,3 +138,14 @@ def test_new_user_mistakes(capsys, tiny_dir, argv, words):
     argv = [a.format(m=tiny_dir / "m", d=tiny_dir) for a in argv]
     assert_user_error(capsys, *argv, words=words)
     assert not (tiny_dir / "ft").exists() and not (tiny_dir / "sw" / "results.jsonl").exists()
+
+
+def test_fetch_assets_is_a_no_op_when_everything_is_there(capsys, monkeypatch):
+    """`truedepth fetch-assets` (what a missing-asset error names) fetches only what is missing."""
+    from truedepth.cli.main import main
+
+    data.fetch_texts()  # set-up state: the texts are in the cache (make setup fetched them)
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: pytest.fail(f"ran {a}"))
+    assert main(["fetch-assets", "--texts-only"]) == 0
+    printed = capsys.readouterr().out.split()
+    assert str(data._other_path()) in printed and len(printed) == len(data.AUSTEN_NOVELS) + 1
