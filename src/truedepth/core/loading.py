@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -9,7 +10,7 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -99,31 +100,28 @@ def read_config(model: str | os.PathLike) -> Any:
         return AutoConfig.from_pretrained(path, trust_remote_code=False)
 
 
-class loading_errors:
+@contextlib.contextmanager
+def loading_errors(model: Any) -> Iterator[None]:
     """Turn what transformers, safetensors and the hub raise about the user's model into UserError:
-    a missing or unreadable file, a config.json that is not JSON, truncated weights, an unknown hub id."""
-
-    def __init__(self, model: Any):
-        self.model = model
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, kind: Any, e: BaseException | None, tb: Any) -> bool:
-        if e is None or isinstance(e, UserError) or not isinstance(e, Exception):
-            return False
-        if isinstance(e, json.JSONDecodeError) or "config.json" in str(e) and isinstance(e, (ValueError, OSError)):
-            raise UserError(f"model {self.model}: config.json is not valid JSON ({e}); restore the file or save "
-                            "the model again.") from e
-        if type(e).__name__ == "SafetensorError" or "safetensors" in type(e).__module__:
-            raise UserError(f"model {self.model}: its .safetensors weights cannot be read ({e}); the file is "
-                            "probably truncated: copy or save the model again.") from e
+    a config.json that is not JSON, truncated weights, a missing file, an unknown or offline hub id.
+    Anything else (a bug) passes through unchanged."""
+    try:
+        yield
+    except UserError:
+        raise
+    except Exception as e:
+        if isinstance(e, json.JSONDecodeError) or "is not a valid JSON file" in str(e):
+            raise UserError(f"model {model}: config.json is not valid JSON; restore the file or save the model "
+                            "again.") from e
+        if type(e).__name__ == "SafetensorError":
+            raise UserError(f"model {model}: its .safetensors weights cannot be read ({e}); the file is probably "
+                            "truncated: copy or save the model again.") from e
         if isinstance(e, OSError):
             offline = " (HF_HUB_OFFLINE is set: only models already in the hub cache load)" \
                 if os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0") else ""
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise UserError(f"cannot load model {self.model}{offline}: {first}") from e
-        return False
+            raise UserError(f"cannot load model {model}{offline}: {first}") from e
+        raise
 
 
 def load(model: str | os.PathLike = DEFAULT_MODEL, dtype: Any = None, device: Any = None,
