@@ -82,3 +82,12 @@ def test_finetune(model_dir, tmp_path):
     assert code == 130
     line = last_line(err)
     assert line.startswith("truedepth finetune: interrupted. The latest checkpoint is ") and "--resume" in line
+
+
+def test_search(model_dir, tmp_path):
+    code, err = interrupt(["search", "--model", str(model_dir), "--target-depth", "4:8", "--calib", "austen-train",
+                           "--calib-windows", "256", "--calib-length", "256", "--select-windows", "0", "--report",
+                           "none", "--out", str(tmp_path / "s.json")], lambda s: "original model" in s, tmp_path)
+    assert code == 130
+    assert last_line(err).startswith("truedepth search: interrupted. Nothing was saved")
+    assert not (tmp_path / "s.json").exists()
