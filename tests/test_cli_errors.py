@@ -130,3 +130,17 @@ def test_a_folder_without_tokenizer_names_truedepth_save(capsys, saved, tmp_path
     import torch
     ids = torch.tensor([tok("abc").input_ids])
     torch.testing.assert_close(again(ids).logits, model(ids).logits, rtol=0, atol=0)
+
+
+def test_only_our_own_value_errors_are_user_errors(monkeypatch):
+    """A ValueError raised by truedepth's code is a message for the user; one raised inside another
+    library (torch here) is not ours to explain and keeps its traceback."""
+    import torch
+
+    from truedepth.cli import plan as plan_cmd
+
+    def library_error(args):
+        torch.zeros(2).view(3)  # RuntimeError raised inside torch
+    monkeypatch.setattr(plan_cmd, "run", library_error)
+    with pytest.raises(RuntimeError):
+        main(["plan", "base", "--layers", "4"])

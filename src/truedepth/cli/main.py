@@ -17,6 +17,8 @@ import traceback
 from ..core.plan import GRAMMAR_HELP
 from ..utils.errors import UserError
 
+PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep  # .../truedepth/
+
 # name -> (module, one-line help)
 COMMANDS = {
     "demo": ("truedepth.cli.demo", "the main job: quality and speed of LP plans on the default model"),
@@ -89,7 +91,7 @@ def is_user_error(e: BaseException) -> bool:
     if not isinstance(e, (ValueError, FileNotFoundError, RuntimeError)):
         return False
     frames = traceback.extract_tb(e.__traceback__)
-    return bool(frames) and os.sep + "truedepth" + os.sep in frames[-1].filename
+    return bool(frames) and os.path.abspath(frames[-1].filename).startswith(PACKAGE_DIR)
 
 
 def one_line(e: BaseException) -> str:
