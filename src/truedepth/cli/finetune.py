@@ -93,7 +93,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     o.add_argument("--keep-checkpoints", action="store_true", dest="keep_checkpoints_after",
                    help="keep the last checkpoints after a finished run (default: removed once the model is saved; "
                         "a run stopped by --max-minutes always keeps them, so it can be resumed)")
-    o.add_argument("--overwrite", action="store_true", help="replace a finished run in --out")
+    o.add_argument("--overwrite", action="store_true",
+                   help="replace a finished run in --out, or write into a non-empty folder that is not a run")
     e = parser.add_argument_group("evaluation")
     e.add_argument("--eval-text", help=f"held-out text spec (default {EVAL_DEFAULTS['eval_text']!r}: the held-out novel)")
     e.add_argument("--other-text", help="a text of another kind, to see whether recovery carries over; 'none' to skip "
