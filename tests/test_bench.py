@@ -29,15 +29,20 @@ def test_bench_runs_end_to_end_and_writes_json_and_plot(tmp_path, capsys):
     records = doc["records"]
     assert {(r["plan"], r["mode"], r["batch"]) for r in records} == {
         (p, m, b) for p in ("base", "parallel=2:6") for m in ("eager", "compiled", "fused") for b in (2,)}
-    assert not [r for r in records if "error" in r]
-    for r in records:
+    # On a loaded machine a tiny model's 16-token decode can sit inside the timing noise: such a record
+    # is refused (never a number); every other record is measured.
+    refused = [r for r in records if "error" in r]
+    assert all(r["error"].startswith("MeasurementError: decode speed not measurable") and "decode_tok_s" not in r
+               for r in refused)
+    for r in (r for r in records if "error" not in r):
         assert r["decode_tok_s"] > 0 and r["decode_tok_s_total"] == pytest.approx(r["decode_tok_s"] * r["batch"])
         assert set(r["prefill_ms"]) == {"8", "16"}
         assert 0 < r["bound_fraction"] and r["bandwidth_GBps"] > 0
         if r["plan"] == "base":
             assert r["speedup_vs_base"] == pytest.approx(1.0) and r["depth"] == 8
         else:
-            assert r["depth"] == 6 and r["speedup_vs_base"] > 0 and r["speedup_vs_base_compiled"] > 0
+            assert r["depth"] == 6  # ratios exist where the base of the same mode was measured
+            assert all(x is None or x > 0 for x in (r["speedup_vs_base"], r["speedup_vs_base_compiled"]))
     assert doc["meta"]["torch"] == torch.__version__ and doc["meta"]["device"] == "cpu"
     assert png.stat().st_size > 1000
     table = capsys.readouterr().out

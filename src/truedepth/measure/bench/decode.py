@@ -49,7 +49,7 @@ def check_settings(s: Settings, max_positions: int | None) -> None:
         raise ValueError(f"--new must be at least 2 (decode speed is measured from the 2nd token on), got {s.new}.")
     if s.repeats < 1 or s.warmup < 0:
         raise ValueError(f"--repeats must be >= 1 and --warmup >= 0, got {s.repeats} and {s.warmup}.")
-    longest = max(s.prompt + s.new, *s.prefill)
+    longest = max([s.prompt + s.new, *s.prefill])  # --prefill none: no prefill lengths
     if max_positions and longest > max_positions:
         raise ValueError(f"a sequence of {longest} tokens exceeds the model's {max_positions} positions; "
                          "lower --prompt/--new/--prefill.")
@@ -270,18 +270,24 @@ def measure_decode_interleaved(runners: dict[str, Callable[[Any, int], Any]], id
 
 def check_difference(full: list[float], short: list[float], settings: Settings) -> None:
     """Refuse a decode speed that the timings cannot support: the difference of the medians
-    t(new) - t(k) must be positive and above the timing noise, the larger spread (max - min) of the
-    repeated full and short runs (with --repeats 1 there is no spread to compare with)."""
+    t(new) - t(k) must be positive and above the timing noise, twice the larger median absolute
+    deviation of the repeated full and short runs (robust to one stray run; with 2 repeats it is
+    their spread, with --repeats 1 there is none to compare with)."""
     n, k = settings.new, short_run_tokens(settings.new)
     t_full, t_short = statistics.median(full), statistics.median(short)
     diff = t_full - t_short
-    noise = max(max(full) - min(full), max(short) - min(short))
+    noise = 2 * max(median_deviation(full), median_deviation(short))
     if diff > noise and diff > 0:
         return
     raise MeasurementError(
         f"decode speed not measurable: {n} tokens took {1e3 * t_full:.2f} ms and {k} took {1e3 * t_short:.2f} ms; "
-        f"their difference ({1e3 * diff:.2f} ms) is not above the timing noise ({1e3 * noise:.2f} ms, the spread "
-        f"of the repeats). Raise --new (now {n}) so the decode dominates, and --repeats (now {settings.repeats}).")
+        f"their difference ({1e3 * diff:.2f} ms) is not above the timing noise ({1e3 * noise:.2f} ms, from the "
+        f"spread of the repeats). Raise --new (now {n}) so the decode dominates, and --repeats (now {settings.repeats}).")
+
+
+def median_deviation(times: list[float]) -> float:
+    middle = statistics.median(times)
+    return statistics.median(abs(t - middle) for t in times)
 
 
 def measure_prefill(model: Any, lengths: tuple[int, ...], settings: Settings) -> dict[str, float]:
