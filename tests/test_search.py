@@ -323,7 +323,7 @@ def tiny_cli(monkeypatch):
 
 def test_cli_search_writes_plans_json_and_plot(tiny_cli, tmp_path, capsys):
     out, png = tmp_path / "s.json", tmp_path / "s.png"
-    rc = main(["search", "--target-depth", "5..4", "--calib-windows", "2", "--calib-length", "32", "--baseline",
+    rc = main(["search", "--target-depth", "4:6", "--calib-windows", "2", "--calib-length", "32", "--baseline",
                "--report-tokens", "256", "--report-window", "64", "--shortlist", "3", "--quiet",
                "--out", str(out), "--plot", str(png)])
     assert rc == 0
