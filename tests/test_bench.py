@@ -14,6 +14,7 @@ from truedepth.measure.bench import decode as bench_decode
 from truedepth.measure.bench import report as bench_report
 from truedepth.measure.bench import run as bench_run
 from truedepth.core.shapes import SHAPES, build_shape, parameter_count, shape_config
+from truedepth.utils.errors import MeasurementError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -21,22 +22,27 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_bench_runs_end_to_end_and_writes_json_and_plot(tmp_path, capsys):
     out, png = tmp_path / "b.json", tmp_path / "b.png"
     code = cli.main(["bench", "--shape", "tiny", "--plan", "parallel=2:6", "--mode", "eager,compiled,fused",
-                     "--batch", "2", "--prompt", "8", "--new", "4", "--prefill", "8,16", "--repeats", "1",
+                     "--batch", "2", "--prompt", "8", "--new", "16", "--prefill", "8,16", "--repeats", "1",
                      "--backend", "eager", "--json", str(out), "--plot", str(png)])
     assert code == 0
     doc = json.loads(out.read_text())
     records = doc["records"]
     assert {(r["plan"], r["mode"], r["batch"]) for r in records} == {
         (p, m, b) for p in ("base", "parallel=2:6") for m in ("eager", "compiled", "fused") for b in (2,)}
-    assert not [r for r in records if "error" in r]
-    for r in records:
+    # On a loaded machine a tiny model's 16-token decode can sit inside the timing noise: such a record
+    # is refused (never a number); every other record is measured.
+    refused = [r for r in records if "error" in r]
+    assert all(r["error"].startswith("MeasurementError: decode speed not measurable") and "decode_tok_s" not in r
+               for r in refused)
+    for r in (r for r in records if "error" not in r):
         assert r["decode_tok_s"] > 0 and r["decode_tok_s_total"] == pytest.approx(r["decode_tok_s"] * r["batch"])
         assert set(r["prefill_ms"]) == {"8", "16"}
         assert 0 < r["bound_fraction"] and r["bandwidth_GBps"] > 0
         if r["plan"] == "base":
             assert r["speedup_vs_base"] == pytest.approx(1.0) and r["depth"] == 8
         else:
-            assert r["depth"] == 6 and r["speedup_vs_base"] > 0 and r["speedup_vs_base_compiled"] > 0
+            assert r["depth"] == 6  # ratios exist where the base of the same mode was measured
+            assert all(x is None or x > 0 for x in (r["speedup_vs_base"], r["speedup_vs_base_compiled"]))
     assert doc["meta"]["torch"] == torch.__version__ and doc["meta"]["device"] == "cpu"
     assert png.stat().st_size > 1000
     table = capsys.readouterr().out
@@ -64,7 +70,8 @@ def test_plot_over_batch_sizes(tmp_path):
     assert path.read_text().count("<svg") == 1 and path.stat().st_size > 5000
 
 
-def test_interleaved_runs_alternate_and_a_failing_runner_does_not_stop_the_others():
+def test_interleaved_runs_alternate_and_a_failing_runner_does_not_stop_the_others(monkeypatch):
+    fake_timings(monkeypatch, full=[0.1] * 8, short=[0.02] * 8)  # clear of the noise check: this is about order
     calls = []
 
     def runner(label, fail=False):
@@ -181,3 +188,48 @@ def test_gpu_json_renders_as_markdown(tmp_path, capsys, monkeypatch):
     md = capsys.readouterr().out
     assert "NVIDIA H200" in md and "1.33 (1.35) missed" in md and "60% (75%) missed" in md
     assert "| llama-2-7b | base | fused | 420 |" in md and "b8: 1.04" in md
+
+
+def fake_timings(monkeypatch, full, short):
+    """`timed` returns these seconds for the long (`new` tokens) and short runs, in turn."""
+    seq = iter([t for pair in zip(full, short) for t in pair])
+    monkeypatch.setattr(bench_decode, "timed", lambda fn, device: (fn(), next(seq))[1])
+
+
+def test_a_decode_speed_inside_the_timing_noise_is_refused(monkeypatch):
+    """The issue's case: 16 new tokens, 2 repeats, the difference of the two timings below their spread
+    (printed 14e9 tok/s before). Refused with the options to change; never a number."""
+    fake_timings(monkeypatch, full=[0.0100, 0.0125], short=[0.0101, 0.0099])
+    run = lambda ids, n: torch.zeros(ids.shape[0], ids.shape[1] + n)  # noqa: E731
+    settings = bench_decode.Settings(new=16, repeats=2, warmup=0)
+    results, errors = bench_decode.measure_decode_interleaved({"fast": run}, torch.zeros(1, 4, dtype=torch.long),
+                                                              settings)
+    assert results == {}
+    assert isinstance(errors["fast"], MeasurementError)
+    assert "--new (now 16)" in str(errors["fast"]) and "--repeats (now 2)" in str(errors["fast"])
+
+
+def test_a_negative_difference_is_refused_even_with_one_repeat(monkeypatch):
+    fake_timings(monkeypatch, full=[0.010], short=[0.011])
+    run = lambda ids, n: torch.zeros(ids.shape[0], ids.shape[1] + n)  # noqa: E731
+    _, errors = bench_decode.measure_decode_interleaved({"x": run}, torch.zeros(1, 4, dtype=torch.long),
+                                                        bench_decode.Settings(new=16, repeats=1, warmup=0))
+    assert isinstance(errors["x"], MeasurementError)
+
+
+def test_a_clear_difference_is_measured(monkeypatch):
+    fake_timings(monkeypatch, full=[0.100, 0.101], short=[0.020, 0.0201])
+    run = lambda ids, n: torch.zeros(ids.shape[0], ids.shape[1] + n)  # noqa: E731
+    results, errors = bench_decode.measure_decode_interleaved({"x": run}, torch.zeros(1, 4, dtype=torch.long),
+                                                              bench_decode.Settings(new=16, repeats=2, warmup=0))
+    assert not errors and results["x"]["step_ms"] == pytest.approx(1e3 * (0.1005 - 0.02005) / 14)
+
+
+def test_a_number_above_the_bandwidth_bound_is_refused_in_the_code():
+    record = {"plan": "base", "mode": "fast", "prompt": 32, "new": 16, "batch": 1, "weight_bytes": 10**9,
+              "kv_bytes_per_token": 0, "bandwidth_GBps": 100.0, "step_ms": 1e-6}
+    with pytest.raises(MeasurementError, match="faster than the measured bandwidth"):
+        bench_decode.add_bound(record)
+    record["step_ms"] = 20.0  # 1 GB at 100 GB/s takes 10 ms: half the bound
+    bench_decode.add_bound(record)
+    assert record["bound_fraction"] == pytest.approx(0.5)

@@ -184,7 +184,8 @@ def test_eval_tasks_only_skips_perplexity(saved, capsys, monkeypatch):
         return {"fake": {"acc": 0.5, "acc_stderr": 0.1, "n_samples": 3}, "other": {"exact_match": 0.25},
                 "fake_subtask": {"acc": 1.0}}
 
-    monkeypatch.setitem(sys.modules, "truedepth.measure.eval.icl", types.SimpleNamespace(evaluate_tasks=evaluate_tasks))
+    monkeypatch.setitem(sys.modules, "truedepth.measure.eval.icl", types.SimpleNamespace(
+        evaluate_tasks=evaluate_tasks, task_manager=lambda tasks: None, check_tasks=lambda tasks, manager: None))
     argv = ["eval", "--model", str(saved / "model"), "--tasks", "fake, other", "--num-fewshot", "2",
             "--limit", "3", "--json"]
     code, out, _ = run_cli(argv, capsys)

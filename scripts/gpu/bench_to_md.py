@@ -11,7 +11,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "src"))
 
-from truedepth.measure.bench.decode import format_markdown  # noqa: E402
+from truedepth.measure.bench.report import format_markdown  # noqa: E402
 
 
 def _x(v, spec=".2f", pct=False):

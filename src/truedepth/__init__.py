@@ -3,6 +3,7 @@
     import truedepth
     model, tok = truedepth.load("default")
     truedepth.parallelize(model, 20, 28)          # or truedepth.apply_plan(model, "parallel=20:28")
+    truedepth.save(model, tok, "lp-model")        # model + tokenizer: truedepth.load("lp-model") reloads it
 
 The package is layered; each layer imports only the ones below it (checked by import-linter,
 see pyproject.toml): cli -> apps -> deploy -> measure -> runtime -> core -> utils.
@@ -12,11 +13,13 @@ import importlib.abc
 import sys
 
 from .core import hf as _hf  # noqa: F401  registers truedepth_<arch> with AutoConfig/AutoModelForCausalLM
-from .core.loading import load
+from .core.loading import load, save
 from .core.plan import GRAMMAR_HELP, Plan, PlanError, Step, as_plan
 from .core.transform import apply_plan, parallelize
+from .utils.errors import UserError
 
-__all__ = ["load", "apply_plan", "parallelize", "Plan", "Step", "PlanError", "as_plan", "GRAMMAR_HELP", "export_gguf"]
+__all__ = ["load", "save", "UserError", "apply_plan", "parallelize", "Plan", "Step", "PlanError", "as_plan",
+           "GRAMMAR_HELP", "export_gguf"]
 __version__ = "0.1.0"
 
 # Module paths before the layered layout (issue 11) -> where their code lives now.

@@ -61,3 +61,7 @@ def run(args: argparse.Namespace) -> int:
         print(format_table(result))
     sys.stdout.flush()
     return 0
+
+
+def resume_note(args: argparse.Namespace) -> str:
+    return "Nothing was saved; run it again (fewer --tokens or a --limit make it shorter)."

@@ -94,7 +94,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     o.add_argument("--keep-checkpoints", action="store_true", dest="keep_checkpoints_after",
                    help="keep the last checkpoints after a finished run (default: removed once the model is saved; "
                         "a run stopped by --max-minutes always keeps them, so it can be resumed)")
-    o.add_argument("--overwrite", action="store_true", help="replace a finished run in --out")
+    o.add_argument("--overwrite", action="store_true",
+                   help="replace a finished run in --out, or write into a non-empty folder that is not a run")
     e = parser.add_argument_group("evaluation")
     e.add_argument("--eval-text", help=f"held-out text spec (default {EVAL_DEFAULTS['eval_text']!r}: the held-out novel)")
     e.add_argument("--other-text", help="a text of another kind, to see whether recovery carries over; 'none' to skip "
@@ -110,3 +111,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     return run_finetune(options(FinetuneOptions, args))
+
+
+def resume_note(args: argparse.Namespace) -> str:
+    from pathlib import Path
+
+    from ..apps.finetune.checkpoint import latest_checkpoint
+
+    last = latest_checkpoint(Path(args.out)) if Path(args.out).is_dir() else None
+    if last is None:
+        return (f"No checkpoint had been written yet (one every --checkpoint-every {args.checkpoint_every} "
+                "steps); run the same command again to start over.")
+    return f"The latest checkpoint is {last}; add --resume to the same command to continue from it."

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 
+from ..utils.errors import UserError
 from .common import add_model_arguments, add_tp_arguments, tp_options
 
 
@@ -27,10 +28,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def encode(tokenizer, prompt: str, chat: bool):
+    if chat and not getattr(tokenizer, "chat_template", None):
+        raise UserError("--chat: this model's tokenizer has no chat template; drop --chat to continue the raw text.")
     if chat:
         return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
                                              return_tensors="pt", return_dict=True)["input_ids"]
     return tokenizer(prompt, return_tensors="pt").input_ids
+
+
+def check_sampling(args: argparse.Namespace) -> None:
+    """Options transformers would refuse only after the model has loaded."""
+    if args.max_new_tokens < 1:
+        raise UserError("--max-new-tokens must be at least 1.")
+    if args.sample and not args.temperature > 0:
+        raise UserError(f"--temperature must be above 0 (got {args.temperature}); drop --sample for greedy decoding.")
+    if args.sample and args.top_k < 1:
+        raise UserError(f"--top-k must be at least 1 (got {args.top_k}).")
+    if args.sample and not 0 < args.top_p <= 1:
+        raise UserError(f"--top-p must be in (0, 1] (got {args.top_p}).")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -38,8 +53,11 @@ def run(args: argparse.Namespace) -> int:
 
     from ..runtime.distributed.tp import load_model  # the plain loader unless --tp: then each rank loads its shard
 
-    if args.max_new_tokens < 1:
-        raise ValueError("--max-new-tokens must be at least 1.")
+    check_sampling(args)
+    if args.chat:  # a tokenizer without a chat template is refused before the weights load
+        from ..core.loading import load_tokenizer, resolve
+
+        encode(load_tokenizer(args.model, resolve(args.model)), args.prompt, chat=True)
     torch.manual_seed(args.seed)
     model, tokenizer = load_model(args.model, args.plan, args.dtype, args.device, tp_options(args))
     ids = encode(tokenizer, args.prompt, args.chat).to(model.device)

@@ -10,9 +10,14 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
+import traceback
 
 from ..core.plan import GRAMMAR_HELP
+from ..utils.errors import UserError
+
+PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep  # .../truedepth/
 
 # name -> (module, one-line help)
 COMMANDS = {
@@ -26,6 +31,7 @@ COMMANDS = {
     "compress": ("truedepth.cli.compress", "search, fine-tune, evaluate and save a shallower model in one command"),
     "plan": ("truedepth.cli.plan", "show what a plan does to a model: layers, depth, JSON"),
     "export": ("truedepth.cli.export", "write a (transformed) model as a GGUF file for llama.cpp"),
+    "fetch-assets": ("truedepth.cli.fetch_assets", "fetch the offline model and texts once (set-up)"),
 }
 
 
@@ -35,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Layer Parallelism for Hugging Face causal LMs: run groups of consecutive layers in "
                     "parallel, measure the quality cost and the speed-up, win quality back.",
         epilog=GRAMMAR_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_debug_argument(parser)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module, help_text) in COMMANDS.items():
         try:
@@ -46,8 +53,14 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text, description=(mod.__doc__ or help_text).strip(),
                            epilog=GRAMMAR_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
         mod.add_arguments(p)
+        add_debug_argument(p)
         p.set_defaults(_module=mod)
     return parser
+
+
+def add_debug_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="show the full traceback of an error (also: TRUEDEPTH_DEBUG=1)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -56,13 +69,42 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "_module", None):
         parser.print_help()
         return 0
+    debug = getattr(args, "debug", False) or os.environ.get("TRUEDEPTH_DEBUG", "") not in ("", "0")
     try:
         return int(args._module.run(args) or 0)
-    except (ValueError, FileNotFoundError, RuntimeError) as e:  # our errors explain themselves
-        if getattr(args, "debug", False) or __import__("os").environ.get("TRUEDEPTH_DEBUG"):
+    except KeyboardInterrupt:
+        if debug:
             raise
-        print(f"truedepth {args.command}: error: {e}", file=sys.stderr)
+        print(f"truedepth {args.command}: interrupted. {interrupt_note(args)}", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if debug or not is_user_error(e):
+            raise  # a bug: its traceback is what a report needs
+        print(f"truedepth {args.command}: error: {one_line(e)}", file=sys.stderr)
         return 2
+
+
+def is_user_error(e: BaseException) -> bool:
+    """A UserError, or a ValueError/FileNotFoundError/RuntimeError that truedepth's own code raised with a
+    message for the user (the convention before UserError). The same types raised inside torch or
+    transformers are not ours to explain: they keep their traceback."""
+    if isinstance(e, UserError):
+        return True
+    if not isinstance(e, (ValueError, FileNotFoundError, RuntimeError)):
+        return False
+    frames = traceback.extract_tb(e.__traceback__)
+    return bool(frames) and os.path.abspath(frames[-1].filename).startswith(PACKAGE_DIR)
+
+
+def one_line(e: BaseException) -> str:
+    lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
+    return (lines[0] + (" (more with --debug)" if len(lines) > 1 else "")) if lines else type(e).__name__
+
+
+def interrupt_note(args: argparse.Namespace) -> str:
+    """What an interrupted command kept and how to go on (a command module may say it: resume_note(args))."""
+    note = getattr(args._module, "resume_note", None)
+    return note(args) if callable(note) else "Nothing was saved."
 
 
 if __name__ == "__main__":

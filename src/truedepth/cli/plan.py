@@ -8,6 +8,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from ..utils.errors import UserError
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("plan", help="plan string (see below) or JSON")
@@ -18,13 +20,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def num_layers(args: argparse.Namespace) -> int:
-    if args.layers:
+    if args.layers is not None:
+        if args.layers < 1:
+            raise UserError(f"--layers {args.layers}: a model has at least one layer; give its depth (e.g. 30), "
+                            "or leave --layers out to read it from --model.")
         return args.layers
-    from transformers import AutoConfig
+    from ..core.loading import read_config
 
-    from ..core.loading import resolve
-
-    return AutoConfig.from_pretrained(resolve(args.model)).num_hidden_layers
+    return read_config(args.model).num_hidden_layers
 
 
 def run(args: argparse.Namespace) -> int:

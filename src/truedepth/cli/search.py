@@ -105,3 +105,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     run_search(options(SearchOptions, args, command=" ".join(["truedepth", *sys.argv[1:]])))
     return 0
+
+
+def resume_note(args: argparse.Namespace) -> str:
+    return ("Nothing was saved (the search writes --out at the end); run it again, with fewer --target-depth "
+            "values or a --budget to make it shorter.")

@@ -117,3 +117,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"\nwrote {sweep.out}/sweep.csv, sweep.json and plots (delta.png, start.png, pareto.png where "
           "there are points for them)", file=sys.stderr)
     return 0
+
+
+def resume_note(args: argparse.Namespace) -> str:
+    return (f"Every finished point is in {args.out}/results.jsonl; run the same command again to go on "
+            "(finished points are skipped).")

@@ -14,10 +14,11 @@ from typing import Any
 
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from ..utils.errors import UserError
 from .arch import SUPPORTED, UnsupportedModelError, new_layer
 
 
-class CheckpointMismatchError(RuntimeError):
+class CheckpointMismatchError(UserError, RuntimeError):
     """A checkpoint whose tensors do not match the model it describes."""
 
 

@@ -23,6 +23,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
 
+from ..utils.errors import UserError
+
 GROUPED_KINDS = ("parallel", "merge")
 STEP_KINDS = ("parallel", "merge", "skip", "shuffle", "keep")
 IDENTITY_WORDS = ("", "none", "base", "identity")
@@ -36,11 +38,11 @@ Plan grammar: steps joined by commas; ranges are start:end with end exclusive (0
   skip=A[:B]        drop layer A (or layers A..B-1)
   shuffle=A:B[@S]   run layers A..B-1 in a random order drawn with seed S (default 0)
   keep=A[:B]        keep layers (the default for layers no step mentions)
-Examples: parallel=14:24   parallel=14:24/3   parallel=2:6,skip=27   shuffle=10:20@0   merge=20:24/2
+Examples: parallel=14:24   parallel=14:26/3   parallel=2:6,skip=27   shuffle=10:20@0   merge=20:24/2
 'base' or '' is the original model."""
 
 
-class PlanError(ValueError):
+class PlanError(UserError):
     """A plan that cannot be parsed or does not fit a model. The message names the step and the fix."""
 
 

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core.arch import ATTN_ROWS, MLP_ROWS
+from ..utils.errors import UserError
 
 # ---------------------------------------------------------------------------------------------
 # Sampling (pure tensor code: it runs inside the compiled step, on the device)
@@ -88,11 +89,11 @@ def check_sampling(do_sample: bool, temperature: float, top_k: int | None, top_p
 # ---------------------------------------------------------------------------------------------
 # What a model can serve (checked before any memory is allocated)
 # ---------------------------------------------------------------------------------------------
-class EmptyPromptError(ValueError):
+class EmptyPromptError(UserError):
     """A prompt of zero tokens: there is nothing to continue."""
 
 
-class ContextLengthError(ValueError):
+class ContextLengthError(UserError):
     """Prompt + new tokens beyond the model's positions (config.max_position_embeddings)."""
 
 

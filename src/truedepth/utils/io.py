@@ -16,6 +16,15 @@ from pathlib import Path
 from typing import Any, Iterator
 
 
+PATH_SUFFIXES = (".txt", ".text", ".md", ".json", ".jsonl", ".csv", ".safetensors", ".bin", ".gguf", ".pt", ".pth")
+
+
+def looks_like_path(spec: str) -> bool:
+    """True for a string that can only mean a local file or folder (so a typo never reaches a hub):
+    it starts with / . or ~, has more than one /, or ends in a file suffix."""
+    return spec.startswith(("/", ".", "~")) or spec.count("/") > 1 or Path(spec).suffix.lower() in PATH_SUFFIXES
+
+
 def write_synced(path: str | os.PathLike, data: bytes) -> None:
     """Write `data` to `path` and fsync it (the content is on disk when this returns)."""
     with open(path, "wb") as f:

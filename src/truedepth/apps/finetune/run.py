@@ -13,6 +13,7 @@ from typing import Any, Callable
 
 import torch
 
+from ...utils.errors import OutputPathError, UserError, check_output_dir
 from .checkpoint import latest_checkpoint
 from .config import (CHECKPOINT_DIR, FinetuneOptions, DEFAULT_PLAN, DTYPE_NAMES, EVAL_DEFAULTS, RUN_OPTIONS, SUMMARY_FILE,
                      TRAJECTORY_OPTIONS, TrainConfig)
@@ -43,6 +44,7 @@ def config_from_args(args: FinetuneOptions) -> TrainConfig:
 
 def prepare_output(out: Path, resume: bool, overwrite: bool) -> None:
     """Refuse to clobber another run's checkpoints or a finished run."""
+    check_output_dir(out, "--out")
     if resume:
         if latest_checkpoint(out) is None:
             hint = " (it holds a finished run)" if (out / SUMMARY_FILE).exists() else ""
@@ -53,6 +55,10 @@ def prepare_output(out: Path, resume: bool, overwrite: bool) -> None:
                          "another --out.")
     if (out / SUMMARY_FILE).exists() and not overwrite:
         raise ValueError(f"{out} already holds a fine-tuned model; pass --overwrite to replace it, or choose another --out.")
+    if out.is_dir() and any(out.iterdir()) and not (out / SUMMARY_FILE).exists() and not overwrite:
+        raise OutputPathError(f"--out {out} is a folder with other files in it (not a truedepth fine-tune run); "
+                              "the model would replace its config.json and weights. Choose a new or empty folder, "
+                              "or pass --overwrite.")
 
 
 def resolve_resume_options(args: FinetuneOptions, out: Path) -> None:
@@ -87,12 +93,15 @@ def run_finetune(args: FinetuneOptions) -> int:
     fill_defaults(args)
     cfg = config_from_args(args)
     cfg.validate()
+    if args.threads is not None and args.threads < 1:
+        raise UserError(f"--threads must be at least 1 (got {args.threads}).")
     if args.threads:
         torch.set_num_threads(args.threads)
     device, dtype, train_dtype = resolve_precision(args)
     cfg.train_dtype = DTYPE_NAMES[train_dtype]
     if args.plan is not None and not as_plan(args.plan).is_identity:
         check_plan_has_parallel_groups(args.plan)  # before loading anything
+    check_plan_before_loading(args)
     progress = not args.quiet
     texts = load_texts(args)  # before the model: a bad --data fails fast
 
@@ -128,6 +137,17 @@ def run_finetune(args: FinetuneOptions) -> int:
         shutil.rmtree(out / CHECKPOINT_DIR, ignore_errors=True)
     print_summary(summary, out)
     return 0
+
+
+def check_plan_before_loading(args: FinetuneOptions) -> None:
+    """The plan against --model's config.json (no weights read); a transformed model keeps its own plan."""
+    from ...core.arch import transformed_record
+    from ...core.loading import check_plan_against_config, read_config
+    from ...core.plan import as_plan
+
+    config = read_config(args.model)
+    if transformed_record(config) is None:
+        check_plan_against_config(as_plan(args.plan or DEFAULT_PLAN), config)
 
 
 def cpu_has_fast_bf16() -> bool:

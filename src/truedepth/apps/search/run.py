@@ -9,6 +9,7 @@ from typing import Any, Callable
 
 from ...core.plan import Plan, parse_int_ranges
 from ...utils.io import atomic_write_json
+from ...utils.errors import UserError, check_output_file
 from .beam import Options, contiguous_baseline, search, select_on_fresh_windows
 from .core import PlanScorer, split_calibration_ids, target_reductions
 from .report import held_out_perplexity, plot, print_summary, report_held_out
@@ -49,6 +50,10 @@ class SearchOptions:
 
 def check_args(args: SearchOptions) -> tuple[list[int] | None, list[int] | None]:
     """Validate everything that does not need the model, before loading it."""
+    check_output_file(args.out, "--out")
+    check_output_file(args.plot, "--plot")
+    if args.threads is not None and args.threads < 1:
+        raise UserError(f"--threads must be at least 1 (got {args.threads}).")
     if (args.target_depth is None) == (args.reduce is None):
         raise ValueError("give exactly one of --target-depth D (e.g. --target-depth 26) or --reduce K.")
     depths = parse_int_ranges(args.target_depth, "--target-depth") if args.target_depth is not None else None

@@ -8,13 +8,14 @@ from typing import Any, Sequence
 from .core import Point, Sweep, run_sweep, text_ids
 from .report import finish
 from .tables import read_bench
-
+from ...utils.errors import check_output_dir
 
 def check_sweep(sweep: Sweep, tasks: bool = True) -> None:
     """Reject bad settings before anything is loaded (`tasks`: also the task names, which takes seconds)."""
     from ...measure.eval.perplexity import check_window_args
 
     check_window_args(sweep.tokens, sweep.window, sweep.stride)
+    check_output_dir(sweep.out, "--out")
     if sweep.num_fewshot is not None and sweep.num_fewshot < 0:
         raise ValueError(f"--num-fewshot must be 0 or more (got {sweep.num_fewshot}).")
     if sweep.limit is not None and sweep.limit < 1:

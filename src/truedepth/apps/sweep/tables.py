@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from ...core.plan import Plan, PlanError
+from ...utils.errors import UserError
 from .core import POINT_FIELDS, TRANSFORMS, default_start
 
 
@@ -133,7 +134,11 @@ def read_bench(path: Path, mode: str | None = None, batch: int | None = None) ->
     try:
         data: Any = json.loads(text)
     except json.JSONDecodeError:
-        data = [json.loads(line) for line in text.splitlines() if line.strip()]
+        try:
+            data = [json.loads(line) for line in text.splitlines() if line.strip()]
+        except json.JSONDecodeError as e:
+            raise UserError(f"--bench {path} is not the JSON of `truedepth bench --json` ({e}); write it with "
+                            f"`truedepth bench --json {path}`.") from None
     if isinstance(data, dict):
         data = next((data[k] for k in ("records", "results", "rows") if isinstance(data.get(k), list)), [data])
     records = [r for r in data if isinstance(r, dict) and "plan" in r and "error" not in r

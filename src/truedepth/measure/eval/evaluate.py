@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ...runtime.distributed.tp import TPOptions
+from ...utils.errors import UserError
 
 
 @dataclass
@@ -43,6 +44,23 @@ def check_args(args: EvalOptions) -> None:
         raise ValueError(f"--num-fewshot must be 0 or more (got {args.num_fewshot}).")
     if args.limit is not None and args.limit < 1:
         raise ValueError(f"--limit must be at least 1 (got {args.limit}).")
+    if (args.num_fewshot is not None or args.limit is not None) and not args.tasks:
+        raise ValueError("--num-fewshot and --limit apply to --tasks; add --tasks (e.g. truedepth_austen_lastword).")
+
+
+def check_before_loading(args: EvalOptions) -> None:
+    """The model folder, the plan against its config.json and the task names: seconds, not a model load."""
+    from ...core.loading import check_model_and_plan
+
+    config = check_model_and_plan(args.model, args.plan)
+    positions = getattr(config, "max_position_embeddings", None)
+    if positions and (args.text is not None or not args.tasks) and args.window > positions:
+        raise UserError(f"--window {args.window} is longer than the model's {positions} positions "
+                        f"(max_position_embeddings); use --window {positions} or less.")
+    if args.tasks:
+        from .icl import check_tasks, task_manager
+
+        check_tasks(task_list(args.tasks), task_manager(task_list(args.tasks)))
 
 
 def task_list(tasks: str | None) -> list[str]:
@@ -76,14 +94,12 @@ def run_tasks(model: Any, tokenizer: Any, args: EvalOptions) -> dict:
 
 def text_token_ids(args: EvalOptions, text_spec: str) -> list[int]:
     """Load and tokenise the text, and check it fills a window, before the model is loaded."""
-    from transformers import AutoTokenizer
-
     from .data import load_text
-    from ...core.loading import resolve
+    from ...core.loading import load_tokenizer, resolve
     from .perplexity import make_windows, tokenize
 
     text = load_text(text_spec)
-    tokenizer = AutoTokenizer.from_pretrained(resolve(args.model), trust_remote_code=False)
+    tokenizer = load_tokenizer(args.model, resolve(args.model))
     ids = tokenize(tokenizer, text, args.tokens)
     make_windows(ids, args.tokens, args.window, args.stride)  # raises if the text is too short
     return ids
@@ -95,6 +111,7 @@ def evaluate(args: EvalOptions) -> dict[str, Any]:
     from ...runtime.distributed.tp import is_main, load_model  # the plain loader unless --tp: then each rank loads its shard
 
     check_args(args)
+    check_before_loading(args)
     start = time.perf_counter()
     text_spec = args.text if args.text is not None or args.tasks else "default"
     ids = text_token_ids(args, text_spec) if text_spec is not None else None

