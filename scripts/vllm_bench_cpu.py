@@ -35,8 +35,7 @@ INPUT_LEN = OUTPUT_LEN = 32
 def cases(work: Path) -> list[dict]:
     lp_default = work / "default-lp"
     model, tokenizer = truedepth.load("default", dtype="fp32", plan="parallel=20:28")
-    model.save_pretrained(lp_default)
-    tokenizer.save_pretrained(lp_default)
+    truedepth.save(model, tokenizer, lp_default)
     shape = "qwen2.5-0.5b"
     return [
         {"name": "default model (SmolLM2-135M)", "tp": 1, "dummy": False, "plans": {

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from ..core.arch import ATTN_ROWS, MLP_ROWS, SUPPORTED, base_model_type
+from ..utils.errors import UserError
 from ..utils.io import atomic_path, temp_file
 
 ARCH = "deci"
@@ -50,7 +51,7 @@ PRE_TOKENIZERS = {
 }
 
 
-class GGUFExportError(ValueError):
+class GGUFExportError(UserError):
     """A model, type or path that cannot be exported; the message says why and what to do."""
 
 

@@ -22,11 +22,12 @@ from typing import Any, Mapping
 
 from ...core.arch import SUPPORTED
 from ...core.hf import TYPE_PREFIX
+from ...utils.errors import UserError
 
 MODEL_CLASS = "truedepth.deploy.vllm.model:TrueDepthForCausalLM"
 
 
-class ServingError(ValueError):
+class ServingError(UserError):
     """A model folder or a vLLM setting that truedepth's vLLM model cannot serve."""
 
 
@@ -93,7 +94,7 @@ def layer_sizes(config: Mapping[str, Any], where: Any = "this model") -> list[La
         raise ServingError(
             f"{where} is not a truedepth model: its config has no truedepth layer widths "
             f"(model type {config.get('model_type')!r}). Save a transformed model with "
-            "`truedepth.load(model, plan=...)` then `model.save_pretrained(folder)`; a plain model needs no "
+            "`model, tok = truedepth.load(model, plan=...)` then `truedepth.save(model, tok, folder)`; a plain model needs no "
             "plugin, vLLM serves it as it is.")
     arch = base_arch(config)
     if arch not in SUPPORTED:
@@ -133,7 +134,7 @@ def check_servable(folder: str | os.PathLike, tensor_parallel_size: int = 1) -> 
     path = Path(folder) / "config.json"
     if not path.is_file():
         raise ServingError(f"{folder} has no config.json: it is not a saved model folder. Save a transformed "
-                           "model with `model.save_pretrained(folder)`.")
+                           "model with `truedepth.save(model, tokenizer, folder)`.")
     return check_config(json.loads(path.read_text()), tensor_parallel_size, where=folder)
 
 
