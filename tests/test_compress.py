@@ -146,7 +146,7 @@ def test_folder_with_other_content_is_refused_unless_overwrite(tiny_dir, texts, 
     assert cli.main(compress_args(tiny_dir, texts, out)) == 2
     assert "holds something other than a compress run; pass --overwrite" in capsys.readouterr().err
     assert [p.name for p in out.iterdir()] == ["notes.txt"]
-    monkeypatch.setattr(search_run, "run_search", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("stop here")))
+    monkeypatch.setattr(search_run, "run_search", lambda *a, **k: (_ for _ in ()).throw(truedepth.UserError("stop here")))
     assert cli.main(compress_args(tiny_dir, texts, out, "--overwrite")) == 2
     assert not (out / "notes.txt").exists() and (out / compress_core.STAGE_DIR).is_dir()
 

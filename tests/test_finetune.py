@@ -186,7 +186,7 @@ def test_killed_and_resumed_run_ends_with_the_same_weights(tmp_path, monkeypatch
 
 
 def test_kill_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, monkeypatch):
-    cfg = ft_config.TrainConfig(seq_len=16, batch_size=4, tokens=16 * 4 * 12, lr=3e-3, checkpoint_every=4)
+    cfg = ft_config.TrainConfig(loss="lm", seq_len=16, batch_size=4, tokens=16 * 4 * 12, lr=3e-3, checkpoint_every=4)
     data = ft_train.TokenBatches(random_ids(), cfg.seq_len, cfg.batch_size)
     real, writes = ft_checkpoint._write_bytes, {"n": 0}
 
@@ -218,7 +218,7 @@ def test_kill_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, monkey
 
 
 def test_checkpoints_hold_only_safetensors_and_json(tmp_path):
-    cfg = ft_config.TrainConfig(seq_len=16, batch_size=2, tokens=16 * 2 * 7, checkpoint_every=2, keep_checkpoints=2)
+    cfg = ft_config.TrainConfig(loss="lm", seq_len=16, batch_size=2, tokens=16 * 2 * 7, checkpoint_every=2, keep_checkpoints=2)
     data = ft_train.TokenBatches(random_ids(), cfg.seq_len, cfg.batch_size)
     model, _ = fresh("lm", False)
     ft_train.train(model, None, data, cfg, tmp_path, progress=False, stop_after=5)
@@ -233,7 +233,7 @@ def test_checkpoints_hold_only_safetensors_and_json(tmp_path):
 
 
 def test_resume_refuses_a_different_trajectory(tmp_path):
-    cfg = ft_config.TrainConfig(seq_len=16, batch_size=2, tokens=16 * 2 * 4, checkpoint_every=2)
+    cfg = ft_config.TrainConfig(loss="lm", seq_len=16, batch_size=2, tokens=16 * 2 * 4, checkpoint_every=2)
     data = ft_train.TokenBatches(random_ids(), cfg.seq_len, cfg.batch_size)
     model, _ = fresh("lm", False)
     ft_train.train(model, None, data, cfg, tmp_path, progress=False, stop_after=2)
