@@ -198,7 +198,7 @@ def test_vllm_refuses_bad_input_before_loading(bad_folders, tmp_path):
     world, plain, unsupported = (r.get("error", "") for r in run_engines(specs, tmp_path, timeout=300))
     assert "tensor-parallel size 4 does not divide layer 1" in world and "valid sizes for this model: 1, 2." in world
     assert "12 heads, 6 KV heads, MLP size 288" in world
-    assert "is not a truedepth model" in plain and "save_pretrained" in plain
+    assert "is not a truedepth model" in plain and "truedepth.save" in plain
     # vLLM reads config.json with transformers before any plugin code runs: its message names the type
     assert "truedepth_gemma2" in unsupported
 
