@@ -12,16 +12,12 @@ from ...utils.errors import check_output_dir
 
 def check_sweep(sweep: Sweep, tasks: bool = True) -> None:
     """Reject bad settings before anything is loaded (`tasks`: also the task names, which takes seconds)."""
+    from ...measure.eval.evaluate import check_task_options
     from ...measure.eval.perplexity import check_window_args
 
     check_window_args(sweep.tokens, sweep.window, sweep.stride)
     check_output_dir(sweep.out, "--out")
-    if sweep.num_fewshot is not None and sweep.num_fewshot < 0:
-        raise ValueError(f"--num-fewshot must be 0 or more (got {sweep.num_fewshot}).")
-    if sweep.limit is not None and sweep.limit < 1:
-        raise ValueError(f"--limit must be at least 1 (got {sweep.limit}).")
-    if (sweep.num_fewshot is not None or sweep.limit is not None) and not sweep.tasks:
-        raise ValueError("--num-fewshot and --limit apply to --tasks; add --tasks (e.g. truedepth_austen_lastword).")
+    check_task_options(sweep.tasks, sweep.num_fewshot, sweep.limit)
     if sweep.bench is not None:
         if not sweep.bench.is_file():
             raise FileNotFoundError(f"--bench {sweep.bench}: no such file; write it with "

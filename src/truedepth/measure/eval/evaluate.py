@@ -30,6 +30,16 @@ class EvalOptions:
     tp: TPOptions = field(default_factory=TPOptions)
 
 
+def check_task_options(tasks: Any, num_fewshot: int | None, limit: int | None) -> None:
+    """The lm-eval options (--num-fewshot, --limit) make sense, and only with --tasks (eval and sweep)."""
+    if num_fewshot is not None and num_fewshot < 0:
+        raise ValueError(f"--num-fewshot must be 0 or more (got {num_fewshot}).")
+    if limit is not None and limit < 1:
+        raise ValueError(f"--limit must be at least 1 (got {limit}).")
+    if (num_fewshot is not None or limit is not None) and not tasks:
+        raise ValueError("--num-fewshot and --limit apply to --tasks; add --tasks (e.g. truedepth_austen_lastword).")
+
+
 def check_args(args: EvalOptions) -> None:
     """Reject bad settings before anything is loaded."""
     from .perplexity import check_window_args
@@ -40,12 +50,7 @@ def check_args(args: EvalOptions) -> None:
         raise ValueError(f"--batch-size must be at least 1 (got {args.batch_size}).")
     if args.tasks is not None and not task_list(args.tasks):
         raise ValueError("--tasks is empty; pass task names separated by commas, e.g. --tasks truedepth_mmlu.")
-    if args.num_fewshot is not None and args.num_fewshot < 0:
-        raise ValueError(f"--num-fewshot must be 0 or more (got {args.num_fewshot}).")
-    if args.limit is not None and args.limit < 1:
-        raise ValueError(f"--limit must be at least 1 (got {args.limit}).")
-    if (args.num_fewshot is not None or args.limit is not None) and not args.tasks:
-        raise ValueError("--num-fewshot and --limit apply to --tasks; add --tasks (e.g. truedepth_austen_lastword).")
+    check_task_options(args.tasks, args.num_fewshot, args.limit)
 
 
 def check_before_loading(args: EvalOptions) -> None:
