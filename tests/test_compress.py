@@ -58,7 +58,7 @@ def compress_args(tiny_dir, texts, out, *extra):
             "--eval-tokens", "256", "--eval-window", "32", "--calib-windows", "2", "--calib-length", "32",
             "--select-windows", "2", "--tokens", str(32 * 4 * 6), "--seq-len", "32", "--batch-size", "4",
             "--lr", "3e-3", "--train-dtype", "fp32", "--checkpoint-every", "2", "--decode-tokens", "4", "--quiet",
-            *extra]
+            "--generate-tokens", "64", *extra]
 
 
 def test_stages_write_a_loadable_folder_with_the_target_depth(tiny_dir, texts, finished):
@@ -87,10 +87,24 @@ def test_stages_write_a_loadable_folder_with_the_target_depth(tiny_dir, texts, f
         assert (out / png).stat().st_size > 0
 
 
+def test_finetune_text_mixes_generated_text_and_the_data(texts, finished):
+    from truedepth.apps.finetune import selfdata
+
+    generated = selfdata.read_generated(finished / compress_core.GENERATED_DIR)
+    train = (finished / compress_core.TRAIN_FILE).read_text()
+    corpus = (texts / "train.txt").read_text()
+    summary = json.loads((finished / compress_core.SUMMARY_FILE).read_text())
+    assert summary["generate"]["tokens"] == 64 * 256 and summary["corpus_share"] == 0.5
+    assert train == selfdata.mix_texts(generated, corpus, 0.5)
+    assert corpus[:500] in train and generated[:500] in train
+    assert "generated itself" in (finished / "README.md").read_text()
+
+
 def test_rerun_skips_finished_stages_and_refuses_changed_options(tiny_dir, texts, finished, monkeypatch, capsys):
     out, summary = finished, json.loads((finished / compress_core.SUMMARY_FILE).read_text())
     monkeypatch.setattr(search_run, "run_search", lambda *a, **k: pytest.fail("search ran again"))
     monkeypatch.setattr(compress_run, "run_finetune_stage", lambda *a, **k: pytest.fail("fine-tune ran again"))
+    monkeypatch.setattr(compress_run, "run_generate_stage", lambda *a, **k: pytest.fail("generation ran again"))
     assert cli.main(compress_args(tiny_dir, texts, out)) == 0
     printed = capsys.readouterr().out
     assert all(f"{s}: finished earlier with the same options" in printed for s in compress_core.STAGES)
@@ -130,6 +144,10 @@ def test_interrupted_finetune_resumes_from_its_checkpoint(tiny_dir, texts, finis
     (["--target-depth", "2"], "--target-depth 2 is below what groups"),
     (["--budget-minutes", "1e-7"], "less than one training step"),
     (["--budget-minutes", "0"], "--budget-minutes must be positive"),
+    (["--generate-tokens", "0", "--corpus-share", "0.5"], "--corpus-share 0.5 asks for generated text but --generate-tokens is 0"),
+    (["--corpus-share", "1"], "--corpus-share 1 fine-tunes on --data alone"),
+    (["--corpus-share", "1.5"], "--corpus-share is the share of --data"),
+    (["--generate-tokens", "-1"], "--generate-tokens must be 0"),
 ])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(tiny_dir, texts, tmp_path, capsys, extra, message):
     out = tmp_path / "bad"

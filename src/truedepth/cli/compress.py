@@ -3,16 +3,20 @@
 Stages, each recorded in DIR/stages/ and skipped by a rerun with the same options:
   1. search    the plan at --target-depth, with `truedepth search`'s defaults, calibrated on --data
                (training text only)
-  2. finetune  the plan's wide layers (`truedepth finetune`, loss distill by default), until its
-               tokens are done or its time is up; an interrupted fine-tune resumes from its checkpoint
-  3. evaluate  held-out and other-domain perplexity of the base model, the paper's contiguous plan at
+  2. generate  with --generate-tokens N: text the base model samples itself (data-free
+               distillation: any domain it knows, nothing downloaded); stops at its share of the
+               budget. Off by default (measured: the novels alone did better, docs/COMPRESS.md)
+  3. finetune  the plan's wide layers (`truedepth finetune`, loss distill by default) on --data
+               (mixed with the generated text, --corpus-share); its schedule is fitted to the time
+               left; an interrupted fine-tune resumes from its checkpoint
+  4. evaluate  held-out and other-domain perplexity of the base model, the paper's contiguous plan at
                the same depth (no fine-tuning), the searched plan and the fine-tuned model; lm-eval
                --tasks; decode speed
-  4. save      the model and tokenizer at the top of DIR, compress.json, README.md (model card), plots
+  5. save      the model and tokenizer at the top of DIR, compress.json, README.md (model card), plots
 
---budget-minutes is split: search 20%, fine-tuning 65% (plus what the search left unused),
-evaluation 15%. A rerun whose options differ from those of a finished stage is refused, naming the
-option and the stage (--overwrite starts over).
+--budget-minutes is split: search 20%, generation 10%, fine-tuning 50%, evaluation 20%; time an
+earlier stage leaves unused (all of generation's when it is off) goes to the next ones. A rerun whose options differ from those of a
+finished stage is refused, naming the option and the stage (--overwrite starts over).
 
 Examples:
   truedepth compress --target-depth 24 --budget-minutes 60 --out runs/d24
@@ -55,10 +59,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     search.add_argument("--select-windows", type=int, default=D.select_windows, help="Default: %(default)s")
     search.add_argument("--search-dtype", default=D.search_dtype, help="e.g. bf16. Default: the model's dtype")
     ft = parser.add_argument_group("fine-tuning (see `truedepth finetune --help`)")
+    ft.add_argument("--generate-tokens", type=int, default=D.generate_tokens,
+                    help="tokens of text the base model generates itself (from BOS, temperature 1) to distil on as "
+                         "well: data-free distillation. 0: none (on the default model it did worse than the "
+                         "training novels alone, docs/COMPRESS.md). Default: %(default)s")
+    ft.add_argument("--corpus-share", type=float, default=D.corpus_share,
+                    help="share of --data in the fine-tuning text, the rest generated. Default: 1 without "
+                         "--generate-tokens, 0.5 with it")
     ft.add_argument("--loss", choices=("distill", "lm"), default=D.loss, help="Default: %(default)s")
     ft.add_argument("--tokens", type=int, default=D.tokens,
                     help="training tokens of the schedule; training stops earlier when its time is up. "
-                         "Default: %(default)s")
+                         "Default: as many as fit in the fine-tune's time (timed on the first batch)")
     ft.add_argument("--seq-len", type=int, default=D.seq_len, help="Default: %(default)s")
     ft.add_argument("--batch-size", type=int, default=D.batch_size, help="Default: %(default)s")
     ft.add_argument("--lr", type=float, default=D.lr, help="Default: %(default)s")

@@ -80,6 +80,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--max-minutes", type=float, default=None,
                    help="stop training after this many minutes of training steps (evaluation excluded); the run "
                         "is saved and summarised as usual")
+    g.add_argument("--fit-tokens", action="store_true",
+                   help="set --tokens from one timed training step so that the whole schedule (warm-up, cosine "
+                        "decay) ends inside --max-minutes, instead of being cut off at a high learning rate")
     g.add_argument("--train-dtype", default="auto", choices=("auto", "fp32", "bf16"),
                    help="precision of the training forward/backward (torch.autocast; frozen weights stored in it, "
                         "trained weights kept in fp32). auto: bf16 on GPU and on CPUs with AMX/AVX512-BF16 "

@@ -1,9 +1,10 @@
 """The stages of `truedepth compress`, the checks before them, and how a rerun resumes them.
 
-search -> finetune -> evaluate -> save. Each finished stage is recorded in `DIR/stages/<stage>.json`
-(written atomically) with the options that produced it. A rerun skips finished stages whose options
-are unchanged, refuses to go on when an option a finished stage used has changed (naming the option
-and the stage), and resumes an interrupted fine-tune from its latest checkpoint in `DIR/finetune`.
+search -> generate -> finetune -> evaluate -> save. Each finished stage is recorded in
+`DIR/stages/<stage>.json` (written atomically) with the options that produced it. A rerun skips
+finished stages whose options are unchanged, refuses to go on when an option a finished stage used
+has changed (naming the option and the stage), and resumes an interrupted generation or fine-tune
+where it stopped (finished parts of generated text, the fine-tune's latest checkpoint in `DIR/finetune`).
 """
 
 from __future__ import annotations
@@ -20,25 +21,28 @@ from ...utils.io import atomic_write_json
 from ..finetune.config import SUMMARY_FILE as FT_SUMMARY_FILE, TrainConfig
 from ..search.run import SearchOptions
 
-STAGES = ("search", "finetune", "evaluate", "save")
+STAGES = ("search", "generate", "finetune", "evaluate", "save")
 
 # Planned share of --budget-minutes per stage. The search cannot stop half-way (its cost is set by the
-# model and the calibration options), so the fine-tune gets its own share plus whatever the search
-# left unused of its share, and stops by time (finetune's --max-minutes); evaluation keeps its share.
-BUDGET_SHARES = {"search": 0.20, "finetune": 0.65, "evaluate": 0.15, "save": 0.0}
+# model and the calibration options); generation stops at its share. The fine-tune gets what is left
+# once the evaluation's share is set aside, and fits its schedule to that time (finetune's
+# --max-minutes with the tokens fitted to it); the evaluation (four models on two texts) keeps its share.
+BUDGET_SHARES = {"search": 0.20, "generate": 0.10, "finetune": 0.50, "evaluate": 0.20, "save": 0.0}
 
 # The options each stage's result depends on; a later stage also depends on every earlier one.
 STAGE_INPUTS = {
     "search": ("model", "target_depth", "dtype", "data", "calib_windows", "calib_length", "select_windows",
                "search_dtype"),
-    "finetune": ("loss", "tokens", "seq_len", "batch_size", "lr", "train_dtype", "budget_minutes", "eval_text",
-                 "other_text", "eval_tokens", "eval_window"),
-    "evaluate": ("tasks", "limit", "decode_tokens"),
+    "generate": ("generate_tokens", "budget_minutes"),
+    "finetune": ("loss", "tokens", "corpus_share", "seq_len", "batch_size", "lr", "train_dtype", "budget_minutes"),
+    "evaluate": ("eval_text", "other_text", "eval_tokens", "eval_window", "tasks", "limit", "decode_tokens"),
     "save": (),
 }
 
 STAGE_DIR = "stages"
 FINETUNE_DIR = "finetune"
+GENERATED_DIR = "generated"
+TRAIN_FILE = "train.txt"
 SUMMARY_FILE = "compress.json"
 
 
@@ -63,8 +67,12 @@ class CompressOptions:
     calib_length: int = SearchOptions.calib_length
     select_windows: int = SearchOptions.select_windows
     search_dtype: str | None = None
+    # text the base model samples itself, for data-free distillation (0: none; measured worse than the
+    # novels alone on both measuring texts, docs/COMPRESS.md, so off by default)
+    generate_tokens: int = 0
+    corpus_share: float | None = None  # share of --data in the fine-tuning text; None: 1 alone, 0.5 with generated
     loss: str = TrainConfig.loss
-    tokens: int = 200_000
+    tokens: int | None = None  # None: as many as fit in the fine-tune's time
     seq_len: int = TrainConfig.seq_len
     batch_size: int = TrainConfig.batch_size
     lr: float = TrainConfig.lr
@@ -110,13 +118,26 @@ def check_target_depth(config: Any, depth: int | None, model: str) -> int:
 
 
 def check_options(opts: CompressOptions) -> None:
-    positive = {"eval_tokens": opts.eval_tokens, "eval_window": opts.eval_window, "tokens": opts.tokens,
+    positive = {"eval_tokens": opts.eval_tokens, "eval_window": opts.eval_window, "tokens": opts.tokens or 1,
                 "seq_len": opts.seq_len, "batch_size": opts.batch_size, "calib_windows": opts.calib_windows,
                 "calib_length": opts.calib_length, "decode_tokens": opts.decode_tokens,
                 "checkpoint_every": opts.checkpoint_every}
     for name, value in positive.items():
         if value < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1 (got {value}).")
+    if opts.generate_tokens < 0:
+        raise ValueError(f"--generate-tokens must be 0 (no generated text) or more (got {opts.generate_tokens}).")
+    if opts.corpus_share is None:
+        opts.corpus_share = 0.5 if opts.generate_tokens else 1.0
+    if not 0 <= opts.corpus_share <= 1:
+        raise ValueError(f"--corpus-share is the share of --data in the fine-tuning text, in [0, 1] "
+                         f"(got {opts.corpus_share}).")
+    if opts.generate_tokens == 0 and opts.corpus_share < 1:
+        raise ValueError(f"--corpus-share {opts.corpus_share:g} asks for generated text but --generate-tokens is 0; "
+                         "pass --corpus-share 1 to fine-tune on --data alone, or --generate-tokens N.")
+    if opts.generate_tokens and opts.corpus_share == 1:
+        raise ValueError("--corpus-share 1 fine-tunes on --data alone, so generated text would go unused; pass "
+                         "--generate-tokens 0 as well.")
     if not opts.budget_minutes > 0:
         raise ValueError(f"--budget-minutes must be positive (got {opts.budget_minutes}).")
     if opts.eval_tokens < opts.eval_window:
@@ -272,10 +293,41 @@ def run_search_stage(opts: CompressOptions) -> dict[str, Any]:
             "summary": summary}
 
 
-def finetune_minutes(opts: CompressOptions, search_seconds: float) -> float:
-    """The fine-tune's time limit: its share plus what the search left unused of its own."""
-    shares = BUDGET_SHARES["search"] + BUDGET_SHARES["finetune"]
-    return max(opts.budget_minutes * shares - search_seconds / 60, 1e-3)  # a slow search: still one step
+def stage_seconds_left(opts: CompressOptions, records: dict[str, dict], stage: str) -> float:
+    """Seconds a stage that stops by time may use: the budget up to the end of its share, less what the
+    earlier stages used (so a fast search leaves its rest to generation and fine-tuning)."""
+    end = sum(BUDGET_SHARES[s] for s in STAGES[: STAGES.index(stage) + 1])
+    used = sum(r["seconds"] for r in records.values())
+    return max(opts.budget_minutes * 60 * end - used, 0.06)  # a slow search: still one step
+
+
+def run_generate_stage(opts: CompressOptions, out: Path, max_seconds: float) -> dict[str, Any]:
+    """Text the base model samples itself (data-free distillation), in resumable parts under DIR/generated."""
+    from ...core.loading import load
+    from ...utils.device import as_dtype, device_and_dtype
+    from ..finetune.selfdata import generate_text
+
+    if not opts.generate_tokens:
+        return {"tokens": 0, "parts": 0, "seconds": 0.0, "stopped_by": None}
+    device, dtype_name = device_and_dtype(opts.device, opts.dtype)
+    model, tokenizer = load(opts.model, dtype=as_dtype(dtype_name), device=device)
+    return generate_text(model, tokenizer, out / GENERATED_DIR, opts.generate_tokens, max_seconds=max_seconds,
+                         progress=not opts.quiet) | {"max_seconds": round(max_seconds, 1)}
+
+
+def write_training_text(opts: CompressOptions, out: Path) -> Path:
+    """DIR/train.txt: --data alone, or generated text mixed with evenly spaced chunks of --data."""
+    from ..finetune.run import training_text_for
+    from ..finetune.selfdata import mix_texts, read_generated
+    from ...utils.io import atomic_write
+
+    corpus = training_text_for(opts.data)
+    text = corpus if opts.corpus_share >= 1 else mix_texts(read_generated(out / GENERATED_DIR), corpus,
+                                                           opts.corpus_share)
+    path = out / TRAIN_FILE
+    if not path.is_file() or path.read_text(encoding="utf-8") != text:
+        atomic_write(path, text)
+    return path
 
 
 def run_finetune_stage(opts: CompressOptions, out: Path, plan: str, max_minutes: float) -> dict[str, Any]:
@@ -289,45 +341,66 @@ def run_finetune_stage(opts: CompressOptions, out: Path, plan: str, max_minutes:
     if summary_file.is_file() and not resume:
         print(f"finetune: {folder} already holds the fine-tuned model; using it")  # stopped before its record
     else:
+        train_file = write_training_text(opts, out)
         if resume:
             print(f"finetune: resuming from {latest_checkpoint(folder)}")
+        # the evaluate stage measures every model on the same texts, so the fine-tune only trains
         rc = run_finetune(FinetuneOptions(
-            model=opts.model, dtype=opts.dtype, device=opts.device, plan=plan, data=opts.data, tokens=opts.tokens,
-            seq_len=opts.seq_len, batch_size=opts.batch_size, loss=opts.loss, lr=opts.lr, max_minutes=max_minutes,
+            model=opts.model, dtype=opts.dtype, device=opts.device, plan=plan, data=str(train_file),
+            tokens=None if resume else opts.tokens, fit_tokens=opts.tokens is None, seq_len=opts.seq_len,
+            batch_size=opts.batch_size, loss=opts.loss, lr=opts.lr, max_minutes=max_minutes,
             train_dtype=opts.train_dtype, threads=opts.threads, out=str(folder), resume=resume,
-            checkpoint_every=opts.checkpoint_every, eval_text=opts.eval_text, other_text=opts.other_text,
-            eval_tokens=opts.eval_tokens, eval_window=opts.eval_window, quiet=opts.quiet))
+            checkpoint_every=opts.checkpoint_every, no_eval=True, quiet=opts.quiet))
         if rc != 0:
             raise RuntimeError(f"the fine-tune in {folder} stopped before its end; rerun the same command to resume it.")
     summary = json.loads(summary_file.read_text())
     keep = ("steps", "tokens", "finished", "stopped_by", "train_seconds", "tokens_per_second", "loss", "train_dtype",
-            "perplexity", "history")
+            "history", "epochs")
     return {k: summary.get(k) for k in keep} | {"max_minutes": round(max_minutes, 3)}
 
 
-def run_evaluate_stage(opts: CompressOptions, out: Path, layers: int, ft: dict[str, Any]) -> dict[str, Any]:
-    """Perplexity of the paper's contiguous plan beside the fine-tune's base / searched / fine-tuned numbers,
-    the lm-eval tasks, and decode speed of the base and the compressed model."""
+def measured_perplexities(opts: CompressOptions, texts: dict[str, str], label: str, plan: str | None = None,
+                          folder: Path | None = None) -> dict[str, float]:
+    """Perplexity of one model on each text. Models without training (base, a plan applied to the base)
+    come from finetune's cache when measured before with the same weights, texts and sizes."""
+    from ...core.loading import load
+    from ...utils.device import as_dtype, device_and_dtype
+    from ..finetune.config import FinetuneOptions
+    from ..finetune.report import perplexities
+    from ..finetune.run import cached_perplexities, texts_digest
+
+    device, dtype_name = device_and_dtype(opts.device, opts.dtype)
+    dtype = as_dtype(dtype_name)
+    model, tokenizer = load(folder or opts.model, dtype=dtype, device=device, plan=plan)
+
+    def measure(m: Any) -> dict[str, float]:
+        return perplexities(m, tokenizer, texts, opts.eval_tokens, opts.eval_window, device, dtype, not opts.quiet)
+
+    if folder is not None:
+        return measure(model)
+    args = FinetuneOptions(model=opts.model, eval_tokens=opts.eval_tokens, eval_window=opts.eval_window)
+    return cached_perplexities(model, measure, args, label, texts_digest(texts))
+
+
+def run_evaluate_stage(opts: CompressOptions, out: Path, layers: int, plan: str) -> dict[str, Any]:
+    """Perplexity of the base model, the paper's contiguous plan, the searched plan (both without training) and
+    the fine-tuned model on the same texts; the lm-eval tasks; decode speed of base and compressed model."""
     from ...core.loading import load
     from ...measure.bench.speed import interleaved_decode_rates
     from ...measure.eval.data import load_text
     from ...utils.device import as_dtype, device_and_dtype
-    from ..finetune.report import perplexities
 
-    device, dtype_name = device_and_dtype(opts.device, opts.dtype)
-    dtype = as_dtype(dtype_name)
     texts = {"held_out": load_text(opts.eval_text)}
     if opts.other_text.lower() != "none":
         texts["other_domain"] = load_text(opts.other_text)
-    ppl = {name: {"base": p["base"], "searched": p["lp"], "fine-tuned": p["ft"]}
-           for name, p in (ft.get("perplexity") or {}).items()}
     contiguous = contiguous_plan(layers, opts.target_depth)
-    if contiguous is not None:
-        model, tokenizer = load(opts.model, dtype=dtype, device=device, plan=contiguous)
-        for name, value in perplexities(model, tokenizer, texts, opts.eval_tokens, opts.eval_window, device, dtype,
-                                        not opts.quiet).items():
-            ppl.setdefault(name, {})["contiguous"] = value
-        del model
+    measured = {"base": measured_perplexities(opts, texts, "base"),
+                "contiguous": measured_perplexities(opts, texts, contiguous, plan=contiguous) if contiguous else {},
+                "searched": measured_perplexities(opts, texts, plan, plan=plan),
+                "fine-tuned": measured_perplexities(opts, texts, "fine-tuned", folder=out / FINETUNE_DIR)}
+    ppl = {name: {model: values.get(name) for model, values in measured.items()} for name in texts}
+    device, dtype_name = device_and_dtype(opts.device, opts.dtype)
+    dtype = as_dtype(dtype_name)
     base, tokenizer = load(opts.model, dtype=dtype, device=device)
     compressed, _ = load(out / FINETUNE_DIR, dtype=dtype, device=device)
     models = {"base": base, "fine-tuned": compressed}

@@ -38,6 +38,7 @@ def build_summary(opts: CompressOptions, records: dict[str, dict], device: str) 
                           for text, row in ev["perplexity"].items()},
         "decode_tokens_per_second": ev["decode_tokens_per_second"], "tasks": ev.get("tasks"),
         "finetune": {k: v for k, v in ft.items() if k not in ("perplexity", "history")},
+        "generate": records["generate"]["result"], "corpus_share": opts.corpus_share,
         "search": {k: search["summary"].get(k) for k in ("objective", "base_objective", "found", "forward_passes",
                                                           "search_seconds", "selection_seconds", "calibration")},
         "machine": machine_info(device, str(opts.dtype or "auto")), "truedepth": truedepth.__version__,
@@ -109,7 +110,8 @@ tags:
 
 - **Plan** (found by `truedepth search`, calibrated on training text only): `{summary['plan']}`
 - **Fine-tuning**: only the wide layers, loss `{ft['loss']}`, {ft['steps']} steps, {ft['tokens']} tokens,
-  {ft['train_seconds'] / 60:.1f} min{' (stopped by the time budget)' if ft['stopped_by'] == 'max_minutes' else ''}.
+  {ft['train_seconds'] / 60:.1f} min{' (stopped by the time budget)' if ft['stopped_by'] == 'max_minutes' else ''}, on
+  {training_text(summary)}.
 - **Command**: `{summary['command']}`
 - **Machine**: {m.get('cpu')} ({m.get('cores')} cores), device {m.get('device')}, torch {m.get('torch')},
   transformers {m.get('transformers')}, load average {m.get('load_average')}, {m.get('date')}.
@@ -144,6 +146,14 @@ truedepth export --model path/to/this/folder --gguf model.gguf --type q8_0   # f
 The folder is an ordinary truedepth model (safetensors, `config.truedepth` records the plan).
 Everything measured is in `compress.json`.
 """
+
+
+def training_text(summary: dict[str, Any]) -> str:
+    gen, share, data = summary["generate"], summary["corpus_share"], summary["options"]["data"]
+    if not gen.get("tokens"):
+        return f"`{data}`"
+    return (f"{1 - share:.0%} text the base model generated itself ({gen['tokens']:,} tokens sampled from BOS at "
+            f"temperature 1: data-free distillation) and {share:.0%} `{data}`")
 
 
 def plot_quality(summary: dict[str, Any], path: Path) -> None:

@@ -8,8 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from .core import (BUDGET_SHARES, STAGE_DIR, STAGES, SUMMARY_FILE, CompressOptions, check_inputs, check_unchanged,
-                   finetune_minutes, read_stage, run_evaluate_stage, run_finetune_stage, run_save_stage,
-                   run_search_stage, stage_path, write_stage)
+                   read_stage, run_evaluate_stage, run_finetune_stage, run_generate_stage, run_save_stage,
+                   run_search_stage, stage_path, stage_seconds_left, write_stage)
 from .report import show_report, write_report
 
 
@@ -56,11 +56,13 @@ def run_compress(opts: CompressOptions) -> dict[str, Any]:
 def _run_stage(stage: str, opts: CompressOptions, out: Path, layers: int, records: dict[str, dict]) -> dict:
     if stage == "search":
         return run_search_stage(opts)
+    if stage == "generate":
+        return run_generate_stage(opts, out, stage_seconds_left(opts, records, stage))
+    plan = records["search"]["result"]["plan_string"]
     if stage == "finetune":
-        minutes = finetune_minutes(opts, records["search"]["seconds"])
-        return run_finetune_stage(opts, out, records["search"]["result"]["plan_string"], minutes)
+        return run_finetune_stage(opts, out, plan, stage_seconds_left(opts, records, stage) / 60)
     if stage == "evaluate":
-        return run_evaluate_stage(opts, out, layers, records["finetune"]["result"])
+        return run_evaluate_stage(opts, out, layers, plan)
     return run_save_stage(out)
 
 

@@ -126,6 +126,7 @@ class FinetuneOptions:
     lora_alpha: float | None = None
     neighbours: int | None = None
     max_minutes: float | None = None
+    fit_tokens: bool = False  # set --tokens from a timed step so the cosine schedule ends at --max-minutes
     train_dtype: str = "auto"
     threads: int | None = None
     out: str | None = None

@@ -20,7 +20,10 @@ from .config import (CHECKPOINT_DIR, FinetuneOptions, DEFAULT_PLAN, DTYPE_NAMES,
 from .model import (Teacher, unique_parameters, add_lora, build_student, cast_frozen, check_memory, check_plan_has_parallel_groups,
                     freeze_all_but, shared_prefix_length, trainable_layer_indices)
 from .report import perplexities, print_summary, summarise, write_summary
-from .train import TokenBatches, tokenize_text, train, trainable_state
+from .train import TokenBatches, time_training_step, tokenize_text, train, trainable_state
+
+
+FIT_MARGIN = 0.93  # of the time limit planned for steps: checkpoints and slower steps take the rest
 
 
 def fill_defaults(args: FinetuneOptions) -> None:
@@ -93,6 +96,8 @@ def run_finetune(args: FinetuneOptions) -> int:
     fill_defaults(args)
     cfg = config_from_args(args)
     cfg.validate()
+    if args.fit_tokens and not args.resume and (args.max_minutes is None or args.tokens is not None):
+        raise UserError("--fit-tokens sets --tokens from the time limit: pass --max-minutes, and not --tokens.")
     if args.threads is not None and args.threads < 1:
         raise UserError(f"--threads must be at least 1 (got {args.threads}).")
     if args.threads:
@@ -111,12 +116,14 @@ def run_finetune(args: FinetuneOptions) -> int:
                             "options": dict({k: getattr(args, k) for k in RUN_OPTIONS}, dtype=DTYPE_NAMES[dtype])}
     measure = _measurer(setup.tokenizer, texts, args, device, dtype, progress)
     if not args.resume and measure:  # base and LP, in the evaluation dtype, before any weight changes
-        digest = hashlib.sha256("\0".join(texts.get(k, "") for k in ("held_out", "other_domain")).encode()).hexdigest()
+        digest = texts_digest(texts)
         meta["base"] = cached_perplexities(setup.base, measure, args, "base", digest) if setup.base is not None else None
         meta["lp"] = cached_perplexities(setup.student, measure, args, str(setup.plan), digest)
 
     model, teacher = make_trainable(setup, cfg, train_dtype)
     memory = check_memory(model, teacher.model if teacher else None, cfg, device, train_dtype)
+    if args.fit_tokens and not args.resume:
+        fit_tokens_to_minutes(model, teacher, data, cfg, device, train_dtype)
     _report_setup(args, cfg, setup, model, data, memory, train_dtype)
     curve_eval = None
     if cfg.eval_every and measure:
@@ -204,6 +211,23 @@ def prepare_models(args: FinetuneOptions, cfg: TrainConfig, device: Any, dtype: 
     return Setup(student, base, tokenizer, plan, trained, split)
 
 
+def fit_tokens_to_minutes(model: Any, teacher: Teacher | None, data: TokenBatches, cfg: TrainConfig, device: Any,
+                          train_dtype: torch.dtype) -> None:
+    """Set `cfg.tokens` so that the schedule's last step falls inside `cfg.max_minutes` at the measured speed.
+
+    A run stopped by its time limit in the middle of the cosine schedule ends at a high learning rate;
+    one that finishes early leaves time unused. The resumed run reads the same number back from its
+    checkpoint, so the trajectory stays one.
+    """
+    if cfg.max_minutes is None:
+        raise ValueError("fitting --tokens to the time limit needs --max-minutes.")
+    seconds = time_training_step(model, teacher, data.batch(0).to(device), cfg, device, train_dtype)
+    steps = max(1, int(FIT_MARGIN * cfg.max_minutes * 60 / seconds))
+    cfg.tokens = steps * cfg.tokens_per_step
+    print(f"one training step takes {seconds:.2f} s here, so {steps} steps ({cfg.tokens:,} tokens) fit in "
+          f"--max-minutes {cfg.max_minutes:.1f} ({FIT_MARGIN:.0%} of it, leaving room for checkpoints)")
+
+
 def recorded_depth(model: Any) -> int:
     return model.config.truedepth["original_num_hidden_layers"]
 
@@ -284,6 +308,11 @@ def cached_perplexities(model: Any, measure: Callable[[Any], dict[str, float]], 
         tmp.write_text(json.dumps(cache, indent=1))
         os.replace(tmp, path)
     return cache[key]
+
+
+def texts_digest(texts: dict[str, str]) -> str:
+    """What the perplexity cache keys the measuring texts by."""
+    return hashlib.sha256("\0".join(texts.get(k, "") for k in ("held_out", "other_domain")).encode()).hexdigest()
 
 
 def _ppl_cache_path() -> Path:

@@ -198,6 +198,26 @@ def _train_step(student: Any, teacher: Teacher | None, ids: torch.Tensor, cfg: T
     return float(loss.detach())
 
 
+def time_training_step(student: Any, teacher: Teacher | None, ids: torch.Tensor, cfg: TrainConfig, device: Any,
+                       dtype: torch.dtype, repeats: int = 3) -> float:
+    """Seconds of one training step's forward, teacher and backward passes, the mean of `repeats` after a
+    warm-up. The weights are left as they were (gradients are dropped, no update); the AdamW update
+    itself is small next to the passes and is covered by the caller's margin."""
+    params = trainable_state(student)
+    student.train()
+    timed = []
+    for i in range(repeats + 1):
+        start = time.perf_counter()
+        with autocast(device, dtype):
+            loss = compute_loss(student, teacher, ids, cfg.loss)
+        loss.backward()
+        if i:
+            timed.append(time.perf_counter() - start)
+        for p in params.values():
+            p.grad = None
+    return sum(timed) / len(timed)
+
+
 def _smoothed(history: list[dict[str, Any]], n: int = 20) -> float:
     recent = [h["loss"] for h in history[-n:]]
     return sum(recent) / len(recent)
