@@ -183,3 +183,11 @@ def test_contiguous_plan_ends_two_layers_below_the_top():
     assert compress_core.contiguous_plan(30, 26) == "parallel=20:28"
     assert compress_core.contiguous_plan(8, 5) == "parallel=0:6"
     assert compress_core.contiguous_plan(8, 3) is None
+
+
+def test_without_generated_text_the_finetune_reads_the_data_itself(tmp_path):
+    opts = compress_core.CompressOptions(data="austen-train", target_depth=DEPTH, out=str(tmp_path))
+    compress_core.check_options(opts)
+    assert opts.generate_tokens == 0 and opts.corpus_share == 1.0  # the defaults: the novels alone
+    assert compress_core.training_data(opts, tmp_path) == "austen-train"
+    assert list(tmp_path.iterdir()) == []  # no copy of the text

@@ -315,19 +315,20 @@ def run_generate_stage(opts: CompressOptions, out: Path, max_seconds: float) -> 
                          progress=not opts.quiet) | {"max_seconds": round(max_seconds, 1)}
 
 
-def write_training_text(opts: CompressOptions, out: Path) -> Path:
-    """DIR/train.txt: --data alone, or generated text mixed with evenly spaced chunks of --data."""
+def training_data(opts: CompressOptions, out: Path) -> str:
+    """The fine-tune's --data: --data itself, or DIR/train.txt, generated text mixed with evenly spaced
+    chunks of --data."""
     from ..finetune.run import training_text_for
     from ..finetune.selfdata import mix_texts, read_generated
     from ...utils.io import atomic_write
 
-    corpus = training_text_for(opts.data)
-    text = corpus if opts.corpus_share >= 1 else mix_texts(read_generated(out / GENERATED_DIR), corpus,
-                                                           opts.corpus_share)
+    if opts.corpus_share >= 1:
+        return opts.data
+    text = mix_texts(read_generated(out / GENERATED_DIR), training_text_for(opts.data), opts.corpus_share)
     path = out / TRAIN_FILE
     if not path.is_file() or path.read_text(encoding="utf-8") != text:
         atomic_write(path, text)
-    return path
+    return str(path)
 
 
 def run_finetune_stage(opts: CompressOptions, out: Path, plan: str, max_minutes: float) -> dict[str, Any]:
@@ -341,12 +342,12 @@ def run_finetune_stage(opts: CompressOptions, out: Path, plan: str, max_minutes:
     if summary_file.is_file() and not resume:
         print(f"finetune: {folder} already holds the fine-tuned model; using it")  # stopped before its record
     else:
-        train_file = write_training_text(opts, out)
+        data = training_data(opts, out)
         if resume:
             print(f"finetune: resuming from {latest_checkpoint(folder)}")
         # the evaluate stage measures every model on the same texts, so the fine-tune only trains
         rc = run_finetune(FinetuneOptions(
-            model=opts.model, dtype=opts.dtype, device=opts.device, plan=plan, data=str(train_file),
+            model=opts.model, dtype=opts.dtype, device=opts.device, plan=plan, data=data,
             tokens=None if resume else opts.tokens, fit_tokens=opts.tokens is None, seq_len=opts.seq_len,
             batch_size=opts.batch_size, loss=opts.loss, lr=opts.lr, max_minutes=max_minutes,
             train_dtype=opts.train_dtype, threads=opts.threads, out=str(folder), resume=resume,
