@@ -18,6 +18,7 @@ from truedepth.apps.finetune import model as ft_model
 from truedepth.apps.finetune import report as ft_report
 from truedepth.apps.finetune import run as ft_run
 from truedepth.apps.finetune import train as ft_train
+from truedepth.apps.finetune.blockloss import BlockMatch
 
 PLAN = "parallel=2:6"  # 8 layers -> keep 0, keep 1, wide(2,3), wide(4,5), keep 6, keep 7
 
@@ -153,11 +154,13 @@ def kill_at(monkeypatch, step):
 def fresh(loss, lora):
     student, base, layers = student_and_base()
     model = ft_model.add_lora(student, layers, 4, 8) if lora else student
-    teacher = ft_model.Teacher(base, student.model.layers, 2) if loss == "distill" else None
+    teacher = ft_model.Teacher(base, student.model.layers, 2) if loss in ft_config.TEACHER_LOSSES else None
+    if loss == "blocks":
+        teacher.blocks = BlockMatch(student.model.layers, base.model.layers, ft_model.wide_members(PLAN, 8), local=True)
     return model, teacher
 
 
-@pytest.mark.parametrize("loss,lora", [("lm", False), ("distill", False), ("lm", True)])
+@pytest.mark.parametrize("loss,lora", [("lm", False), ("distill", False), ("lm", True), ("blocks", False)])
 def test_killed_and_resumed_run_ends_with_the_same_weights(tmp_path, monkeypatch, loss, lora):
     cfg = ft_config.TrainConfig(loss=loss, seq_len=16, batch_size=4, tokens=16 * 4 * 12, lr=3e-3, checkpoint_every=5,
                          lora=lora, lora_rank=4, lora_alpha=8)
@@ -372,6 +375,32 @@ def test_already_transformed_model_keeps_training_with_lm_only(tiny_dir, tmp_pat
     args[args.index("--out") + 1] = str(tmp_path / "third")
     assert cli.main(args + ["--loss", "distill"]) == 2
     assert "teacher" in capsys.readouterr().err
+
+
+def test_block_weight_is_refused_without_distill_or_teacher(tiny_dir, tmp_path, capsys):
+    for extra, message in [(["--loss", "lm", "--block-weight", "1"], "adds the blocks loss to --loss distill"),
+                           (["--block-weight", "-1"], "--block-weight must be >= 0")]:
+        assert cli.main(finetune_args(tiny_dir, tmp_path, tmp_path / "o", "--no-eval", *extra)) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "o" / ft_config.SUMMARY_FILE).exists()
+    out = tmp_path / "first"
+    assert cli.main(finetune_args(tiny_dir, tmp_path, out, "--no-eval")) == 0
+    args = finetune_args(out, tmp_path, tmp_path / "second", "--no-eval", "--loss", "blocks")
+    args[args.index("--plan") + 1] = "base"
+    assert cli.main(args) == 2
+    assert "teacher of --loss blocks" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("extra", [["--loss", "blocks"], ["--block-weight", "0.5"]])
+def test_cli_trains_with_the_blocks_loss_and_reduces_it(tiny_dir, tmp_path, extra):
+    out = tmp_path / "o"
+    assert cli.main(finetune_args(tiny_dir, tmp_path, out, "--no-eval", *extra)) == 0
+    summary = json.loads((out / ft_config.SUMMARY_FILE).read_text())
+    config = summary["config"]
+    assert (config["loss"], config["block_weight"]) == {"--loss": ("blocks", 0.0), "--block-weight": ("distill", 0.5)}[extra[0]]
+    losses = [h["loss"] for h in summary["history"]]
+    assert sum(losses[-3:]) < sum(losses[:3])
 
 
 @pytest.mark.integration

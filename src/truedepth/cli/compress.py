@@ -30,6 +30,7 @@ import sys
 
 from ..apps.compress.core import CompressOptions
 from ..apps.compress.run import run_compress
+from ..apps.finetune.config import LOSSES
 from .common import add_model_arguments, options
 
 D = CompressOptions
@@ -66,7 +67,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     ft.add_argument("--corpus-share", type=float, default=D.corpus_share,
                     help="share of --data in the fine-tuning text, the rest generated. Default: 1 without "
                          "--generate-tokens, 0.5 with it")
-    ft.add_argument("--loss", choices=("distill", "lm"), default=D.loss, help="Default: %(default)s")
+    ft.add_argument("--loss", choices=LOSSES, default=D.loss,
+                    help="distill, blocks (each wide layer matched to the layers it replaced; about 2x the tokens "
+                         "per minute) or lm. Default: %(default)s")
     ft.add_argument("--tokens", type=int, default=D.tokens,
                     help="training tokens of the schedule; training stops earlier when its time is up. "
                          "Default: as many as fit in the fine-tune's time (timed on the first batch)")

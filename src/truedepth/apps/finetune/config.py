@@ -8,7 +8,10 @@ from typing import Any
 import torch
 
 
-LOSSES = ("lm", "distill")
+LOSSES = ("lm", "distill", "blocks")
+
+
+TEACHER_LOSSES = ("distill", "blocks")  # need the model before the plan
 
 
 # Options that define what is measured; a resumed run takes them from the checkpoint.
@@ -40,7 +43,7 @@ DEFAULT_PLAN = "parallel=20:28"
 
 # Options that define the training trajectory: a resumed run must use the same values.
 TRAJECTORY_OPTIONS = ("loss", "seq_len", "batch_size", "tokens", "lr", "min_lr_ratio", "warmup", "weight_decay",
-                      "grad_clip", "seed", "lora", "lora_rank", "lora_alpha", "neighbours", "train_dtype")
+                      "grad_clip", "seed", "lora", "lora_rank", "lora_alpha", "neighbours", "train_dtype", "block_weight")
 
 
 # =============================================================================================
@@ -63,6 +66,7 @@ class TrainConfig:
     lora_rank: int = 16
     lora_alpha: float = 32.0
     neighbours: int = 0
+    block_weight: float = 0.0  # weight of the block-matching loss added to --loss distill
     train_dtype: str = "fp32"  # autocast dtype of the training steps (resolved from --train-dtype)
     # not part of the trajectory: when to checkpoint / evaluate / stop
     checkpoint_every: int = 50
@@ -95,6 +99,11 @@ class TrainConfig:
             raise ValueError(f"--warmup is a fraction of the steps in [0, 1) (got {self.warmup}).")
         if self.neighbours < 0 or self.eval_every < 0:
             raise ValueError("--neighbours and --eval-every must be >= 0.")
+        if not self.block_weight >= 0:
+            raise ValueError(f"--block-weight must be >= 0 (got {self.block_weight}).")
+        if self.block_weight and self.loss != "distill":
+            raise ValueError(f"--block-weight adds the blocks loss to --loss distill, not to --loss {self.loss}; "
+                             "drop --block-weight (--loss blocks is the blocks loss alone).")
         if self.max_minutes is not None and not self.max_minutes > 0:
             raise ValueError(f"--max-minutes must be positive (got {self.max_minutes}).")
 
@@ -125,6 +134,7 @@ class FinetuneOptions:
     lora_rank: int | None = None
     lora_alpha: float | None = None
     neighbours: int | None = None
+    block_weight: float | None = None
     max_minutes: float | None = None
     fit_tokens: bool = False  # set --tokens from a timed step so the cosine schedule ends at --max-minutes
     train_dtype: str = "auto"

@@ -20,6 +20,13 @@ def wide_layer_indices(model: Any) -> list[int]:
     return [i for i, w in enumerate(info.get("layer_widths", [])) if w > 1]
 
 
+def wide_members(plan: Any, depth: int) -> dict[int, tuple[int, ...]]:
+    """For every wide layer of the transformed model: the original layers it replaced."""
+    from ...core.plan import as_plan
+
+    return {i: b.layers for i, b in enumerate(as_plan(plan).blocks(depth)) if b.kind == "parallel"}
+
+
 def trainable_layer_indices(layer_widths: list[int], neighbours: int = 0) -> list[int]:
     """Wide layers plus `neighbours` ordinary layers on each side of every wide block."""
     wide = [i for i, w in enumerate(layer_widths) if w > 1]
@@ -134,6 +141,7 @@ class Teacher:
 
     def __init__(self, model: Any, student_layers: Any = None, split: int = 0):
         self.model, self.split, self._captured = model, split, None
+        self.blocks = None  # a BlockMatch when the loss matches wide layers to the layers they replaced
         types = set(getattr(model.config, "layer_types", None) or [])
         if split and len(types) > 1:  # per-layer masks (sliding windows): only the full forward is safe
             self.split = 0
@@ -158,6 +166,8 @@ class Teacher:
         return self.model.lm_head(inner.norm(hidden))
 
     def close(self) -> None:
+        if self.blocks is not None:
+            self.blocks.close()
         if self._hook is not None:
             self._hook.remove()
             self._hook = None

@@ -16,9 +16,10 @@ import torch
 from ...utils.errors import OutputPathError, UserError, check_output_dir
 from .checkpoint import latest_checkpoint
 from .config import (CHECKPOINT_DIR, FinetuneOptions, DEFAULT_PLAN, DTYPE_NAMES, EVAL_DEFAULTS, RUN_OPTIONS, SUMMARY_FILE,
-                     TRAJECTORY_OPTIONS, TrainConfig)
+                     TEACHER_LOSSES, TRAJECTORY_OPTIONS, TrainConfig)
+from .blockloss import BlockMatch
 from .model import (Teacher, unique_parameters, add_lora, build_student, cast_frozen, check_memory, check_plan_has_parallel_groups,
-                    freeze_all_but, shared_prefix_length, trainable_layer_indices)
+                    freeze_all_but, shared_prefix_length, trainable_layer_indices, wide_members)
 from .report import perplexities, print_summary, summarise, write_summary
 from .train import TokenBatches, time_training_step, tokenize_text, train, trainable_state
 
@@ -243,8 +244,12 @@ def make_trainable(setup: Setup, cfg: TrainConfig, train_dtype: torch.dtype) -> 
         if p.requires_grad:
             p.data = p.data.float()  # master copy: AdamW updates are lost in bf16
     teacher = None
-    if cfg.loss == "distill":
+    if cfg.loss in TEACHER_LOSSES:
         teacher = Teacher(setup.base, decoder_layers(setup.student), setup.split)
+        if cfg.loss == "blocks" or cfg.block_weight:
+            teacher.blocks = BlockMatch(decoder_layers(setup.student), decoder_layers(setup.base),
+                                        wide_members(setup.plan, recorded_depth(setup.student)),
+                                        local=cfg.loss == "blocks")
     cast_frozen([model, teacher.model if teacher else None], train_dtype)
     return model, teacher
 
@@ -339,9 +344,9 @@ def _already_transformed(args: FinetuneOptions, cfg: TrainConfig, recorded: dict
     if args.loss is None and cfg.loss == "distill":  # the default loss needs a teacher this model lacks
         print(f"note: {args.model} is already transformed (no teacher): training with --loss lm.", file=sys.stderr)
         cfg.loss = "lm"
-    if cfg.loss == "distill":
+    if cfg.loss in TEACHER_LOSSES or cfg.block_weight:
         raise ValueError(f"{args.model} is already transformed, so the model before the plan (the distillation "
-                         "teacher) is not available; use --loss lm, or start from the original model with --plan.")
+                         f"teacher of --loss {cfg.loss}) is not available; use --loss lm, or start from the original model with --plan.")
     return plan
 
 

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, set_rng_state
-from .config import CHECKPOINT_DIR, TrainConfig
+from .config import CHECKPOINT_DIR, TEACHER_LOSSES, TrainConfig
 from .model import Teacher, autocast
 
 
@@ -80,13 +80,18 @@ def distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> 
     return F.kl_div(s, t, log_target=True, reduction="batchmean")
 
 
-def compute_loss(student: Any, teacher: "Teacher | None", ids: torch.Tensor, loss: str) -> torch.Tensor:
+def compute_loss(student: Any, teacher: "Teacher | None", ids: torch.Tensor, loss: str,
+                 block_weight: float = 0.0) -> torch.Tensor:
+    if loss == "blocks":
+        teacher.blocks.run_student(student, ids)  # stops after the last wide layer
+        return teacher.blocks.loss()
     logits = student(input_ids=ids, use_cache=False).logits
     if loss == "lm":
         return lm_loss(logits, ids)
     with torch.no_grad():
         target = teacher(ids)  # after the student: it may start from the student's hidden state
-    return distill_loss(logits, target)
+    kl = distill_loss(logits, target)
+    return kl + block_weight * teacher.blocks.loss() if block_weight else kl
 
 
 # =============================================================================================
@@ -131,8 +136,8 @@ def train(student: Any, teacher: Teacher | None, data: TokenBatches, cfg: TrainC
     from tqdm.auto import tqdm
 
     cfg.validate()
-    if cfg.loss == "distill" and teacher is None:
-        raise ValueError("--loss distill needs the teacher (the model before the plan).")
+    if cfg.loss in TEACHER_LOSSES and teacher is None:
+        raise ValueError(f"--loss {cfg.loss} needs the teacher (the model before the plan).")
     params = trainable_state(student)
     if not params:
         raise ValueError("the model has no trainable parameters; is there a parallel group in the plan?")
@@ -189,7 +194,7 @@ def _train_step(student: Any, teacher: Teacher | None, ids: torch.Tensor, cfg: T
                 scheduler: Any, params: dict[str, torch.Tensor], device: Any, dtype: torch.dtype) -> float:
     optimizer.zero_grad(set_to_none=True)
     with autocast(device, dtype):
-        loss = compute_loss(student, teacher, ids, cfg.loss)
+        loss = compute_loss(student, teacher, ids, cfg.loss, cfg.block_weight)
     loss.backward()
     if cfg.grad_clip:
         torch.nn.utils.clip_grad_norm_(list(params.values()), cfg.grad_clip, foreach=False)
@@ -209,7 +214,7 @@ def time_training_step(student: Any, teacher: Teacher | None, ids: torch.Tensor,
     for i in range(repeats + 1):
         start = time.perf_counter()
         with autocast(device, dtype):
-            loss = compute_loss(student, teacher, ids, cfg.loss)
+            loss = compute_loss(student, teacher, ids, cfg.loss, cfg.block_weight)
         loss.backward()
         if i:
             timed.append(time.perf_counter() - start)
@@ -265,8 +270,9 @@ def _restore(out: Path | None, params: dict[str, torch.Tensor], optimizer: Any, 
 def check_resumable(state: dict[str, Any], cfg: TrainConfig, data: TokenBatches, names: set[str]) -> None:
     """The checkpoint must come from the same trajectory: same options, data and parameters."""
     saved = state["trajectory"]
-    diff = [f"--{k.replace('_', '-')} {saved.get(k)!r} (now {v!r})" for k, v in cfg.trajectory().items()
-            if saved.get(k) != v]
+    defaults = TrainConfig().trajectory()  # options added later are missing from older checkpoints
+    diff = [f"--{k.replace('_', '-')} {saved.get(k, defaults[k])!r} (now {v!r})" for k, v in cfg.trajectory().items()
+            if saved.get(k, defaults[k]) != v]
     if diff:
         raise ValueError("--resume: the checkpoint was trained with " + ", ".join(diff) + "; pass the same "
                          "options as the first run (or start a new --out).")

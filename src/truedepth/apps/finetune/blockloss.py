@@ -1,0 +1,92 @@
+"""Block matching: each wide layer learns to reproduce the residual update of the layers it replaced.
+
+Logit distillation (`--loss distill`) only says that the final next-token distributions should agree
+on the training text; the wide layers may get there by fitting that text. Block matching asks more:
+on the same input hidden state, a wide layer's update should equal the update of the original
+layers run one after another -- the function LP changed, on every hidden dimension.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+
+class _StopForward(Exception):
+    """Raised after the last wide layer when nothing after it is needed (`--loss blocks`)."""
+
+
+def _hidden(args: tuple, kwargs: dict) -> torch.Tensor:
+    return args[0] if args else kwargs["hidden_states"]
+
+
+def _first(output: Any) -> torch.Tensor:
+    return output[0] if isinstance(output, tuple) else output  # transformers 4.x layers returned tuples
+
+
+class BlockMatch:
+    """Relative error of every wide layer's update against the original layers' update on the same input.
+
+    `members[i]` lists the original layer indices that student layer `i` replaced. Hooks capture each
+    wide layer's input (with the layer arguments: mask, rotary embeddings) and output during the
+    student's forward; `loss()` then runs the original layers on that input without a graph and
+    returns the mean over wide layers of |out - target|^2 / |target - input|^2.
+
+    `local=True` (`--loss blocks`): each wide layer sees its input detached, so it learns only its own
+    update, and the forward stops after the last wide layer (no head, no teacher logits).
+    """
+
+    def __init__(self, student_layers: Any, teacher_layers: Any, members: dict[int, tuple[int, ...]],
+                 local: bool = False):
+        self.teacher_layers, self.members, self.local = teacher_layers, members, local
+        self._captured: dict[int, tuple[tuple, dict, torch.Tensor]] = {}
+        self._last = max(members)
+        self._hooks = []
+        for i in members:
+            layer = student_layers[i]
+            if local:
+                self._hooks.append(layer.register_forward_pre_hook(self._detach_input, with_kwargs=True))
+            self._hooks.append(layer.register_forward_hook(self._capture(i), with_kwargs=True))
+
+    @staticmethod
+    def _detach_input(module: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        if args:
+            return (args[0].detach(),) + tuple(args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": kwargs["hidden_states"].detach()}
+
+    def _capture(self, i: int):
+        def hook(module: Any, args: tuple, kwargs: dict, output: Any) -> None:
+            self._captured[i] = (args, kwargs, _first(output))
+            if self.local and i == self._last:
+                raise _StopForward
+
+        return hook
+
+    def run_student(self, student: Any, ids: torch.Tensor) -> Any:
+        """The student's forward; None when it stopped after the last wide layer (`local`)."""
+        try:
+            return student(input_ids=ids, use_cache=False)
+        except _StopForward:
+            return None
+
+    def loss(self) -> torch.Tensor:
+        if len(self._captured) != len(self.members):
+            raise RuntimeError("BlockMatch: run the student forward first (a wide layer was not reached).")
+        errors = []
+        for i, (args, kwargs, out) in sorted(self._captured.items()):
+            h = _hidden(args, kwargs).detach()
+            rest = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+            with torch.no_grad():
+                target = h
+                for j in self.members[i]:
+                    target = _first(self.teacher_layers[j](target, *args[1:], **rest))
+                scale = (target.float() - h.float()).pow(2).mean().clamp_min(1e-12)
+            errors.append((out.float() - target.float()).pow(2).mean() / scale)
+        self._captured.clear()
+        return torch.stack(errors).mean()
+
+    def close(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
