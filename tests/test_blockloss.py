@@ -90,3 +90,17 @@ def test_block_loss_needs_a_student_forward_first():
     with pytest.raises(RuntimeError, match="run the student forward first"):
         blocks.loss()
     blocks.close()
+
+
+def test_blocks_loss_refuses_neighbours_and_mixed_attention_types():
+    from truedepth.apps.finetune.blockloss import check_one_attention_type
+    from truedepth.apps.finetune.config import TrainConfig
+
+    with pytest.raises(ValueError, match="never reaches the --neighbours layers"):
+        TrainConfig(loss="blocks", neighbours=1).validate()
+    TrainConfig(loss="distill", neighbours=1, block_weight=1.0).validate()
+    check_one_attention_type(tiny_model("qwen3", layers=4).config)
+    mixed = tiny_model("qwen3", layers=4, use_sliding_window=True, sliding_window=4, max_window_layers=2).config
+    assert len(set(mixed.layer_types)) == 2
+    with pytest.raises(ValueError, match="mixes full_attention, sliding_attention"):
+        check_one_attention_type(mixed)

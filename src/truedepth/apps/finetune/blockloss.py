@@ -25,6 +25,15 @@ def _first(output: Any) -> torch.Tensor:
     return output[0] if isinstance(output, tuple) else output  # transformers 4.x layers returned tuples
 
 
+def check_one_attention_type(config: Any) -> None:
+    """A wide layer's mask is the one of its own position; with sliding-window and full-attention layers
+    mixed, the layers it replaced may need another, so the targets would be wrong."""
+    types = set(getattr(config, "layer_types", None) or [])
+    if len(types) > 1:
+        raise ValueError(f"--loss blocks and --block-weight need one attention type in every layer; this model "
+                         f"mixes {', '.join(sorted(types))}. Use --loss distill without --block-weight.")
+
+
 class BlockMatch:
     """Relative error of every wide layer's update against the original layers' update on the same input.
 

@@ -101,6 +101,9 @@ class TrainConfig:
             raise ValueError("--neighbours and --eval-every must be >= 0.")
         if not self.block_weight >= 0:
             raise ValueError(f"--block-weight must be >= 0 (got {self.block_weight}).")
+        if self.loss == "blocks" and self.neighbours:
+            raise ValueError("--loss blocks trains each wide layer on its own error, which never reaches the "
+                             "--neighbours layers; use --loss distill --block-weight W to train them as well.")
         if self.block_weight and self.loss != "distill":
             raise ValueError(f"--block-weight adds the blocks loss to --loss distill, not to --loss {self.loss}; "
                              "drop --block-weight (--loss blocks is the blocks loss alone).")

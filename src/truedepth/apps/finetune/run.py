@@ -17,7 +17,7 @@ from ...utils.errors import OutputPathError, UserError, check_output_dir
 from .checkpoint import latest_checkpoint
 from .config import (CHECKPOINT_DIR, FinetuneOptions, DEFAULT_PLAN, DTYPE_NAMES, EVAL_DEFAULTS, RUN_OPTIONS, SUMMARY_FILE,
                      TEACHER_LOSSES, TRAJECTORY_OPTIONS, TrainConfig)
-from .blockloss import BlockMatch
+from .blockloss import BlockMatch, check_one_attention_type
 from .model import (Teacher, unique_parameters, add_lora, build_student, cast_frozen, check_memory, check_plan_has_parallel_groups,
                     freeze_all_but, shared_prefix_length, trainable_layer_indices, wide_members)
 from .report import perplexities, print_summary, summarise, write_summary
@@ -245,8 +245,10 @@ def make_trainable(setup: Setup, cfg: TrainConfig, train_dtype: torch.dtype) -> 
             p.data = p.data.float()  # master copy: AdamW updates are lost in bf16
     teacher = None
     if cfg.loss in TEACHER_LOSSES:
-        teacher = Teacher(setup.base, decoder_layers(setup.student), setup.split)
+        # --loss blocks never asks for the teacher's logits, so it needs no hook at the split
+        teacher = Teacher(setup.base, decoder_layers(setup.student), 0 if cfg.loss == "blocks" else setup.split)
         if cfg.loss == "blocks" or cfg.block_weight:
+            check_one_attention_type(setup.base.config)
             teacher.blocks = BlockMatch(decoder_layers(setup.student), decoder_layers(setup.base),
                                         wide_members(setup.plan, recorded_depth(setup.student)),
                                         local=cfg.loss == "blocks")
