@@ -12,13 +12,11 @@ from typing import Any
 
 import torch
 
+from .model import layer_input, run_layers
+
 
 class _StopForward(Exception):
     """Raised after the last wide layer when nothing after it is needed (`--loss blocks`)."""
-
-
-def _hidden(args: tuple, kwargs: dict) -> torch.Tensor:
-    return args[0] if args else kwargs["hidden_states"]
 
 
 def _first(output: Any) -> torch.Tensor:
@@ -84,12 +82,9 @@ class BlockMatch:
             raise RuntimeError("BlockMatch: run the student forward first (a wide layer was not reached).")
         errors = []
         for i, (args, kwargs, out) in sorted(self._captured.items()):
-            h = _hidden(args, kwargs).detach()
-            rest = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+            h = layer_input(args, kwargs).detach()
             with torch.no_grad():
-                target = h
-                for j in self.members[i]:
-                    target = _first(self.teacher_layers[j](target, *args[1:], **rest))
+                target = run_layers([self.teacher_layers[j] for j in self.members[i]], h, args, kwargs)
                 scale = (target.float() - h.float()).pow(2).mean().clamp_min(1e-12)
             errors.append((out.float() - target.float()).pow(2).mean() / scale)
         self._captured.clear()

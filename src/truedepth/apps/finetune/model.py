@@ -129,6 +129,21 @@ def shared_prefix_length(blocks: list[Any], trained: list[int]) -> int:
     return n
 
 
+def layer_input(args: tuple, kwargs: dict) -> torch.Tensor:
+    """The hidden state among a decoder layer's captured call arguments."""
+    return args[0] if args else kwargs["hidden_states"]
+
+
+def run_layers(layers: Any, hidden: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
+    """`hidden` through `layers` one after another, with the other arguments (mask, rotary embeddings)
+    of a captured decoder-layer call."""
+    rest = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+    for layer in layers:
+        hidden = layer(hidden, *args[1:], **rest)
+        hidden = hidden[0] if isinstance(hidden, tuple) else hidden  # transformers 4.x returned tuples
+    return hidden
+
+
 class Teacher:
     """Next-token logits of the model before the plan, the target of `--loss distill`.
 
@@ -158,11 +173,8 @@ class Teacher:
         if self._captured is None:
             raise RuntimeError("Teacher: run the student on the same ids first (its hidden state is reused).")
         (args, kwargs), self._captured = self._captured, None
-        hidden = args[0] if args else kwargs.pop("hidden_states")
         inner = self.model.model
-        for layer in inner.layers[self.split:]:
-            hidden = layer(hidden, *args[1:], **kwargs)
-            hidden = hidden[0] if isinstance(hidden, tuple) else hidden  # transformers 4.x returned tuples
+        hidden = run_layers(inner.layers[self.split:], layer_input(args, kwargs), args, kwargs)
         return self.model.lm_head(inner.norm(hidden))
 
     def close(self) -> None:
