@@ -120,3 +120,48 @@ def test_other_domain_text(novels):
     assert "{" not in text and "═" not in text  # format markers cleaned
     assert text[:2000] not in "\n".join(novels.values())
     assert (data.cache_dir() / "other" / "jargon.txt").is_file()
+
+
+def test_fortunes_are_varied_training_text_free_of_the_other_domain():
+    text, other = data.fortunes_text(), data.other_domain_text()
+    assert len(text) > 2_000_000 and "Ogden Nash" in text and "Elizabeth Bennet" not in text
+    assert (data.cache_dir() / "fortunes" / "fortunes.txt").is_file()
+    banned = data._word_ngrams(other)
+    # paragraphs lie inside one entry each, so none may share 8 words with the Jargon File
+    assert not any(data._word_ngrams(p) & banned for p in text.split("\n\n"))
+
+
+def test_clean_fortunes_keeps_prose_and_drops_what_the_other_text_holds(tmp_path):
+    quoted = "a hacker is a person who enjoys exploring the details of programmable systems"
+    (tmp_path / "science").write_text("Short one.\n%\nThe universe is not only queerer than we "
+                                      "suppose, but queerer than we can suppose.\n%\n"
+                                      f"As the file says, {quoted}.\n")
+    (tmp_path / "science.dat").write_bytes(b"\x00\x01index")
+    (tmp_path / "art").write_text("  /\\_/\\  a cat drawn in characters, long enough to be kept\n")
+    kept = data._clean_fortunes(tmp_path, other=f"Intro. {quoted} and stretching them.")
+    assert kept == ("The universe is not only queerer than we suppose, but queerer than we can "
+                    "suppose.")
+
+
+def test_plus_interleaves_texts_in_proportion(novels):
+    a, b = "a" * 100, "b" * 40
+    mixed = data.interleave([a, b], chunk=10)
+    pieces = mixed.split("\n\n")
+    assert "".join(p for p in pieces if p[0] == "a") == a and "".join(p for p in pieces if p[0] == "b") == b
+    for n in range(1, len(pieces) + 1):  # b's share (4 of 14 pieces) is spread, not appended
+        assert abs(sum(p[0] == "b" for p in pieces[:n]) - n * 4 / 14) <= 1
+    emma, pers = novels["emma"], novels["persuasion"]
+    both = data.load_text("austen:emma+austen:persuasion")
+    n_pieces = -(-len(emma) // 20_000) + -(-len(pers) // 20_000)
+    assert len(both) == len(emma) + len(pers) + 2 * (n_pieces - 1)
+    assert both.startswith(emma[:20_000] + "\n\n" + pers[:20_000])
+
+
+def test_plus_spec_errors_and_files_with_a_plus(tmp_path):
+    with pytest.raises(ValueError, match="empty part around '\\+'"):
+        data.load_text("austen-train+")
+    with pytest.raises(ValueError, match="'austen:ulysses'"):
+        data.load_text("austen-train+austen:ulysses")
+    odd = tmp_path / "c++notes.txt"
+    odd.write_text("one file, not two texts")
+    assert data.load_text(str(odd)) == "one file, not two texts"

