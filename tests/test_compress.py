@@ -191,3 +191,10 @@ def test_without_generated_text_the_finetune_reads_the_data_itself(tmp_path):
     assert opts.generate_tokens == 0 and opts.corpus_share == 1.0  # the defaults: the novels alone
     assert compress_core.training_data(opts, tmp_path) == "austen-train"
     assert list(tmp_path.iterdir()) == []  # no copy of the text
+
+
+@pytest.mark.parametrize("data", ["other-domain", "default", "austen-train+other-domain", "fortunes + default"])
+def test_training_text_may_not_hold_a_measuring_text(data, tmp_path):
+    opts = compress_core.CompressOptions(data=data, target_depth=DEPTH, out=str(tmp_path))
+    with pytest.raises(ValueError, match="is also a text the result is measured on"):
+        compress_core.check_options(opts)
