@@ -142,8 +142,10 @@ def check_options(opts: CompressOptions) -> None:
         raise ValueError(f"--budget-minutes must be positive (got {opts.budget_minutes}).")
     if opts.eval_tokens < opts.eval_window:
         raise ValueError(f"--eval-tokens ({opts.eval_tokens}) must be at least one --eval-window ({opts.eval_window}).")
-    # a '+' spec joins texts (measure.eval.data.load_text): none of its parts may be a measuring text
-    if {opts.data, *(part.strip() for part in opts.data.split("+"))} & {opts.eval_text, opts.other_text}:
+    from ...measure.eval.data import text_parts
+
+    # a '+' spec joins texts: none of its parts may be a measuring text
+    if {opts.data, *text_parts(opts.data)} & {opts.eval_text, opts.other_text}:
         raise ValueError(f"--data {opts.data!r} is also a text the result is measured on; train and calibrate on "
                          "other text (the default austen-train+fortunes never overlaps either measuring text).")
     if opts.tasks is not None:

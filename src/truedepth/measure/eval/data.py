@@ -27,6 +27,7 @@ import gzip
 import importlib.util
 import json
 import os
+import random
 import re
 import shutil
 import subprocess
@@ -275,8 +276,6 @@ def _clean_fortunes(folder: Path, other: str) -> str:
     words with ``other`` (the Jargon File quotes and is quoted by fortunes): the other-domain
     measurement must stay free of training text.
     """
-    import random
-
     banned = _word_ngrams(other)
     kept = []
     for path in sorted(folder.iterdir()):
@@ -369,16 +368,24 @@ def _load_hf_text(datasets, spec: str) -> str:
     return "\n\n".join(ds["text"])
 
 
+def text_parts(spec: str) -> list[str]:
+    """The texts a spec joins with '+' (``[spec]`` for one text, or for a file whose name holds a '+')."""
+    if "+" not in spec or Path(spec).expanduser().is_file():
+        return [spec]
+    parts = [part.strip() for part in spec.split("+")]
+    if not all(parts):
+        raise UserError(f"text spec {spec!r} has an empty part around '+'; join two or more texts, "
+                        "e.g. 'austen-train+fortunes'.")
+    return parts
+
+
 def load_text(spec: str) -> str:
     """Return the text named by ``spec``; see :data:`TEXT_SPEC_HELP` for the forms.
 
     Austen and file specs never touch the network (beyond the one-off Debian fetch).
     """
-    if "+" in spec and not Path(spec).expanduser().is_file():  # a file name may hold a '+'
-        parts = [part.strip() for part in spec.split("+")]
-        if not all(parts):
-            raise UserError(f"text spec {spec!r} has an empty part around '+'; join two or more texts, "
-                            "e.g. 'austen-train+fortunes'.")
+    parts = text_parts(spec)
+    if len(parts) > 1:
         return interleave([load_text(part) for part in parts])
     if spec == "default":
         return held_out_text()
