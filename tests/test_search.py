@@ -80,6 +80,24 @@ def test_scorer_counts_passes_and_reuses_results():
     assert (scorer.evals, scorer.layer_runs) == (3, 17)
 
 
+def test_kept_plan_gives_the_same_scores_from_fewer_layers():
+    model, ids = tiny_model("llama", layers=8), calib()
+    plain, kept = search_core.PlanScorer(model, ids), search_core.PlanScorer(model, ids)
+    kept.keep_states("parallel=1:3")
+    assert (kept.evals, kept.layer_runs) == (1, 8 + 7)  # a kept plan is not an evaluation; layers 1..7 ran
+    kept.score("parallel=1:3,parallel=5:7")
+    assert kept.layer_runs == 15 + 3  # from the kept input of layer 5: the pair and layer 7 (plainly: 7)
+    plans = ["parallel=1:3,parallel=5:7", "parallel=1:3,skip=6", "parallel=1:3", "parallel=1:4/3", "skip=1",
+             "parallel=0:2", "parallel=6:8", "parallel=1:3,parallel=4:6,skip=7"]
+    for plan in plans:
+        assert kept.score(plan) == pytest.approx(plain.score(plan), rel=1e-6), plan
+    kept.keep_states("skip=2,parallel=4:6")  # replaces the kept plan; positions shift after a skip
+    for plan in ["skip=2,parallel=4:6,parallel=6:8", "skip=2,skip=4", "skip=2,parallel=4:6,skip=7"]:
+        assert kept.score(plan) == pytest.approx(plain.score(plan), rel=1e-6), plan
+    for plan in ["parallel=1:3,parallel=5:7", "skip=2,parallel=4:6,skip=7"]:
+        assert plain.score(plan) == pytest.approx(fused_objective(model, plan, ids, "ppl"), rel=1e-5)
+
+
 def test_scorer_refuses_a_transformed_model():
     model = apply_plan(tiny_model("llama"), "parallel=2:4")
     with pytest.raises(ValueError, match="already transformed.*without a plan"):

@@ -15,6 +15,7 @@ import sys
 import traceback
 
 from ..core.plan import GRAMMAR_HELP
+from ..utils.env import keep_freed_memory
 from ..utils.errors import UserError
 
 PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep  # .../truedepth/
@@ -70,6 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     debug = getattr(args, "debug", False) or os.environ.get("TRUEDEPTH_DEBUG", "") not in ("", "0")
+    keep_freed_memory()  # before any tensor exists: large blocks are reused, not mapped afresh each step
     try:
         return int(args._module.run(args) or 0)
     except KeyboardInterrupt:

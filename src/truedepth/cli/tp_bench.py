@@ -12,6 +12,7 @@ import sys
 
 from ..measure.bench.tp_bench import format_table, plot, tp_bench
 from ..runtime.distributed import tp
+from ..utils.env import keep_freed_memory
 from ..utils.io import atomic_write_json
 
 
@@ -59,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
                                      description=(library.__doc__ or __doc__).strip(), formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(parser)
     args = parser.parse_args(argv)
+    keep_freed_memory()
     try:
         return run(args)
     except (ValueError, FileNotFoundError, RuntimeError) as e:

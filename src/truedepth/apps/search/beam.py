@@ -169,6 +169,7 @@ def beam_build(scorer: PlanScorer, ranked: Sequence[Element], top: int, opt: Opt
     for r in range(top):
         levels[r] = sorted(levels[r], key=lambda t: t[0])[: opt.beam]
         for _, chosen in levels[r]:
+            scorer.keep_states(chosen)  # its extensions start where they leave it
             for e in _shortlist(chosen, ranked, top - r, opt.shortlist, L, opt):
                 if levels[r + 1] and _over_budget(scorer, opt, start_evals):
                     break  # over budget: one plan per level, enough to reach the target
@@ -217,6 +218,7 @@ def refine(scorer: PlanScorer, chosen: Sequence[Element], ranked: Sequence[Eleme
         if _over_budget(scorer, opt, start_evals):
             break
         improved = False
+        scorer.keep_states(best)  # a swap starts at the first layer it changes
         cands = neighbours(best, ranked, opt.shortlist, scorer.num_layers)
         for cand in tqdm(cands, desc=label, unit="plan", disable=not opt.progress, leave=False):
             if _over_budget(scorer, opt, start_evals):

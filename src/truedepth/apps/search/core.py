@@ -195,6 +195,10 @@ class PlanScorer:
         h = x + sum_i Attn_i(Norm_i(x)),   out = h + sum_i MLP_i(Norm'_i(h))
     which is what the fused wide layer of `apply_plan` computes (up to float rounding), so the
     search never copies or rebuilds the model. Results are memoised per plan.
+
+    `keep_states(plan)` also keeps the input of every block of one plan (a beam parent, the plan
+    being refined): a plan that agrees with it up to some layer then starts there, so extending
+    `parallel=3:5` by `parallel=24:26` re-runs 6 layers instead of 27, with the same result.
     """
 
     def __init__(self, model: Any, input_ids: Any, objective: str = "ppl") -> None:
@@ -218,6 +222,7 @@ class PlanScorer:
         self.evals = 1  # forward passes over the calibration batch, the recording pass included
         self.layer_runs = self.num_layers  # decoder layers run in those passes (a group of g counts g)
         self._cache: dict[str, float] = {}
+        self._kept: tuple[list[Block], dict[int, Any]] | None = None  # one plan's blocks, the input of each by position
         with torch.no_grad():
             self.inputs, self.kwargs = self._record_base_pass()
             self.base = self._objective(self.inputs[-1])
@@ -281,18 +286,52 @@ class PlanScorer:
 
     def _final_hidden(self, plan: Plan) -> Any:
         """Final (pre-norm) hidden states of `plan`, re-running only the layers from the first one
-        it changes; counted as one forward pass."""
+        it changes (or from where it leaves the kept plan); counted as one forward pass."""
         import torch
 
         blocks = plan.blocks(self.num_layers)
-        first = first_changed_block(blocks)
+        start, x = self._start(blocks)
         with torch.no_grad():
-            x = self.inputs[first]
-            for block in blocks[first:]:
+            for block in blocks[start:]:
                 x = self._run_block(block, x)
                 self.layer_runs += len(block.layers)
         self.evals += 1
         return x
+
+    def _start(self, blocks: list[Block]) -> tuple[int, Any]:
+        """The first block of `blocks` to run and its input: after the longest run of leading blocks
+        that the original model, or the kept plan, shares with it."""
+        first = first_changed_block(blocks)
+        start, x = first, self.inputs[first]  # before `first`, every block is an original layer
+        if self._kept is not None:
+            kept_blocks, kept_inputs = self._kept
+            common = 0
+            while common < min(len(blocks), len(kept_blocks)) and blocks[common] == kept_blocks[common]:
+                common += 1
+            if common > first:  # both ran the same blocks so far: the same state
+                start, x = common, kept_inputs[common]
+        return start, x
+
+    def keep_states(self, plan: Any) -> None:
+        """Keep the input of every block of `plan` (one pass over the layers it changes; not counted
+        as a plan evaluation in `evals`) so plans sharing its first blocks start where they part.
+        Replaces the plan kept before; costs one hidden state per changed layer in memory."""
+        import torch
+
+        blocks = self._as_plan(plan).blocks(self.num_layers)
+        if self._kept is not None and self._kept[0] == blocks:
+            return
+        self._kept = None  # its memory is free before the new states are made
+        first = first_changed_block(blocks)
+        inputs: dict[int, Any] = {}
+        x = self.inputs[first]
+        with torch.no_grad():
+            for k in range(first, len(blocks)):
+                inputs[k] = x
+                x = self._run_block(blocks[k], x)
+                self.layer_runs += len(blocks[k].layers)
+        inputs[len(blocks)] = x
+        self._kept = (blocks, inputs)
 
     # ---- plans ------------------------------------------------------------------------------------
     @staticmethod

@@ -1,0 +1,46 @@
+"""utils.env.keep_freed_memory: large blocks come from malloc's heap (reused), not from a fresh mmap."""
+
+import ctypes
+import os
+import subprocess
+import sys
+
+import pytest
+
+PROBE = r"""
+import ctypes, os, sys
+import torch
+from truedepth.utils.env import keep_freed_memory
+
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
+                 "keepcost")]
+
+libc = ctypes.CDLL("libc.so.6")
+libc.mallinfo2.restype = MallInfo2
+applied = keep_freed_memory()
+before = libc.mallinfo2().hblks  # blocks mmapped so far (importing torch made some)
+x = torch.empty(64 * 2**20, dtype=torch.uint8)  # 64 MB: over glibc's largest mmap threshold (32 MB)
+print(applied, libc.mallinfo2().hblks - before)
+"""
+
+
+def _probe(env_value: str | None) -> tuple[str, int]:
+    env = {k: v for k, v in os.environ.items() if k != "TRUEDEPTH_MALLOC"}
+    if env_value is not None:
+        env["TRUEDEPTH_MALLOC"] = env_value
+    out = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, env=env, check=True)
+    applied, mapped = out.stdout.split()
+    return applied, int(mapped)  # blocks the 64 MB tensor added to the mmapped ones
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc only")
+def test_large_blocks_come_from_the_heap_not_mmap():
+    try:
+        ctypes.CDLL("libc.so.6").mallinfo2
+    except (OSError, AttributeError):
+        pytest.skip("needs glibc >= 2.33 (mallinfo2)")
+    assert _probe(None) == ("True", 0)
+    applied, mapped = _probe("system")  # the opt-out leaves glibc's default: a 64 MB block is mmapped
+    assert applied == "False" and mapped >= 1
