@@ -8,7 +8,7 @@ import sys
 import pytest
 
 PROBE = r"""
-import ctypes, os, sys
+import ctypes
 import torch
 from truedepth.utils.env import keep_freed_memory
 
