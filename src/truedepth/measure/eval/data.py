@@ -40,7 +40,7 @@ import zlib
 from pathlib import Path
 
 from ...utils.env import cache_dir  # noqa: F401  (re-exported: data.cache_dir)
-from ...utils.errors import InputPathError, MissingAssetError, UserError
+from ...utils.errors import InputPathError, UserError
 from ...utils.io import atomic_write as _atomic_write
 from ...utils.io import looks_like_path
 from .textfiles import _missing, _read_cached, _word_ngrams
