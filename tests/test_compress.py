@@ -104,6 +104,24 @@ def test_tasks_score_base_and_saved_model_as_lm_eval_does(tiny_dir, texts, tmp_p
     assert "## lm-eval tasks" in (out / "README.md").read_text()
 
 
+def test_untrained_models_come_from_the_cache_without_loading(tiny_dir, texts, monkeypatch):
+    """The evaluate stage measures base and plan models once; a later run with the same weights, texts
+    and sizes takes their perplexities from the cache and loads nothing for them."""
+    from truedepth.core import loading
+
+    loaded, real = [], loading.load
+    monkeypatch.setattr(loading, "load", lambda *a, **k: loaded.append(k.get("plan")) or real(*a, **k))
+    opts = compress_core.CompressOptions(model=str(tiny_dir), eval_tokens=256, eval_window=32, quiet=True)
+    held = {"held_out": (texts / "held.txt").read_text()}
+    first = compress_core.measured_perplexities(opts, held, "parallel=2:6", plan="parallel=2:6")
+    assert loaded == ["parallel=2:6"]
+    assert compress_core.measured_perplexities(opts, held, "parallel=2:6", plan="parallel=2:6") == first
+    assert loaded == ["parallel=2:6"]  # the second time: from the cache, nothing loaded
+    other = {"held_out": (texts / "other.txt").read_text()}
+    assert compress_core.measured_perplexities(opts, other, "parallel=2:6", plan="parallel=2:6") != first
+    assert loaded == ["parallel=2:6"] * 2  # another text is measured anew
+
+
 def test_finetune_text_mixes_generated_text_and_the_data(texts, finished):
     from truedepth.apps.finetune import selfdata
 

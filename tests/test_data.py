@@ -7,7 +7,7 @@ import types
 
 import pytest
 
-from truedepth.measure.eval import data, sotu
+from truedepth.measure.eval import data, sotu, textfiles, wordnet
 
 
 @pytest.fixture(scope="module")
@@ -126,9 +126,9 @@ def test_fortunes_are_varied_training_text_free_of_the_other_domain():
     text, other = data.fortunes_text(), data.other_domain_text()
     assert len(text) > 2_000_000 and "Ogden Nash" in text and "Elizabeth Bennet" not in text
     assert (data.cache_dir() / "fortunes" / "fortunes.txt").is_file()
-    banned = data._word_ngrams(other)
+    banned = textfiles.word_ngrams(other)
     # paragraphs lie inside one entry each, so none may share 8 words with the Jargon File
-    assert not any(data._word_ngrams(p) & banned for p in text.split("\n\n"))
+    assert not any(textfiles.word_ngrams(p) & banned for p in text.split("\n\n"))
 
 
 def test_clean_fortunes_keeps_prose_and_drops_what_the_other_text_holds(tmp_path):
@@ -148,7 +148,7 @@ def test_sotu_is_modern_non_fiction_free_of_the_other_domain():
     assert len(text) > 2_000_000 and "Congress" in text and "(Applause" not in text
     assert text.count("\n\n") == 61  # 62 addresses, 1961-2021
     assert (data.cache_dir() / "sotu" / "sotu.txt").is_file()
-    assert not data._word_ngrams(text) & data._word_ngrams(other)
+    assert not textfiles.word_ngrams(text) & textfiles.word_ngrams(other)
 
 
 def test_clean_sotu_keeps_recent_addresses_in_date_order_without_audience_notes():
@@ -158,6 +158,40 @@ def test_clean_sotu_keeps_recent_addresses_in_date_order_without_audience_notes(
                  "1960_old_r.txt": "Too old to keep.",
                  "2001_c_r.txt": f"As the file says, {quoted}."}
     assert sotu.clean_sotu(addresses, other=f"Intro. {quoted} here.") == "First address.\n\nLater. Thanks to all"
+
+
+def test_wordnet_is_general_knowledge_free_of_the_other_domain():
+    text, other = wordnet.wordnet_text(), data.other_domain_text()
+    lines = text.split("\n")
+    assert len(lines) == 117_657 and "scorch, singe (noun): a surface burn" in lines
+    words = [line.partition(" (")[0] for line in lines]  # the synset's words, before its part of speech
+    assert not any("_" in w or w.endswith(("(a)", "(p)", "(ip)")) for w in words) and "LICENSEE" not in text
+    assert (data.cache_dir() / "wordnet" / "wordnet.txt").is_file()
+    banned = textfiles.word_ngrams(other)
+    assert not any(textfiles.word_ngrams(line) & banned for line in lines)
+
+
+def test_clean_wordnet_reads_every_part_of_speech_and_drops_what_the_other_text_holds(tmp_path):
+    quoted = "a hacker is a person who enjoys exploring the details of programmable systems"
+    licence = "  1 This software and database is being provided to you, the LICENSEE, by  \n"
+    ten = " ".join(f"w{i} {i}" for i in range(10))  # each word is followed by its lex_id
+    records = {
+        "noun": "00001 03 n 02 scorch 0 singe 0 000 | a surface burn  \n"
+                f"00002 18 n 01 hacker 0 000 | {quoted}  \n"
+                f"00006 03 n 0a {ten} 000 | ten names  \n",  # the word count is hexadecimal
+        "verb": "00003 30 v 01 look_up 0 000 | seek information; \"look up the answer\"  \n",
+        "adj": "00004 00 a 02 galore(ip) 0 aplenty(p) 0 000 | in abundance  \n",
+        "adv": "00005 02 r 01 ever 0 000 | at all times  \n",
+    }
+    for name, body in records.items():
+        (tmp_path / f"data.{name}").write_text(licence + body)
+    kept = wordnet.clean_wordnet(tmp_path, other=f"Intro. {quoted} and more.")
+    assert sorted(kept.split("\n")) == ['ever (adverb): at all times',
+                                        'galore, aplenty (adjective): in abundance',
+                                        'look up (verb): seek information; "look up the answer"',
+                                        'scorch, singe (noun): a surface burn',
+                                        f"{', '.join(f'w{i}' for i in range(10))} (noun): ten names"]
+    assert kept == wordnet.clean_wordnet(tmp_path, other=quoted)  # the shuffle is seeded
 
 
 def test_sotu_tarball_must_be_the_pinned_file(monkeypatch, tmp_path):

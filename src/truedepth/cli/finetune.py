@@ -28,7 +28,7 @@ from the latest one and ends with the same weights as an uninterrupted run.
 
 Precision: trained weights are always float32 (the master copy AdamW updates). Training steps run
 under torch.autocast in --train-dtype with the frozen weights stored in it (auto: bf16 on GPU and on
-CPUs with AMX/AVX512-BF16, about 3x faster there; else fp32). The saved model and every perplexity
+CPUs where a quick matrix-multiply timing finds bf16 faster than fp32; else fp32). The saved model and every perplexity
 use --dtype (default fp32 on CPU, bf16 on GPU): the final model is rebuilt from the original
 weights with the trained tensors put in, so frozen weights never pass through bf16.
 
@@ -93,8 +93,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "decay) ends inside --max-minutes, instead of being cut off at a high learning rate")
     g.add_argument("--train-dtype", default="auto", choices=("auto", "fp32", "bf16"),
                    help="precision of the training forward/backward (torch.autocast; frozen weights stored in it, "
-                        "trained weights kept in fp32). auto: bf16 on GPU and on CPUs with AMX/AVX512-BF16 "
-                        "(~3x faster there), else fp32. The saved model and all perplexities use --dtype. "
+                        "trained weights kept in fp32). auto: bf16 on GPU and on CPUs where a quick "
+                        "matrix-multiply timing finds bf16 faster (not every CPU with AVX512-BF16 is), else fp32. The saved model and all perplexities use --dtype. "
                         "Default: %(default)s")
     g.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     o = parser.add_argument_group("output and resuming")

@@ -165,23 +165,6 @@ def check_output(out: Path, overwrite: bool) -> None:
                      "or choose another --out.")
 
 
-def matmul_flops(device: str, dtype: Any, n: int = 1024, repeats: int = 5) -> float:
-    """Matrix-multiply speed of `device` in `dtype` (flop/s), from a fraction of a second of timing."""
-    import torch
-
-    from ...measure.bench.timing import synchronize
-
-    a = torch.randn(n, n, device=device).to(dtype)
-    best = float("inf")
-    for _ in range(repeats):
-        synchronize(a.device)
-        start = time.perf_counter()
-        a @ a
-        synchronize(a.device)
-        best = min(best, time.perf_counter() - start)
-    return 2 * n ** 3 / max(best, 1e-9)
-
-
 def weight_count(config: Any) -> int:
     """Matrix weights one token passes through (decoder layers and the output head), from the config."""
     h, heads = config.hidden_size, config.num_attention_heads
@@ -195,6 +178,7 @@ def min_step_seconds(config: Any, opts: CompressOptions) -> tuple[float, str]:
     """An estimate of the least time one fine-tuning step takes, and the device: one forward pass (2 flops
     per weight and token) at the measured matmul speed in the training dtype. A real step (backward
     pass, teacher) costs about three times more; a loaded machine measures slower than it trains."""
+    from ...measure.bench.timing import matmul_flops
     from ..finetune.config import FinetuneOptions
     from ..finetune.run import resolve_precision
 
@@ -366,7 +350,8 @@ def run_finetune_stage(opts: CompressOptions, out: Path, plan: str, max_minutes:
 def measured_perplexities(opts: CompressOptions, texts: dict[str, str], label: str, plan: str | None = None,
                           folder: Path | None = None) -> dict[str, float]:
     """Perplexity of one model on each text. Models without training (base, a plan applied to the base)
-    come from finetune's cache when measured before with the same weights, texts and sizes."""
+    come from finetune's cache when measured before with the same weights, texts and sizes, without
+    loading them."""
     from ...core.loading import load
     from ...utils.device import as_dtype, device_and_dtype
     from ..finetune.config import FinetuneOptions
@@ -375,15 +360,15 @@ def measured_perplexities(opts: CompressOptions, texts: dict[str, str], label: s
 
     device, dtype_name = device_and_dtype(opts.device, opts.dtype)
     dtype = as_dtype(dtype_name)
-    model, tokenizer = load(folder or opts.model, dtype=dtype, device=device, plan=plan)
 
-    def measure(m: Any) -> dict[str, float]:
-        return perplexities(m, tokenizer, texts, opts.eval_tokens, opts.eval_window, device, dtype, not opts.quiet)
+    def measure() -> dict[str, float]:
+        model, tokenizer = load(folder or opts.model, dtype=dtype, device=device, plan=plan)
+        return perplexities(model, tokenizer, texts, opts.eval_tokens, opts.eval_window, device, dtype, not opts.quiet)
 
     if folder is not None:
-        return measure(model)
+        return measure()
     args = FinetuneOptions(model=opts.model, eval_tokens=opts.eval_tokens, eval_window=opts.eval_window)
-    return cached_perplexities(model, measure, args, label, texts_digest(texts))
+    return cached_perplexities(measure, args, label, texts_digest(texts), dtype, device)
 
 
 def run_evaluate_stage(opts: CompressOptions, out: Path, layers: int, plan: str) -> dict[str, Any]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -118,8 +119,11 @@ def run_finetune(args: FinetuneOptions) -> int:
     measure = _measurer(setup.tokenizer, texts, args, device, dtype, progress)
     if not args.resume and measure:  # base and LP, in the evaluation dtype, before any weight changes
         digest = texts_digest(texts)
-        meta["base"] = cached_perplexities(setup.base, measure, args, "base", digest) if setup.base is not None else None
-        meta["lp"] = cached_perplexities(setup.student, measure, args, str(setup.plan), digest)
+        if setup.base is not None:
+            meta["base"] = cached_perplexities(lambda: measure(setup.base), args, "base", digest, dtype, device)
+        else:
+            meta["base"] = None
+        meta["lp"] = cached_perplexities(lambda: measure(setup.student), args, str(setup.plan), digest, dtype, device)
 
     model, teacher = make_trainable(setup, cfg, train_dtype)
     memory = check_memory(model, teacher.model if teacher else None, cfg, device, train_dtype)
@@ -158,14 +162,14 @@ def check_plan_before_loading(args: FinetuneOptions) -> None:
         check_plan_against_config(as_plan(args.plan or DEFAULT_PLAN), config)
 
 
+@functools.lru_cache(maxsize=1)
 def cpu_has_fast_bf16() -> bool:
-    """True where the CPU multiplies bf16 natively (AMX or AVX512-BF16): there bf16 training is ~3x faster."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line for line in f if line.startswith("flags")), "")
-    except OSError:
-        return False
-    return " amx_bf16" in flags or " avx512_bf16" in flags
+    """True where this CPU multiplies bf16 matrices clearly faster than fp32 (measured, a fraction of a
+    second). The avx512_bf16 flag is not enough: on an AMD EPYC with it bf16 ran 1.7x faster, on an
+    Intel Xeon VM with it 1.7x slower (docs/COMPRESS.md, 2026-12-01)."""
+    from ...measure.bench.timing import matmul_flops
+
+    return matmul_flops("cpu", torch.bfloat16) > 1.2 * matmul_flops("cpu", torch.float32)
 
 
 def resolve_precision(args: FinetuneOptions) -> tuple[str, torch.dtype, torch.dtype]:
@@ -299,18 +303,19 @@ def save_model(model: Any, tokenizer: Any, out: Path) -> None:
     tokenizer.save_pretrained(out)
 
 
-def cached_perplexities(model: Any, measure: Callable[[Any], dict[str, float]], args: FinetuneOptions,
-                        label: str, texts_digest: str) -> dict[str, float]:
-    """Perplexities of the base and LP models, cached (they do not depend on training options)."""
+def cached_perplexities(measure: Callable[[], dict[str, float]], args: FinetuneOptions, label: str,
+                        texts_digest: str, dtype: torch.dtype, device: str | torch.device) -> dict[str, float]:
+    """Perplexities of a model without training (the base, or a plan applied to it), cached: they do not
+    depend on training options. ``measure`` runs only on a cache miss, so a caller that would have to
+    load the model for it loads nothing on a hit."""
     from ...core.loading import resolve
 
     key = json.dumps([label, _weights_fingerprint(resolve(args.model)), texts_digest,
-                      args.eval_tokens, args.eval_window, str(next(model.parameters()).dtype),
-                      str(next(model.parameters()).device.type)])
+                      args.eval_tokens, args.eval_window, str(dtype), torch.device(device).type])
     path = _ppl_cache_path()
     cache = json.loads(path.read_text()) if path.is_file() else {}
     if key not in cache:
-        cache = dict(json.loads(path.read_text()) if path.is_file() else {}, **{key: measure(model)})
+        cache = dict(json.loads(path.read_text()) if path.is_file() else {}, **{key: measure()})
         tmp = path.with_name(f".{path.name}.{os.getpid()}")
         tmp.write_text(json.dumps(cache, indent=1))
         os.replace(tmp, path)

