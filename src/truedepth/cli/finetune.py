@@ -28,9 +28,10 @@ from the latest one and ends with the same weights as an uninterrupted run.
 
 Precision: trained weights are always float32 (the master copy AdamW updates). Training steps run
 under torch.autocast in --train-dtype with the frozen weights stored in it (auto: bf16 on GPU and on
-CPUs where a quick matrix-multiply timing finds bf16 faster than fp32; else fp32). The saved model and every perplexity
-use --dtype (default fp32 on CPU, bf16 on GPU): the final model is rebuilt from the original
-weights with the trained tensors put in, so frozen weights never pass through bf16.
+CPUs where a quick matrix-multiply timing finds bf16 faster than fp32; else fp32). The saved
+model and every perplexity use --dtype (default fp32 on CPU, bf16 on GPU): the final model is
+rebuilt from the original weights with the trained tensors put in, so frozen weights never pass
+through bf16.
 
 Examples:
   truedepth finetune --plan parallel=20:28 --tokens 200000 --out runs/ft
@@ -94,7 +95,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--train-dtype", default="auto", choices=("auto", "fp32", "bf16"),
                    help="precision of the training forward/backward (torch.autocast; frozen weights stored in it, "
                         "trained weights kept in fp32). auto: bf16 on GPU and on CPUs where a quick "
-                        "matrix-multiply timing finds bf16 faster (not every CPU with AVX512-BF16 is), else fp32. The saved model and all perplexities use --dtype. "
+                        "matrix-multiply timing finds bf16 faster (not every CPU with AVX512-BF16 is), else fp32. "
+                        "The saved model and all perplexities use --dtype. "
                         "Default: %(default)s")
     g.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     o = parser.add_argument_group("output and resuming")
