@@ -267,6 +267,21 @@ def test_cli_refuses_bad_plan_before_loading_anything(tmp_path, capsys):
     assert not (tmp_path / "o").exists()
 
 
+def test_cli_refuses_blocks_loss_on_mixed_attention_before_loading_weights(tmp_path, monkeypatch, capsys):
+    from truedepth.core import loading
+
+    path = tmp_path / "mixed"
+    tiny_model("qwen3", layers=4, use_sliding_window=True, sliding_window=4, max_window_layers=2).save_pretrained(path)
+    char_tokenizer().save_pretrained(path)
+    monkeypatch.setattr(loading, "load", lambda *a, **k: pytest.fail("weights loaded"))
+    for extra in (["--loss", "blocks"], ["--loss", "distill", "--block-weight", "1"]):
+        rc = cli.main(["finetune", "--model", str(path), "--plan", "parallel=0:2", "--data", "austen-train",
+                       "--out", str(tmp_path / "o"), *extra])
+        err = capsys.readouterr().err
+        assert rc == 2 and "mixes full_attention, sliding_attention" in err and "Traceback" not in err
+        assert not (tmp_path / "o").exists()
+
+
 def test_data_shorter_than_one_sequence_or_batch_is_refused():
     with pytest.raises(ValueError, match="shorter than one sequence of --seq-len 256"):
         ft_train.TokenBatches(torch.arange(100), seq_len=256, batch_size=1)
@@ -440,9 +455,9 @@ def test_auto_train_dtype_is_bf16_only_where_a_timing_finds_it_faster(monkeypatc
     from truedepth.measure.bench import timing
 
     monkeypatch.setattr(timing, "matmul_flops", lambda device, dtype, **k: bf16 if dtype == torch.bfloat16 else fp32)
-    ft_run.cpu_has_fast_bf16.cache_clear()
+    timing.bf16_is_faster.cache_clear()
     try:
         assert ft_run.resolve_precision(ft_config.FinetuneOptions(device="cpu"))[2] == want
         assert ft_run.resolve_precision(ft_config.FinetuneOptions(device="cpu", train_dtype="bf16"))[2] == torch.bfloat16
     finally:
-        ft_run.cpu_has_fast_bf16.cache_clear()
+        timing.bf16_is_faster.cache_clear()

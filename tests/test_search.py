@@ -221,6 +221,24 @@ def test_search_copy_in_bf16_ranks_like_fp32():
         assert half.score(p) == pytest.approx(full.score(p), rel=0.1)
 
 
+@pytest.mark.parametrize("bf16_flops, want", [(300e9, torch.bfloat16), (160e9, torch.float32)])
+def test_auto_search_dtype_copies_to_bf16_only_where_timing_finds_it_faster(monkeypatch, bf16_flops, want):
+    from truedepth.measure.bench import timing
+
+    monkeypatch.setattr(timing, "matmul_flops", lambda device, dtype, **k: bf16_flops if dtype == torch.bfloat16
+                        else 200e9)
+    timing.bf16_is_faster.cache_clear()
+    try:
+        model = tiny_model("llama", layers=2)
+        chosen = search_run.search_copy(model, "auto")
+        assert next(chosen.parameters()).dtype == want and (chosen is model) == (want == torch.float32)
+        assert next(model.parameters()).dtype == torch.float32  # the model itself is never cast
+        low = model.to(torch.bfloat16)
+        assert search_run.search_copy(low, "auto") is low  # already low precision: no copy
+    finally:
+        timing.bf16_is_faster.cache_clear()
+
+
 def test_budget_still_reaches_the_target():
     model, ids = tiny_model("llama", layers=8), calib()
     scorer = search_core.PlanScorer(model, ids)

@@ -61,6 +61,11 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     return layers
 
 
+def layer_hidden(output: Any) -> Any:
+    """The hidden state a decoder layer returned: transformers 5 returns the tensor, 4.x a tuple."""
+    return output[0] if isinstance(output, tuple) else output
+
+
 def check_supported(model: nn.Module) -> str:
     config = model.config
     arch = base_model_type(config)

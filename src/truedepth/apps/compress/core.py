@@ -66,7 +66,7 @@ class CompressOptions:
     calib_windows: int = SearchOptions.calib_windows
     calib_length: int = SearchOptions.calib_length
     select_windows: int = SearchOptions.select_windows
-    search_dtype: str | None = None
+    search_dtype: str | None = "auto"  # bf16 where it is faster (most CPUs with AVX512-BF16 or AMX, GPUs)
     # text the base model samples itself, for data-free distillation (0: none; measured worse than the
     # novels alone on both measuring texts, docs/COMPRESS.md, so off by default)
     generate_tokens: int = 0

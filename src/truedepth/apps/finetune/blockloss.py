@@ -12,6 +12,8 @@ from typing import Any
 
 import torch
 
+from ...core.arch import layer_hidden
+from ...utils.errors import UserError
 from .model import layer_input, run_layers
 
 
@@ -19,17 +21,13 @@ class _StopForward(Exception):
     """Raised after the last wide layer when nothing after it is needed (`--loss blocks`)."""
 
 
-def _first(output: Any) -> torch.Tensor:
-    return output[0] if isinstance(output, tuple) else output  # transformers 4.x layers returned tuples
-
-
 def check_one_attention_type(config: Any) -> None:
     """A wide layer's mask is the one of its own position; with sliding-window and full-attention layers
     mixed, the layers it replaced may need another, so the targets would be wrong."""
     types = set(getattr(config, "layer_types", None) or [])
     if len(types) > 1:
-        raise ValueError(f"--loss blocks and --block-weight need one attention type in every layer; this model "
-                         f"mixes {', '.join(sorted(types))}. Use --loss distill without --block-weight.")
+        raise UserError(f"--loss blocks and --block-weight need one attention type in every layer; this model "
+                        f"mixes {', '.join(sorted(types))}. Use --loss distill without --block-weight.")
 
 
 class BlockMatch:
@@ -64,7 +62,7 @@ class BlockMatch:
 
     def _capture(self, i: int):
         def hook(module: Any, args: tuple, kwargs: dict, output: Any) -> None:
-            self._captured[i] = (args, kwargs, _first(output))
+            self._captured[i] = (args, kwargs, layer_hidden(output))
             if self.local and i == self._last:
                 raise _StopForward
 

@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from ...core.arch import layer_hidden
 from .config import DEFAULT_PLAN, TrainConfig
 
 
@@ -139,8 +140,7 @@ def run_layers(layers: Any, hidden: torch.Tensor, args: tuple, kwargs: dict) -> 
     of a captured decoder-layer call."""
     rest = {k: v for k, v in kwargs.items() if k != "hidden_states"}
     for layer in layers:
-        hidden = layer(hidden, *args[1:], **rest)
-        hidden = hidden[0] if isinstance(hidden, tuple) else hidden  # transformers 4.x returned tuples
+        hidden = layer_hidden(layer(hidden, *args[1:], **rest))
     return hidden
 
 

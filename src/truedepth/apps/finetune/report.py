@@ -168,7 +168,8 @@ def write_summary(summary: dict[str, Any], out: Path) -> None:
 
 def print_summary(summary: dict[str, Any], out: Path) -> None:
     print(f"fine-tuned {summary['steps']} steps, {summary['tokens']} tokens in {summary['train_seconds']:.0f} s "
-          f"({summary['tokens_per_second']:.0f} tok/s, {summary['device']}, {summary['dtype']})"
+          f"({summary['tokens_per_second']:.0f} tok/s, {summary['device']}, trained in {summary['train_dtype']}, "
+          f"saved in {summary['dtype']})"
           + (" -- stopped by --max-minutes" if summary["stopped_by"] == "max_minutes" else ""))
     for name, p in (summary.get("perplexity") or {}).items():
         rec = "n/a" if p["recovered"] is None else f"{100 * p['recovered']:.1f}%"

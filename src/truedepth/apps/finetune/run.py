@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import os
@@ -108,7 +107,7 @@ def run_finetune(args: FinetuneOptions) -> int:
     cfg.train_dtype = DTYPE_NAMES[train_dtype]
     if args.plan is not None and not as_plan(args.plan).is_identity:
         check_plan_has_parallel_groups(args.plan)  # before loading anything
-    check_plan_before_loading(args)
+    check_config_before_loading(args, cfg)
     progress = not args.quiet
     texts = load_texts(args)  # before the model: a bad --data fails fast
 
@@ -151,8 +150,9 @@ def run_finetune(args: FinetuneOptions) -> int:
     return 0
 
 
-def check_plan_before_loading(args: FinetuneOptions) -> None:
-    """The plan against --model's config.json (no weights read); a transformed model keeps its own plan."""
+def check_config_before_loading(args: FinetuneOptions, cfg: TrainConfig) -> None:
+    """The plan and the loss against --model's config.json (no weights read); a transformed model keeps
+    its own plan."""
     from ...core.arch import transformed_record
     from ...core.loading import check_plan_against_config, read_config
     from ...core.plan import as_plan
@@ -160,26 +160,18 @@ def check_plan_before_loading(args: FinetuneOptions) -> None:
     config = read_config(args.model)
     if transformed_record(config) is None:
         check_plan_against_config(as_plan(args.plan or DEFAULT_PLAN), config)
-
-
-@functools.lru_cache(maxsize=1)
-def cpu_has_fast_bf16() -> bool:
-    """True where this CPU multiplies bf16 matrices clearly faster than fp32 (measured, a fraction of a
-    second). The avx512_bf16 flag is not enough: on an AMD EPYC with it bf16 ran 1.7x faster, on an
-    Intel Xeon VM with it 1.7x slower (docs/COMPRESS.md, 2026-12-01)."""
-    from ...measure.bench.timing import matmul_flops
-
-    return matmul_flops("cpu", torch.bfloat16) > 1.2 * matmul_flops("cpu", torch.float32)
+    if cfg.loss == "blocks" or cfg.block_weight:
+        check_one_attention_type(config)
 
 
 def resolve_precision(args: FinetuneOptions) -> tuple[str, torch.dtype, torch.dtype]:
     """(device, dtype of the saved/evaluated model, dtype of the training forward/backward)."""
+    from ...measure.bench.timing import bf16_is_faster
     from ...utils.device import as_dtype, device_and_dtype
 
     device, dtype_name = device_and_dtype(args.device, args.dtype)
-    on_gpu = device.startswith("cuda")
     dtype = as_dtype(dtype_name)
-    auto = "bf16" if on_gpu or cpu_has_fast_bf16() else "fp32"
+    auto = "bf16" if bf16_is_faster(device) else "fp32"
     train_dtype = as_dtype(auto if args.train_dtype in (None, "auto") else args.train_dtype)
     if torch.float16 in (dtype, train_dtype):
         raise ValueError("fp16 is not supported for fine-tuning (it needs loss scaling); use bf16 or fp32.")
@@ -251,8 +243,7 @@ def make_trainable(setup: Setup, cfg: TrainConfig, train_dtype: torch.dtype) -> 
     if cfg.loss in TEACHER_LOSSES:
         # --loss blocks never asks for the teacher's logits, so it needs no hook at the split
         teacher = Teacher(setup.base, decoder_layers(setup.student), 0 if cfg.loss == "blocks" else setup.split)
-        if cfg.loss == "blocks" or cfg.block_weight:
-            check_one_attention_type(setup.base.config)
+        if cfg.loss == "blocks" or cfg.block_weight:  # one attention type: checked before loading
             teacher.blocks = BlockMatch(decoder_layers(setup.student), decoder_layers(setup.base),
                                         wide_members(setup.plan, recorded_depth(setup.student)),
                                         local=cfg.loss == "blocks")

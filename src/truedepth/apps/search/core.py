@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Sequence
 
+from ...core.arch import layer_hidden
 from ...core.plan import Block, Plan, Step
 
 OBJECTIVES = ("ppl", "kl")
@@ -366,8 +367,7 @@ class PlanScorer:
     def _run_block(self, block: Block, x: Any) -> Any:
         kw = self.kwargs[block.layers[0]]
         if block.kind == "keep":
-            out = self.layers[block.layers[0]](x, **kw)
-            return out[0] if isinstance(out, tuple) else out
+            return layer_hidden(self.layers[block.layers[0]](x, **kw))
         if block.kind != "parallel":
             raise ValueError(f"the search scorer handles parallel groups and skips, not '{block.kind}'.")
         members = [self.layers[i] for i in block.layers]

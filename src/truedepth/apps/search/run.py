@@ -73,7 +73,7 @@ def check_args(args: SearchOptions) -> tuple[list[int] | None, list[int] | None]
     if args.report != "none" and args.report_tokens < args.report_window:
         raise ValueError(f"--report-tokens ({args.report_tokens}) must be at least one --report-window "
                          f"({args.report_window}).")
-    if args.search_dtype is not None:
+    if args.search_dtype not in (None, "auto"):
         from ...utils.device import as_dtype
 
         as_dtype(args.search_dtype)  # raises naming the accepted dtypes
@@ -107,9 +107,10 @@ def run_search(args: SearchOptions) -> dict[str, Any]:
     t0 = time.perf_counter()
     scoring_model = search_copy(model, args.search_dtype)
     scorer = PlanScorer(scoring_model, ids, args.objective)
+    score_dtype = str(next(scoring_model.parameters()).dtype).removeprefix("torch.")
     print(f"{args.model}: {L} layers; calibration {tuple(ids.shape)} tokens of {args.calib!r} "
           f"(+ {args.select_windows} fresh windows for the final choice); "
-          f"objective {args.objective}, original model {scorer.base:.4f}")
+          f"objective {args.objective} scored in {score_dtype}, original model {scorer.base:.4f}")
     result = search(scorer, reductions, opt)
     summary = {"model": args.model, "command": args.command,
                "calibration": {"text": args.calib, "windows": args.calib_windows, "length": args.calib_length,
@@ -150,9 +151,16 @@ def run_search(args: SearchOptions) -> dict[str, Any]:
 
 
 def search_copy(model: Any, dtype: Any) -> Any:
-    """The model the search scores plans with: `model` itself, or a copy cast to `dtype`."""
+    """The model the search scores plans with: `model` itself, or a copy cast to `dtype`. "auto": a bf16
+    copy of an fp32 model where bf16 is clearly faster on its device (rankings move by ~0.1 %, SEARCH.md)."""
+    import torch
+
+    from ...measure.bench.timing import bf16_is_faster
     from ...utils.device import as_dtype
 
+    if dtype == "auto":
+        param = next(model.parameters())
+        dtype = "bf16" if param.dtype == torch.float32 and bf16_is_faster(str(param.device)) else None
     dtype = as_dtype(dtype)
     if dtype is None or dtype == next(model.parameters()).dtype:
         return model

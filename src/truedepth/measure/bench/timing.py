@@ -3,6 +3,7 @@ The one home of timing code: bench, the TP bench, the demo's decode probe and sc
 
 from __future__ import annotations
 
+import functools
 import statistics
 import time
 from typing import Any, Callable
@@ -34,6 +35,18 @@ def matmul_flops(device: Any, dtype: Any, n: int = 1024, repeats: int = 5) -> fl
     a = torch.randn(n, n, device=device).to(dtype)
     best = min(timed(lambda: a @ a, a.device) for _ in range(repeats))
     return 2 * n ** 3 / max(best, 1e-9)
+
+
+@functools.lru_cache(maxsize=None)
+def bf16_is_faster(device: str) -> bool:
+    """True where `device` multiplies bf16 matrices clearly (1.2x) faster than fp32: always on a GPU, and on
+    a CPU as a fraction of a second of timing says. The avx512_bf16 flag is not enough: on an AMD EPYC with
+    it bf16 ran 1.7x faster, on an Intel Xeon VM with it 1.7x slower (docs/COMPRESS.md, 2026-12-01)."""
+    import torch
+
+    if torch.device(device).type != "cpu":
+        return True
+    return matmul_flops("cpu", torch.bfloat16) > 1.2 * matmul_flops("cpu", torch.float32)
 
 
 def median_time(fn: Callable[[], Any], device: Any, repeats: int, warmup: int) -> float:
