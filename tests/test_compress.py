@@ -155,6 +155,29 @@ def test_rerun_skips_finished_stages_and_refuses_changed_options(tiny_dir, texts
     assert sorted(p.name for p in out.iterdir()) == before
 
 
+def test_neighbours_train_the_ordinary_layers_next_to_each_wide_block(tiny_dir, texts, finished, tmp_path, capsys):
+    from truedepth.core.arch import decoder_layers
+
+    out = tmp_path / "neighbours"
+    assert cli.main(compress_args(tiny_dir, texts, out, "--neighbours", "1")) == 0
+    ft_summary = json.loads((out / compress_core.FINETUNE_DIR / "finetune_summary.json").read_text())
+    assert ft_summary["config"]["neighbours"] == 1
+    wide, _ = truedepth.load(finished)  # same plan, wide layers only
+    both, _ = truedepth.load(out)
+    widths = both.config.truedepth["layer_widths"]
+    assert widths == wide.config.truedepth["layer_widths"] and 1 in widths and max(widths) > 1
+    for j, (a, b) in enumerate(zip(decoder_layers(wide), decoder_layers(both))):
+        if widths[j] > 1:
+            continue
+        next_to_wide = any(0 <= k < len(widths) and widths[k] > 1 for k in (j - 1, j + 1))
+        same = all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+        assert same != next_to_wide, (j, widths)
+    capsys.readouterr()
+    # the finished run without --neighbours is not reused for it: refused, naming option and stage
+    assert cli.main(compress_args(tiny_dir, texts, finished, "--neighbours", "1")) == 2
+    assert "finished stage 'finetune'" in capsys.readouterr().err
+
+
 def test_interrupted_finetune_resumes_from_its_checkpoint(tiny_dir, texts, finished, tmp_path, monkeypatch, capsys):
     killed = tmp_path / "killed"
     kill_at(monkeypatch, 4)  # dies inside step 4, after the checkpoint of step 2
@@ -183,6 +206,9 @@ def test_interrupted_finetune_resumes_from_its_checkpoint(tiny_dir, texts, finis
     (["--corpus-share", "1"], "--corpus-share 1 fine-tunes on --data alone"),
     (["--corpus-share", "1.5"], "--corpus-share is the share of --data"),
     (["--generate-tokens", "-1"], "--generate-tokens must be 0"),
+    (["--lr", "0"], "--lr must be positive"),  # the fine-tune's own checks, before the search
+    (["--loss", "blocks", "--neighbours", "1"], "never reaches the --neighbours layers"),
+    (["--neighbours", "-1"], "--neighbours and --eval-every must be >= 0"),
 ])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(tiny_dir, texts, tmp_path, capsys, extra, message):
     out = tmp_path / "bad"

@@ -80,6 +80,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     ft.add_argument("--seq-len", type=int, default=D.seq_len, help="Default: %(default)s")
     ft.add_argument("--batch-size", type=int, default=D.batch_size, help="Default: %(default)s")
     ft.add_argument("--lr", type=float, default=D.lr, help="Default: %(default)s")
+    ft.add_argument("--neighbours", type=int, default=D.neighbours,
+                    help="also train this many ordinary layers on each side of every wide block; as many as "
+                         "the depth trains every layer (on the default model no better at equal time, "
+                         "docs/COMPRESS.md). Default: %(default)s (wide layers only)")
     ft.add_argument("--train-dtype", default=D.train_dtype, help="Default: %(default)s (bf16 where the CPU or GPU is fast at it)")
     ft.add_argument("--checkpoint-every", type=int, default=D.checkpoint_every, help="Default: %(default)s")
     parser.add_argument("--decode-tokens", type=int, default=D.decode_tokens,

@@ -34,7 +34,8 @@ STAGE_INPUTS = {
     "search": ("model", "target_depth", "dtype", "data", "calib_windows", "calib_length", "select_windows",
                "search_dtype"),
     "generate": ("generate_tokens", "budget_minutes"),
-    "finetune": ("loss", "tokens", "corpus_share", "seq_len", "batch_size", "lr", "train_dtype", "budget_minutes"),
+    "finetune": ("loss", "tokens", "corpus_share", "seq_len", "batch_size", "lr", "neighbours", "train_dtype",
+                 "budget_minutes"),
     "evaluate": ("eval_text", "other_text", "eval_tokens", "eval_window", "tasks", "limit", "decode_tokens"),
     "save": (),
 }
@@ -76,6 +77,7 @@ class CompressOptions:
     seq_len: int = TrainConfig.seq_len
     batch_size: int = TrainConfig.batch_size
     lr: float = TrainConfig.lr
+    neighbours: int = TrainConfig.neighbours  # ordinary layers trained on each side of every wide block
     train_dtype: str = "auto"
     checkpoint_every: int = TrainConfig.checkpoint_every
     decode_tokens: int = 32
@@ -148,6 +150,9 @@ def check_options(opts: CompressOptions) -> None:
     if {opts.data, *text_parts(opts.data)} & {opts.eval_text, opts.other_text}:
         raise ValueError(f"--data {opts.data!r} is also a text the result is measured on; train and calibrate on "
                          "other text (the default austen-train+fortunes never overlaps either measuring text).")
+    # the fine-tune's own checks (--lr, --seq-len, --neighbours with --loss blocks, ...): here, not after the search
+    TrainConfig(loss=opts.loss, seq_len=opts.seq_len, batch_size=opts.batch_size, tokens=opts.tokens or 1,
+                lr=opts.lr, neighbours=opts.neighbours, checkpoint_every=opts.checkpoint_every).validate()
     if opts.tasks is not None:
         from ...measure.eval.evaluate import task_list
 
@@ -336,7 +341,7 @@ def run_finetune_stage(opts: CompressOptions, out: Path, plan: str, max_minutes:
         rc = run_finetune(FinetuneOptions(
             model=opts.model, dtype=opts.dtype, device=opts.device, plan=plan, data=data,
             tokens=None if resume else opts.tokens, fit_tokens=opts.tokens is None, seq_len=opts.seq_len,
-            batch_size=opts.batch_size, loss=opts.loss, lr=opts.lr, max_minutes=max_minutes,
+            batch_size=opts.batch_size, loss=opts.loss, lr=opts.lr, neighbours=opts.neighbours, max_minutes=max_minutes,
             train_dtype=opts.train_dtype, threads=opts.threads, out=str(folder), resume=resume,
             checkpoint_every=opts.checkpoint_every, no_eval=True, quiet=opts.quiet))
         if rc != 0:
