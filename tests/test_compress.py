@@ -81,6 +81,7 @@ def test_stages_write_a_loadable_folder_with_the_target_depth(tiny_dir, texts, f
         pytest.approx(summary["perplexity"]["held_out"]["contiguous"], rel=1e-6)
     assert set(summary["stages"]) == set(compress_core.STAGES)
     assert summary["decode_tokens_per_second"]["fine-tuned"] > 0
+    assert summary["machine"]["device"] == "cpu" and summary["machine"]["dtype"] == "fp32"  # resolved, not 'auto'
     card = (out / "README.md").read_text()
     assert card.startswith("---\nbase_model: " + str(tiny_dir) + "\n") and "- truedepth" in card
     for png in ("search.png", "quality.png", ft_config.CURVE_FILE):

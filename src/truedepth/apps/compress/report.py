@@ -22,6 +22,7 @@ def base_model_id(model: str) -> str:
 
 def build_summary(opts: CompressOptions, records: dict[str, dict], device: str) -> dict[str, Any]:
     import truedepth
+    from ...utils.device import device_and_dtype
     from ...utils.env import machine_info
 
     search, ft, ev = (records[s]["result"] for s in ("search", "finetune", "evaluate"))
@@ -41,7 +42,8 @@ def build_summary(opts: CompressOptions, records: dict[str, dict], device: str) 
         "generate": records["generate"]["result"], "corpus_share": opts.corpus_share,
         "search": {k: search["summary"].get(k) for k in ("objective", "base_objective", "found", "forward_passes",
                                                           "search_seconds", "selection_seconds", "calibration")},
-        "machine": machine_info(device, str(opts.dtype or "auto")), "truedepth": truedepth.__version__,
+        "machine": machine_info(device, device_and_dtype(device, opts.dtype)[1]),  # the dtype evaluated in
+        "truedepth": truedepth.__version__,
     }
 
 
