@@ -207,6 +207,7 @@ def test_interrupted_finetune_resumes_from_its_checkpoint(tiny_dir, texts, finis
     (["--corpus-share", "1"], "--corpus-share 1 fine-tunes on --data alone"),
     (["--corpus-share", "1.5"], "--corpus-share is the share of --data"),
     (["--generate-tokens", "-1"], "--generate-tokens must be 0"),
+    (["--search-dtype", "int8"], "unknown dtype 'int8'"),
     (["--lr", "0"], "--lr must be positive"),  # the fine-tune's own checks, before the search
     (["--loss", "blocks", "--neighbours", "1"], "never reaches the --neighbours layers"),
     (["--neighbours", "-1"], "--neighbours and --eval-every must be >= 0"),

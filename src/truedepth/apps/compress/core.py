@@ -19,7 +19,7 @@ from typing import Any
 
 from ...utils.io import atomic_write_json
 from ..finetune.config import SUMMARY_FILE as FT_SUMMARY_FILE, TrainConfig
-from ..search.run import SearchOptions
+from ..search.run import SearchOptions, check_search_dtype
 
 STAGES = ("search", "generate", "finetune", "evaluate", "save")
 
@@ -150,6 +150,7 @@ def check_options(opts: CompressOptions) -> None:
     if {opts.data, *text_parts(opts.data)} & {opts.eval_text, opts.other_text}:
         raise ValueError(f"--data {opts.data!r} is also a text the result is measured on; train and calibrate on "
                          "other text (the default austen-train+fortunes never overlaps either measuring text).")
+    check_search_dtype(opts.search_dtype)
     # the fine-tune's own checks (--lr, --seq-len, --neighbours with --loss blocks, ...): here, not after the search
     TrainConfig(loss=opts.loss, seq_len=opts.seq_len, batch_size=opts.batch_size, tokens=opts.tokens or 1,
                 lr=opts.lr, neighbours=opts.neighbours, checkpoint_every=opts.checkpoint_every).validate()

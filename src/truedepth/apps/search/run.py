@@ -73,10 +73,7 @@ def check_args(args: SearchOptions) -> tuple[list[int] | None, list[int] | None]
     if args.report != "none" and args.report_tokens < args.report_window:
         raise ValueError(f"--report-tokens ({args.report_tokens}) must be at least one --report-window "
                          f"({args.report_window}).")
-    if args.search_dtype not in (None, "auto"):
-        from ...utils.device import as_dtype
-
-        as_dtype(args.search_dtype)  # raises naming the accepted dtypes
+    check_search_dtype(args.search_dtype)
     if args.report != "none" and args.report == args.calib:
         raise ValueError(f"--report and --calib are the same text ({args.calib!r}); report on text the search "
                          "did not see, e.g. --report default (the held-out novel).")
@@ -148,6 +145,14 @@ def run_search(args: SearchOptions) -> dict[str, Any]:
         plot(summary, args.plot)
         print(f"wrote {args.plot}")
     return summary
+
+
+def check_search_dtype(dtype: str | None) -> None:
+    """Raise, naming the accepted dtypes, unless `dtype` is one, 'auto' or None."""
+    if dtype not in (None, "auto"):
+        from ...utils.device import as_dtype
+
+        as_dtype(dtype)
 
 
 def search_copy(model: Any, dtype: Any) -> Any:
