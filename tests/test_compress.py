@@ -211,6 +211,8 @@ def test_interrupted_finetune_resumes_from_its_checkpoint(tiny_dir, texts, finis
     (["--lr", "0"], "--lr must be positive"),  # the fine-tune's own checks, before the search
     (["--loss", "blocks", "--neighbours", "1"], "never reaches the --neighbours layers"),
     (["--neighbours", "-1"], "--neighbours and --eval-every must be >= 0"),
+    (["--tokens", "0"], "--tokens must be a positive integer (got 0)"),
+    (["--batch-size", "0"], "--batch-size must be a positive integer (got 0)"),
 ])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(tiny_dir, texts, tmp_path, capsys, extra, message):
     out = tmp_path / "bad"

@@ -120,10 +120,10 @@ def check_target_depth(config: Any, depth: int | None, model: str) -> int:
 
 
 def check_options(opts: CompressOptions) -> None:
-    positive = {"eval_tokens": opts.eval_tokens, "eval_window": opts.eval_window, "tokens": opts.tokens or 1,
-                "seq_len": opts.seq_len, "batch_size": opts.batch_size, "calib_windows": opts.calib_windows,
-                "calib_length": opts.calib_length, "decode_tokens": opts.decode_tokens,
-                "checkpoint_every": opts.checkpoint_every}
+    # --tokens, --seq-len, --batch-size, --checkpoint-every: the fine-tune's own checks (TrainConfig, below)
+    positive = {"eval_tokens": opts.eval_tokens, "eval_window": opts.eval_window,
+                "calib_windows": opts.calib_windows, "calib_length": opts.calib_length,
+                "decode_tokens": opts.decode_tokens}
     for name, value in positive.items():
         if value < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1 (got {value}).")
@@ -152,7 +152,8 @@ def check_options(opts: CompressOptions) -> None:
                          "other text (the default austen-train+fortunes never overlaps either measuring text).")
     check_search_dtype(opts.search_dtype)
     # the fine-tune's own checks (--lr, --seq-len, --neighbours with --loss blocks, ...): here, not after the search
-    TrainConfig(loss=opts.loss, seq_len=opts.seq_len, batch_size=opts.batch_size, tokens=opts.tokens or 1,
+    TrainConfig(loss=opts.loss, seq_len=opts.seq_len, batch_size=opts.batch_size,
+                tokens=1 if opts.tokens is None else opts.tokens,  # None: fitted to the time left
                 lr=opts.lr, neighbours=opts.neighbours, checkpoint_every=opts.checkpoint_every).validate()
     if opts.tasks is not None:
         from ...measure.eval.evaluate import task_list

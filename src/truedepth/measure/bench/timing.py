@@ -28,8 +28,11 @@ def timed(fn: Callable[[], Any], device: Any) -> float:
     return time.perf_counter() - start
 
 
+@functools.lru_cache(maxsize=None)
 def matmul_flops(device: Any, dtype: Any, n: int = 1024, repeats: int = 5) -> float:
-    """Matrix-multiply speed of `device` in `dtype` (flop/s), from a fraction of a second of timing."""
+    """Matrix-multiply speed of `device` in `dtype` (flop/s), from a fraction of a second of timing.
+
+    Cached per process: bf16_is_faster and compress's budget check ask for the same timings."""
     import torch
 
     a = torch.randn(n, n, device=device).to(dtype)
