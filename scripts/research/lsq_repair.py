@@ -62,7 +62,7 @@ def lsq_repair(student, base, batches, members, lam):
     args, kwargs = layer_call_args(base, batches[0])
 
     def run(layer, states):
-        return [layer_hidden(layer(h, *args[1:], **kwargs)) for h in states]
+        return [ft_model.run_layers([layer], h, args, kwargs) for h in states]
 
     embed = base.get_input_embeddings()
     ends = {group[-1]: i for i, group in members.items()}
