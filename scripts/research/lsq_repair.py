@@ -24,7 +24,7 @@ import torch
 
 from truedepth.apps.finetune import model as ft_model
 from truedepth.apps.finetune import run as ft_run
-from truedepth.core.arch import decoder_layers, layer_hidden
+from truedepth.core.arch import decoder_layers
 from truedepth.core.loading import load, save
 from truedepth.measure.eval.data import load_text
 from truedepth.measure.eval.perplexity import perplexity, tokenize
@@ -88,7 +88,7 @@ def refit_down_proj(layer, states, targets, args, kwargs, lam):
     hook = down.register_forward_hook(lambda m, a, o: seen.update(a=a[0], mlp=o))
     try:
         for h, t in zip(states, targets):
-            out = layer_hidden(layer(h, *args[1:], **kwargs))
+            out = ft_model.run_layers([layer], h, args, kwargs)
             a = seen["a"].reshape(-1, d).double()
             gram += a.T @ a
             cross += a.T @ (t - (out - seen["mlp"])).reshape(-1, down.out_features).double()
