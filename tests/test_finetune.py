@@ -64,6 +64,24 @@ def trained(model):
     return {k: v.detach().clone() for k, v in ft_train.trainable_state(model).items()}
 
 
+@pytest.mark.integration
+def test_training_text_tokenised_in_pieces_equals_the_whole_text():
+    """Pieces keep memory flat; their ids must be those of one call on the whole text, blank lines,
+    verse and the fortunes' layout included (a cut after a blank line would merge its newlines)."""
+    from transformers import AutoTokenizer
+
+    from truedepth.core.loading import resolve
+    from truedepth.measure.eval.data import load_text
+
+    tok = AutoTokenizer.from_pretrained(resolve("default"))
+    text = load_text("austen-train+fortunes")[:300_000]
+    pieces = list(ft_train.text_pieces(text, 3000))
+    assert "".join(pieces) == text and len(pieces) > 50
+    whole = tok(text, add_special_tokens=False)["input_ids"]
+    assert ft_train.tokenize_text(tok, text, chunk_chars=3000).tolist() == whole
+    assert ft_train.tokenize_text(tok, "").tolist() == []
+
+
 # ---------------------------------------------------------------------------------------------
 # what trains, and the teacher
 # ---------------------------------------------------------------------------------------------
