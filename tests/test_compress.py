@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -154,6 +155,23 @@ def test_rerun_skips_finished_stages_and_refuses_changed_options(tiny_dir, texts
     assert cli.main(compress_args(tiny_dir, texts, out, "--tokens", "1024")) == 2
     assert "finished stage 'finetune'" in capsys.readouterr().err
     assert sorted(p.name for p in out.iterdir()) == before
+
+
+def test_stage_recorded_before_an_option_existed_counts_as_its_default(tiny_dir, texts, finished, tmp_path, capsys,
+                                                                         monkeypatch):
+    """A folder written by an older truedepth, whose fine-tune record predates --neighbours, resumes
+    with the same command (the option's default is what that run did) and refuses another value."""
+    out = tmp_path / "older"
+    shutil.copytree(finished, out)
+    record_path = compress_core.stage_path(out, "finetune")
+    record = json.loads(record_path.read_text())
+    del record["inputs"]["neighbours"]
+    record_path.write_text(json.dumps(record))
+    monkeypatch.setattr(compress_run, "run_finetune_stage", lambda *a, **k: pytest.fail("fine-tune ran again"))
+    assert cli.main(compress_args(tiny_dir, texts, out)) == 0
+    assert "finetune: finished earlier with the same options" in capsys.readouterr().out
+    assert cli.main(compress_args(tiny_dir, texts, out, "--neighbours", "1")) == 2
+    assert "--neighbours is 1 but the finished stage 'finetune'" in capsys.readouterr().err
 
 
 def test_neighbours_train_the_ordinary_layers_next_to_each_wide_block(tiny_dir, texts, finished, tmp_path, capsys):

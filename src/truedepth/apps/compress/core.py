@@ -86,6 +86,9 @@ class CompressOptions:
     command_line: str = "truedepth compress"
 
 
+DEFAULT_OPTIONS = CompressOptions()
+
+
 # =============================================================================================
 # Checks before any work
 # =============================================================================================
@@ -251,7 +254,8 @@ def check_unchanged(out: Path, opts: CompressOptions) -> None:
         if record is None:
             continue
         for key, now in stage_inputs(opts, stage).items():
-            was = record["inputs"].get(key)
+            # A stage recorded before an option existed ran as that option's default does.
+            was = record["inputs"].get(key, getattr(DEFAULT_OPTIONS, key))
             if was != now:
                 raise ValueError(f"--{key.replace('_', '-')} is {now!r} but the finished stage '{stage}' in {out} used "
                                  f"{was!r}; rerun with the same options to resume, pass --overwrite to start over, "
