@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 
@@ -231,6 +232,7 @@ def test_interrupted_finetune_resumes_from_its_checkpoint(tiny_dir, texts, finis
     (["--neighbours", "-1"], "--neighbours and --eval-every must be >= 0"),
     (["--tokens", "0"], "--tokens must be a positive integer (got 0)"),
     (["--batch-size", "0"], "--batch-size must be a positive integer (got 0)"),
+    (["--threads", "0"], "--threads must be at least 1 (got 0)"),
 ])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(tiny_dir, texts, tmp_path, capsys, extra, message):
     out = tmp_path / "bad"
@@ -238,6 +240,45 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(tiny_dir, texts, tmp_pa
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err
     assert not out.exists()
+
+
+def test_search_floor_is_a_lower_bound_of_the_flops_the_search_does(tiny_dir, texts):
+    """The budget check's least search cost, against PyTorch's count of the matmul flops a real search does."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    opts = compress_core.CompressOptions(model=str(tiny_dir), target_depth=DEPTH, data=str(texts / "train.txt"),
+                                         calib_windows=2, calib_length=32, select_windows=2, search_dtype=None,
+                                         quiet=True)
+    with FlopCounterMode(display=False) as counter:
+        compress_core.run_search_stage(opts)
+    floor = compress_core.search_floor_flops(compress_core.model_config(str(tiny_dir)), opts)
+    assert floor <= counter.get_total_flops() <= 10 * floor  # a bound, and not a trivial one
+
+
+def test_budget_the_search_alone_overruns_is_refused_unless_the_search_is_done(tiny_dir, texts, finished, tmp_path,
+                                                                               capsys, monkeypatch):
+    """A budget whose fine-tuning time is gone before the search can end is refused before any work, with a
+    budget that passes; a rerun whose search is already recorded is not held to the search's cost."""
+    from truedepth.measure.bench import timing
+
+    opts = compress_core.CompressOptions(target_depth=DEPTH, calib_windows=2, calib_length=32, select_windows=2,
+                                         seq_len=32, batch_size=4, train_dtype="fp32", search_dtype="fp32")  # as compress_args
+    floor = compress_core.search_floor_flops(compress_core.model_config(str(tiny_dir)), opts)
+    finetune_seconds = 5 * 60 * 0.8  # the end of the fine-tune's share of --budget-minutes 5
+    monkeypatch.setattr(timing, "matmul_flops", lambda device, dtype: floor / (2 * finetune_seconds))
+    out = tmp_path / "short"
+    assert cli.main(compress_args(tiny_dir, texts, out, "--search-dtype", "fp32")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "leaves 0 s for fine-tuning after the search's least time (8 min" in err[0], err
+    assert not out.exists()
+    need = float(err[0].split("pass --budget-minutes ")[1].split()[0])
+    config = compress_core.model_config(str(tiny_dir))
+    assert need > 8 / 0.8  # the search's 8 minutes, and a step, before the fine-tune's end at 80 % of the budget
+    compress_core.check_budget(dataclasses.replace(opts, budget_minutes=need), config, searched=False)  # passes
+    with pytest.raises(ValueError, match="less than one training step"):  # and is the least that does
+        compress_core.check_budget(dataclasses.replace(opts, budget_minutes=need - 0.1), config, searched=False)
+    monkeypatch.setattr(search_run, "run_search", lambda *a, **k: pytest.fail("search ran again"))
+    assert cli.main(compress_args(tiny_dir, texts, finished)) == 0  # recorded search: only the step must fit
 
 
 def test_folder_with_other_content_is_refused_unless_overwrite(tiny_dir, texts, tmp_path, capsys, monkeypatch):

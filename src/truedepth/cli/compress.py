@@ -15,7 +15,9 @@ Stages, each recorded in DIR/stages/ and skipped by a rerun with the same option
   5. save      the model and tokenizer at the top of DIR, compress.json, README.md (model card), plots
 
 --budget-minutes is split: search 20%, generation 10%, fine-tuning 50%, evaluation 20%; time an
-earlier stage leaves unused (all of generation's when it is off) goes to the next ones. A rerun whose options differ from those of a
+earlier stage leaves unused (all of generation's when it is off) goes to the next ones. The search
+cannot stop half-way: a budget whose fine-tuning time is gone before the search's least cost is
+refused at once, naming the least budget that passes. A rerun whose options differ from those of a
 finished stage is refused, naming the option and the stage (--overwrite starts over).
 
 Examples:

@@ -109,3 +109,16 @@ def keep_freed_memory() -> bool:
     m_trim_threshold, m_mmap_max = -1, -4  # <malloc.h>
     # large blocks from the heap, not mmap; the heap's free top is returned only past 2 GB
     return bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, 2**31 - 1))
+
+
+def use_threads(threads: int | None) -> None:
+    """Set torch's CPU threads for this process to `threads` (None: torch's choice); the error names --threads."""
+    if threads is None:
+        return
+    if threads < 1:
+        from .errors import UserError
+
+        raise UserError(f"--threads must be at least 1 (got {threads}).")
+    import torch
+
+    torch.set_num_threads(threads)

@@ -10,6 +10,7 @@ where it stopped (finished parts of generated text, the fine-tune's latest check
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import time
@@ -175,37 +176,67 @@ def check_output(out: Path, overwrite: bool) -> None:
                      "or choose another --out.")
 
 
-def weight_count(config: Any) -> int:
-    """Matrix weights one token passes through (decoder layers and the output head), from the config."""
+def layer_and_head_weights(config: Any) -> tuple[int, int]:
+    """Matrix weights one token passes through in one decoder layer, and in the output head."""
     h, heads = config.hidden_size, config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or h // heads
     kv = getattr(config, "num_key_value_heads", None) or heads
     per_layer = 2 * h * heads * head_dim + 2 * h * kv * head_dim + 3 * h * config.intermediate_size
-    return config.num_hidden_layers * per_layer + h * config.vocab_size
+    return per_layer, h * config.vocab_size
 
 
-def min_step_seconds(config: Any, opts: CompressOptions) -> tuple[float, str]:
-    """An estimate of the least time one fine-tuning step takes, and the device: one forward pass (2 flops
-    per weight and token) at the measured matmul speed in the training dtype. A real step (backward
-    pass, teacher) costs about three times more; a loaded machine measures slower than it trains."""
+def weight_count(config: Any) -> int:
+    """Matrix weights one token passes through (decoder layers and the output head), from the config."""
+    per_layer, head = layer_and_head_weights(config)
+    return config.num_hidden_layers * per_layer + head
+
+
+def search_floor_flops(config: Any, opts: CompressOptions) -> float:
+    """Matmul flops the search stage cannot do without, whatever the beam finds: the original model on
+    the calibration and the selection windows, every candidate group scored alone (from its first layer
+    to the output head: the layers before it are recorded once) and one finalist on the selection
+    windows. The beam and the refinement, most of the search, come on top."""
+    from ..search.core import candidate_elements
+
+    per_layer, head = layer_and_head_weights(config)
+    layers = config.num_hidden_layers
+    whole = layers * per_layer + head
+    alone = sum((layers - e.start) * per_layer + head
+                for e in candidate_elements(layers, SearchOptions.max_group, SearchOptions.allow_skip))
+    calib, select = opts.calib_windows * opts.calib_length, opts.select_windows * opts.calib_length
+    return 2 * (calib * (whole + alone) + select * 2 * whole)
+
+
+def least_seconds(config: Any, opts: CompressOptions) -> tuple[float, float, str]:
+    """Lower bounds of the search stage's time and of one fine-tuning step's, and the device: their flops at
+    the matmul speed measured on the device (a fraction of a second) in the dtypes they will run in. A real
+    step (backward pass, teacher) costs about three times more; the whole search on the default model took 2.0
+    (bf16) and 4.3 (fp32) times its floor on a 2-core Intel Xeon VM (docs/COMPRESS.md)."""
     from ...measure.bench.timing import matmul_flops
     from ..finetune.config import FinetuneOptions
     from ..finetune.run import resolve_precision
+    from ..search.run import scoring_dtype
 
-    device, _, train_dtype = resolve_precision(FinetuneOptions(device=opts.device, dtype=opts.dtype,
-                                                               train_dtype=opts.train_dtype))
-    flops = matmul_flops(device, train_dtype)
-    return 2 * weight_count(config) * opts.batch_size * opts.seq_len / flops, device
+    device, model_dtype, train_dtype = resolve_precision(FinetuneOptions(device=opts.device, dtype=opts.dtype,
+                                                                         train_dtype=opts.train_dtype))
+    search_dtype = scoring_dtype(opts.search_dtype, model_dtype, device)
+    step = 2 * weight_count(config) * opts.batch_size * opts.seq_len / matmul_flops(device, train_dtype)
+    return search_floor_flops(config, opts) / matmul_flops(device, search_dtype), step, device
 
 
-def check_budget(opts: CompressOptions, config: Any) -> None:
-    share = opts.budget_minutes * 60 * BUDGET_SHARES["finetune"]
-    step, device = min_step_seconds(config, opts)
-    if share < step:
-        need = step / (60 * BUDGET_SHARES["finetune"])
-        raise ValueError(f"--budget-minutes {opts.budget_minutes:g} leaves {share:.3g} s for fine-tuning "
-                         f"({BUDGET_SHARES['finetune']:.0%}), less than one training step (about {step:.3g} s or "
-                         f"more on {device}); pass --budget-minutes {need:.2g} or more.")
+def check_budget(opts: CompressOptions, config: Any, searched: bool) -> None:
+    """Refuse a budget whose fine-tuning time, after the least time the search can take, is shorter than one
+    training step: the search cannot stop half-way, so it would run on and leave the fine-tune nothing."""
+    search, step, device = least_seconds(config, opts)
+    search = 0.0 if searched else search
+    finetune_end = sum(BUDGET_SHARES[s] for s in STAGES[: STAGES.index("finetune") + 1])
+    left = opts.budget_minutes * 60 * finetune_end - search
+    if left < step:
+        need = math.ceil((search + step) / (60 * finetune_end) * 10) / 10  # up: a budget that passes
+        after = f" after the search's least time ({search / 60:.2g} min; the whole search takes several times that)" if search else ""
+        raise ValueError(f"--budget-minutes {opts.budget_minutes:g} leaves {max(left, 0):.3g} s for fine-tuning"
+                         f"{after}, less than one training step (about {step:.3g} s or more on {device}); "
+                         f"pass --budget-minutes {need:g} or more.")
 
 
 def check_inputs(opts: CompressOptions) -> tuple[int, str]:
@@ -218,7 +249,7 @@ def check_inputs(opts: CompressOptions) -> tuple[int, str]:
     config = model_config(opts.model)
     layers = check_target_depth(config, opts.target_depth, opts.model)
     check_output(Path(opts.out), opts.overwrite)
-    check_budget(opts, config)
+    check_budget(opts, config, searched=read_stage(Path(opts.out), "search") is not None and not opts.overwrite)
     device, _ = device_and_dtype(opts.device, opts.dtype)
     return layers, device
 

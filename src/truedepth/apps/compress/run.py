@@ -10,6 +10,7 @@ from typing import Any
 from .core import (BUDGET_SHARES, STAGE_DIR, STAGES, SUMMARY_FILE, CompressOptions, check_inputs, check_unchanged,
                    read_stage, run_evaluate_stage, run_finetune_stage, run_generate_stage, run_save_stage,
                    run_search_stage, stage_path, stage_seconds_left, write_stage)
+from ...utils.env import use_threads
 from .report import show_report, write_report
 
 
@@ -21,15 +22,12 @@ def prepare_folder(out: Path, overwrite: bool) -> None:
 
 def run_compress(opts: CompressOptions) -> dict[str, Any]:
     """Run (or resume) every stage as `opts` says; returns compress.json's content."""
+    use_threads(opts.threads)  # before the checks: the budget check times matmuls
     layers, device = check_inputs(opts)
     out = Path(opts.out)
     if not opts.overwrite:
         check_unchanged(out, opts)
     prepare_folder(out, opts.overwrite)
-    if opts.threads:
-        import torch
-
-        torch.set_num_threads(opts.threads)
     records: dict[str, dict[str, Any]] = {}
     clock = Clock(opts.budget_minutes)
     ran = False

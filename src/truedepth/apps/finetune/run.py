@@ -13,6 +13,7 @@ from typing import Any, Callable
 
 import torch
 
+from ...utils.env import use_threads
 from ...utils.errors import OutputPathError, UserError, check_output_dir
 from .checkpoint import latest_checkpoint
 from .config import (CHECKPOINT_DIR, FinetuneOptions, DEFAULT_PLAN, DTYPE_NAMES, EVAL_DEFAULTS, RUN_OPTIONS, SUMMARY_FILE,
@@ -99,10 +100,7 @@ def run_finetune(args: FinetuneOptions) -> int:
     cfg.validate()
     if args.fit_tokens and not args.resume and (args.max_minutes is None or args.tokens is not None):
         raise UserError("--fit-tokens sets --tokens from the time limit: pass --max-minutes, and not --tokens.")
-    if args.threads is not None and args.threads < 1:
-        raise UserError(f"--threads must be at least 1 (got {args.threads}).")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    use_threads(args.threads)
     device, dtype, train_dtype = resolve_precision(args)
     cfg.train_dtype = DTYPE_NAMES[train_dtype]
     if args.plan is not None and not as_plan(args.plan).is_identity:

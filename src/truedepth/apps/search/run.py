@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from ...core.plan import Plan, parse_int_ranges
+from ...utils.env import use_threads
 from ...utils.io import atomic_write_json
 from ...utils.errors import UserError, check_output_file
 from .beam import Options, contiguous_baseline, search, select_on_fresh_windows
@@ -83,14 +84,11 @@ def check_args(args: SearchOptions) -> tuple[list[int] | None, list[int] | None]
 def run_search(args: SearchOptions) -> dict[str, Any]:
     """Search, choose, report and save as `args` says; returns the summary (also written to `args.out`)."""
     depths, reduce = check_args(args)
-    import torch
-
     from ...measure.eval.data import load_text
     from ...core.loading import load_for_device
     from ...core.arch import decoder_layers
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    use_threads(args.threads)
     progress = not args.quiet
     calib_text = load_text(args.calib)
     report_text = load_text(args.report) if args.report != "none" else None
@@ -158,18 +156,24 @@ def check_search_dtype(dtype: str | None) -> None:
 def search_copy(model: Any, dtype: Any) -> Any:
     """The model the search scores plans with: `model` itself, or a copy cast to `dtype`. "auto": a bf16
     copy of an fp32 model where bf16 is clearly faster on its device (rankings move by ~0.1 %, SEARCH.md)."""
+    param = next(model.parameters())
+    dtype = scoring_dtype(dtype, param.dtype, str(param.device))
+    if dtype == param.dtype:
+        return model
+    return copy.deepcopy(model).to(dtype)
+
+
+def scoring_dtype(dtype: str | None, model_dtype: Any, device: str) -> Any:
+    """The dtype plans are scored in: `dtype`, the model's own for None, and for "auto" bf16 where the
+    model is fp32 and bf16 is clearly faster on `device`."""
     import torch
 
     from ...measure.bench.timing import bf16_is_faster
     from ...utils.device import as_dtype
 
     if dtype == "auto":
-        param = next(model.parameters())
-        dtype = "bf16" if param.dtype == torch.float32 and bf16_is_faster(str(param.device)) else None
-    dtype = as_dtype(dtype)
-    if dtype is None or dtype == next(model.parameters()).dtype:
-        return model
-    return copy.deepcopy(model).to(dtype)
+        return torch.bfloat16 if model_dtype == torch.float32 and bf16_is_faster(device) else model_dtype
+    return as_dtype(dtype) or model_dtype
 
 
 def _saver(path: str | None) -> Callable[[dict], None]:

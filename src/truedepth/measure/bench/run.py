@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ...core.plan import parse_int_ranges
-from ...utils.env import environment
+from ...utils.env import environment, use_threads
 from ...utils.errors import check_output_file
 from .decode import MODES, Settings, add_ratios, allow_many_compiles, bench_models, check_settings, parse_modes, release_compiled_state
 from .report import format_markdown, format_table, plot, write_json
@@ -132,10 +132,7 @@ def run_bench(args: BenchOptions) -> int:
     on_gpu = device.type == "cuda"
     dtype = as_dtype(dtype_name)
     settings = settings_from_args(args, on_gpu)
-    if args.threads:
-        if args.threads < 1:
-            raise ValueError("--threads must be at least 1.")
-        torch.set_num_threads(args.threads)
+    use_threads(args.threads)
     if args.plot:
         try:
             import matplotlib  # noqa: F401
