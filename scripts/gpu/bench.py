@@ -37,6 +37,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "src"))  # also wit
 import torch  # noqa: E402
 
 from truedepth.measure.bench import decode as B  # noqa: E402
+from truedepth.measure.bench.report import format_table, plot  # noqa: E402
+from truedepth.measure.bench.timing import measure_bandwidth  # noqa: E402
+from truedepth.utils.env import environment  # noqa: E402
 from truedepth.runtime.generate import is_fused, unfuse_projections  # noqa: E402
 from truedepth.core.shapes import build_shape  # noqa: E402
 from truedepth.core.transform import apply_plan  # noqa: E402
@@ -66,7 +69,7 @@ class Run:
         self.skipped: list[str] = []
         self.errors: list[str] = []
         self.seen_s: dict[tuple, float] = {}
-        self.meta = B.environment(self.device) | {"dtype": str(self.dtype).replace("torch.", ""),
+        self.meta = environment(self.device) | {"dtype": str(self.dtype).replace("torch.", ""),
                                                   "script": "scripts/gpu/bench.py", "argv": sys.argv[1:]}
         smoke = args.smoke
         self.settings = B.Settings(prompt=16 if smoke else 128, new=8 if smoke else 256,
@@ -185,7 +188,7 @@ class Run:
 
     # ---- the run ----------------------------------------------------------------------------
     def main(self) -> None:
-        self.meta["bandwidth_GBps"] = B.measure_bandwidth(self.device)
+        self.meta["bandwidth_GBps"] = measure_bandwidth(self.device)
         print(f"{self.meta['device_name']}: copy bandwidth {self.meta['bandwidth_GBps']:.0f} GB/s", flush=True)
         self.save()
         shapes = list(TARGETS)
@@ -242,7 +245,7 @@ def targets(records: list[dict]) -> list[dict]:
 
 def print_summary(run: Run) -> None:
     print()
-    print(B.format_table(run.records))
+    print(format_table(run.records))
     for t in targets(run.records):
         x_hf = "-" if t["x_vs_base_hf_compiled"] is None else f"{t['x_vs_base_hf_compiled']:.2f}"
         x_same = "-" if t["x_vs_base_same_loop"] is None else f"{t['x_vs_base_same_loop']:.2f}"
@@ -288,7 +291,7 @@ def main() -> int:
         (run.out / "bench_gpu.md").write_text(bench_to_md.render(json.loads((run.out / "bench_gpu.json").read_text())))
         if run.records:
             try:
-                B.plot([r for r in run.records if r["mode"] != "eager"], run.out / "bench_gpu.png")
+                plot([r for r in run.records if r["mode"] != "eager"], run.out / "bench_gpu.png")
             except Exception as e:  # noqa: BLE001 - matplotlib may be absent on the GPU image
                 print(f"no plot: {type(e).__name__}: {e}")
     except Exception as e:  # noqa: BLE001

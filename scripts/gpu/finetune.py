@@ -25,7 +25,10 @@ from pathlib import Path
 import torch
 
 from truedepth.apps.finetune import train as ft
-from truedepth.core.transform import decoder_layers
+from truedepth.apps.finetune.config import DTYPE_NAMES, TrainConfig
+from truedepth.apps.finetune.model import estimate_training_memory
+from truedepth.apps.finetune.run import make_trainable, student_setup
+from truedepth.core.plan import as_plan
 
 DEFAULT_SHAPE = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                      num_attention_heads=9, num_key_value_heads=3, head_dim=64, max_position_embeddings=8192,
@@ -64,25 +67,17 @@ def base_model(args: argparse.Namespace, device: str) -> torch.nn.Module:
 
 def one_run(base: torch.nn.Module, args: argparse.Namespace, loss: str, device: str, dtype: torch.dtype,
             out: Path | None = None, stop_after: int | None = None, resume: bool = False) -> tuple[dict, dict]:
-    """Fresh student from `base`, trained `args.steps` steps; returns (record, trained tensors)."""
-    student = ft.build_student(base, args.plan)
-    layers = ft.wide_layer_indices(student)
-    split = ft.shared_prefix_length(__import__("truedepth").as_plan(args.plan).blocks(len(decoder_layers(base))),
-                                    layers)
-    ft.freeze_all_but(student, layers)
-    for p in student.parameters():
-        if p.requires_grad:
-            p.data = p.data.float()
-    teacher = ft.Teacher(base, decoder_layers(student), split) if loss == "distill" else None
-    ft.cast_frozen([student, base], dtype)
-    cfg = ft.TrainConfig(loss=loss, seq_len=args.seq_len, batch_size=args.batch_size,
-                         tokens=args.steps * args.batch_size * args.seq_len, lr=args.lr, warmup=0.1,
-                         checkpoint_every=max(1, args.steps // 2), train_dtype=ft.DTYPE_NAMES[dtype])
+    """Fresh student from `base`, trained `args.steps` steps as `truedepth finetune` trains it; returns
+    (record, trained tensors)."""
+    cfg = TrainConfig(loss=loss, seq_len=args.seq_len, batch_size=args.batch_size,
+                      tokens=args.steps * args.batch_size * args.seq_len, lr=args.lr, warmup=0.1,
+                      checkpoint_every=max(1, args.steps // 2), train_dtype=DTYPE_NAMES[dtype])
+    student, teacher = make_trainable(student_setup(base, None, as_plan(args.plan), cfg), cfg, dtype)
     # a fixed pool of 4 batches' worth of random sequences: revisited, so the loss must fall
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, base.config.vocab_size, (4 * args.batch_size * args.seq_len,), generator=g)
     data = ft.TokenBatches(ids, args.seq_len, args.batch_size)
-    memory = ft.estimate_training_memory(student, teacher.model if teacher else None, cfg, dtype)
+    memory = estimate_training_memory(student, teacher.model if teacher else None, cfg, dtype)
     if device.startswith("cuda"):
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()

@@ -198,7 +198,12 @@ def prepare_models(args: FinetuneOptions, cfg: TrainConfig, device: Any, dtype: 
         plan = _already_transformed(args, cfg, recorded)
         trained = trainable_layer_indices(recorded["layer_widths"], cfg.neighbours)
         return Setup(base, None, tokenizer, plan, trained, 0)
-    plan = as_plan(args.plan or DEFAULT_PLAN)
+    return student_setup(base, tokenizer, as_plan(args.plan or DEFAULT_PLAN), cfg)
+
+
+def student_setup(base: Any, tokenizer: Any, plan: Any, cfg: TrainConfig) -> Setup:
+    """The student `plan` makes of `base` (sharing its frozen weights), the layers that train in it, and the
+    leading layers it shares with the teacher."""
     check_plan_has_parallel_groups(plan)
     student = build_student(base, plan, cfg.neighbours)
     trained = trainable_layer_indices(student.config.truedepth["layer_widths"], cfg.neighbours)

@@ -1,20 +1,20 @@
 """GPU check of the core transform: exactness in fp32 and bf16, dynamic and static caches on CUDA.
-(Compiled paths are exercised by scripts/gpu/bench.py.)
+(Compiled paths are exercised by scripts/gpu/bench.py.) It lives with the tests because it checks
+against their independent reference (reference.py) on their tiny models (tiny.py); Python puts this
+folder on sys.path when it runs as a script.
 
-PYTHONPATH=src:tests python scripts/gpu/core.py --out DIR   (about 30 s on an H100/H200)
+PYTHONPATH=src python tests/gpu_core.py --out DIR   (about 30 s on an H100/H200; scripts/gpu/run_all.sh runs it)
 """
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import torch
+from reference import reference_logits
+from tiny import ARCHS, tiny_model
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))
-import truedepth  # noqa: E402
-from reference import reference_logits  # noqa: E402
-from tiny import ARCHS, tiny_model  # noqa: E402
+import truedepth
 
 
 def rel(a, b):
