@@ -20,6 +20,7 @@ import torch
 
 import truedepth
 from truedepth.apps.search import core as S
+from truedepth.apps.search.run import search_copy
 from truedepth.measure.eval.data import held_out_text
 from truedepth.measure.eval.perplexity import tokenize
 
@@ -28,7 +29,7 @@ CONTIGUOUS = "parallel=24:28"
 
 def main(out_path: str) -> None:
     model, tok = truedepth.load("default")
-    scorer = S.PlanScorer(S.search_copy(model, torch.bfloat16),
+    scorer = S.PlanScorer(search_copy(model, torch.bfloat16),
                           torch.as_tensor(tokenize(tok, held_out_text(), 32768)[:32768]).view(64, 512), "ppl")
     base = math.log(scorer.base)
     out = {"base": scorer.base, "contiguous": scorer.score(CONTIGUOUS), "alone": {}, "pairs_of_pairs": {}}
