@@ -233,7 +233,8 @@ def check_budget(opts: CompressOptions, config: Any, searched: bool) -> None:
     left = opts.budget_minutes * 60 * finetune_end - search
     if left < step:
         need = math.ceil((search + step) / (60 * finetune_end) * 10) / 10  # up: a budget that passes
-        after = f" after the search's least time ({search / 60:.2g} min; the whole search takes several times that)" if search else ""
+        after = (f" after the search's least time ({search / 60:.2g} min; the whole search takes several times that)"
+                 if search else "")
         raise ValueError(f"--budget-minutes {opts.budget_minutes:g} leaves {max(left, 0):.3g} s for fine-tuning"
                          f"{after}, less than one training step (about {step:.3g} s or more on {device}); "
                          f"pass --budget-minutes {need:g} or more.")

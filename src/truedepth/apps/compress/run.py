@@ -7,10 +7,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ...utils.env import use_threads
 from .core import (BUDGET_SHARES, STAGE_DIR, STAGES, SUMMARY_FILE, CompressOptions, check_inputs, check_unchanged,
                    read_stage, run_evaluate_stage, run_finetune_stage, run_generate_stage, run_save_stage,
                    run_search_stage, stage_path, stage_seconds_left, write_stage)
-from ...utils.env import use_threads
 from .report import show_report, write_report
 
 
