@@ -266,6 +266,7 @@ def test_budget_the_search_alone_overruns_is_refused_unless_the_search_is_done(t
     floor = compress_core.search_floor_flops(compress_core.model_config(str(tiny_dir)), opts)
     finetune_seconds = 5 * 60 * 0.8  # the end of the fine-tune's share of --budget-minutes 5
     monkeypatch.setattr(timing, "matmul_flops", lambda device, dtype: floor / (2 * finetune_seconds))
+    monkeypatch.setattr(timing, "bf16_is_faster", lambda device: False)  # its cache must not keep the fake speed
     out = tmp_path / "short"
     assert cli.main(compress_args(tiny_dir, texts, out, "--search-dtype", "fp32")) == 2
     err = capsys.readouterr().err.strip().splitlines()
