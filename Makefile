@@ -6,7 +6,7 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.setup-done
 
-.PHONY: setup demo test test-fast clean
+.PHONY: setup demo test test-fast test-gpu clean
 
 setup: $(STAMP)
 
@@ -35,6 +35,10 @@ test: setup
 
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not integration and not slow"
+
+# on a machine with CUDA: the tests marked gpu (skipped elsewhere)
+test-gpu: setup
+	$(BIN)/python -m pytest -q -m gpu
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -1,6 +1,6 @@
 """llama.cpp speed and perplexity of the default model, base against an LP plan, as GGUF files.
 
-    .venv/bin/python scripts/gguf_bench.py --out docs/gguf_cpu.json
+    .venv/bin/python scripts/gguf_bench.py --out docs/results/gguf_cpu.json
 
 Exports base and LP in each type (truedepth.export_gguf), then, in the same run and interleaved
 (base, LP, base, LP, ...) so both see the same machine load: prompt-processing and decode
@@ -35,7 +35,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--ppl-tokens", type=int, default=4096)
     p.add_argument("--window", type=int, default=512)
     p.add_argument("--dir", default="runs/gguf", help="where the GGUF files go (kept for reuse)")
-    p.add_argument("--out", default="docs/gguf_cpu.json")
+    p.add_argument("--out", default="docs/results/gguf_cpu.json")
     return p.parse_args()
 
 

@@ -1,6 +1,6 @@
 """vLLM's own latency benchmark (`vllm bench latency`), base against LP, in one run on this CPU.
 
-    .venv/bin/python scripts/vllm_bench_cpu.py [--iters 3] [--out docs/vllm_bench_cpu.json]
+    .venv/bin/python scripts/vllm_bench_cpu.py [--iters 3] [--out docs/results/vllm_bench_cpu.json]
 
 Cases (docs/SERVING.md):
 - the offline default model (real weights) against its `parallel=20:28` copy, tensor-parallel size 1;
@@ -71,7 +71,7 @@ def cpu_name() -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--iters", type=int, default=3)
-    parser.add_argument("--out", default="docs/vllm_bench_cpu.json")
+    parser.add_argument("--out", default="docs/results/vllm_bench_cpu.json")
     parser.add_argument("--case", default="", help="run only the cases whose name contains this text")
     args = parser.parse_args()
     rows = []

@@ -12,7 +12,7 @@ import truedepth
 from truedepth import cli
 from truedepth.measure.bench import decode as bench_decode
 from truedepth.measure.bench import report as bench_report
-from truedepth.measure.bench import run as bench_run
+from truedepth.measure.bench import benchmark
 from truedepth.core.shapes import SHAPES, build_shape, parameter_count, shape_config
 from truedepth.utils.errors import MeasurementError
 
@@ -128,7 +128,7 @@ def test_speedups_are_against_base_same_mode_and_base_compiled():
     (["--shape", "tiny", "--prefill", "4096"], "exceeds the model's 1024 positions"),
 ])
 def test_bad_input_fails_before_any_work_with_the_fix(argv, match, capsys, monkeypatch):
-    monkeypatch.setattr(bench_run, "measure_bandwidth", lambda *a, **k: pytest.fail("work started"))
+    monkeypatch.setattr(benchmark, "measure_bandwidth", lambda *a, **k: pytest.fail("work started"))
     assert cli.main(["bench", *argv]) == 2
     assert match in capsys.readouterr().err
 

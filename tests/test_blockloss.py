@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny import tiny_model
+from helpers.tiny import tiny_model
 
 from truedepth.apps.finetune import model as ft_model
 from truedepth.apps.finetune.blockloss import BlockMatch

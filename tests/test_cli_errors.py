@@ -3,49 +3,21 @@ Bugs keep their traceback; --debug / TRUEDEPTH_DEBUG=1 show it for user errors t
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
 import pytest
 
 import truedepth
-from tiny import char_tokenizer, tiny_model
+from helpers.cli import assert_user_error, digest
 from truedepth.cli.main import main
 from truedepth.utils.errors import UserError
 
 
-def run_cli(capsys, *argv: str) -> tuple[int, str]:
-    code = main(list(argv))
-    return code, capsys.readouterr().err
-
-
-def assert_user_error(capsys, *argv: str, words: str = "") -> str:
-    code, err = run_cli(capsys, *argv)
-    lines = err.strip().splitlines()
-    assert code == 2, err
-    assert len(lines) == 1 and "Traceback" not in err, err
-    assert lines[0].startswith(f"truedepth {argv[0]}: error: "), err
-    assert words.lower() in lines[0].lower(), err
-    return lines[0]
-
-
-def digest(folder: Path) -> dict[str, str]:
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
-@pytest.fixture(scope="module")
-def saved(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("tiny") / "model"
-    truedepth.save(tiny_model("llama", layers=4), char_tokenizer(), folder)
-    return folder
-
-
-def broken_copy(saved: Path, tmp_path: Path, name: str, damage) -> Path:
+def broken_copy(source: Path, tmp_path: Path, name: str, damage) -> Path:
     folder = tmp_path / name
     folder.mkdir()
-    for p in saved.iterdir():
+    for p in source.iterdir():
         (folder / p.name).write_bytes(p.read_bytes())
     damage(folder)
     return folder
@@ -57,18 +29,18 @@ def test_missing_model_path(capsys, tmp_path):
     assert_user_error(capsys, "eval", "--model", "./nope", "--tokens", "64", "--window", "32", words="does not exist")
 
 
-def test_truncated_safetensors(capsys, saved, tmp_path):
+def test_truncated_safetensors(capsys, tiny4_dir, tmp_path):
     def truncate(folder):
         w = folder / "model.safetensors"
         w.write_bytes(w.read_bytes()[: w.stat().st_size // 2])
-    folder = broken_copy(saved, tmp_path, "trunc", truncate)
+    folder = broken_copy(tiny4_dir, tmp_path, "trunc", truncate)
     before = digest(folder)
     assert_user_error(capsys, "generate", "--model", str(folder), "hi", words="safetensors")
     assert digest(folder) == before
 
 
-def test_config_not_json(capsys, saved, tmp_path):
-    folder = broken_copy(saved, tmp_path, "badcfg", lambda f: (f / "config.json").write_text("{not json"))
+def test_config_not_json(capsys, tiny4_dir, tmp_path):
+    folder = broken_copy(tiny4_dir, tmp_path, "badcfg", lambda f: (f / "config.json").write_text("{not json"))
     assert_user_error(capsys, "generate", "--model", str(folder), "hi", words="config.json")
     assert_user_error(capsys, "plan", "parallel=0:2", "--model", str(folder), words="config.json")
 
@@ -79,19 +51,19 @@ def test_json_plan_missing_field_or_wrong_type(capsys, plan):
     assert_user_error(capsys, "plan", plan, "--layers", "30")
 
 
-def test_device_cuda_on_a_cpu_build(capsys, saved):
+def test_device_cuda_on_a_cpu_build(capsys, tiny4_dir):
     import torch
 
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
-    assert_user_error(capsys, "generate", "--model", str(saved), "--device", "cuda", "hi", words="cuda")
-    assert_user_error(capsys, "generate", "--model", str(saved), "--device", "gpu9", "hi", words="unknown device")
+    assert_user_error(capsys, "generate", "--model", str(tiny4_dir), "--device", "cuda", "hi", words="cuda")
+    assert_user_error(capsys, "generate", "--model", str(tiny4_dir), "--device", "gpu9", "hi", words="unknown device")
 
 
-def test_finetune_out_is_a_file(capsys, saved, tmp_path):
+def test_finetune_out_is_a_file(capsys, tiny4_dir, tmp_path):
     out = tmp_path / "out.txt"
     out.write_text("mine")
-    assert_user_error(capsys, "finetune", "--model", str(saved), "--plan", "parallel=0:2", "--out", str(out),
+    assert_user_error(capsys, "finetune", "--model", str(tiny4_dir), "--plan", "parallel=0:2", "--out", str(out),
                       words="is a file")
     assert out.read_text() == "mine"
 
@@ -115,10 +87,10 @@ def test_a_bug_keeps_its_traceback(monkeypatch):
         main(["plan", "base", "--layers", "4"])
 
 
-def test_a_folder_without_tokenizer_names_truedepth_save(capsys, saved, tmp_path):
+def test_a_folder_without_tokenizer_names_truedepth_save(capsys, tiny4_dir, tmp_path):
     """The README's old quick start: save_pretrained alone writes no tokenizer. load says what to do,
     and truedepth.save (what the README uses now) writes a folder that reloads."""
-    model, tok = truedepth.load(saved)
+    model, tok = truedepth.load(tiny4_dir)
     model.save_pretrained(tmp_path / "no-tok")
     with pytest.raises(UserError, match=r"no tokenizer; save models with truedepth.save\(model, tokenizer"):
         truedepth.load(tmp_path / "no-tok")
@@ -132,9 +104,9 @@ def test_a_folder_without_tokenizer_names_truedepth_save(capsys, saved, tmp_path
     torch.testing.assert_close(again(ids).logits, model(ids).logits, rtol=0, atol=0)
 
 
-def test_only_our_own_value_errors_are_user_errors(monkeypatch):
-    """A ValueError raised by truedepth's code is a message for the user; one raised inside another
-    library (torch here) is not ours to explain and keeps its traceback."""
+def test_a_library_error_keeps_its_traceback(monkeypatch):
+    """Only a UserError is a message for the user; an error raised inside another library (torch here) is
+    not ours to explain and keeps its traceback (so does truedepth's own ValueError: test_error_policy.py)."""
     import torch
 
     from truedepth.cli import plan as plan_cmd

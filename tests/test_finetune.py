@@ -8,38 +8,25 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny import char_tokenizer, tiny_model
+from helpers.tiny import char_tokenizer, tiny_model
 
 import truedepth
 from truedepth import cli
 from truedepth.apps.finetune import checkpoint as ft_checkpoint
 from truedepth.apps.finetune import config as ft_config
 from truedepth.apps.finetune import model as ft_model
-from truedepth.apps.finetune import report as ft_report
-from truedepth.apps.finetune import run as ft_run
+from truedepth.apps.finetune import pipeline as ft_run
 from truedepth.apps.finetune import train as ft_train
 from truedepth.apps.finetune.blockloss import BlockMatch
+from truedepth.utils.errors import InputPathError, UserError
 
 PLAN = "parallel=2:6"  # 8 layers -> keep 0, keep 1, wide(2,3), wide(4,5), keep 6, keep 7
+pytestmark = pytest.mark.usefixtures("private_cache")  # tiny_dir: tests/conftest.py
 
 
 # ---------------------------------------------------------------------------------------------
 # helpers
 # ---------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-llama")
-    tiny_model("llama", layers=8, seed=1).save_pretrained(path)
-    char_tokenizer().save_pretrained(path)
-    return path
-
-
-@pytest.fixture(autouse=True)
-def private_cache(request, tmp_path, monkeypatch):
-    if request.node.get_closest_marker("integration") is None:  # the real model lives in the user cache
-        monkeypatch.setenv("TRUEDEPTH_CACHE", str(tmp_path / "cache"))  # perplexity cache stays in the test
-
-
 def text_file(path: Path, seed: int, chars: int = 6000) -> Path:
     g = torch.Generator().manual_seed(seed)
     words = ["the", "a", "lady", "said", "Mr.", "Darcy", "was", "not", "very", "happy", "ball", "and", "\n"]
@@ -264,7 +251,7 @@ def test_resume_refuses_a_different_trajectory(tmp_path):
                  progress=False)
     with pytest.raises(ValueError, match="training data differs"):
         ft_train.train(model, None, ft_train.TokenBatches(random_ids(seed=5), 16, 2), cfg, tmp_path, resume=True, progress=False)
-    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+    with pytest.raises(InputPathError, match="no checkpoint"):
         ft_train.train(model, None, data, cfg, tmp_path / "empty", resume=True, progress=False)
 
 
@@ -314,7 +301,7 @@ def test_batch_too_large_for_memory_is_refused(monkeypatch):
     assert need["logits"] == 64 * 256 * 128 * 4 * 6
     assert need["optimizer"] == 12 * sum(p.numel() for p in student.parameters() if p.requires_grad)
     monkeypatch.setattr(ft_model, "available_memory", lambda device: need["total"] - 1)
-    with pytest.raises(RuntimeError, match=r"lower --batch-size or --seq-len, or use --lora"):
+    with pytest.raises(UserError, match=r"lower --batch-size or --seq-len, or use --lora"):
         ft_model.check_memory(student, base, cfg, "cpu")
     monkeypatch.setattr(ft_model, "available_memory", lambda device: need["total"])
     ft_model.check_memory(student, base, cfg, "cpu")
@@ -452,7 +439,9 @@ def test_default_model_short_finetune(tmp_path):
 
 def test_base_and_lp_perplexities_are_measured_once_per_model_and_texts(tiny_dir, tmp_path, monkeypatch):
     calls = []
-    real = ft_report.perplexities
+    from truedepth.measure.eval import heldout
+
+    real = heldout.perplexities
     monkeypatch.setattr(ft_run, "perplexities", lambda model, *a, **k: calls.append(1) or real(model, *a, **k))
     assert cli.main(finetune_args(tiny_dir, tmp_path, tmp_path / "a")) == 0
     assert len(calls) == 3  # base, LP, fine-tuned
@@ -471,11 +460,12 @@ def test_base_and_lp_perplexities_are_measured_once_per_model_and_texts(tiny_dir
                                               (110e9, 100e9, torch.float32)])  # within 1.2x: not worth bf16
 def test_auto_train_dtype_is_bf16_only_where_a_timing_finds_it_faster(monkeypatch, bf16, fp32, want):
     from truedepth.measure.bench import timing
+    from truedepth.measure.bench.precision import training_precision
 
     monkeypatch.setattr(timing, "matmul_flops", lambda device, dtype, **k: bf16 if dtype == torch.bfloat16 else fp32)
     timing.bf16_is_faster.cache_clear()
     try:
-        assert ft_run.resolve_precision(ft_config.FinetuneOptions(device="cpu"))[2] == want
-        assert ft_run.resolve_precision(ft_config.FinetuneOptions(device="cpu", train_dtype="bf16"))[2] == torch.bfloat16
+        assert training_precision("cpu", None, ft_config.FinetuneOptions().train_dtype)[2] == want
+        assert training_precision("cpu", None, "bf16")[2] == torch.bfloat16
     finally:
         timing.bf16_is_faster.cache_clear()

@@ -21,7 +21,7 @@ import gguf
 import numpy as np
 import pytest
 import torch
-from tiny import tiny_model
+from helpers.tiny import tiny_model
 
 import truedepth
 from truedepth import cli

@@ -6,10 +6,11 @@ import random
 
 import pytest
 import torch
-from tiny import char_tokenizer, tiny_model
+from helpers.tiny import char_tokenizer, tiny_model
 
 import truedepth
 from truedepth.measure.eval import icl, tasks
+from truedepth.utils.errors import InputPathError
 
 pytest.importorskip("lm_eval")
 
@@ -102,7 +103,7 @@ def test_bad_input_fails_before_any_model_work(tmp_path):
         icl.evaluate_tasks(None, None, ["tiny_mc"], limit=0, include_path=tmp_path)
     with pytest.raises(ValueError, match="no task given"):
         icl.evaluate_tasks(None, None, " , ")
-    with pytest.raises(FileNotFoundError, match="task folder"):
+    with pytest.raises(InputPathError, match="task folder"):
         icl.evaluate_tasks(None, None, ["tiny_mc"], include_path=tmp_path / "missing")
 
 

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from tiny import tiny_model
+from helpers.tiny import tiny_model
 
 import truedepth
 

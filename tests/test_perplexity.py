@@ -7,7 +7,7 @@ import types
 
 import pytest
 import torch
-from tiny import tiny_model
+from helpers.tiny import tiny_model
 
 import truedepth
 from truedepth import cli

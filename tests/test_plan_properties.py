@@ -14,8 +14,8 @@ import pytest
 import torch
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
-from reference import reference_logits
-from tiny import ARCHS, tiny_model
+from helpers.reference import reference_logits
+from helpers.tiny import ARCHS, tiny_model
 
 import truedepth
 from truedepth import Plan, PlanError, as_plan

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from tiny import ARCHS, tiny_model
+from helpers.tiny import ARCHS, tiny_model
 from transformers import AutoModelForCausalLM
 
 import truedepth
@@ -81,7 +81,7 @@ def test_plain_model_folder_loads_and_transforms_through_truedepth_load(tmp_path
     tok.save_pretrained(tmp_path)
     model, tokenizer = truedepth.load(tmp_path, plan="parallel=0:2")
     ids = torch.randint(3, 128, (1, 6))
-    from reference import reference_logits
+    from helpers.reference import reference_logits
     assert ((model(ids).logits - reference_logits(base, "parallel=0:2", ids)).norm()
             / model(ids).logits.norm()) < 1e-5
     assert tokenizer.convert_tokens_to_ids("a") == 1  # the folder's own tokenizer

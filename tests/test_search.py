@@ -6,13 +6,14 @@ import math
 
 import pytest
 import torch
-from tiny import ARCHS, tiny_model
+from helpers.tiny import ARCHS, tiny_model
 
 import truedepth
 from truedepth import Plan, apply_plan
 from truedepth.apps.search import beam as search_beam
-from truedepth.apps.search import core as search_core
-from truedepth.apps.search import run as search_run
+from truedepth.apps.search import pipeline as search_run
+from truedepth.apps.search import scoring as search_scoring
+from truedepth.apps.search import space as search_space
 from truedepth.core.plan import parse_int_ranges
 from truedepth.cli import main
 
@@ -52,7 +53,7 @@ QUIET = dict(progress=False)
 @pytest.mark.parametrize("arch", ARCHS)
 def test_scorer_equals_the_fused_model(arch):
     model, ids = tiny_model(arch, layers=8), calib()
-    scorer = search_core.PlanScorer(model, ids, "ppl")
+    scorer = search_scoring.PlanScorer(model, ids, "ppl")
     assert scorer.base == pytest.approx(fused_objective(model, "base", ids, "ppl"), rel=1e-5)
     for plan in ["parallel=2:6", "parallel=5:8/3,skip=1", "skip=7", "parallel=0:2,parallel=3:6/3"]:
         assert scorer.score(plan) == pytest.approx(fused_objective(model, plan, ids, "ppl"), rel=1e-5), plan
@@ -60,7 +61,7 @@ def test_scorer_equals_the_fused_model(arch):
 
 def test_kl_objective_equals_the_fused_model():
     model, ids = tiny_model("llama", layers=8), calib()
-    scorer = search_core.PlanScorer(model, ids, "kl")
+    scorer = search_scoring.PlanScorer(model, ids, "kl")
     assert scorer.base == 0.0
     for plan in ["parallel=2:6", "parallel=4:7/3,skip=0"]:
         want = fused_objective(model, plan, ids, "kl")
@@ -70,7 +71,7 @@ def test_kl_objective_equals_the_fused_model():
 
 def test_scorer_counts_passes_and_reuses_results():
     model, ids = tiny_model("llama", layers=8), calib()
-    scorer = search_core.PlanScorer(model, ids)
+    scorer = search_scoring.PlanScorer(model, ids)
     assert (scorer.evals, scorer.layer_runs) == (1, 8)  # the recording pass
     scorer.score("parallel=6:8")
     assert (scorer.evals, scorer.layer_runs) == (2, 10)  # starts at layer 6: 2 layers re-run
@@ -82,7 +83,7 @@ def test_scorer_counts_passes_and_reuses_results():
 
 def test_kept_plan_gives_the_same_scores_from_fewer_layers():
     model, ids = tiny_model("llama", layers=8), calib()
-    plain, kept = search_core.PlanScorer(model, ids), search_core.PlanScorer(model, ids)
+    plain, kept = search_scoring.PlanScorer(model, ids), search_scoring.PlanScorer(model, ids)
     kept.keep_states("parallel=1:3")
     assert (kept.evals, kept.layer_runs) == (1, 8 + 7)  # a kept plan is not an evaluation; layers 1..7 ran
     kept.score("parallel=1:3,parallel=5:7")
@@ -101,34 +102,34 @@ def test_kept_plan_gives_the_same_scores_from_fewer_layers():
 def test_scorer_refuses_a_transformed_model():
     model = apply_plan(tiny_model("llama"), "parallel=2:4")
     with pytest.raises(ValueError, match="already transformed.*without a plan"):
-        search_core.PlanScorer(model, calib())
+        search_scoring.PlanScorer(model, calib())
 
 
 # ---- search space -----------------------------------------------------------------------------
 def test_plan_of_joins_neighbours_and_round_trips():
-    E = search_core.Element
+    E = search_space.Element
     elems = [E(4, 2, "parallel"), E(2, 2, "parallel"), E(7, 3, "parallel"), E(10, 1, "skip"), E(11, 1, "skip")]
-    plan = search_core.plan_of(elems)
+    plan = search_space.plan_of(elems)
     assert str(plan) == "parallel=2:6,parallel=7:10/3,skip=10:12"
-    assert sorted(search_core.elements_of(Plan.parse(str(plan)), 12)) == sorted(elems)
-    assert plan.depth(12) == 12 - search_core.reduction_of(elems) == 6
+    assert sorted(search_space.elements_of(Plan.parse(str(plan)), 12)) == sorted(elems)
+    assert plan.depth(12) == 12 - search_space.reduction_of(elems) == 6
 
 
 def test_reachable_counts_what_free_layers_still_allow():
-    E = search_core.Element
-    assert search_core.reachable([], 8, 2, False) == 4
-    assert search_core.reachable([E(3, 2, "parallel")], 8, 2, False) == 2  # runs of 3 and 3 layers: one pair each
-    assert search_core.reachable([E(3, 2, "parallel")], 8, 3, False) == 4
-    assert search_core.reachable([E(3, 2, "parallel")], 8, 2, True) == 6
+    E = search_space.Element
+    assert search_space.reachable([], 8, 2, False) == 4
+    assert search_space.reachable([E(3, 2, "parallel")], 8, 2, False) == 2  # runs of 3 and 3 layers: one pair each
+    assert search_space.reachable([E(3, 2, "parallel")], 8, 3, False) == 4
+    assert search_space.reachable([E(3, 2, "parallel")], 8, 2, True) == 6
 
 
 def test_candidates_and_reach():
-    cands = search_core.candidate_elements(6, max_group=3, allow_skip=True)
+    cands = search_space.candidate_elements(6, max_group=3, allow_skip=True)
     assert len([c for c in cands if c.kind == "parallel" and c.size == 2]) == 5
     assert len([c for c in cands if c.size == 3]) == 4
     assert len([c for c in cands if c.kind == "skip"]) == 6
-    assert search_core.max_reduction(30, 2, False) == 15 and search_core.max_reduction(30, 3, False) == 20
-    assert search_core.max_reduction(8, 3, False) == 5 and search_core.max_reduction(8, 2, True) == 7
+    assert search_space.max_reduction(30, 2, False) == 15 and search_space.max_reduction(30, 3, False) == 20
+    assert search_space.max_reduction(8, 3, False) == 5 and search_space.max_reduction(8, 2, True) == 7
 
 
 @pytest.mark.parametrize("text,want", [("26", [26]), ("22:29", [22, 23, 24, 25, 26, 27, 28]),
@@ -143,19 +144,19 @@ def test_bad_targets_name_the_fix():
     with pytest.raises(ValueError, match="22:29 for 22..28"):
         parse_int_ranges("28..22", "--target-depth")
     with pytest.raises(ValueError, match="outside 1..29.*30 layers"):
-        search_core.target_reductions(30, [30], None, 3, False)
+        search_space.target_reductions(30, [30], None, 3, False)
     with pytest.raises(ValueError, match="lowest reachable: 15.*--max-group 3 or --allow-skip"):
-        search_core.target_reductions(30, [12], None, 2, False)
+        search_space.target_reductions(30, [12], None, 2, False)
     with pytest.raises(ValueError, match="exactly one"):
-        search_core.target_reductions(30, [26], [4], 3, False)
-    assert search_core.target_reductions(30, [28, 22, 26], None, 3, False) == [2, 4, 8]
+        search_space.target_reductions(30, [26], [4], 3, False)
+    assert search_space.target_reductions(30, [28, 22, 26], None, 3, False) == [2, 4, 8]
 
 
 # ---- the search -------------------------------------------------------------------------------
 @pytest.mark.parametrize("max_group,allow_skip", [(2, False), (3, False), (3, True)])
 def test_found_plans_have_exactly_the_target_depth(max_group, allow_skip):
     model, ids = tiny_model("qwen2", layers=8, seed=1), calib(1)
-    scorer = search_core.PlanScorer(model, ids, "kl")
+    scorer = search_scoring.PlanScorer(model, ids, "kl")
     opt = search_beam.Options(max_group=max_group, allow_skip=allow_skip, beam=2, shortlist=4, refine_rounds=1, **QUIET)
     result = search_beam.search(scorer, [1, 2, 3, 4], opt)
     assert sorted(result.found) == [1, 2, 3, 4]
@@ -163,7 +164,7 @@ def test_found_plans_have_exactly_the_target_depth(max_group, allow_skip):
         plan = Plan.parse(str(found.plan))  # the string round-trips like any user plan
         plan.validate(8)
         assert plan.depth(8) == found.depth == 8 - k
-        elems = search_core.elements_of(plan, 8)
+        elems = search_space.elements_of(plan, 8)
         assert all(e.size <= max_group for e in elems if e.kind == "parallel")
         assert allow_skip or all(e.kind == "parallel" for e in elems)
         assert found.objective == scorer.score(plan) <= found.built_objective
@@ -173,12 +174,12 @@ def test_found_plans_have_exactly_the_target_depth(max_group, allow_skip):
 def test_search_finds_planted_redundant_layers():
     """Layers 2 and 5 return their input: the only free plans of reduction 2 use them."""
     model = plant_redundant(tiny_model("llama", layers=8, seed=2), [2, 5])
-    scorer = search_core.PlanScorer(model, calib(2), "kl")
+    scorer = search_scoring.PlanScorer(model, calib(2), "kl")
     for allow_skip in (False, True):
         opt = search_beam.Options(max_group=3, allow_skip=allow_skip, beam=1, shortlist=3, refine_rounds=1, **QUIET)
         found = search_beam.search(scorer, [2], opt).found[2]
         assert found.objective == scorer.base  # bit for bit: adding exact zeros changes nothing
-        for e in search_core.elements_of(found.plan, 8):
+        for e in search_space.elements_of(found.plan, 8):
             useful = [i for i in e.layers if i not in (2, 5)]
             assert len(useful) <= (1 if e.kind == "parallel" else 0), (found.plan, e)
     # nothing else is free: any plan not built around the planted layers costs something
@@ -187,7 +188,7 @@ def test_search_finds_planted_redundant_layers():
 
 def test_search_finds_a_planted_triple():
     model = plant_redundant(tiny_model("mistral", layers=8, seed=3), [3, 4])
-    scorer = search_core.PlanScorer(model, calib(3), "kl")  # on a random model, ppl can drop below the original
+    scorer = search_scoring.PlanScorer(model, calib(3), "kl")  # on a random model, ppl can drop below the original
     found = search_beam.search(scorer, [2], search_beam.Options(max_group=3, beam=1, shortlist=4, **QUIET)).found[2]
     assert found.objective == scorer.base
     assert str(found.plan) in ("parallel=2:5/3", "parallel=3:6/3", "parallel=2:4,parallel=4:6")
@@ -195,8 +196,8 @@ def test_search_finds_a_planted_triple():
 
 def test_cosine_proxy_is_zero_where_a_layer_does_nothing():
     model = plant_redundant(tiny_model("llama", layers=8, seed=4), [5])
-    scorer = search_core.PlanScorer(model, calib(4), "kl")
-    proxy = {str(e): scorer.cosine_proxy(e) for e in search_core.candidate_elements(8, 3, True)}
+    scorer = search_scoring.PlanScorer(model, calib(4), "kl")
+    proxy = {str(e): scorer.cosine_proxy(e) for e in search_space.candidate_elements(8, 3, True)}
     free = {"skip=5", "parallel=5:7"}  # layer 6 reads x5 == x6
     assert all(proxy[f] < 1e-6 for f in free)
     assert min(v for k, v in proxy.items() if k not in free) > 1e-4
@@ -210,7 +211,7 @@ def test_search_copy_in_bf16_ranks_like_fp32():
     assert search_run.search_copy(model, None) is model and search_run.search_copy(model, "fp32") is model
     low = search_run.search_copy(model, "bf16")
     assert next(low.parameters()).dtype == torch.bfloat16 and next(model.parameters()).dtype == torch.float32
-    full, half = search_core.PlanScorer(model, ids, "kl"), search_core.PlanScorer(low, ids, "kl")
+    full, half = search_scoring.PlanScorer(model, ids, "kl"), search_scoring.PlanScorer(low, ids, "kl")
     plans = ["parallel=0:2", "parallel=2:4", "parallel=4:6", "parallel=6:8", "skip=3", "parallel=1:4/3", "skip=0",
              "skip=7", "parallel=3:5"]
     exact = sorted((full.score(p), p) for p in plans)
@@ -241,26 +242,26 @@ def test_auto_search_dtype_copies_to_bf16_only_where_timing_finds_it_faster(monk
 
 def test_budget_still_reaches_the_target():
     model, ids = tiny_model("llama", layers=8), calib()
-    scorer = search_core.PlanScorer(model, ids)
-    after_proxies = 1 + len(search_core.candidate_elements(8, 3, False))
+    scorer = search_scoring.PlanScorer(model, ids)
+    after_proxies = 1 + len(search_space.candidate_elements(8, 3, False))
     result = search_beam.search(scorer, [4], search_beam.Options(beam=3, shortlist=6, budget=2, **QUIET))
     assert result.found[4].plan.depth(8) == 4
     assert scorer.evals <= after_proxies + 2 + 4  # budget, then one evaluation per level
 
 
 def test_refinement_moves_keep_the_reduction():
-    E = search_core.Element
+    E = search_space.Element
     chosen = (E(1, 2, "parallel"), E(4, 3, "parallel"), E(7, 1, "skip"))
-    ranked = search_core.candidate_elements(9, 3, True)
+    ranked = search_space.candidate_elements(9, 3, True)
     for cand in search_beam.neighbours(chosen, ranked, 4, 9):
-        assert search_core.reduction_of(cand) == 4
-        search_core.plan_of(cand).validate(9)
+        assert search_space.reduction_of(cand) == 4
+        search_space.plan_of(cand).validate(9)
         assert len(set(cand) & set(chosen)) == 2  # exactly one element swapped
 
 
 def test_baseline_is_the_best_contiguous_range_of_pairs():
     model, ids = tiny_model("llama", layers=8, seed=5), calib(5)
-    scorer = search_core.PlanScorer(model, ids)
+    scorer = search_scoring.PlanScorer(model, ids)
     base = search_beam.contiguous_baseline(scorer, [2, 3], progress=False)
     for k in (2, 3):
         costs = {s: fused_objective(model, f"parallel={s}:{s + 2 * k}", ids, "ppl") for s in range(8 - 2 * k + 1)}
@@ -272,18 +273,18 @@ def test_baseline_is_the_best_contiguous_range_of_pairs():
 def test_calibration_windows_are_spread_and_deterministic():
     tok = CharTokenizer()
     text = "".join(f"word{i} " for i in range(3000))
-    ids = search_core.calibration_ids(tok, text, windows=4, length=50)
+    ids = search_scoring.calibration_ids(tok, text, windows=4, length=50)
     assert ids.shape == (4, 50)
-    assert torch.equal(ids, search_core.calibration_ids(tok, text, windows=4, length=50))
+    assert torch.equal(ids, search_scoring.calibration_ids(tok, text, windows=4, length=50))
     assert not torch.equal(ids[0], ids[-1])
     with pytest.raises(ValueError, match="too short.*--calib-length"):
-        search_core.calibration_ids(tok, "short text", windows=2, length=50)
+        search_scoring.calibration_ids(tok, "short text", windows=2, length=50)
 
 
 @pytest.mark.parametrize("objective", ["ppl", "kl"])
 def test_window_losses_are_the_fused_models_per_window_losses(objective):
     model, ids = tiny_model("llama", layers=8, seed=10), calib(10, n=4)
-    scorer, plan = search_core.PlanScorer(model, ids, objective), "parallel=2:4,skip=6"
+    scorer, plan = search_scoring.PlanScorer(model, ids, objective), "parallel=2:4,skip=6"
     losses = scorer.window_losses(plan)
     fused = apply_plan(copy.deepcopy(model), plan)
     with torch.no_grad():  # independent reference: a plain forward of the fused model, per window
@@ -301,21 +302,21 @@ def test_window_losses_are_the_fused_models_per_window_losses(objective):
 def test_selection_windows_are_disjoint_from_the_search_windows():
     tok = CharTokenizer()
     text = "".join(f"word{i} " for i in range(3000))
-    search_ids, select_ids = search_core.split_calibration_ids(tok, text, windows=4, select=6, length=50)
+    search_ids, select_ids = search_scoring.split_calibration_ids(tok, text, windows=4, select=6, length=50)
     assert search_ids.shape == (4, 50) and select_ids.shape == (6, 50)
-    together = search_core.calibration_ids(tok, text, windows=10, length=50)  # the same windows, dealt out
+    together = search_scoring.calibration_ids(tok, text, windows=10, length=50)  # the same windows, dealt out
     rows = {tuple(r) for r in together.tolist()}
     assert {tuple(r) for r in search_ids.tolist()} | {tuple(r) for r in select_ids.tolist()} == rows
     assert not {tuple(r) for r in search_ids.tolist()} & {tuple(r) for r in select_ids.tolist()}
     where = [together.tolist().index(r) for r in search_ids.tolist()]
     assert where == [1, 3, 6, 8]  # both sets sample the whole text, dealt out alternately
-    only, none = search_core.split_calibration_ids(tok, text, windows=4, select=0, length=50)
-    assert none is None and torch.equal(only, search_core.calibration_ids(tok, text, windows=4, length=50))
+    only, none = search_scoring.split_calibration_ids(tok, text, windows=4, select=0, length=50)
+    assert none is None and torch.equal(only, search_scoring.calibration_ids(tok, text, windows=4, length=50))
 
 
 def test_final_choice_is_the_best_finalist_on_fresh_windows():
     model = tiny_model("llama", layers=8, seed=8)
-    scorer, selector = search_core.PlanScorer(model, calib(8), "kl"), search_core.PlanScorer(model, calib(9), "kl")
+    scorer, selector = search_scoring.PlanScorer(model, calib(8), "kl"), search_scoring.PlanScorer(model, calib(9), "kl")
     result = search_beam.search(scorer, [2, 3], search_beam.Options(beam=2, shortlist=4, **QUIET))
     picked = {k: f.plan for k, f in result.found.items()}
     search_beam.contiguous_baseline(scorer, [2, 3], progress=False)  # contiguous ranges join the pool
@@ -430,8 +431,8 @@ def test_default_model_search_small():
     model, tok = truedepth.load("default")
     from truedepth.measure.eval.data import training_text
 
-    ids = search_core.calibration_ids(tok, training_text(), windows=2, length=64)
-    scorer = search_core.PlanScorer(model, ids, "ppl")
+    ids = search_scoring.calibration_ids(tok, training_text(), windows=2, length=64)
+    scorer = search_scoring.PlanScorer(model, ids, "ppl")
     opt = search_beam.Options(beam=1, shortlist=3, refine_rounds=0, screen=12, **QUIET)
     found = search_beam.search(scorer, [2], opt).found[2]
     assert found.plan.depth(30) == 28

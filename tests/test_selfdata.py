@@ -5,13 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 from test_finetune import student_and_base
-from tiny import char_tokenizer, tiny_model
+from helpers.tiny import char_tokenizer, tiny_model
 
-from truedepth.apps.finetune import run as ft_run
+from truedepth.apps.finetune import pipeline as ft_run
 from truedepth.apps.finetune import selfdata
 from truedepth.apps.finetune import train as ft_train
 from truedepth.apps.finetune.config import TrainConfig
 from truedepth.apps.finetune.model import Teacher, freeze_all_but
+from truedepth.utils.errors import InputPathError
 
 
 def test_generation_is_seeded_resumable_and_starts_from_bos(tmp_path):
@@ -41,7 +42,7 @@ def test_generation_stops_at_its_time_limit_keeping_what_it_wrote(tmp_path):
     done = selfdata.generate_text(model, tok, tmp_path, tokens=10 ** 6, batch_size=2, length=8, max_seconds=0,
                                   progress=False)
     assert done["stopped_by"] == "time" and done["parts"] == 0
-    with pytest.raises(FileNotFoundError, match="holds no generated text"):
+    with pytest.raises(InputPathError, match="holds no generated text"):
         selfdata.read_generated(tmp_path)
 
 

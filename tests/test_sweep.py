@@ -6,11 +6,13 @@ import json
 
 import pytest
 import torch
-from tiny import tiny_model
+from helpers.tiny import tiny_model
 
 import truedepth
-from truedepth.apps.sweep import core, plots, report, tables
+from truedepth.apps.sweep import plots, report, tables
+from truedepth.apps.sweep import points as pts
 from truedepth.core.plan import Plan, RangeChangeWarning, parse_int_ranges
+from truedepth.utils.errors import MissingAssetError
 
 
 # ---------------------------------------------------------------------------------------------
@@ -45,11 +47,11 @@ def test_cli_refuses_the_old_default_delta_before_any_work(capsys, tmp_path):
 
     assert main(["sweep", "--out", str(tmp_path), "--delta", "2:16:2"]) == 2
     assert "Write 2:17:2 for 2, 4, ..., 16" in capsys.readouterr().err
-    assert not (tmp_path / core.RESULTS_FILE).exists()
+    assert not (tmp_path / pts.RESULTS_FILE).exists()
 
 
 def test_points_at_the_default_position_end_two_layers_before_the_last():
-    points, notes = core.sweep_points(["parallel", "skip"], [2, 3, 16], "end", 30)
+    points, notes = pts.sweep_points(["parallel", "skip"], [2, 3, 16], "end", 30)
     plans = [str(p.plan()) for p in points]
     assert plans == ["base", "parallel=26:28", "parallel=12:28", "skip=26:28", "skip=25:28", "skip=12:28"]
     assert notes == ["parallel: odd Δ 3 left out (pairs need an even Δ)"]
@@ -58,25 +60,25 @@ def test_points_at_the_default_position_end_two_layers_before_the_last():
 
 
 def test_points_centre_and_start_scan():
-    centre, _ = core.sweep_points(["merge"], [4], "center", 30, include_base=False)
+    centre, _ = pts.sweep_points(["merge"], [4], "center", 30, include_base=False)
     assert [str(p.plan()) for p in centre] == ["merge=13:17"]
-    scan, notes = core.sweep_points(["parallel"], [8], "0:25:8", 30, include_base=False)
+    scan, notes = pts.sweep_points(["parallel"], [8], "0:25:8", 30, include_base=False)
     assert [str(p.plan()) for p in scan] == ["parallel=0:8", "parallel=8:16", "parallel=16:24"]
     assert "1 ranges do not fit 30 layers (e.g. 24:32)" in notes[0]
 
 
 def test_points_errors_name_the_fix():
     with pytest.raises(ValueError, match="no parallel point fits.*Δ is even"):
-        core.sweep_points(["parallel"], [3, 5], "end", 30)
+        pts.sweep_points(["parallel"], [3, 5], "end", 30)
     with pytest.raises(ValueError, match="no skip point fits"):
-        core.sweep_points(["skip"], [4], "40", 30)
+        pts.sweep_points(["skip"], [4], "40", 30)
     with pytest.raises(ValueError, match="unknown transform 'pairs'"):
-        core.parse_transforms("parallel,pairs")
+        pts.parse_transforms("parallel,pairs")
 
 
 def test_shuffle_points_never_keep_the_original_order():
     for start, end in ((26, 28), (10, 12), (0, 3)):
-        plan = core.Point("shuffle", end - start, start).plan(seed=0)
+        plan = pts.Point("shuffle", end - start, start).plan(seed=0)
         order = [j for b in plan.blocks(30) for j in b.layers][start:end]
         assert sorted(order) == list(range(start, end)) and order != list(range(start, end))
 
@@ -90,7 +92,7 @@ def test_plan_copy_shares_untouched_weights_and_leaves_the_base_intact(plan):
     ids = torch.randint(3, 128, (1, 10))
     before = base(ids).logits
     want = truedepth.apply_plan(copy.deepcopy(base), plan)(ids).logits
-    cheap = core.plan_copy(base, Plan.parse(plan))
+    cheap = pts.plan_copy(base, Plan.parse(plan))
     got = truedepth.apply_plan(cheap, plan)(ids).logits
     assert torch.equal(got, want)
     assert torch.equal(base(ids).logits, before)  # the base model is untouched
@@ -110,7 +112,7 @@ def make_sweep(tmp_path, **kw):
     args = dict(out=tmp_path, transforms=["parallel", "skip"], deltas=[2, 4], tokens=64, window=32,
                 model="tiny", dtype="fp32", progress=False)
     args.update(kw)
-    return core.Sweep(**args)
+    return pts.Sweep(**args)
 
 
 def test_run_sweep_measures_each_point_once_and_resumes(tmp_path, monkeypatch):
@@ -119,9 +121,9 @@ def test_run_sweep_measures_each_point_once_and_resumes(tmp_path, monkeypatch):
     model = tiny_model("llama", layers=8)
     ids = torch.randint(3, 128, (64,)).tolist()
     sweep = make_sweep(tmp_path)
-    points, _ = core.sweep_points(sweep.transforms, sweep.deltas, "end", 8)
+    points, _ = pts.sweep_points(sweep.transforms, sweep.deltas, "end", 8)
     calls = []
-    real = core.measure_point
+    real = pts.measure_point
 
     def counting(base, tok, plan, todo, s, i):
         calls.append(str(plan))
@@ -129,20 +131,20 @@ def test_run_sweep_measures_each_point_once_and_resumes(tmp_path, monkeypatch):
             raise KeyboardInterrupt  # an interruption in the middle of the sweep
         return real(base, tok, plan, todo, s, i)
 
-    monkeypatch.setattr(core, "measure_point", counting)
+    monkeypatch.setattr(pts, "measure_point", counting)
     with pytest.raises(KeyboardInterrupt):
-        core.run_sweep(sweep, model, None, points, ids)
-    assert len(core.read_results(tmp_path / core.RESULTS_FILE)) == 2
-    with open(tmp_path / core.RESULTS_FILE, "a") as f:
+        pts.run_sweep(sweep, model, None, points, ids)
+    assert len(pts.read_results(tmp_path / pts.RESULTS_FILE)) == 2
+    with open(tmp_path / pts.RESULTS_FILE, "a") as f:
         f.write('{"key": "torn')  # a half-written line from a killed process is ignored
     calls.clear()
-    monkeypatch.setattr(core, "measure_point", lambda *a: (calls.append(str(a[2])), real(*a))[1])
-    core.run_sweep(sweep, model, None, points, ids)
+    monkeypatch.setattr(pts, "measure_point", lambda *a: (calls.append(str(a[2])), real(*a))[1])
+    pts.run_sweep(sweep, model, None, points, ids)
     assert calls == [str(p.plan()) for p in points][2:]  # only the unfinished points
     calls.clear()
-    core.run_sweep(sweep, model, None, points, ids)  # rerun with the same settings: nothing to do
+    pts.run_sweep(sweep, model, None, points, ids)  # rerun with the same settings: nothing to do
     assert calls == []
-    rows = tables.collect_rows(core.read_results(tmp_path / core.RESULTS_FILE).values(), sweep.settings())
+    rows = tables.collect_rows(pts.read_results(tmp_path / pts.RESULTS_FILE).values(), sweep.settings())
     assert [r["plan"] for r in rows] == ["base", "parallel=4:6", "parallel=2:6", "skip=4:6", "skip=2:6"]
     # the stored numbers are the perplexity of the transformed model, computed independently here
     want = perplexity(truedepth.apply_plan(copy.deepcopy(model), "parallel=2:6"), None, ids, tokens=64,
@@ -154,10 +156,10 @@ def test_run_sweep_measures_each_point_once_and_resumes(tmp_path, monkeypatch):
 def test_other_settings_are_new_points(tmp_path):
     settings = make_sweep(tmp_path).settings()
     other = make_sweep(tmp_path, tokens=128).settings()
-    assert core.measurement_keys(settings, "base") != core.measurement_keys(other, "base")
+    assert pts.measurement_keys(settings, "base") != pts.measurement_keys(other, "base")
     with_tasks = make_sweep(tmp_path, tasks=["t"], limit=5).settings()
-    keys = core.measurement_keys(with_tasks, "base")
-    assert keys["perplexity"] == core.measurement_keys(settings, "base")["perplexity"]  # perplexity reused
+    keys = pts.measurement_keys(with_tasks, "base")
+    assert keys["perplexity"] == pts.measurement_keys(settings, "base")["perplexity"]  # perplexity reused
     assert "tasks" in keys
 
 
@@ -167,18 +169,18 @@ def test_other_settings_are_new_points(tmp_path):
 def synthetic_records(sweep, L=30):
     settings = sweep.settings()
     recs = []
-    points, _ = core.sweep_points(["parallel", "skip", "merge", "shuffle"], list(range(1, 17)), "end", L)
-    scan, _ = core.sweep_points(["parallel"], [8], "0:23:2", L, include_base=False)
+    points, _ = pts.sweep_points(["parallel", "skip", "merge", "shuffle"], list(range(1, 17)), "end", L)
+    scan, _ = pts.sweep_points(["parallel"], [8], "0:23:2", L, include_base=False)
     for p in points + scan:
         plan = p.plan()
         ppl = 20.0 * (1.03 if p.transform == "parallel" else 1.2) ** p.delta
-        rec = {"measure": "perplexity", **core.point_record(p, plan, L), "settings": settings, "perplexity": ppl,
+        rec = {"measure": "perplexity", **pts.point_record(p, plan, L), "settings": settings, "perplexity": ppl,
                "date": "2026-11-26T10:00:00", "machine": "test machine"}
-        rec["key"] = core.measurement_keys(settings, str(plan))["perplexity"]
+        rec["key"] = pts.measurement_keys(settings, str(plan))["perplexity"]
         recs.append(rec)
         if p.transform == "base" or (p.transform == "parallel" and p.delta % 4 == 0 and p.start == L - 2 - p.delta):
             tsettings = dict(settings, tasks={"tasks": ["lw"], "num_fewshot": None, "limit": 10})
-            recs.append({"measure": "tasks", **core.point_record(p, plan, L), "settings": tsettings,
+            recs.append({"measure": "tasks", **pts.point_record(p, plan, L), "settings": tsettings,
                          "key": f"t{plan}", "tasks": {"lw": {"acc": 0.5 - 0.001 * p.delta ** 2, "acc_stderr": 0.05,
                                                              "n_samples": 10}}})
     return recs
@@ -261,7 +263,7 @@ def test_cli_errors(argv, message, capsys, tmp_path):
 
     assert main(["sweep", "--out", str(tmp_path), *argv]) == 2
     assert message in capsys.readouterr().err
-    assert not (tmp_path / core.RESULTS_FILE).exists()
+    assert not (tmp_path / pts.RESULTS_FILE).exists()
 
 
 def test_cli_list(capsys):
@@ -269,8 +271,8 @@ def test_cli_list(capsys):
 
     pytest.importorskip("truedepth.core.loading").default_model_dir  # the default model's config is read, not its weights
     try:
-        code = main(["sweep", "--list", "--transforms", "parallel", "--delta", "2:5:2"])
-    except FileNotFoundError:
+        code = main(["sweep", "--list", "--transforms", "parallel", "--delta", "2:5:2", "--debug"])  # --debug: raise
+    except MissingAssetError:
         pytest.skip("default model not installed")
     out = capsys.readouterr().out
     assert code == 0 and "parallel=24:28           depth 28" in out and out.startswith("base")

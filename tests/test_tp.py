@@ -28,10 +28,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny import tiny_config, tiny_model
+from helpers.tiny import tiny_config, tiny_model
 
 import truedepth
 from truedepth.runtime.distributed import tp
+from truedepth.runtime.distributed.errors import RankFailureError
+from truedepth.utils.errors import MissingAssetError
 
 HERE = Path(__file__).resolve()
 REPO = HERE.parent.parent
@@ -137,7 +139,7 @@ def wait_to_fail(model, timeout_s: float) -> None:
     try:
         with tp.explain_rank_failures(timeout_s):
             model(ids)
-    except RuntimeError as e:
+    except RankFailureError as e:
         print(f"stopped after {time.monotonic() - started:.2f} s: {e}", file=sys.stderr, flush=True)
         sys.exit(3)
     sys.exit(0)  # the forward pass finished without rank 1: the test fails on the exit code
@@ -367,13 +369,13 @@ def test_tp_outside_torchrun_says_how_to_launch(monkeypatch):
 
 
 def test_cli_options_and_bad_values():
-    from truedepth.cli.common import add_tp_arguments, tp_options
+    from truedepth.utils.options import add_options, from_args
 
     parser = argparse.ArgumentParser()
-    add_tp_arguments(parser)
+    add_options(parser, tp.TPOptions)
     args = parser.parse_args(["--tp", "--tp-timeout", "30"])
-    assert tp_options(args) == tp.TPOptions(enabled=True, timeout_s=30.0, impl=tp.DEFAULT_IMPL)
-    assert tp_options(parser.parse_args([])) == tp.TPOptions() and not tp.TPOptions().enabled
+    assert from_args(tp.TPOptions, args) == tp.TPOptions(enabled=True, timeout_s=30.0, impl=tp.DEFAULT_IMPL)
+    assert from_args(tp.TPOptions, parser.parse_args([])) == tp.TPOptions() and not tp.TPOptions().enabled
     with pytest.raises(tp.TPError, match="conflicts with --tp"):
         tp.rank_device("cuda:1")
     with pytest.raises(tp.TPError, match="positive number of seconds"):
@@ -397,14 +399,15 @@ DEFAULT_PLAN = "parallel=16:28"  # wide layers: 18 heads / 6 KV heads, also divi
 
 @torch.no_grad()
 def default_model_worker(out_file: str) -> None:
-    from truedepth.cli.common import add_model_arguments, add_tp_arguments, tp_options
+    from truedepth.core.loading import ModelOptions, PlanOption
+    from truedepth.utils.options import add_options, from_args
 
     torch.set_num_threads(1)
     parser = argparse.ArgumentParser()
-    add_model_arguments(parser)
-    add_tp_arguments(parser)
+    for group in (ModelOptions, PlanOption, tp.TPOptions):
+        add_options(parser, group)
     args = parser.parse_args(["--tp", "--plan", DEFAULT_PLAN, "--device", "cpu", "--tp-timeout", "120"])
-    model, tokenizer = tp.load_model(args.model, args.plan, args.dtype, args.device, tp_options(args))
+    model, tokenizer = tp.load_model(args.model, args.plan, args.dtype, args.device, from_args(tp.TPOptions, args))
     ids = tokenizer(PROMPT, return_tensors="pt").input_ids
     out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False)
     print(json.dumps(out[0].tolist()))  # rank 0 only: the other ranks' stdout is silenced
@@ -416,7 +419,7 @@ def default_model_worker(out_file: str) -> None:
 def test_default_model_sharded_over_3_ranks_generates_the_same_tokens(tmp_path):
     try:
         model, tokenizer = truedepth.load("default", plan=DEFAULT_PLAN)
-    except FileNotFoundError as e:
+    except MissingAssetError as e:
         pytest.skip(str(e))
     ids = tokenizer(PROMPT, return_tensors="pt").input_ids
     with torch.no_grad():

@@ -2,8 +2,8 @@ import copy
 
 import pytest
 import torch
-from tiny import ARCHS, tiny_model
-from reference import reference_logits
+from helpers.tiny import ARCHS, tiny_model
+from helpers.reference import reference_logits
 
 import truedepth
 from truedepth import PlanError
@@ -291,7 +291,7 @@ def test_a_model_class_without_a_truedepth_class_is_refused_before_any_change():
     transformed and then fail in `adopt`, half converted."""
     from transformers import AutoModelForSequenceClassification
 
-    from tiny import tiny_config
+    from helpers.tiny import tiny_config
 
     model = AutoModelForSequenceClassification.from_config(tiny_config("llama", 4), dtype=torch.float32).eval()
     before = full_snapshot(model)

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from test_cli_errors import assert_user_error
+from helpers.cli import assert_user_error
 from truedepth.core.loading import resolve
 from truedepth.measure.eval import data, sotu, wordnet
 from truedepth.utils.errors import InputPathError, MissingAssetError, UserError
@@ -75,7 +75,7 @@ def test_fetch_never_updates_the_package_index(monkeypatch, tmp_path):
         return subprocess.CompletedProcess(cmd, 100, "", "E: Unable to locate package")
     monkeypatch.setattr(data.shutil, "which", lambda name: "/usr/bin/" + name)
     monkeypatch.setattr(data.subprocess, "run", fake_run)
-    with pytest.raises(RuntimeError, match="sudo apt-get update.*truedepth fetch-assets"):
+    with pytest.raises(MissingAssetError, match="sudo apt-get update.*truedepth fetch-assets"):
         data._apt_download(data.AUSTEN_PACKAGE, tmp_path)
     assert calls == [["apt-get", "download", data.AUSTEN_PACKAGE]]
 
@@ -119,13 +119,8 @@ def test_text_errors_on_the_command_line(capsys, tmp_path):
 
 # ---- found by trying the CLI as a new user (each used to run for minutes, or end in a traceback) ----
 @pytest.fixture
-def tiny_dir(tmp_path, capsys):
-    import truedepth
-    from tiny import char_tokenizer, tiny_model
-
-    truedepth.save(tiny_model("llama", layers=4), char_tokenizer(), tmp_path / "m")
+def workdir(tmp_path):
     (tmp_path / "notjson.txt").write_text("hello")
-    capsys.readouterr()  # the save's progress bar is not the command's output
     return tmp_path
 
 
@@ -141,10 +136,11 @@ def tiny_dir(tmp_path, capsys):
     (["finetune", "--model", "{m}", "--plan", "parallel=0:2", "--threads", "0", "--out", "{d}/ft"], "--threads"),
     (["search", "--model", "{m}", "--target-depth", "3", "--threads", "0"], "--threads"),
 ])
-def test_new_user_mistakes(capsys, tiny_dir, argv, words):
-    argv = [a.format(m=tiny_dir / "m", d=tiny_dir) for a in argv]
+def test_new_user_mistakes(capsys, tiny4_dir, workdir, argv, words):
+    argv = [a.format(m=tiny4_dir, d=workdir) for a in argv]
+    capsys.readouterr()  # the model's save (a session fixture) is not the command's output
     assert_user_error(capsys, *argv, words=words)
-    assert not (tiny_dir / "ft").exists() and not (tiny_dir / "sw" / "results.jsonl").exists()
+    assert not (workdir / "ft").exists() and not (workdir / "sw" / "results.jsonl").exists()
 
 
 def test_fetch_assets_is_a_no_op_when_everything_is_there(capsys, monkeypatch):

@@ -1,6 +1,6 @@
 """Saved truedepth models served by stock vLLM (CPU build) through truedepth's plugin.
 
-vLLM runs in subprocesses (tests/vllm_worker.py, `vllm serve`): its engine starts worker processes
+vLLM runs in subprocesses (tests/helpers/vllm_worker.py, `vllm serve`): its engine starts worker processes
 with `spawn`. Engines run in eager mode with a 1 GiB KV cache; tensor parallelism binds one core
 per rank. The reference is the transformed transformers model, teacher-forced on vLLM's tokens:
 up to the first position where either side's top two log-probabilities differ by less than
@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny import tiny_model
+from helpers.tiny import tiny_model
 
 import truedepth
 from truedepth.deploy.vllm import ServingError, check_config, check_servable
@@ -33,7 +33,7 @@ pytestmark = pytest.mark.slow
 NEAR_TIE = 1e-3
 LOGPROB_TOL = 1e-3
 NEW_TOKENS = 32
-WORKER = Path(__file__).with_name("vllm_worker.py")
+WORKER = Path(__file__).parent / "helpers" / "vllm_worker.py"
 TINY_PROMPTS = [[1, 5, 9, 20, 33, 7], [1, 90, 4, 61], [1, 17, 17, 100, 3, 45, 12, 8]]
 DEFAULT_PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village,",
                    "The three primary colors are", "Water boils at a temperature of"]

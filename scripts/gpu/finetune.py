@@ -27,7 +27,7 @@ import torch
 from truedepth.apps.finetune import train as ft
 from truedepth.apps.finetune.config import DTYPE_NAMES, TrainConfig
 from truedepth.apps.finetune.model import estimate_training_memory
-from truedepth.apps.finetune.run import make_trainable, student_setup
+from truedepth.apps.finetune.pipeline import make_trainable, student_setup
 from truedepth.core.plan import as_plan
 
 DEFAULT_SHAPE = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,

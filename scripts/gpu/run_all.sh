@@ -21,7 +21,7 @@ step() {  # step NAME SECONDS CMD...
   timeout "$limit" "$@" >>"$log" 2>&1
   echo "=== $name rc=$? in $((SECONDS - t0))s" | tee -a "$log"
 }
-step core 75 $PY tests/gpu_core.py --out "$OUT" $SMOKE
+step core 75 $PY tests/helpers/gpu_core.py --out "$OUT" $SMOKE
 step bench 360 $PY scripts/gpu/bench.py --out "$OUT" --budget 320 $SMOKE
 step finetune 65 $PY scripts/gpu/finetune.py --out "$OUT" $SMOKE
 step tp 55 $PY scripts/gpu/tp.py --out "$OUT" $SMOKE

@@ -1,4 +1,4 @@
-"""Training-free repair of an LP plan by least squares (docs/COMPRESS.md, "A closed-form start").
+"""Training-free repair of an LP plan by least squares (docs/research/compress-experiments.md).
 
 For every wide layer, in order: the features are the wide MLP's intermediate activations on the
 repaired model's own hidden state; the target is the original model's hidden state after the last
@@ -11,9 +11,13 @@ of each model over the calibration tokens), so the cost is about two forward pas
     python scripts/research/lsq_repair.py --tokens 65536 --finetune -- --max-minutes 16.45 --fit-tokens \
         --threads 2 --eval-tokens 32768 --out runs/lsq-ft
 
-With `--finetune`, the arguments after `--` go to `truedepth finetune` (plan and --data added), whose
-student starts from the repaired weights (the product's fine-tune is not changed: this script wraps
-its student builder).
+With `--finetune`, the arguments after `--` go to `truedepth finetune` (model, plan and --data added),
+whose student starts from the repaired weights (the product's fine-tune is not changed: this script
+wraps its student builder, and stops with an error if the fine-tune no longer builds it there).
+
+Results: docs/research/compress-experiments.md, "A closed-form start". Not part of the product, but
+kept runnable: tests/test_research_scripts.py runs both modes on a tiny model (`--model`, `--eval-text`,
+`--other-text` point it at a tiny folder and text files).
 """
 import argparse
 import json
@@ -23,7 +27,7 @@ import time
 import torch
 
 from truedepth.apps.finetune import model as ft_model
-from truedepth.apps.finetune import run as ft_run
+from truedepth.apps.finetune import pipeline as ft_pipeline
 from truedepth.core.arch import decoder_layers
 from truedepth.core.loading import load, save
 from truedepth.measure.eval.data import load_text
@@ -102,23 +106,26 @@ def refit_down_proj(layer, states, targets, args, kwargs, lam):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default="default", help="model to repair (default: the offline default model)")
     p.add_argument("--plan", default=PLAN)
     p.add_argument("--data", default="austen-train+fortunes", help="calibration text (a training text)")
     p.add_argument("--tokens", type=int, default=65536, help="calibration tokens (windows of 512, batches of 8)")
     p.add_argument("--lam", type=float, default=0.5, help="ridge strength, relative to the mean feature energy")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--eval-tokens", type=int, default=8192)
+    p.add_argument("--eval-text", default="default", help="held-out text (default: the held-out novel)")
+    p.add_argument("--other-text", default="other-domain", help="a text of another kind (default: the Jargon File)")
     p.add_argument("--out", help="save the repaired model here (safetensors)")
     p.add_argument("--finetune", action="store_true", help="run `truedepth finetune` from the repaired weights")
     opts, rest = p.parse_known_args()
     torch.set_num_threads(opts.threads)
     if opts.finetune:
         return finetune_from_repair(opts, [a for a in rest if a != "--"])
-    base, tok = load("default")
+    base, tok = load(opts.model)
     student = ft_model.build_student(base, opts.plan)
     seconds = repair(student, base, tok, opts)
     result = {"plan": opts.plan, "data": opts.data, "tokens": opts.tokens, "lam": opts.lam, "seconds": round(seconds, 1)}
-    for name, spec in (("held_out", "default"), ("other_domain", "other-domain")):
+    for name, spec in (("held_out", opts.eval_text), ("other_domain", opts.other_text)):
         for tag, m in (("base", base), ("repaired", student)):
             result[f"{name}_{tag}"] = perplexity(m, tok, load_text(spec), tokens=opts.eval_tokens, progress=False)["perplexity"]
     print(json.dumps(result))
@@ -138,15 +145,21 @@ def finetune_from_repair(opts, finetune_args):
     from truedepth.cli.main import main as cli_main
     from truedepth.core.loading import load_tokenizer, resolve
 
-    original, tok = ft_run.build_student, load_tokenizer("default", resolve("default"))
+    original, tok = ft_pipeline.build_student, load_tokenizer(opts.model, resolve(opts.model))
+    repaired = []
 
     def build_and_repair(base, plan, neighbours=0):
         student = original(base, plan, neighbours)
         repair(student, base, tok, opts)
+        repaired.append(plan)
         return student
 
-    ft_run.build_student = build_and_repair
-    return cli_main(["finetune", "--plan", opts.plan, "--data", opts.data, *finetune_args])
+    ft_pipeline.build_student = build_and_repair
+    code = cli_main(["finetune", "--model", opts.model, "--plan", opts.plan, "--data", opts.data, *finetune_args])
+    if code == 0 and not repaired:
+        raise SystemExit("lsq_repair: the fine-tune no longer builds its student through "
+                         "truedepth.apps.finetune.pipeline.build_student, so nothing was repaired; update this script")
+    return code
 
 
 if __name__ == "__main__":

@@ -31,8 +31,8 @@ MOVED = {
     "tasks": "truedepth.measure.eval.tasks", "data": "truedepth.measure.eval.data",
     "evaluate": "truedepth.measure.eval.evaluate", "bench": "truedepth.measure.bench (decode, run, report, timing)",
     "speed": "truedepth.measure.bench.speed", "tp_bench": "truedepth.measure.bench.tp_bench (torchrun -m truedepth.cli.tp_bench)",
-    "finetune": "truedepth.apps.finetune (config, model, train, checkpoint, report, run)",
-    "search": "truedepth.apps.search (core, beam, report, run)",
+    "finetune": "truedepth.apps.finetune (config, model, train, checkpoint, report, pipeline)",
+    "search": "truedepth.apps.search (options, space, scoring, beam, report, pipeline)",
     "sweep": "truedepth.apps.sweep (core, tables, plots, report, run)",
     "commands": "truedepth.cli (one module per command)",
 }

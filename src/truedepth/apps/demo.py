@@ -9,7 +9,13 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from ..core.loading import ModelOptions, PlanList
+from ..measure.bench.timing import NewTokensOption, RepeatsOption
+from ..measure.eval.evaluate import PerplexityText
 from ..utils.env import describe_machine, machine_info
+from ..utils.errors import UserError
+from ..utils.options import option, override
+from ..utils.shared_options import ProgressOption
 
 DEFAULT_PLANS = ("parallel=20:28", "parallel=16:28", "parallel=12:28")
 DEFAULT_PROMPT = "What is the capital of France?"
@@ -17,23 +23,23 @@ DECODE_PROMPT_TOKENS = 16
 QUICK = {"tokens": 256, "window": 128, "new_tokens": 4, "repeats": 1, "sample_tokens": 8}
 
 
-@dataclass
-class DemoOptions:
+@dataclass  # bases in reverse order: --help lists the last base's options first
+class DemoOptions(ProgressOption, RepeatsOption, NewTokensOption, PerplexityText, PlanList, ModelOptions):
     """The demo's settings (`truedepth demo --help` explains each); `quick` shrinks them all."""
-    model: str = "default"
-    dtype: str | None = None
-    device: str | None = None
-    plans: list[str] | None = None  # default: DEFAULT_PLANS
-    text: str = "default"
-    tokens: int = 4096
-    window: int = 512
-    new_tokens: int = 24
-    repeats: int = 3
-    prompt: str = DEFAULT_PROMPT
-    sample_tokens: int = 40
-    sample_plan: str | None = None
-    quick: bool = False
-    progress: bool = True  # progress bars and step messages on stderr
+    plans: list[str] | None = override(None, help_note="The original model is measured too.",
+                                       default_help=" ".join(DEFAULT_PLANS))
+    text: str = override("default", default_help="default (held-out Austen novel)")
+    tokens: int = override(4096)
+    window: int = override(512, help_note="(Disjoint windows.)")
+    new_tokens: int = override(24)
+    repeats: int = override(3)
+    no_progress: bool = override(False, help_note="or step messages")
+    sample_prompt: str = option(DEFAULT_PROMPT, "question for the sample (chat template). Default: %(default)r",
+                                flag="--prompt")
+    sample_tokens: int = option(40, "tokens to generate for the sample.")
+    sample_plan: str | None = option(None, "plan whose model writes the sample. Default: the first --plan")
+    quick: bool = option(False, f"tiny run for tests: {QUICK['tokens']} tokens, window {QUICK['window']}, one plan, "
+                         f"{QUICK['new_tokens']}-token decode, {QUICK['sample_tokens']}-token sample")
 
 
 # ------------------------------------------------------------------------------------------
@@ -53,7 +59,7 @@ def settings(args: DemoOptions) -> dict[str, Any]:
     check_window_args(s["tokens"], s["window"], None)
     for key in ("new_tokens", "repeats", "sample_tokens"):
         if s[key] < 1:
-            raise ValueError(f"--{key.replace('_', '-')} must be at least 1 (got {s[key]}).")
+            raise UserError(f"--{key.replace('_', '-')} must be at least 1 (got {s[key]}).")
     parsed = [as_plan(p) for p in plans]  # a typo fails here, naming the step
     sample = as_plan(args.sample_plan) if args.sample_plan else (parsed[0] if parsed else as_plan("base"))
     s["plans"] = [as_plan("base")] + [p for p in parsed if not p.is_identity]
@@ -68,7 +74,7 @@ def settings(args: DemoOptions) -> dict[str, Any]:
 # Measuring
 # ------------------------------------------------------------------------------------------
 def log(args: DemoOptions, message: str) -> None:
-    if args.progress:
+    if not args.no_progress:
         print(message, file=sys.stderr, flush=True)
 
 
@@ -100,7 +106,7 @@ def run_all(args: DemoOptions, s: dict[str, Any]) -> dict[str, Any]:
     from ..measure.bench.speed import interleaved_decode_rates
     from ..core.transform import apply_plan, check_plan_fits
 
-    progress = args.progress
+    progress = not args.no_progress
     t0 = time.perf_counter()
     log(args, f"loading {args.model} and the text ...")
     base, tokenizer = load_for_device(args.model, dtype=args.dtype, device=args.device)
@@ -136,10 +142,10 @@ def run_all(args: DemoOptions, s: dict[str, Any]) -> dict[str, Any]:
     if str(sample) not in models:
         models[str(sample)] = apply_plan(copy.deepcopy(base), sample)
     # the original model's answer is shown too, for comparison
-    samples = {name: sample_answer(models[name], tokenizer, args.prompt, s["sample_tokens"])
+    samples = {name: sample_answer(models[name], tokenizer, args.sample_prompt, s["sample_tokens"])
                for name in dict.fromkeys(["base", str(sample)])}
     return {"model": args.model, "machine": info, "settings": {k: v for k, v in s.items() if "plan" not in k},
-            "text": args.text, "rows": rows, "prompt": args.prompt, "samples": samples,
+            "text": args.text, "rows": rows, "prompt": args.sample_prompt, "samples": samples,
             "sample_plan": str(sample), "seconds": round(time.perf_counter() - t0, 1)}
 
 

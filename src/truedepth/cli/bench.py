@@ -28,54 +28,13 @@ from __future__ import annotations
 
 import argparse
 
-from ..measure.bench.decode import MODES
-from ..measure.bench.run import BenchOptions, run_bench
-from .common import options
+from ..measure.bench.benchmark import BenchOptions, run_bench
+from ..utils.options import add_options, from_args
 
 
-# ---------------------------------------------------------------------------------------------
-# CLI
-# ---------------------------------------------------------------------------------------------
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    src = parser.add_mutually_exclusive_group()
-    src.add_argument("--model", default=None,
-                     help="'default' (offline SmolLM2-135M-Instruct), a hub id or a local folder. Default: the "
-                          "default model unless --shape is given")
-    src.add_argument("--shape", default=None,
-                     help="random-weight model of a published size, no download: llama-2-7b, llama-3.2-3b, "
-                          "llama-3.1-8b, qwen2.5-7b, smollm2-135m (= the default model's shape), tiny")
-    parser.add_argument("--plan", action="append", default=None,
-                        help="a plan to compare with the base model (repeat for several). Default: the shape's "
-                             "usual plan (llama-2-7b: parallel=16:30, llama-3.2-3b: parallel=14:24, ...)")
-    parser.add_argument("--batch", default="1", help="batch sizes, comma-separated (default %(default)s)")
-    parser.add_argument("--prompt", type=int, default=128, help="prompt tokens (default %(default)s)")
-    parser.add_argument("--new", type=int, default=None, help="new tokens per generation (default 256 on GPU, "
-                                                              "64 on CPU)")
-    parser.add_argument("--mode", default=None, help=f"comma-separated from {', '.join(MODES)} (default: all on "
-                                                     "GPU; eager,fast on CPU, where compiling takes minutes)")
-    parser.add_argument("--prefill", default=None,
-                        help="prompt lengths for the prefill latency, comma-separated (default 128,512,2048 on GPU, "
-                             "128,512 on CPU); 'none' to skip")
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs per measurement; the median is "
-                                                              "reported (default %(default)s)")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed runs first (default %(default)s; the "
-                                                             "first run of a compiled mode compiles)")
-    parser.add_argument("--dtype", default=None, help="fp32, bf16 or fp16 (default: bf16 on GPU, fp32 on CPU)")
-    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's)")
-    parser.add_argument("--backend", default="inductor",
-                        help="torch.compile backend for the compiled modes (default %(default)s; 'eager' or "
-                             "'aot_eager' skip code generation: for debugging only)")
-    parser.add_argument("--json", default=None, metavar="FILE", help="write one record per model, plan, mode "
-                                                                    "and batch (rewritten after each record)")
-    parser.add_argument("--markdown", action="store_true", help="print the table as markdown")
-    parser.add_argument("--plot", default=None, metavar="FILE", help="plot decode tokens/s per plan, mode and "
-                                                                    "batch (PNG/SVG/PDF; needs matplotlib)")
-    parser.add_argument("--sequential", action="store_true",
-                        help="hold one model in memory at a time (default: base and every plan together, their "
-                             "timed runs alternating, so load that drifts during the run affects all alike)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the random weights and prompts")
+    add_options(parser, BenchOptions)
 
 
 def run(args: argparse.Namespace) -> int:
-    return run_bench(options(BenchOptions, args))
+    return run_bench(from_args(BenchOptions, args))

@@ -16,38 +16,18 @@ from __future__ import annotations
 import argparse
 import json
 
-from ..apps.demo import DEFAULT_PLANS, DEFAULT_PROMPT, QUICK, DemoOptions, format_report, run_all, settings
-from .common import add_model_arguments, options
+from ..apps.demo import DemoOptions, format_report, run_all, settings
+from ..utils.options import add_options, from_args
+from .common import Printing
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_model_arguments(parser, plan=False)
-    parser.add_argument("--plan", action="append", dest="plans", metavar="PLAN", default=None,
-                        help="an LP plan to compare with the original model (repeat for several). "
-                             f"Default: {' '.join(DEFAULT_PLANS)}")
-    parser.add_argument("--text", default="default",
-                        help="text for perplexity (see `truedepth eval --help`). Default: %(default)s "
-                             "(held-out Austen novel)")
-    parser.add_argument("--tokens", type=int, default=DemoOptions.tokens, help="tokens of text to score. Default: %(default)s")
-    parser.add_argument("--window", type=int, default=DemoOptions.window, help="tokens per (disjoint) window. Default: %(default)s")
-    parser.add_argument("--new-tokens", type=int, default=DemoOptions.new_tokens,
-                        help="tokens generated per timed decode run. Default: %(default)s")
-    parser.add_argument("--repeats", type=int, default=DemoOptions.repeats, help="timed decode runs per model (median). Default: %(default)s")
-    parser.add_argument("--prompt", default=DEFAULT_PROMPT, help="question for the sample (chat template). "
-                                                                 "Default: %(default)r")
-    parser.add_argument("--sample-tokens", type=int, default=DemoOptions.sample_tokens, help="tokens to generate for the sample. "
-                                                                       "Default: %(default)s")
-    parser.add_argument("--sample-plan", default=None,
-                        help="plan whose model writes the sample. Default: the first --plan")
-    parser.add_argument("--quick", action="store_true",
-                        help=f"tiny run for tests: {QUICK['tokens']} tokens, window {QUICK['window']}, one plan, "
-                             f"{QUICK['new_tokens']}-token decode, {QUICK['sample_tokens']}-token sample")
-    parser.add_argument("--json", action="store_true", help="print one JSON object instead of the report")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars or step messages")
+    add_options(parser, DemoOptions)
+    add_options(parser, Printing)
 
 
 def run(args: argparse.Namespace) -> int:
-    opts = options(DemoOptions, args, progress=not (args.no_progress or args.json))
+    opts = from_args(DemoOptions, args, no_progress=args.no_progress or args.json)
     result = run_all(opts, settings(opts))
     print(json.dumps(result, default=str) if args.json else format_report(result))
     return 0

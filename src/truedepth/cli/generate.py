@@ -6,25 +6,38 @@ Example: truedepth generate --model default --plan parallel=20:28 "The capital o
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass, field
 
+from ..core.loading import ModelOptions, PlanOption
+from ..runtime.distributed.tp import TPOptions
 from ..utils.errors import UserError
-from .common import add_model_arguments, add_tp_arguments, tp_options
+from ..utils.options import add_options, from_args, option, override
+from ..utils.shared_options import SeedOption
+
+
+@dataclass
+class Sampling(SeedOption):
+    """How the next token is chosen: greedy, or sampled with these settings."""
+    sample: bool = option(False, "sample instead of greedy decoding")
+    temperature: float = option(0.7, "sampling temperature (with --sample).")
+    top_k: int = option(50, "sample from the K most likely tokens (with --sample).")
+    top_p: float = option(0.95, "sample from the most likely tokens whose probabilities add up to P (with --sample).")
+    seed: int = override(0, help_note="for sampling.")
+
+
+@dataclass  # bases in reverse order: --help lists the last base's options first
+class GenerateOptions(Sampling, PlanOption, ModelOptions):
+    """What `truedepth generate` takes (see its --help)."""
+    prompt: str | None = option(None, "text to continue", positional=True)
+    max_new_tokens: int = option(32, "tokens to generate.")
+    chat: bool = option(False, "wrap the prompt in the tokenizer's chat template")
+    static_cache: bool = option(False, "use transformers' static KV cache")
+    fast: bool = option(False, "use truedepth's lean decode loop (static cache, compiled one-token step)")
+    tp: TPOptions = field(default_factory=TPOptions)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("prompt", help="text to continue")
-    add_model_arguments(parser)
-    parser.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate (default %(default)s)")
-    parser.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
-    parser.add_argument("--temperature", type=float, default=0.7)
-    parser.add_argument("--top-k", type=int, default=50)
-    parser.add_argument("--top-p", type=float, default=0.95)
-    parser.add_argument("--seed", type=int, default=0, help="random seed for sampling")
-    parser.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
-    parser.add_argument("--static-cache", action="store_true", help="use transformers' static KV cache")
-    parser.add_argument("--fast", action="store_true",
-                        help="use truedepth's lean decode loop (static cache, compiled one-token step)")
-    add_tp_arguments(parser)
+    add_options(parser, GenerateOptions)
 
 
 def encode(tokenizer, prompt: str, chat: bool):
@@ -36,7 +49,7 @@ def encode(tokenizer, prompt: str, chat: bool):
     return tokenizer(prompt, return_tensors="pt").input_ids
 
 
-def check_sampling(args: argparse.Namespace) -> None:
+def check_sampling(args: GenerateOptions) -> None:
     """Options transformers would refuse only after the model has loaded."""
     if args.max_new_tokens < 1:
         raise UserError("--max-new-tokens must be at least 1.")
@@ -48,18 +61,19 @@ def check_sampling(args: argparse.Namespace) -> None:
         raise UserError(f"--top-p must be in (0, 1] (got {args.top_p}).")
 
 
-def run(args: argparse.Namespace) -> int:
+def run(parsed: argparse.Namespace) -> int:
     import torch
 
     from ..runtime.distributed.tp import load_model  # the plain loader unless --tp: then each rank loads its shard
 
+    args = from_args(GenerateOptions, parsed)
     check_sampling(args)
     if args.chat:  # a tokenizer without a chat template is refused before the weights load
         from ..core.loading import load_tokenizer, resolve
 
         encode(load_tokenizer(args.model, resolve(args.model)), args.prompt, chat=True)
     torch.manual_seed(args.seed)
-    model, tokenizer = load_model(args.model, args.plan, args.dtype, args.device, tp_options(args))
+    model, tokenizer = load_model(args.model, args.plan, args.dtype, args.device, args.tp)
     ids = encode(tokenizer, args.prompt, args.chat).to(model.device)
     from ..runtime.generate import check_generation_length
 

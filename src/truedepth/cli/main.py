@@ -12,13 +12,10 @@ import argparse
 import importlib
 import os
 import sys
-import traceback
 
 from ..core.plan import GRAMMAR_HELP
 from ..utils.env import keep_freed_memory
 from ..utils.errors import UserError
-
-PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep  # .../truedepth/
 
 # name -> (module, one-line help)
 COMMANDS = {
@@ -79,23 +76,11 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"truedepth {args.command}: interrupted. {interrupt_note(args)}", file=sys.stderr)
         return 130
-    except Exception as e:
-        if debug or not is_user_error(e):
-            raise  # a bug: its traceback is what a report needs
+    except UserError as e:  # only these are the user's to fix; any other exception is a bug and keeps its traceback
+        if debug:
+            raise
         print(f"truedepth {args.command}: error: {one_line(e)}", file=sys.stderr)
         return 2
-
-
-def is_user_error(e: BaseException) -> bool:
-    """A UserError, or a ValueError/FileNotFoundError/RuntimeError that truedepth's own code raised with a
-    message for the user (the convention before UserError). The same types raised inside torch or
-    transformers are not ours to explain: they keep their traceback."""
-    if isinstance(e, UserError):
-        return True
-    if not isinstance(e, (ValueError, FileNotFoundError, RuntimeError)):
-        return False
-    frames = traceback.extract_tb(e.__traceback__)
-    return bool(frames) and os.path.abspath(frames[-1].filename).startswith(PACKAGE_DIR)
 
 
 def one_line(e: BaseException) -> str:

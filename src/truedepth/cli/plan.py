@@ -7,19 +7,30 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import dataclass
 
+from ..core.loading import ModelOptions
 from ..utils.errors import UserError
+from ..utils.options import add_options, from_args, option, override
+from .common import Printing
+
+NOT_TAKEN = ("dtype", "device")  # only the model's config is read
+
+
+@dataclass  # bases in reverse order: --help lists the last base's options first
+class PlanShow(Printing, ModelOptions):
+    """What `truedepth plan` takes (see its --help)."""
+    plan_text: str | None = option(None, "plan string (see below) or JSON", positional=True, metavar="plan")
+    layers: int | None = option(None, "depth of the original model (default: read from --model's config)")
+    model: str = override("default", help_note="Only its config is read, for the depth.")
+    json: bool = override(False, help_note="(the plan and its layout)")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("plan", help="plan string (see below) or JSON")
-    parser.add_argument("--layers", type=int, default=None,
-                        help="depth of the original model (default: read from --model's config)")
-    parser.add_argument("--model", default="default", help="model whose config gives the depth (default %(default)s)")
-    parser.add_argument("--json", action="store_true", help="print the plan and its layout as one JSON object")
+    add_options(parser, PlanShow, exclude=NOT_TAKEN)
 
 
-def num_layers(args: argparse.Namespace) -> int:
+def num_layers(args: PlanShow) -> int:
     if args.layers is not None:
         if args.layers < 1:
             raise UserError(f"--layers {args.layers}: a model has at least one layer; give its depth (e.g. 30), "
@@ -30,10 +41,11 @@ def num_layers(args: argparse.Namespace) -> int:
     return read_config(args.model).num_hidden_layers
 
 
-def run(args: argparse.Namespace) -> int:
+def run(parsed: argparse.Namespace) -> int:
     from ..core.plan import Plan
 
-    plan = Plan.parse(args.plan)
+    args = from_args(PlanShow, parsed)
+    plan = Plan.parse(args.plan_text)
     n = num_layers(args)
     blocks = plan.blocks(n)
     if args.json:

@@ -41,70 +41,16 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..apps.search.core import OBJECTIVES
-from ..apps.search.run import SearchOptions, run_search
-from .common import add_model_arguments, options
+from ..apps.search import SearchOptions, run_search
+from ..utils.options import add_options, from_args
 
 
-# ---------------------------------------------------------------------------------------------
-# Command line
-# ---------------------------------------------------------------------------------------------
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_model_arguments(parser, plan=False)
-    target = parser.add_argument_group("target (exactly one)")
-    target.add_argument("--target-depth", metavar="D", help="depth(s) to reach: 26, a list 28,26,24 or a range 22:29 (end exclusive: 22..28)")
-    target.add_argument("--reduce", metavar="K", help="layers of depth to remove instead: 4, a list or a range 2:9 (end exclusive: 2..8)")
-    space = parser.add_argument_group("search space and objective")
-    space.add_argument("--objective", choices=OBJECTIVES, default="ppl",
-                       help="ppl: calibration perplexity; kl: KL divergence from the original model. "
-                            "Default: %(default)s")
-    space.add_argument("--max-group", type=int, choices=(2, 3), default=3,
-                       help="largest group of consecutive layers run in parallel. Default: %(default)s")
-    space.add_argument("--allow-skip", action="store_true", help="also allow dropping single layers")
-    space.add_argument("--calib", metavar="TEXT", default="austen-train",
-                       help="calibration text: 'austen-train' (five novels, not the held-out one), "
-                            "'other-domain', 'austen:<name>', a file, or a datasets name. Default: %(default)s")
-    space.add_argument("--calib-windows", metavar="N", type=int, default=16, help="calibration windows. Default: %(default)s")
-    space.add_argument("--calib-length", metavar="T", type=int, default=512, help="tokens per window. Default: %(default)s")
-    space.add_argument("--select-windows", metavar="N", type=int, default=48,
-                       help="more calibration windows, never seen by the search, that make the final choice among "
-                            "the --finalists best plans of each depth (0: keep the search's own pick). "
-                            "Default: %(default)s")
-    space.add_argument("--finalists", metavar="F", type=int, default=6,
-                       help="plans per depth re-scored on the --select-windows. Default: %(default)s")
-    algo = parser.add_argument_group("algorithm and cost")
-    algo.add_argument("--beam", metavar="B", type=int, default=2, help="plans kept per depth level. Default: %(default)s")
-    algo.add_argument("--shortlist", metavar="M", type=int, default=6,
-                      help="cheapest candidates tried per plan and step. Default: %(default)s")
-    algo.add_argument("--refine-rounds", metavar="R", type=int, default=1, help="rounds of local swaps. Default: %(default)s")
-    algo.add_argument("--screen", metavar="N", type=int, default=None,
-                      help="measure alone only the N candidates with the best cosine proxy (default: all)")
-    algo.add_argument("--budget", metavar="N", type=int, default=None,
-                      help="soft cap on full-plan evaluations after the proxies; when reached, each depth level "
-                           "still gets one evaluation so the target is reached (default: no cap)")
-    out = parser.add_argument_group("comparison and output")
-    out.add_argument("--baseline", action="store_true",
-                     help="also find the best single contiguous range of pairs for each depth (the paper's scheme)")
-    out.add_argument("--report", metavar="TEXT", default="default",
-                     help="text to report held-out perplexity of the final plans on, with the fused model: "
-                          "'default' (held-out novel), a file, ... or 'none'. Each plan is fused on a copy of "
-                          "the model, so this needs room for two copies: for a large model pass 'none' and run "
-                          "`truedepth eval --plan` on the plans afterwards. Default: %(default)s")
-    out.add_argument("--report-tokens", metavar="N", type=int, default=8192, help="held-out tokens. Default: %(default)s")
-    out.add_argument("--report-window", metavar="T", type=int, default=512, help="held-out window. Default: %(default)s")
-    out.add_argument("--out", metavar="FILE", help="write the plans, objectives and counts as JSON to this file")
-    out.add_argument("--plot", metavar="PNG", help="write a PNG of the objective against depth to this file")
-    algo.add_argument("--search-dtype", metavar="DTYPE", default=None,
-                      help="dtype of the copy the search scores plans with (e.g. bf16: ~2-3x faster on CPUs "
-                           "with AMX, rankings within ~0.1%%; slower on some CPUs with avx512_bf16 alone); "
-                           "'auto': bf16 where a fraction of a second of timing finds it 1.2x faster than fp32. "
-                           "Held-out numbers still use --dtype. Default: the model's dtype, no copy")
-    out.add_argument("--threads", metavar="N", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    out.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_options(parser, SearchOptions)
 
 
 def run(args: argparse.Namespace) -> int:
-    run_search(options(SearchOptions, args, command=" ".join(["truedepth", *sys.argv[1:]])))
+    run_search(from_args(SearchOptions, args, command=" ".join(["truedepth", *sys.argv[1:]])))
     return 0
 
 

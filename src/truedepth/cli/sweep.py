@@ -39,80 +39,34 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..apps.sweep.core import TRANSFORMS, Sweep, num_layers_of, parse_transforms, sweep_points
-from ..apps.sweep.run import check_sweep, run_study
+from ..apps.sweep.options import SweepOptions
+from ..apps.sweep.points import num_layers_of, sweep_points
+from ..apps.sweep.study import check_sweep, run_study, sweep_of
 from ..apps.sweep.tables import format_table
-from ..core.plan import parse_int_ranges
-from ..measure.eval.evaluate import task_list
-from ..utils.device import device_and_dtype
-from .common import add_model_arguments
+from ..utils.options import add_options, from_args
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_model_arguments(parser, plan=False)
-    parser.add_argument("--transforms", default="parallel,skip",
-                        help=f"comma list of {', '.join(TRANSFORMS)}. Default: %(default)s")
-    parser.add_argument("--delta", default="2:17:2",
-                        help="Δ values (layers transformed): range A:B[:STEP] (end exclusive, as in plans: "
-                             "2:17:2 is 2, 4, ..., 16) or comma list. "
-                             "Default: %(default)s")
-    parser.add_argument("--start", default="end",
-                        help="'end' (range ends at layer L-2, the paper's placement), 'center', or start "
-                             "layers: range A:B[:STEP] (end exclusive) or comma list (a position scan). Default: %(default)s")
-    parser.add_argument("--seed", type=int, default=0, help="shuffle seed. Default: %(default)s")
-    parser.add_argument("--out", default="runs/sweep", help="output folder (results.jsonl, CSV, JSON, plots); "
-                                                            "rerunning into it resumes. Default: %(default)s")
-    parser.add_argument("--text", default="default", help="perplexity text (see `truedepth eval --help`). "
-                                                          "Default: the held-out novel")
-    parser.add_argument("--tokens", type=int, default=8192, help="perplexity tokens. Default: %(default)s")
-    parser.add_argument("--window", type=int, default=512, help="perplexity window. Default: %(default)s")
-    parser.add_argument("--stride", type=int, default=None, help="sliding-window stride (default: disjoint windows)")
-    parser.add_argument("--tasks", default=None,
-                        help="lm-eval tasks for every point too, e.g. truedepth_austen_lastword,truedepth_mmlu")
-    parser.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples for --tasks")
-    parser.add_argument("--limit", type=int, default=None, help="at most N examples per task (per MMLU subject)")
-    parser.add_argument("--no-base", action="store_true", help="do not evaluate the base model")
-    parser.add_argument("--bench", default=None, help="a `truedepth bench --json` file: Pareto plot against "
-                                                      "measured decode time instead of depth")
-    parser.add_argument("--bench-mode", default=None, help="bench mode to read (default: the first in the file)")
-    parser.add_argument("--list", action="store_true", help="print the plans and depths, evaluate nothing")
-    parser.add_argument("--plot-only", action="store_true",
-                        help="redraw tables and plots from OUT/results.jsonl, evaluate nothing")
-    parser.add_argument("--report", default=None, metavar="MD",
-                        help="also write a Markdown report (tables, computed findings, comparison with the "
-                             "paper) of everything in OUT to this file")
-    parser.add_argument("--report-img", default=None, metavar="DIR",
-                        help="folder for the report's PNG plots (default: img/ next to the report)")
-    parser.add_argument("--report-command", default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-
-
-def sweep_from_args(args: argparse.Namespace) -> Sweep:
-    device, dtype = device_and_dtype(args.device, args.dtype)
-    return Sweep(out=Path(args.out), transforms=parse_transforms(args.transforms),
-                 deltas=parse_int_ranges(args.delta, "--delta", was_inclusive=True), start=args.start, seed=args.seed,
-                 tasks=task_list(args.tasks), num_fewshot=args.num_fewshot, limit=args.limit, text=args.text,
-                 tokens=args.tokens, window=args.window, stride=args.stride, model=args.model, dtype=dtype,
-                 device=device, bench=Path(args.bench) if args.bench else None, bench_mode=args.bench_mode,
-                 progress=not args.no_progress)
+    add_options(parser, SweepOptions)
 
 
 def run(args: argparse.Namespace) -> int:
-    sweep = sweep_from_args(args)
+    opts = from_args(SweepOptions, args)
+    sweep = sweep_of(opts)
     check_sweep(sweep, tasks=False)
-    num_layers = num_layers_of(args.model)
+    num_layers = num_layers_of(opts.model)
     points, notes = sweep_points(sweep.transforms, sweep.deltas, sweep.start, num_layers,
-                                 include_base=not args.no_base)
+                                 include_base=not opts.no_base)
     for note in notes:
         print(f"sweep: {note}", file=sys.stderr)
-    if args.list:
+    if opts.list_plans:
         for p in points:
             plan = p.plan(sweep.seed)
             print(f"{str(plan):<24} depth {plan.depth(num_layers)}")
         return 0
-    rows = run_study(sweep, points, notes, plot_only=args.plot_only, report=Path(args.report) if args.report else None,
-                     report_img=Path(args.report_img) if args.report_img else None,
-                     report_command=args.report_command)
+    rows = run_study(sweep, points, notes, plot_only=opts.plot_only, report=Path(opts.report) if opts.report else None,
+                     report_img=Path(opts.report_img) if opts.report_img else None,
+                     report_command=opts.report_command)
     print(format_table(rows))
     print(f"\nwrote {sweep.out}/sweep.csv, sweep.json and plots (delta.png, start.png, pareto.png where "
           "there are points for them)", file=sys.stderr)

@@ -15,7 +15,7 @@ from typing import Any
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from ..utils.errors import UserError
-from .arch import SUPPORTED, UnsupportedModelError, new_layer
+from .arch import SUPPORTED, UnsupportedModelError, new_layer, recorded_widths
 
 
 class CheckpointMismatchError(UserError, RuntimeError):
@@ -38,7 +38,7 @@ class TrueDepthModelMixin:
 
     def __init__(self, config: Any, *args: Any, **kwargs: Any) -> None:
         super().__init__(config, *args, **kwargs)
-        for idx, width in enumerate(config.truedepth["layer_widths"]):
+        for idx, width in enumerate(recorded_widths(config)):
             if width > 1:
                 # created in the current default device/dtype (meta inside from_pretrained)
                 layer = new_layer(self, config, idx, width, device=None)

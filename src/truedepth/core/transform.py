@@ -33,7 +33,8 @@ import torch
 from torch import nn
 
 from .arch import (ATTN_ROWS, COLUMN_SUMS, HEAD_NORMS, MLP_ROWS, ROW_GROUPS, SUPPORTED, UnsupportedModelError,  # noqa: F401
-                   base_model_type, check_supported, current_plan, decoder_layers, new_layer, require_original)
+                   base_model_type, check_supported, current_plan, decoder_layers, new_layer, original_depth,
+                   require_original, stack_as_views, transformed_record)
 from .hf import adopt, check_adoptable
 from .plan import Block, Plan, PlanError, as_plan, widths
 
@@ -89,12 +90,12 @@ def fused_state(members: list[nn.Module], arch: str, staged: list | None = None)
     for parent, names, _norm in ROW_GROUPS:  # the norm is folded in at commit time (fold_norms)
         for name in names:
             lins = [getattr(getattr(m, parent), name) for m in members]
-            out[f"{parent}.{name}.weight"] = _stack_as_views([lin.weight for lin in lins], 0, staged)
+            out[f"{parent}.{name}.weight"] = stack_as_views([lin.weight for lin in lins], 0, staged)
             if lins[0].bias is not None:
-                out[f"{parent}.{name}.bias"] = _stack_as_views([lin.bias for lin in lins], 0, staged)
+                out[f"{parent}.{name}.bias"] = stack_as_views([lin.bias for lin in lins], 0, staged)
     for parent, name in COLUMN_SUMS:
         lins = [getattr(getattr(m, parent), name) for m in members]
-        out[f"{parent}.{name}.weight"] = _stack_as_views([lin.weight for lin in lins], 1, staged)
+        out[f"{parent}.{name}.weight"] = stack_as_views([lin.weight for lin in lins], 1, staged)
         if lins[0].bias is not None:
             out[f"{parent}.{name}.bias"] = torch.stack([lin.bias.detach() for lin in lins]).sum(0)
     for norm in ("input_layernorm", "post_attention_layernorm"):
@@ -108,26 +109,6 @@ def fused_state(members: list[nn.Module], arch: str, staged: list | None = None)
             rows.append(w.reshape(-1, w.shape[-1]).expand(n_heads, -1))
         out[f"self_attn.{name}.weight"] = torch.cat(rows, 0)
     return out
-
-
-def _stack_as_views(params: list[nn.Parameter], dim: int, staged: list | None) -> torch.Tensor:
-    """`params` concatenated along `dim`; each parameter's data becomes a view of its slice, so its
-    old memory is freed and the parameter object (and its value) stays what it was."""
-    stacked = torch.cat([p.detach() for p in params], dim)
-    offset = 0
-    for p in params:
-        if staged is not None:
-            # a parameter that already was a view (fuse_projections) gets that view back; the
-            # memory it sees is held elsewhere anyway
-            staged.append((p, p.data if _is_part_of_larger(p) else None))
-        size = p.shape[dim]
-        p.data = stacked.narrow(dim, offset, size)
-        offset += size
-    return stacked
-
-
-def _is_part_of_larger(t: torch.Tensor) -> bool:
-    return t.untyped_storage().nbytes() != t.numel() * t.element_size()
 
 
 def _unstage(staged: list) -> None:
@@ -202,13 +183,13 @@ def apply_plan(model: nn.Module, plan: Any) -> nn.Module:
     plan = as_plan(plan)
     if plan.is_identity:  # "base": nothing to do, also for a model that was transformed before
         if plan.steps:  # but "keep=..." steps must still fit the original layers
-            info = getattr(model.config, "truedepth", None)
-            plan.validate(info["original_num_hidden_layers"] if info else len(decoder_layers(model)))
+            transformed = transformed_record(model.config) is not None
+            plan.validate(original_depth(model.config) if transformed else len(decoder_layers(model)))
         return model
     blocks = check_plan_fits(model, plan)
     arch = base_model_type(model.config)
     old = decoder_layers(model)
-    original_depth = len(old)
+    depth_before = len(old)
     config = model.config
     layer_types = getattr(config, "layer_types", None)
     new: list[nn.Module] = []
@@ -231,7 +212,7 @@ def apply_plan(model: nn.Module, plan: Any) -> nn.Module:
         layer.self_attn.layer_idx = idx  # cache slots are indexed by layer_idx
     model.model.layers = nn.ModuleList(new)
     config.num_hidden_layers = len(new)
-    config.truedepth = {"plan": plan.to_dict(), "original_num_hidden_layers": original_depth,
+    config.truedepth = {"plan": plan.to_dict(), "original_num_hidden_layers": depth_before,
                         "layer_widths": widths(blocks)}
 
     adopt(model)

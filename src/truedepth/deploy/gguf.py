@@ -18,15 +18,18 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
 import torch
 
-from ..core.arch import ATTN_ROWS, MLP_ROWS, SUPPORTED, base_model_type
+from ..core.arch import ATTN_ROWS, SUPPORTED, base_model_type, head_dim, layer_widths, measured_widths
 from ..utils.errors import UserError
 from ..utils.io import atomic_path, temp_file
+from ..utils.options import option, override
+from ..utils.shared_options import OverwriteOption
 
 ARCH = "deci"
 ROTARY_ROWS = ATTN_ROWS[:2]  # q and k: the rows rotary embeddings act on
@@ -53,6 +56,14 @@ PRE_TOKENIZERS = {
 
 class GGUFExportError(UserError):
     """A model, type or path that cannot be exported; the message says why and what to do."""
+
+
+@dataclass
+class GGUFOptions(OverwriteOption):
+    """The file `export_gguf` writes: where, in which tensor type, and whether it may replace one."""
+    gguf: str | None = option(None, "GGUF file to write", metavar="PATH", required=True)
+    type: str = option("f32", f"tensor type: {', '.join(TYPES)}.", type=str.lower, metavar="TYPE")
+    overwrite: bool = override(False, help_note="(--gguf PATH)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -114,22 +125,15 @@ def check_exportable(model: Any) -> str:
 # ---------------------------------------------------------------------------------------------
 # Hyper-parameters: per-layer widths
 # ---------------------------------------------------------------------------------------------
-def head_dim(config: Any) -> int:
-    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-
-
 def layer_shapes(model: Any) -> list[dict[str, int]]:
-    """Heads, KV heads and MLP width of each decoder layer, from the widths the plan recorded."""
-    config = model.config
-    info = getattr(config, "truedepth", None)
-    widths = info["layer_widths"] if info else [1] * config.num_hidden_layers
-    kv = config.num_key_value_heads or config.num_attention_heads
-    shapes = [{"heads": config.num_attention_heads * w, "kv_heads": kv * w, "ff": config.intermediate_size * w}
-              for w in widths]
-    for i, (shape, layer) in enumerate(zip(shapes, model.model.layers)):
-        q, k = (getattr(layer.self_attn, name) for name in ROTARY_ROWS)
-        rows = {"heads": q.out_features // head_dim(config), "kv_heads": k.out_features // head_dim(config),
-                "ff": getattr(layer.mlp, MLP_ROWS[0]).out_features}
+    """Heads, KV heads and MLP width of each decoder layer, from the widths the plan recorded
+    (`core.arch.layer_widths`), checked against the projections the model holds."""
+    def named(w: Any) -> dict[str, int]:
+        return {"heads": w.heads, "kv_heads": w.kv_heads, "ff": w.intermediate}
+
+    shapes = [named(w) for w in layer_widths(model.config)]
+    for i, (shape, layer) in enumerate(zip(shapes, measured_widths(model))):
+        rows = named(layer)
         if rows != shape:  # a config that does not describe its weights: refuse rather than write nonsense
             raise GGUFExportError(f"layer {i} has {rows} but config.truedepth['layer_widths'] says {shape}; "
                                   "the model or its config was edited after the transform.")
@@ -352,7 +356,7 @@ def llama_cpp_quantize(source: Path, target: Path, type: str, threads: int | Non
     params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{type.upper()}")
     params.nthread = threads or os.cpu_count() or 1
     if llama_cpp.llama_model_quantize(str(source).encode(), str(target).encode(), params) != 0:
-        raise RuntimeError(f"llama.cpp could not quantize {source} to {type}.")
+        raise GGUFExportError(f"llama.cpp could not quantize {source} to {type}.")
 
 
 def export_gguf(model: Any, tokenizer: Any, path: str | os.PathLike, type: str = "f32", overwrite: bool = False,

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core.arch import ATTN_ROWS, MLP_ROWS
+from ..core.arch import ATTN_ROWS, MLP_ROWS, stack_as_views
 from ..utils.errors import UserError
 
 # ---------------------------------------------------------------------------------------------
@@ -76,14 +76,14 @@ def sample_next(logits: torch.Tensor, do_sample: bool = False, temperature: floa
 
 def check_sampling(do_sample: bool, temperature: float, top_k: int | None, top_p: float | None) -> None:
     if temperature is None or temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}; use do_sample=False for greedy decoding.")
+        raise UserError(f"temperature must be > 0, got {temperature}; use do_sample=False for greedy decoding.")
     if top_k is not None and top_k < 0:
-        raise ValueError(f"top_k must be a positive number of tokens (or 0/None for no limit), got {top_k}.")
+        raise UserError(f"top_k must be a positive number of tokens (or 0/None for no limit), got {top_k}.")
     if top_p is not None and not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}.")
+        raise UserError(f"top_p must be in (0, 1], got {top_p}.")
     if not do_sample and (temperature != 1.0 or top_k or (top_p is not None and top_p < 1.0)):
-        raise ValueError("temperature/top_k/top_p only apply when sampling; pass do_sample=True "
-                         "(or drop them for greedy decoding).")
+        raise UserError("temperature/top_k/top_p only apply when sampling; pass do_sample=True "
+                        "(or drop them for greedy decoding).")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -104,7 +104,7 @@ def check_generation_length(model: nn.Module, prompt_tokens: int, max_new_tokens
         raise EmptyPromptError("the prompt is empty (0 tokens); give some text to continue "
                                "(or at least one token, e.g. the BOS token).")
     if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}.")
+        raise UserError(f"max_new_tokens must be >= 1, got {max_new_tokens}.")
     limit = getattr(model.config, "max_position_embeddings", None)
     total = prompt_tokens + max_new_tokens
     if limit and total > limit:
@@ -162,22 +162,15 @@ def _fused_class(cls: type, forward: Any, extra: dict[str, Any]) -> type:
     return _FUSED_CLASSES[cls]
 
 
-def _stack_into_views(owner: nn.Module, linears: list[nn.Linear], name: str) -> list[int]:
+def _stack_into_buffers(owner: nn.Module, linears: list[nn.Linear], name: str) -> list[int]:
     """Concatenate the linears' weights (and biases) into one buffer of `owner`; each linear's
-    parameters become views of it, so the model's memory and state_dict keys are unchanged."""
+    parameters become views of it (`core.arch.stack_as_views`, as the transform stages wide
+    layers), so the model's memory and state_dict keys are unchanged."""
     for attr in ("weight", "bias"):
         parts = [getattr(lin, attr) for lin in linears]
-        if parts[0] is None:
-            owner.register_buffer(f"_td_{name}_{attr}", None, persistent=False)
-            continue
-        stacked = torch.cat([p.detach() for p in parts], 0)
         # a buffer, not a parameter: not saved, not trained, but a static input for CUDA graphs
-        owner.register_buffer(f"_td_{name}_{attr}", stacked, persistent=False)
-        offset = 0
-        for lin, p in zip(linears, parts):
-            rows = p.shape[0]
-            setattr(lin, attr, nn.Parameter(stacked[offset:offset + rows], requires_grad=p.requires_grad))
-            offset += rows
+        owner.register_buffer(f"_td_{name}_{attr}", None if parts[0] is None else stack_as_views(parts, 0),
+                              persistent=False)
     return [lin.out_features for lin in linears]
 
 
@@ -197,12 +190,12 @@ def fuse_projections(model: nn.Module) -> nn.Module:
         if not hasattr(attn, "_td_unfused_class"):
             rotary = getattr(sys.modules[type(attn).__module__], "apply_rotary_pos_emb")
             eager = getattr(sys.modules[type(attn).__module__], "eager_attention_forward")
-            attn._td_qkv_sizes = _stack_into_views(attn, [getattr(attn, n) for n in ATTN_ROWS], "qkv")
+            attn._td_qkv_sizes = _stack_into_buffers(attn, [getattr(attn, n) for n in ATTN_ROWS], "qkv")
             attn.__class__ = _fused_class(type(attn), _attention_forward, {
                 "_td_rotary": staticmethod(rotary), "_td_eager_attention": staticmethod(eager),
                 "_td_sliding_window": _sliding_window})
         if not hasattr(mlp, "_td_unfused_class"):
-            _stack_into_views(mlp, [getattr(mlp, n) for n in MLP_ROWS], "gate_up")
+            _stack_into_buffers(mlp, [getattr(mlp, n) for n in MLP_ROWS], "gate_up")
             mlp.__class__ = _fused_class(type(mlp), _mlp_forward, {})
     return model
 
@@ -257,7 +250,7 @@ class FastGenerator:
                  mode: str | None = None, backend: str = "inductor", fuse: bool = False,
                  dynamic: bool | None = None) -> None:
         if max_batch < 1 or max_seq < 2:
-            raise ValueError(f"max_batch must be >= 1 and max_seq >= 2, got {max_batch} and {max_seq}.")
+            raise UserError(f"max_batch must be >= 1 and max_seq >= 2, got {max_batch} and {max_seq}.")
         self.model = model.eval()
         self.max_batch, self.max_seq = int(max_batch), int(max_seq)
         self.device = next(model.parameters()).device
@@ -342,19 +335,19 @@ class FastGenerator:
 
     def _check_inputs(self, input_ids: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
-            raise ValueError("input_ids must be a 2-D tensor (batch, prompt_len) of token ids; "
-                             "for one prompt use tokenizer(text, return_tensors='pt').input_ids.")
+            raise UserError("input_ids must be a 2-D tensor (batch, prompt_len) of token ids; "
+                            "for one prompt use tokenizer(text, return_tensors='pt').input_ids.")
         batch, length = input_ids.shape
         if batch < 1:
             raise EmptyPromptError("input_ids holds no prompt (batch of 0); pass at least one.")
         check_generation_length(self.model, length, max_new_tokens)
         if batch > self.max_batch:
-            raise ValueError(f"batch of {batch} prompts exceeds max_batch={self.max_batch}; "
-                             f"create the FastGenerator with max_batch>={batch}.")
+            raise UserError(f"batch of {batch} prompts exceeds max_batch={self.max_batch}; "
+                            f"create the FastGenerator with max_batch>={batch}.")
         if length + max_new_tokens > self.max_seq:
-            raise ValueError(f"prompt ({length}) + max_new_tokens ({max_new_tokens}) = {length + max_new_tokens} "
-                             f"exceeds max_seq={self.max_seq}; create the FastGenerator with "
-                             f"max_seq>={length + max_new_tokens}.")
+            raise UserError(f"prompt ({length}) + max_new_tokens ({max_new_tokens}) = {length + max_new_tokens} "
+                            f"exceeds max_seq={self.max_seq}; create the FastGenerator with "
+                            f"max_seq>={length + max_new_tokens}.")
         return input_ids.to(self.device)
 
 
@@ -442,8 +435,8 @@ def _encode(tokenizer: Any, prompts: list[str], chat: bool | None) -> torch.Tens
     else:
         encoded = [tokenizer(p).input_ids for p in prompts]
     if len({len(e) for e in encoded}) > 1:
-        raise ValueError(f"the prompts encode to different lengths {sorted({len(e) for e in encoded})}; the fast "
-                         "loop takes no padding: generate them one at a time or use model.generate.")
+        raise UserError(f"the prompts encode to different lengths {sorted({len(e) for e in encoded})}; the fast "
+                        "loop takes no padding: generate them one at a time or use model.generate.")
     return torch.tensor(encoded, dtype=torch.long)
 
 

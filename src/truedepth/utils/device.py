@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
@@ -50,3 +51,10 @@ def device_and_dtype(device: Any = None, dtype: Any = None) -> tuple[str, str]:
     check_device(device)
     as_dtype(dtype)
     return device, (dtype if dtype else default_dtype(device))
+
+
+def autocast(device: Any, dtype: torch.dtype) -> contextlib.AbstractContextManager:
+    """torch.autocast in `dtype` on `device`'s type; nothing for float32."""
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=torch.device(device).type, dtype=dtype)

@@ -7,7 +7,10 @@ from pathlib import Path
 from typing import Any
 
 from ...utils.io import atomic_write, atomic_write_json
-from .core import BUDGET_SHARES, SUMMARY_FILE, CompressOptions, options_record
+from ...utils.plotting import pyplot, save_figure
+from .budget import BUDGET_SHARES
+from .options import SUMMARY_FILE, CompressOptions
+from .stages import options_record
 
 DEFAULT_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # what the offline default model is a copy of
 COLUMNS = ("base", "contiguous", "searched", "fine-tuned")
@@ -32,7 +35,7 @@ def build_summary(opts: CompressOptions, records: dict[str, dict], device: str) 
     return {
         "model": opts.model, "base_model": base_model_id(opts.model), "target_depth": opts.target_depth,
         "depth": ev["depth"], "plan": search["plan_string"], "plan_json": search["plan"],
-        "contiguous_plan": ev["contiguous_plan"], "command": opts.command_line, "options": options_record(opts),
+        "contiguous_plan": ev["contiguous_plan"], "command": opts.command, "options": options_record(opts),
         "budget_minutes": opts.budget_minutes, "total_seconds": round(total, 1), "stages": stages,
         "perplexity": ev["perplexity"], "eval_tokens": ev["eval_tokens"], "eval_window": ev["eval_window"],
         "ratio_to_base": {text: {k: v / row["base"] for k, v in row.items() if v is not None and row.get("base")}
@@ -48,7 +51,7 @@ def build_summary(opts: CompressOptions, records: dict[str, dict], device: str) 
 
 
 def write_report(out: Path, opts: CompressOptions, records: dict[str, dict], device: str) -> dict[str, Any]:
-    from ..search.report import plot as plot_search
+    from ..search import plot as plot_search
 
     summary = build_summary(opts, records, device)
     plot_search(records["search"]["result"]["summary"], out / SEARCH_PLOT)
@@ -160,11 +163,9 @@ def training_text(summary: dict[str, Any]) -> str:
 
 def plot_quality(summary: dict[str, Any], path: Path) -> None:
     """Base / contiguous LP / searched / fine-tuned perplexity side by side, one group per text."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot(optional=True)
+    if plt is None:
+        return
     texts = list(summary["perplexity"])
     fig, ax = plt.subplots(figsize=(7, 4))
     width = 0.8 / len(COLUMNS)
@@ -180,5 +181,4 @@ def plot_quality(summary: dict[str, Any], path: Path) -> None:
     ax.set_ylim(0, 1.35 * top)  # room for the legend above the bars
     ax.legend(fontsize=8, ncol=2, loc="upper center")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)

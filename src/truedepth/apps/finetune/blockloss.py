@@ -77,6 +77,7 @@ class BlockMatch:
 
     def loss(self) -> torch.Tensor:
         if len(self._captured) != len(self.members):
+            # programming error: train() runs the student's forward before loss()
             raise RuntimeError("BlockMatch: run the student forward first (a wide layer was not reached).")
         errors = []
         for i, (args, kwargs, out) in sorted(self._captured.items()):

@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from ...utils.errors import InputPathError
 from ...utils.io import fsync_dir as _fsync_dir
 from ...utils.io import write_synced as _write_bytes  # a name of its own: tests interrupt it
 from .config import CHECKPOINT_DIR, CHECKPOINT_FORMAT
@@ -103,8 +104,8 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     path = Path(path)
     state = json.loads((path / "state.json").read_text())
     if state.get("format") != CHECKPOINT_FORMAT:
-        raise RuntimeError(f"checkpoint {path} has format {state.get('format')}, this truedepth reads "
-                           f"{CHECKPOINT_FORMAT}; resume it with the truedepth version that wrote it.")
+        raise InputPathError(f"checkpoint {path} has format {state.get('format')}, this truedepth reads "
+                             f"{CHECKPOINT_FORMAT}; resume it with the truedepth version that wrote it.")
     state["trainable"] = load_file(path / "trainable.safetensors")
     state["optimizer"] = unflatten_optimizer(load_file(path / "optimizer.safetensors"), state["optimizer"])
     state["rng"] = load_file(path / "rng.safetensors")

@@ -1,4 +1,5 @@
-"""What a fine-tune is: its training options (TrainConfig), their defaults, and the names of its files."""
+"""What a fine-tune is: its training options (TrainOptions, each declared once with its default and help),
+the trajectory record of a run (TrainConfig), `truedepth finetune`'s options, and the names of its files."""
 
 from __future__ import annotations
 
@@ -6,6 +7,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+from ...core.loading import ModelOptions, PlanOption
+from ...measure.eval.heldout import EvalTextOptions
+from ...utils.errors import UserError
+from ...utils.options import option, option_names, override
+from ...utils.shared_options import OutDirOption, OverwriteOption, QuietOption, SeedOption, ThreadsOption
 
 
 LOSSES = ("lm", "distill", "blocks")
@@ -17,10 +24,6 @@ TEACHER_LOSSES = ("distill", "blocks")  # need the model before the plan
 # Options that define what is measured; a resumed run takes them from the checkpoint.
 RUN_OPTIONS = ("model", "plan", "data", "dtype", "eval_text", "other_text", "eval_tokens", "eval_window", "eval_every",
                "no_eval")
-
-
-EVAL_DEFAULTS = {"eval_text": "default", "other_text": "other-domain", "eval_tokens": 16384, "eval_window": 512,
-                 "eval_every": 0}
 
 
 DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
@@ -41,35 +44,56 @@ CHECKPOINT_FORMAT = 1
 DEFAULT_PLAN = "parallel=20:28"
 
 
-# Options that define the training trajectory: a resumed run must use the same values.
-TRAJECTORY_OPTIONS = ("loss", "seq_len", "batch_size", "tokens", "lr", "min_lr_ratio", "warmup", "weight_decay",
-                      "grad_clip", "seed", "lora", "lora_rank", "lora_alpha", "neighbours", "train_dtype", "block_weight")
+DEFAULT_LOSS = "distill"  # recovers what LP lost on any text; lm adapts to the training domain (docs/FINETUNE.md)
 
 
 # =============================================================================================
 # Options
 # =============================================================================================
 @dataclass
-class TrainConfig:
-    """Everything that determines the training trajectory (saved in every checkpoint)."""
-    loss: str = "distill"  # recovers what LP lost on any text; lm adapts to the training domain (docs/FINETUNE.md)
-    seq_len: int = 256
-    batch_size: int = 4
-    tokens: int = 200_000  # training tokens (input tokens per step = batch_size * seq_len)
-    lr: float = 3e-4
-    min_lr_ratio: float = 0.1  # cosine decay ends at lr * min_lr_ratio
-    warmup: float = 0.05  # fraction of the steps with a linear warm-up
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    seed: int = 0
-    lora: bool = False
-    lora_rank: int = 16
-    lora_alpha: float = 32.0
-    neighbours: int = 0
-    block_weight: float = 0.0  # weight of the block-matching loss added to --loss distill
-    train_dtype: str = "fp32"  # autocast dtype of the training steps (resolved from --train-dtype)
-    # not part of the trajectory: when to checkpoint / evaluate / stop
-    checkpoint_every: int = 50
+class TrainOptions(SeedOption):
+    """How the wide layers train: every option that sets the training trajectory, and the checkpoints."""
+    group_title = "training"
+    tokens: int = option(200_000, "training tokens in total (input tokens per step = batch size x sequence length).")
+    seq_len: int = option(256, "tokens per training sequence.")
+    batch_size: int = option(4, "sequences per step.")
+    loss: str | None = option(None, "distill: KL to the model before the plan; blocks: each wide layer's update "
+                              "matched to the update of the layers it replaced, on the same input (no logits: "
+                              "faster); lm: next-token cross-entropy (adapts to the training text). "
+                              f"Default: {DEFAULT_LOSS} (lm for an already transformed --model, which has no teacher)",
+                              choices=LOSSES)
+    block_weight: float = option(0.0, "with --loss distill: add the blocks loss times this weight (0: off)",
+                                 show_default=False)
+    lr: float = option(3e-4, "peak AdamW learning rate.")
+    warmup: float = option(0.05, "warm-up fraction of the steps.")
+    min_lr_ratio: float = option(0.1, "cosine decay ends at lr x this.")
+    weight_decay: float = option(0.0, "AdamW weight decay. Default: 0.0")
+    grad_clip: float = option(1.0, "gradient-norm clip, 0 = off.")
+    seed: int = override(0, help_note="(the order of the training data).")
+    lora: bool = option(False, "train peft LoRA adapters on the wide layers' linear modules instead of full "
+                        "weights; merged before saving")
+    lora_rank: int = option(16, "LoRA rank.")
+    lora_alpha: float = option(32.0, "LoRA alpha.")
+    neighbours: int = option(0, "also train this many ordinary layers on each side of every wide block. "
+                             "Default: 0 (wide layers only)")
+    train_dtype: str = option("auto", "precision of the training forward/backward (torch.autocast; frozen weights "
+                              "stored in it, trained weights kept in fp32). auto: bf16 on GPU and on CPUs where a "
+                              "quick matrix-multiply timing finds bf16 faster (not every CPU with AVX512-BF16 is), "
+                              "else fp32. The saved model and all perplexities use --dtype.",
+                              choices=("auto", "fp32", "bf16"))
+    checkpoint_every: int = option(50, "write a checkpoint every K steps.")
+
+
+# Options that define the training trajectory: a resumed run must use the same values.
+TRAJECTORY_OPTIONS = tuple(name for name in option_names(TrainOptions) if name != "checkpoint_every")
+
+
+@dataclass
+class TrainConfig(TrainOptions):
+    """Everything that determines the training trajectory (saved in every checkpoint): the training options
+    as resolved for one run, and when to checkpoint, evaluate and stop."""
+    loss: str = override(DEFAULT_LOSS)
+    train_dtype: str = override("fp32")  # autocast dtype of the training steps, resolved from --train-dtype
     keep_checkpoints: int = 2
     eval_every: int = 0
     max_minutes: float | None = None
@@ -84,73 +108,77 @@ class TrainConfig:
 
     def validate(self) -> None:
         if self.loss not in LOSSES:
-            raise ValueError(f"unknown --loss {self.loss!r}; use one of {', '.join(LOSSES)}.")
+            raise UserError(f"unknown --loss {self.loss!r}; use one of {', '.join(LOSSES)}.")
         positive = {"seq_len": self.seq_len, "batch_size": self.batch_size, "tokens": self.tokens,
                     "checkpoint_every": self.checkpoint_every, "keep_checkpoints": self.keep_checkpoints,
                     "lora_rank": self.lora_rank}
         for name, value in positive.items():
             if not isinstance(value, int) or value < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be a positive integer (got {value!r}).")
+                raise UserError(f"--{name.replace('_', '-')} must be a positive integer (got {value!r}).")
         if self.seq_len < 2:
-            raise ValueError("--seq-len must be at least 2 tokens (one input and one target).")
+            raise UserError("--seq-len must be at least 2 tokens (one input and one target).")
         if not self.lr > 0:
-            raise ValueError(f"--lr must be positive (got {self.lr}).")
+            raise UserError(f"--lr must be positive (got {self.lr}).")
         if not 0 <= self.warmup < 1:
-            raise ValueError(f"--warmup is a fraction of the steps in [0, 1) (got {self.warmup}).")
+            raise UserError(f"--warmup is a fraction of the steps in [0, 1) (got {self.warmup}).")
         if self.neighbours < 0 or self.eval_every < 0:
-            raise ValueError("--neighbours and --eval-every must be >= 0.")
+            raise UserError("--neighbours and --eval-every must be >= 0.")
         if not self.block_weight >= 0:
-            raise ValueError(f"--block-weight must be >= 0 (got {self.block_weight}).")
+            raise UserError(f"--block-weight must be >= 0 (got {self.block_weight}).")
         if self.loss == "blocks" and self.neighbours:
-            raise ValueError("--loss blocks trains each wide layer on its own error, which never reaches the "
-                             "--neighbours layers; use --loss distill --block-weight W to train them as well.")
+            raise UserError("--loss blocks trains each wide layer on its own error, which never reaches the "
+                            "--neighbours layers; use --loss distill --block-weight W to train them as well.")
         if self.block_weight and self.loss != "distill":
-            raise ValueError(f"--block-weight adds the blocks loss to --loss distill, not to --loss {self.loss}; "
-                             "drop --block-weight (--loss blocks is the blocks loss alone).")
+            raise UserError(f"--block-weight adds the blocks loss to --loss distill, not to --loss {self.loss}; "
+                            "drop --block-weight (--loss blocks is the blocks loss alone).")
         if self.max_minutes is not None and not self.max_minutes > 0:
-            raise ValueError(f"--max-minutes must be positive (got {self.max_minutes}).")
+            raise UserError(f"--max-minutes must be positive (got {self.max_minutes}).")
 
     def trajectory(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in TRAJECTORY_OPTIONS}
 
 
 @dataclass
-class FinetuneOptions:
-    """Everything `truedepth finetune` takes (see its --help). None = not given: TrainConfig's default,
-    or on --resume the checkpoint's value."""
-    model: str = "default"
-    dtype: str | None = None
-    device: str | None = None
-    plan: str | None = None
-    data: str = "default"
-    tokens: int | None = None
-    seq_len: int | None = None
-    batch_size: int | None = None
-    loss: str | None = None
-    lr: float | None = None
-    warmup: float | None = None
-    min_lr_ratio: float | None = None
-    weight_decay: float | None = None
-    grad_clip: float | None = None
-    seed: int | None = None
-    lora: bool | None = None
-    lora_rank: int | None = None
-    lora_alpha: float | None = None
-    neighbours: int | None = None
-    block_weight: float | None = None
-    max_minutes: float | None = None
-    fit_tokens: bool = False  # set --tokens from a timed step so the cosine schedule ends at --max-minutes
-    train_dtype: str = "auto"
-    threads: int | None = None
-    out: str | None = None
-    resume: bool = False
-    checkpoint_every: int = 50
-    keep_checkpoints_after: bool = False
-    overwrite: bool = False
-    eval_text: str | None = None
-    other_text: str | None = None
-    eval_tokens: int | None = None
-    eval_window: int | None = None
-    eval_every: int | None = None
-    no_eval: bool | None = None
-    quiet: bool = False
+class FinetuneData:
+    """The training text (compress composes it with its own default)."""
+    group_title = "training"
+    data: str = option("default", "training text: 'default' = the five Austen novels other than the held-out one, "
+                       "or any text spec of `eval --text` (austen:<name>, a .txt path, a datasets name).")
+
+
+@dataclass
+class FinetuneTime:
+    group_title = "training"
+    max_minutes: float | None = option(None, "stop training after this many minutes of training steps (evaluation "
+                                       "excluded); the run is saved and summarised as usual")
+    fit_tokens: bool = option(False, "set --tokens from one timed training step so that the whole schedule (warm-up, "
+                              "cosine decay) ends inside --max-minutes, instead of being cut off at a high learning rate")
+
+
+@dataclass
+class FinetuneOutput:
+    group_title = "output and resuming"
+    resume: bool = option(False, "continue from the latest checkpoint in --out")
+    keep_checkpoints_after: bool = option(False, "keep the last checkpoints after a finished run (default: removed "
+                                          "once the model is saved; a run stopped by --max-minutes always keeps "
+                                          "them, so it can be resumed)", flag="--keep-checkpoints")
+
+
+@dataclass
+class FinetuneEval:
+    group_title = "evaluation"
+    eval_every: int = option(0, "also score the held-out text every K steps and at step 0, for recovery vs tokens; "
+                             "these points are scored with the training copy (frozen weights in --train-dtype). "
+                             "Default: off")
+    no_eval: bool = option(False, "skip every perplexity evaluation")
+
+
+@dataclass
+class FinetuneOptions(QuietOption, FinetuneEval, EvalTextOptions, OverwriteOption, FinetuneOutput, OutDirOption,
+                      ThreadsOption, FinetuneTime, TrainOptions, FinetuneData, PlanOption, ModelOptions):
+    """Everything `truedepth finetune` takes (see its --help; the options come in the order of the bases from
+    the last). On --resume, an option left at its default takes the checkpoint's value."""
+    plan: str | None = override(None, help_note="It must contain a parallel group.",
+                                default_help=f"{DEFAULT_PLAN}, or the recorded plan of an already transformed --model")
+    out: str | None = override(None, required=True, help_note="(the fine-tuned model, summary, plot, checkpoints)")
+    overwrite: bool = override(False, help_note="(a finished run in --out, or a non-empty folder that is not a run)")

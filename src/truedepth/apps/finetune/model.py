@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import contextlib
 import copy
 from typing import Any
 
 import torch
 
-from ...core.arch import layer_hidden
+from ...core.arch import layer_hidden, recorded_widths
+from ...core.plan import PlanError
+from ...utils.errors import UserError
 from .config import DEFAULT_PLAN, TrainConfig
 
 
@@ -17,8 +18,7 @@ from .config import DEFAULT_PLAN, TrainConfig
 # =============================================================================================
 def wide_layer_indices(model: Any) -> list[int]:
     """Indices (in the transformed model) of the wide layers: `layer_widths[i] > 1`."""
-    info = getattr(model.config, "truedepth", None) or {}
-    return [i for i, w in enumerate(info.get("layer_widths", [])) if w > 1]
+    return [i for i, w in enumerate(recorded_widths(model.config)) if w > 1]
 
 
 def wide_members(plan: Any, depth: int) -> dict[int, tuple[int, ...]]:
@@ -44,13 +44,13 @@ def check_plan_has_parallel_groups(plan: Any, recorded: dict[str, Any] | None = 
     if recorded is not None:
         if any(w > 1 for w in recorded.get("layer_widths", [])):
             return
-        raise ValueError(f"the model's recorded plan '{as_plan(recorded['plan'])}' has no parallel groups, so "
-                         "there are no wide layers to fine-tune; start from the original model with --plan "
-                         f"{DEFAULT_PLAN} (or another plan with a parallel=A:B step).")
+        raise PlanError(f"the model's recorded plan '{as_plan(recorded['plan'])}' has no parallel groups, so "
+                        "there are no wide layers to fine-tune; start from the original model with --plan "
+                        f"{DEFAULT_PLAN} (or another plan with a parallel=A:B step).")
     plan = as_plan(plan)
     if not any(s.kind == "parallel" for s in plan.steps):
-        raise ValueError(f"plan '{plan}' has no parallel groups, so there are no wide layers to fine-tune; "
-                         f"pass a plan with a parallel=A:B step, e.g. --plan {DEFAULT_PLAN}.")
+        raise PlanError(f"plan '{plan}' has no parallel groups, so there are no wide layers to fine-tune; "
+                        f"pass a plan with a parallel=A:B step, e.g. --plan {DEFAULT_PLAN}.")
 
 
 def build_student(base: Any, plan: Any, neighbours: int = 0) -> Any:
@@ -95,7 +95,7 @@ def add_lora(model: Any, layer_indices: list[int], rank: int, alpha: float) -> A
     try:
         from peft import LoraConfig, get_peft_model
     except ImportError:
-        raise RuntimeError("--lora needs the peft package: pip install 'truedepth[finetune]' (or peft>=0.15).") from None
+        raise UserError("--lora needs the peft package: pip install 'truedepth[finetune]' (or peft>=0.15).") from None
     picked = "|".join(str(i) for i in layer_indices)
     # a regex is matched against full module names, so only these layers get adapters
     target = rf"model\.layers\.({picked})\.(self_attn|mlp)\.[a-z_]+_proj"
@@ -112,12 +112,6 @@ def cast_frozen(models: list[Any], dtype: torch.dtype) -> None:
                 continue
             seen.add(id(p))
             p.data = p.data.to(dtype)  # keeps the Parameter object, so sharing survives
-
-
-def autocast(device: torch.device | str, dtype: torch.dtype) -> contextlib.AbstractContextManager:
-    if dtype == torch.float32:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
 
 
 def shared_prefix_length(blocks: list[Any], trained: list[int]) -> int:
@@ -171,6 +165,7 @@ class Teacher:
         if not self.split:
             return self.model(input_ids=ids, use_cache=False).logits
         if self._captured is None:
+            # programming error: train() runs the student on the same ids first
             raise RuntimeError("Teacher: run the student on the same ids first (its hidden state is reused).")
         (args, kwargs), self._captured = self._captured, None
         inner = self.model.model
@@ -207,11 +202,9 @@ def estimate_training_memory(student: Any, teacher: Any | None, cfg: TrainConfig
     without a graph; logits: fp32 vocab-sized rows per token (logits, log-softmax, gradient; twice
     for distill, whose teacher has its own).
     """
-    from ...core.arch import decoder_layers
-
     cfg_m = student.config
     trainable = sum(p.numel() for p in student.parameters() if p.requires_grad)
-    widths = (getattr(cfg_m, "truedepth", None) or {}).get("layer_widths") or [1] * len(decoder_layers(student))
+    widths = recorded_widths(cfg_m)
     first = min([i for i, w in enumerate(widths) if w > 1] or [0])
     tokens = cfg.tokens_per_step
     act_bytes = torch.finfo(act_dtype).bits // 8
@@ -249,7 +242,7 @@ def check_memory(student: Any, teacher: Any | None, cfg: TrainConfig, device: An
     free = available_memory(device)
     if need["total"] > free:
         gib = 1024 ** 3
-        raise RuntimeError(
+        raise UserError(
             f"training needs an estimated {need['total'] / gib:.1f} GiB beyond the loaded weights "
             f"(optimizer {need['optimizer'] / gib:.2f}, activations {need['activations'] / gib:.2f}, logits "
             f"{need['logits'] / gib:.2f} GiB for batches of {cfg.batch_size} x {cfg.seq_len} tokens) but only "

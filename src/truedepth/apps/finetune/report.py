@@ -13,28 +13,14 @@ from typing import Any
 import torch
 
 from ...utils.io import write_synced as _write_bytes
+from ...utils.plotting import pyplot, save_figure
 from .config import CURVE_FILE, SUMMARY_FILE, FinetuneOptions, TrainConfig
-from .model import autocast
 from .train import TokenBatches, TrainResult
 
 
 # =============================================================================================
 # Evaluation, summary, plot
 # =============================================================================================
-def perplexities(model: Any, tokenizer: Any, texts: dict[str, str], tokens: int, window: int, device: Any,
-                 dtype: torch.dtype, progress: bool = True) -> dict[str, float]:
-    from ...measure.eval.perplexity import perplexity
-
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad(), autocast(device, dtype):
-            return {name: perplexity(model, tokenizer, text, tokens=tokens, window=window, progress=progress)["perplexity"]
-                    for name, text in texts.items()}
-    finally:
-        model.train(was_training)
-
-
 def recovered_fraction(base: float, lp: float, ft: float) -> float | None:
     """(ppl_LP - ppl_FT) / (ppl_LP - ppl_base): 1 = the whole LP gap won back, 0 = none, <0 = worse."""
     gap = lp - base
@@ -43,13 +29,8 @@ def recovered_fraction(base: float, lp: float, ft: float) -> float | None:
 
 def plot_curve(summary: dict[str, Any], path: Path) -> Path | None:
     """Training loss over tokens and (when evaluated) held-out perplexity over tokens."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no plot (pip install 'truedepth[plot]').", file=sys.stderr)
+    plt = pyplot(optional=True)
+    if plt is None:
         return None
     history, evals = summary["history"], summary.get("evals") or []
     ncols = 2 if evals else 1
@@ -78,8 +59,7 @@ def plot_curve(summary: dict[str, Any], path: Path) -> Path | None:
         ax.set_title("held-out perplexity during fine-tuning")
         ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
     return path
 
 
@@ -87,13 +67,9 @@ def plot_recovery(summaries: list[str | Path], path: str | Path, text: str = "he
     """Recovered fraction of the perplexity gap vs training tokens for several finished runs.
 
     Each summary needs --eval-every points; the last point of each run is its saved model.
-        python -c "from truedepth.apps.finetune.train import plot_recovery as p; p(['runs/a', 'runs/b'], 'cmp.png')"
+        python -c "from truedepth.apps.finetune.report import plot_recovery as p; p(['runs/a', 'runs/b'], 'cmp.png')"
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4))
     for item in summaries:
         item = Path(item)
@@ -111,8 +87,7 @@ def plot_recovery(summaries: list[str | Path], path: str | Path, text: str = "he
     ax.set_title(f"plan {s['plan']}: (ppl_LP - ppl_FT) / (ppl_LP - ppl_base)")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
     return Path(path)
 
 

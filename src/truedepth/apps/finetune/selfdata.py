@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from ...utils.errors import InputPathError, UserError
 from ...utils.io import atomic_write
 
 PART_GLOB = "part-*.txt"
@@ -43,8 +44,8 @@ def generate_batch(model: Any, tokenizer: Any, batch_size: int, length: int, see
     """`batch_size` samples of exactly `length` new tokens, started from BOS, at temperature 1 (no top-k/p)."""
     start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     if start is None:
-        raise ValueError("the tokenizer has neither a BOS nor an EOS token to start generating from; pass "
-                         "--data with a training text instead of generated text.")
+        raise UserError("the tokenizer has neither a BOS nor an EOS token to start generating from; pass "
+                        "--data with a training text instead of generated text.")
     ids = torch.full((batch_size, 1), start, dtype=torch.long, device=model.device)
     torch.manual_seed(seed)
     with torch.no_grad():
@@ -89,7 +90,7 @@ def generate_text(model: Any, tokenizer: Any, folder: Path, tokens: int, batch_s
 def read_generated(folder: Path) -> str:
     parts = finished_parts(folder)
     if not parts:
-        raise FileNotFoundError(f"{folder} holds no generated text (no {PART_GLOB}); generate it first.")
+        raise InputPathError(f"{folder} holds no generated text (no {PART_GLOB}); generate it first.")
     return "".join(p.read_text(encoding="utf-8") for p in parts)
 
 
@@ -98,7 +99,7 @@ def mix_texts(generated: str, corpus: str, corpus_share: float, chunk_chars: int
     come from the corpus (0: generated text only). Chunks alternate, so every part of a training epoch
     holds both."""
     if not 0 <= corpus_share < 1:
-        raise ValueError(f"the corpus share must be in [0, 1) (got {corpus_share}).")
+        raise UserError(f"the corpus share must be in [0, 1) (got {corpus_share}).")
     if corpus_share == 0 or not corpus:
         return generated
     want = int(len(generated) * corpus_share / (1 - corpus_share))

@@ -13,9 +13,11 @@ from typing import Any, Callable, Iterator
 import torch
 import torch.nn.functional as F
 
+from ...utils.errors import InputPathError, UserError
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, set_rng_state
 from .config import CHECKPOINT_DIR, TEACHER_LOSSES, TrainConfig
-from .model import Teacher, autocast
+from ...utils.device import autocast
+from .model import Teacher
 
 
 # =============================================================================================
@@ -32,12 +34,12 @@ class TokenBatches:
         ids = torch.as_tensor(ids, dtype=torch.long).reshape(-1)
         self.num_sequences = ids.numel() // seq_len
         if self.num_sequences < 1:
-            raise ValueError(f"the training data has {ids.numel()} tokens, shorter than one sequence of "
-                             f"--seq-len {seq_len}; use a longer text or a smaller --seq-len.")
+            raise UserError(f"the training data has {ids.numel()} tokens, shorter than one sequence of "
+                            f"--seq-len {seq_len}; use a longer text or a smaller --seq-len.")
         if self.num_sequences < batch_size:
-            raise ValueError(f"the training data holds only {self.num_sequences} sequence(s) of {seq_len} tokens, "
-                             f"fewer than one batch of --batch-size {batch_size}; use a longer text or lower "
-                             "--batch-size / --seq-len.")
+            raise UserError(f"the training data holds only {self.num_sequences} sequence(s) of {seq_len} tokens, "
+                            f"fewer than one batch of --batch-size {batch_size}; use a longer text or lower "
+                            "--batch-size / --seq-len.")
         self.sequences = ids[: self.num_sequences * seq_len].view(self.num_sequences, seq_len)
         self.batch_size, self.seed = batch_size, seed
         self._orders: dict[int, torch.Tensor] = {}
@@ -162,10 +164,10 @@ def train(student: Any, teacher: Teacher | None, data: TokenBatches, cfg: TrainC
 
     cfg.validate()
     if cfg.loss in TEACHER_LOSSES and teacher is None:
-        raise ValueError(f"--loss {cfg.loss} needs the teacher (the model before the plan).")
+        raise UserError(f"--loss {cfg.loss} needs the teacher (the model before the plan).")
     params = trainable_state(student)
     if not params:
-        raise ValueError("the model has no trainable parameters; is there a parallel group in the plan?")
+        raise UserError("the model has no trainable parameters; is there a parallel group in the plan?")
     optimizer = torch.optim.AdamW(list(params.values()), lr=cfg.lr, weight_decay=cfg.weight_decay,
                                   betas=(0.9, 0.95), foreach=False)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
@@ -275,8 +277,8 @@ def _restore(out: Path | None, params: dict[str, torch.Tensor], optimizer: Any, 
              data: TokenBatches, meta: dict[str, Any]) -> TrainResult:
     path = latest_checkpoint(out) if out is not None else None
     if path is None:
-        raise FileNotFoundError(f"--resume: no checkpoint in {Path(out or '.') / CHECKPOINT_DIR}; run without "
-                                "--resume to start training.")
+        raise InputPathError(f"--resume: no checkpoint in {Path(out or '.') / CHECKPOINT_DIR}; run without "
+                             "--resume to start training.")
     state = load_checkpoint(path)
     check_resumable(state, cfg, data, set(params))
     with torch.no_grad():
@@ -299,13 +301,13 @@ def check_resumable(state: dict[str, Any], cfg: TrainConfig, data: TokenBatches,
     diff = [f"--{k.replace('_', '-')} {saved.get(k, defaults[k])!r} (now {v!r})" for k, v in cfg.trajectory().items()
             if saved.get(k, defaults[k]) != v]
     if diff:
-        raise ValueError("--resume: the checkpoint was trained with " + ", ".join(diff) + "; pass the same "
-                         "options as the first run (or start a new --out).")
+        raise UserError("--resume: the checkpoint was trained with " + ", ".join(diff) + "; pass the same "
+                        "options as the first run (or start a new --out).")
     if state["data_digest"] != data.digest:
-        raise ValueError("--resume: the training data differs from the data of the checkpoint; pass the same "
-                         "--data (and --model, whose tokenizer cuts it) as the first run.")
+        raise UserError("--resume: the training data differs from the data of the checkpoint; pass the same "
+                        "--data (and --model, whose tokenizer cuts it) as the first run.")
     if set(state["trainable"]) != names:
-        raise ValueError("--resume: the checkpoint's trainable parameters do not match this model; pass the same "
-                         "--model and --plan as the first run.")
+        raise UserError("--resume: the checkpoint's trainable parameters do not match this model; pass the same "
+                        "--model and --plan as the first run.")
 
 

@@ -8,7 +8,9 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 from ...core.plan import Plan
-from .core import Element, PlanScorer, candidate_elements, fits, plan_of, reachable, target_reductions
+from ...utils.errors import UserError
+from .scoring import PlanScorer
+from .space import Element, candidate_elements, fits, plan_of, reachable, target_reductions
 
 
 # ---------------------------------------------------------------------------------------------
@@ -180,8 +182,8 @@ def beam_build(scorer: PlanScorer, ranked: Sequence[Element], top: int, opt: Opt
                 levels[r + e.reduction].append((scorer.score(new), new))
         nxt = sorted(levels[r + 1], key=lambda t: t[0])
         if not nxt:
-            raise RuntimeError(f"the beam found no plan of depth {L - r - 1}: too few candidates fit "
-                               "(raise --shortlist or --screen).")
+            raise UserError(f"the beam found no plan of depth {L - r - 1}: too few candidates fit "
+                            "(raise --shortlist or --screen).")
         done[r + 1] = (scorer.evals - evals0, scorer.layer_runs - runs0, time.perf_counter() - t0)
         bar.update(1)
         bar.set_postfix_str(f"depth {L - r - 1}: {nxt[0][0]:.4g} {plan_of(nxt[0][1])}")

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from ...core.plan import Plan
+from ...utils.plotting import pyplot, save_figure
 
 
 # ---------------------------------------------------------------------------------------------
@@ -39,10 +40,7 @@ def report_held_out(model: Any, tokenizer: Any, rows: list[dict], text: str, tok
 def plot(summary: dict, path: str | Path) -> None:
     """Objective against depth for the found plans and the contiguous baseline (and held-out
     perplexity, when reported)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     from matplotlib.ticker import MaxNLocator
 
     found = summary["found"]
@@ -67,8 +65,7 @@ def plot(summary: dict, path: str | Path) -> None:
     fig.suptitle(f"truedepth search: {summary.get('model', '')}", fontsize=10)
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, dpi=120)
 
 
 def print_summary(summary: dict) -> None:

@@ -5,7 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Sequence
 
-from .core import TRANSFORMS
+from ...utils.errors import UserError
+from ...utils.plotting import pyplot, save_figure
+from .points import TRANSFORMS
 from .tables import _at_chance, anchored, metric_columns
 
 
@@ -17,14 +19,7 @@ COLORS = {"parallel": "tab:blue", "skip": "tab:red", "shuffle": "tab:green", "me
 # Plots
 # ---------------------------------------------------------------------------------------------
 def _plt():
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as exc:
-        raise RuntimeError("plots need matplotlib: pip install 'truedepth[plot]'") from exc
-    return plt
+    return pyplot()
 
 
 PPL_CAP = 30.0  # perplexity axes stop at 30x the base model's: beyond, the model is broken anyway
@@ -94,10 +89,7 @@ def _finish(fig, ax_list, metrics, path: Path, title: str, rows=()) -> Path:
         ax.legend(fontsize=7)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    import matplotlib.pyplot as plt
-
-    plt.close(fig)
+    save_figure(fig, path)
     return path
 
 
@@ -234,8 +226,7 @@ def plot_relative(rows: Sequence[dict[str, Any]], path: Path, rule: str = "end",
     ax.legend(fontsize=7, loc="lower left")
     ax.set_title(title or "Quality kept against the fraction of layers transformed", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
     return path
 
 

@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ...utils.env import machine
-from .core import RESULTS_FILE, TRANSFORMS, Sweep, read_results
+from ...utils.errors import UserError
+from .points import RESULTS_FILE, TRANSFORMS, Sweep, read_results
 from .plots import PAPER_CLAIMS, make_plots
 from .tables import _at_chance, anchored, collect_rows, metric_columns, read_bench, write_tables
 
@@ -366,8 +367,8 @@ def finish(sweep: Sweep, notes: Sequence[str] = (), report: Path | None = None, 
     records = list(read_results(sweep.out / RESULTS_FILE).values())
     rows = collect_rows(records, sweep.settings())
     if not rows:
-        raise RuntimeError(f"{sweep.out / RESULTS_FILE} holds no result for these settings "
-                           f"({json.dumps(sweep.settings())}); run the sweep first (without --plot-only).")
+        raise UserError(f"{sweep.out / RESULTS_FILE} holds no result for these settings "
+                        f"({json.dumps(sweep.settings())}); run the sweep first (without --plot-only).")
     rule = sweep.start if sweep.start in ("end", "center") else "end"
     used = [r for r in records if r.get("plan") in {row["plan"] for row in rows}]
     dates = sorted(r["date"][:10] for r in used if r.get("date"))

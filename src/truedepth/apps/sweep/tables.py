@@ -8,8 +8,8 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from ...core.plan import Plan, PlanError
-from ...utils.errors import UserError
-from .core import POINT_FIELDS, TRANSFORMS, default_start
+from ...utils.errors import InputPathError, UserError
+from .points import POINT_FIELDS, TRANSFORMS, default_start
 
 
 # ---------------------------------------------------------------------------------------------
@@ -144,8 +144,8 @@ def read_bench(path: Path, mode: str | None = None, batch: int | None = None) ->
     records = [r for r in data if isinstance(r, dict) and "plan" in r and "error" not in r
                and any(isinstance(r.get(k), (int, float)) for k in _SPEED_KEYS)]
     if not records:
-        raise ValueError(f"{path} holds no bench record with a plan and a decode speed "
-                         f"({', '.join(_SPEED_KEYS)}); write one with `truedepth bench --json {path}`.")
+        raise InputPathError(f"{path} holds no bench record with a plan and a decode speed "
+                             f"({', '.join(_SPEED_KEYS)}); write one with `truedepth bench --json {path}`.")
     modes = [r.get("mode") for r in records]
     mode = mode if mode is not None else modes[0]
     records = [r for r in records if r.get("mode") == mode]

@@ -16,11 +16,10 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-from ...core.arch import SUPPORTED
+from ...core.arch import SUPPORTED, LayerWidths, layer_widths, transformed_record
 from ...core.hf import TYPE_PREFIX
 from ...utils.errors import UserError
 
@@ -31,19 +30,10 @@ class ServingError(UserError):
     """A model folder or a vLLM setting that truedepth's vLLM model cannot serve."""
 
 
-@dataclass(frozen=True)
-class LayerSize:
-    """One decoder layer of a saved model: how many original layers it holds, and its widths."""
-    index: int
-    width: int
-    heads: int
-    kv_heads: int
-    mlp: int
-
-    def fits(self, world_size: int) -> bool:
-        """vLLM's rule: heads and MLP split evenly; KV heads split evenly or are replicated."""
-        kv_ok = self.kv_heads % world_size == 0 or world_size % self.kv_heads == 0
-        return self.heads % world_size == 0 and self.mlp % world_size == 0 and kv_ok
+def fits(layer: LayerWidths, world_size: int) -> bool:
+    """vLLM's rule: heads and MLP split evenly; KV heads split evenly or are replicated."""
+    kv_ok = layer.kv_heads % world_size == 0 or world_size % layer.kv_heads == 0
+    return layer.heads % world_size == 0 and layer.intermediate % world_size == 0 and kv_ok
 
 
 def architectures() -> list[str]:
@@ -86,10 +76,9 @@ def base_arch(config: Mapping[str, Any]) -> str:
     return str(config.get("model_type", "")).removeprefix(TYPE_PREFIX)
 
 
-def layer_sizes(config: Mapping[str, Any], where: Any = "this model") -> list[LayerSize]:
+def layer_sizes(config: Mapping[str, Any], where: Any = "this model") -> list[LayerWidths]:
     """Per-layer widths of a saved truedepth model, from its config (a config.json dict)."""
-    info = config.get("truedepth") or {}
-    widths = info.get("layer_widths")
+    widths = (transformed_record(config) or {}).get("layer_widths")
     if not str(config.get("model_type", "")).startswith(TYPE_PREFIX) or not widths:
         raise ServingError(
             f"{where} is not a truedepth model: its config has no truedepth layer widths "
@@ -106,30 +95,28 @@ def layer_sizes(config: Mapping[str, Any], where: Any = "this model") -> list[La
         raise ServingError(
             f"{where}: truedepth.layer_widths has {len(widths)} entries for {depth} layers; the config.json "
             "was edited or is incomplete. Save the model again from truedepth.")
-    heads = int(config["num_attention_heads"])
-    kv_heads = int(config.get("num_key_value_heads") or heads)
-    mlp = int(config["intermediate_size"])
-    return [LayerSize(i, int(w), heads * w, kv_heads * w, mlp * w) for i, w in enumerate(widths)]
+    return layer_widths(config)
 
 
-def valid_world_sizes(sizes: list[LayerSize]) -> list[int]:
-    return [n for n in range(1, min(s.heads for s in sizes) + 1) if all(s.fits(n) for s in sizes)]
+def valid_world_sizes(sizes: list[LayerWidths]) -> list[int]:
+    return [n for n in range(1, min(s.heads for s in sizes) + 1) if all(fits(s, n) for s in sizes)]
 
 
-def check_config(config: Mapping[str, Any], tensor_parallel_size: int = 1, where: Any = "this model") -> list[LayerSize]:
+def check_config(config: Mapping[str, Any], tensor_parallel_size: int = 1,
+                 where: Any = "this model") -> list[LayerWidths]:
     """Refuse a config that truedepth's vLLM model cannot serve at `tensor_parallel_size`."""
     sizes = layer_sizes(config, where)
-    bad = next((s for s in sizes if not s.fits(tensor_parallel_size)), None)
+    bad = next((s for s in sizes if not fits(s, tensor_parallel_size)), None)
     if bad is not None:
         raise ServingError(
             f"tensor-parallel size {tensor_parallel_size} does not divide layer {bad.index} of {where} "
             f"({bad.width} original layer{'s' if bad.width > 1 else ''} wide: {bad.heads} heads, {bad.kv_heads} KV "
-            f"heads, MLP size {bad.mlp}); valid sizes for this model: "
+            f"heads, MLP size {bad.intermediate}); valid sizes for this model: "
             f"{', '.join(map(str, valid_world_sizes(sizes)))}.")
     return sizes
 
 
-def check_servable(folder: str | os.PathLike, tensor_parallel_size: int = 1) -> list[LayerSize]:
+def check_servable(folder: str | os.PathLike, tensor_parallel_size: int = 1) -> list[LayerWidths]:
     """The same checks on a model folder, before vLLM is started (reads config.json only)."""
     path = Path(folder) / "config.json"
     if not path.is_file():

@@ -30,7 +30,7 @@ from vllm.model_executor.models.qwen3 import Qwen3DecoderLayer
 from vllm.model_executor.models.utils import extract_layer_index
 from vllm.model_executor.utils import set_weight_attrs
 
-from ...core.arch import QKV_BIAS, SUPPORTED, base_model_type, wide_config
+from ...core.arch import QKV_BIAS, SUPPORTED, base_model_type, recorded_widths, wide_config
 from . import check_config
 
 HEAD_COUNT_OF_NORM = {"q_norm": "num_heads", "k_norm": "num_kv_heads"}  # per-head norm -> its heads
@@ -78,7 +78,7 @@ def build_layer(*, vllm_config: VllmConfig, prefix: str) -> nn.Module:
     """vLLM's `layer_type` hook: the decoder layer at `prefix` (``model.layers.N``), at its width."""
     config = vllm_config.model_config.hf_config
     arch = base_model_type(config)
-    width = config.truedepth["layer_widths"][extract_layer_index(prefix)]
+    width = recorded_widths(config)[extract_layer_index(prefix)]
     cfg = layer_config(config, width)
     if arch != "qwen3":
         return LlamaDecoderLayer(vllm_config=vllm_config, prefix=prefix, config=cfg)

@@ -7,7 +7,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from ...utils.errors import MeasurementError
+from ...utils.errors import MeasurementError, UserError
 from .timing import median_time, synchronize, timed  # noqa: F401  (median_time: used by scripts)
 
 MODES = ("eager", "compiled", "fast", "fused")
@@ -37,22 +37,22 @@ def parse_modes(text: str) -> tuple[str, ...]:
     modes = tuple(m.strip() for m in str(text).split(",") if m.strip())
     unknown = [m for m in modes if m not in MODES]
     if unknown or not modes:
-        raise ValueError(f"unknown --mode {', '.join(unknown) or text!r}; choose from {', '.join(MODES)} "
-                         "(comma-separated).")
+        raise UserError(f"unknown --mode {', '.join(unknown) or text!r}; choose from {', '.join(MODES)} "
+                        "(comma-separated).")
     return tuple(m for m in MODES if m in modes)  # canonical order: `fused` rewires the model, so last
 
 
 def check_settings(s: Settings, max_positions: int | None) -> None:
     if s.prompt < 1:
-        raise ValueError(f"--prompt must be at least 1 token, got {s.prompt}.")
+        raise UserError(f"--prompt must be at least 1 token, got {s.prompt}.")
     if s.new < 2:
-        raise ValueError(f"--new must be at least 2 (decode speed is measured from the 2nd token on), got {s.new}.")
+        raise UserError(f"--new must be at least 2 (decode speed is measured from the 2nd token on), got {s.new}.")
     if s.repeats < 1 or s.warmup < 0:
-        raise ValueError(f"--repeats must be >= 1 and --warmup >= 0, got {s.repeats} and {s.warmup}.")
+        raise UserError(f"--repeats must be >= 1 and --warmup >= 0, got {s.repeats} and {s.warmup}.")
     longest = max([s.prompt + s.new, *s.prefill])  # --prefill none: no prefill lengths
     if max_positions and longest > max_positions:
-        raise ValueError(f"a sequence of {longest} tokens exceeds the model's {max_positions} positions; "
-                         "lower --prompt/--new/--prefill.")
+        raise UserError(f"a sequence of {longest} tokens exceeds the model's {max_positions} positions; "
+                        "lower --prompt/--new/--prefill.")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -151,7 +151,7 @@ def profile_decode(generator: Any, ids: Any, steps: int = 16) -> dict[str, Any]:
 
     room = generator.max_seq - ids.shape[1] - 3  # the static cache must hold every traced token
     if room < 1:
-        raise ValueError(f"no room to profile: prompt {ids.shape[1]} fills max_seq {generator.max_seq}.")
+        raise UserError(f"no room to profile: prompt {ids.shape[1]} fills max_seq {generator.max_seq}.")
     steps = min(steps, room)
     device = ids.device
     buf = torch.empty(ids.shape[0], steps + 1, dtype=torch.long, device=device)
@@ -202,6 +202,7 @@ def profile_decode(generator: Any, ids: Any, steps: int = 16) -> dict[str, Any]:
 def _checked(runner: Callable[[Any, int], Any], ids: Any, n: int) -> Any:
     out = runner(ids, n)
     if out.shape[1] != ids.shape[1] + n:  # a rate over fewer tokens would be a lie
+        # programming error: the runners generate exactly n tokens
         raise RuntimeError(f"generation returned {out.shape[1] - ids.shape[1]} new tokens instead of {n}.")
     return out
 

@@ -6,7 +6,9 @@ import os
 from pathlib import Path
 from typing import Any
 
+from ...utils.errors import MeasurementError
 from ...utils.io import atomic_write_json
+from ...utils.plotting import pyplot, save_figure
 from .decode import MODES
 
 
@@ -71,14 +73,10 @@ def format_markdown(records: list[dict[str, Any]]) -> str:
 def plot(records: list[dict[str, Any]], path: str | os.PathLike) -> Path:
     """Total decode tokens/s against batch size (one panel per mode, one line per plan);
     with a single batch size, grouped bars per mode instead."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     ok = [r for r in records if "decode_tok_s" in r]
     if not ok:
-        raise RuntimeError("no successful measurement to plot.")
+        raise MeasurementError("no successful measurement to plot.")
     modes = [m for m in MODES if any(r["mode"] == m for r in ok)]
     labels = list(dict.fromkeys(f"{r['model']} {r['plan']}" for r in ok))
     batches = sorted({r["batch"] for r in ok})
@@ -113,8 +111,7 @@ def plot(records: list[dict[str, Any]], path: str | os.PathLike) -> Path:
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, dpi=120)
     return path
 
 

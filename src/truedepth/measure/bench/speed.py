@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from ...utils.errors import UserError
 from .timing import synchronize
 
 # Ordinary English, repeated until the prompt is long enough; its content does not matter.
@@ -24,7 +25,7 @@ PROMPT_TEXT = ("The old house stood at the end of the lane, and every evening th
 def prompt_ids(tokenizer: Any, prompt_tokens: int) -> torch.Tensor:
     """A (1, prompt_tokens) batch of ordinary text tokens."""
     if prompt_tokens < 1:
-        raise ValueError(f"prompt_tokens must be at least 1 (got {prompt_tokens}).")
+        raise UserError(f"prompt_tokens must be at least 1 (got {prompt_tokens}).")
     ids: list[int] = []
     while len(ids) < prompt_tokens:
         ids += list(tokenizer(PROMPT_TEXT, add_special_tokens=False)["input_ids"])
@@ -42,6 +43,7 @@ def _timed_generate(model: Any, ids: torch.Tensor, new_tokens: int, pad_id: int)
     synchronize(device)
     seconds = time.perf_counter() - start
     if out.shape[1] != ids.shape[1] + new_tokens:  # the rate would be a lie
+        # programming error: min_new_tokens makes generate return all tokens
         raise RuntimeError(f"generate returned {out.shape[1] - ids.shape[1]} new tokens instead of {new_tokens}.")
     return seconds
 
@@ -60,7 +62,7 @@ def interleaved_decode_rates(models: dict[str, Any], tokenizer: Any, prompt_toke
     ratios stay fair even when the absolute numbers suffer.
     """
     if new_tokens < 1 or repeats < 1:
-        raise ValueError(f"new_tokens and repeats must be at least 1 (got {new_tokens}, {repeats}).")
+        raise UserError(f"new_tokens and repeats must be at least 1 (got {new_tokens}, {repeats}).")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     pad_id = 0 if pad_id is None else pad_id
     ids = {name: prompt_ids(tokenizer, prompt_tokens).to(next(m.parameters()).device) for name, m in models.items()}

@@ -6,7 +6,33 @@ from __future__ import annotations
 import functools
 import statistics
 import time
+from dataclasses import dataclass
 from typing import Any, Callable
+
+from ...utils.options import option
+
+
+# ---------------------------------------------------------------------------------------------
+# Options of a timed decode (bench, tp-bench, demo: each composes those it takes)
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class PromptTokensOption:
+    prompt_tokens: int = option(32, "prompt tokens before the timed decode.")
+
+
+@dataclass
+class NewTokensOption:
+    new_tokens: int = option(32, "tokens generated per timed decode run.")
+
+
+@dataclass
+class RepeatsOption:
+    repeats: int = option(3, "timed runs per measurement; the median is reported.")
+
+
+@dataclass
+class WarmupRunsOption:
+    warmup_runs: int = option(1, "untimed runs before the timed ones.", flag="--warmup")
 
 
 # ---------------------------------------------------------------------------------------------

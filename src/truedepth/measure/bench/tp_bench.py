@@ -17,14 +17,52 @@ import copy
 import gc
 import statistics
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
-from .timing import synchronize
+from .timing import NewTokensOption, PromptTokensOption, WarmupRunsOption, synchronize
 
+from ...core.loading import ModelOptions, PlanList
 from ...runtime.distributed import tp
+from ...runtime.distributed.errors import TPError
+from ...runtime.distributed.tp import TPOptions
+from ...utils.options import option, override
+from ...utils.plotting import pyplot, save_figure
+
+NOT_TAKEN = ("enabled", "impl")  # of the TP options: every run is sharded, --tp-impl takes several here
+
+
+@dataclass  # bases in reverse order: --help lists the last base's options first
+class TPBenchOptions(WarmupRunsOption, NewTokensOption, PromptTokensOption, PlanList, ModelOptions):
+    """What `run_tp_bench` measures (`torchrun ... -m truedepth.cli.tp_bench --help` explains each option)."""
+    model: str = override("default", help_note="Also a shape (llama-2-7b, llama-3.2-3b, qwen2.5-0.5b, tiny ...): "
+                                               "random weights.")
+    device: str | None = override(None, help_note="(under torchrun: cuda is each rank's LOCAL_RANK GPU, cpu uses "
+                                                  "gloo)")
+    plans: list[str] | None = override(None, default_help="base and 'auto' (a paper-like range of about 44% of the "
+                                                          "layers in pairs)")
+    new_tokens: int = override(32, help_note="(Decode steps, per plan.)")
+    warmup_runs: int = override(4, help_note="(Here a run is one decode step.)")
+    batch: int = option(1, "sequences decoded together.")
+    impls: list[str] = option(default_factory=lambda: [tp.DEFAULT_IMPL], flag="--tp-impl", nargs="+",
+                              choices=tp.IMPLEMENTATIONS, show_default=False,
+                              help="TP implementation(s) to measure: dtensor (PyTorch parallelize_module), local "
+                                   "(plain sharded weights + torch.distributed.all_reduce). "
+                                   f"Default: {tp.DEFAULT_IMPL}")
+    tp: TPOptions = field(default_factory=TPOptions)  # its --tp-timeout; NOT_TAKEN: the rest
+    seed: int = 0  # of the random weights and prompts
+    progress: bool = True
+
+
+def run_tp_bench(opts: TPBenchOptions) -> dict[str, Any]:
+    """`tp_bench` with the options of the command line (plans None: base and 'auto')."""
+    return tp_bench(opts.model, opts.plans or ("base", "auto"), impls=opts.impls, prompt_tokens=opts.prompt_tokens,
+                    new_tokens=opts.new_tokens, warmup=opts.warmup_runs, batch=opts.batch, dtype=opts.dtype,
+                    device=opts.device, timeout_s=opts.tp.timeout_s, seed=opts.seed, progress=opts.progress)
+
 
 def default_lp_plan(num_layers: int) -> str:
     """A paper-like LP range: about 44% of the layers in pairs, in the upper middle, the last 2 kept."""
@@ -167,15 +205,15 @@ def tp_bench(model: Any = "default", plans: Any = ("base", "auto"), *, impls: An
     from ...core.plan import as_plan
 
     if prompt_tokens < 1 or new_tokens < 1 or warmup < 0 or batch < 1:
-        raise ValueError("prompt_tokens, new_tokens and batch must be at least 1, warmup at least 0 "
-                         f"(got {prompt_tokens}, {new_tokens}, {batch}, {warmup}).")
+        raise TPError("prompt_tokens, new_tokens and batch must be at least 1, warmup at least 0 "
+                      f"(got {prompt_tokens}, {new_tokens}, {batch}, {warmup}).")
     config = base_config(model)
     num_layers = config.num_hidden_layers
     plans = [default_lp_plan(num_layers) if str(p) == "auto" else str(as_plan(p)) for p in plans]
     impls = list(impls)
     for impl in impls:
         if impl not in tp.IMPLEMENTATIONS:
-            raise ValueError(f"unknown TP implementation {impl!r}; use one of {', '.join(tp.IMPLEMENTATIONS)}.")
+            raise TPError(f"unknown TP implementation {impl!r}; use one of {', '.join(tp.IMPLEMENTATIONS)}.")
     world = tp.env_world_size()
     for plan in plans:  # every plan, before any weight is built or moved
         tp.validate_tp(config, world, plan)
@@ -240,11 +278,7 @@ def format_table(result: dict[str, Any]) -> str:
 
 def plot(result: dict[str, Any], path: Any) -> Path:
     """Stacked bars: ms/token split into all-reduce time (modelled) and the rest, per plan."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     rows = result["results"]
     names = [f"{r['plan']}\n({r['impl']})" for r in rows]
     ar = [r["ms_per_token"] * r["all_reduce_share"] for r in rows]
@@ -257,6 +291,5 @@ def plot(result: dict[str, Any], path: Any) -> Path:
     ax.legend(fontsize=8)
     fig.tight_layout()
     path = Path(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, dpi=120)
     return path

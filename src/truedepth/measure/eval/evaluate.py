@@ -8,36 +8,52 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ...runtime.distributed.tp import TPOptions
+from ...core.loading import ModelOptions, PlanOption
 from ...utils.errors import UserError
+from ...utils.options import option, override
+from ...utils.shared_options import ProgressOption
 
 
 @dataclass
-class EvalOptions:
+class PerplexityText:
+    """The text a perplexity is measured on, how much of it, in windows of how many tokens (eval, sweep, demo)."""
+    text: str | None = option("default", "text to score: 'default' (held-out Austen novel), 'austen:<novel>', "
+                              "'austen-train', 'other-domain', a UTF-8 file, or a datasets name.")
+    tokens: int = option(16384, "score the first N tokens of the text (fewer if the text is shorter).")
+    window: int = option(1024, "tokens per window.")
+
+
+@dataclass
+class PerplexityOptions(PerplexityText):
+    stride: int | None = option(None, "sliding windows: start a window every S tokens and score its last S tokens "
+                                "(1 <= S <= window). Default: the window (disjoint windows)")
+
+
+@dataclass
+class TaskOptions:
+    """lm-evaluation-harness tasks to run as well (eval, sweep)."""
+    tasks: str | None = option(None, "comma-separated lm-evaluation-harness tasks to run as well, e.g. "
+                               "truedepth_austen_lastword,truedepth_mmlu (offline); see truedepth.measure.eval.icl")
+    num_fewshot: int | None = option(None, "few-shot examples per task question")
+    limit: int | None = option(None, "at most N examples per task (per MMLU subject; for quick checks)")
+
+
+@dataclass  # bases in reverse order: --help lists the last base's options first
+class EvalOptions(ProgressOption, TaskOptions, PerplexityOptions, PlanOption, ModelOptions):
     """What `evaluate` measures: perplexity of `text` (None: only `tasks`) and/or lm-eval `tasks`."""
-    model: str = "default"
-    plan: str | None = "base"
-    dtype: str | None = None
-    device: str | None = None
-    text: str | None = None
-    tokens: int = 16384
-    window: int = 1024
-    stride: int | None = None
-    batch_size: int | None = None
-    tasks: str | None = None
-    num_fewshot: int | None = None
-    limit: int | None = None
-    no_progress: bool = False
+    text: str | None = override(None, default_help="'default', or no perplexity at all when only --tasks is given")
+    batch_size: int | None = option(None, "windows per forward pass (default: about 2048 tokens per batch)")
     tp: TPOptions = field(default_factory=TPOptions)
 
 
 def check_task_options(tasks: Any, num_fewshot: int | None, limit: int | None) -> None:
     """The lm-eval options (--num-fewshot, --limit) make sense, and only with --tasks (eval and sweep)."""
     if num_fewshot is not None and num_fewshot < 0:
-        raise ValueError(f"--num-fewshot must be 0 or more (got {num_fewshot}).")
+        raise UserError(f"--num-fewshot must be 0 or more (got {num_fewshot}).")
     if limit is not None and limit < 1:
-        raise ValueError(f"--limit must be at least 1 (got {limit}).")
+        raise UserError(f"--limit must be at least 1 (got {limit}).")
     if (num_fewshot is not None or limit is not None) and not tasks:
-        raise ValueError("--num-fewshot and --limit apply to --tasks; add --tasks (e.g. truedepth_austen_lastword).")
+        raise UserError("--num-fewshot and --limit apply to --tasks; add --tasks (e.g. truedepth_austen_lastword).")
 
 
 def check_args(args: EvalOptions) -> None:
@@ -47,9 +63,9 @@ def check_args(args: EvalOptions) -> None:
     if args.text is not None or not args.tasks:
         check_window_args(args.tokens, args.window, args.stride)
     if args.batch_size is not None and args.batch_size < 1:
-        raise ValueError(f"--batch-size must be at least 1 (got {args.batch_size}).")
+        raise UserError(f"--batch-size must be at least 1 (got {args.batch_size}).")
     if args.tasks is not None and not task_list(args.tasks):
-        raise ValueError("--tasks is empty; pass task names separated by commas, e.g. --tasks truedepth_mmlu.")
+        raise UserError("--tasks is empty; pass task names separated by commas, e.g. --tasks truedepth_mmlu.")
     check_task_options(args.tasks, args.num_fewshot, args.limit)
 
 
@@ -74,13 +90,12 @@ def task_list(tasks: str | None) -> list[str]:
 
 def model_facts(model: Any) -> dict[str, Any]:
     """Depth, original depth and plan of a (possibly transformed) model."""
-    from ...core.arch import current_plan
+    from ...core.arch import current_plan, original_depth
 
     config = model.config
-    info = getattr(config, "truedepth", None) or {}
     plan = current_plan(config)
     return {"depth": config.num_hidden_layers,
-            "original_depth": info.get("original_num_hidden_layers", config.num_hidden_layers),
+            "original_depth": original_depth(config),
             "plan": str(plan) if plan is not None else "base"}
 
 
@@ -89,10 +104,10 @@ def run_tasks(model: Any, tokenizer: Any, args: EvalOptions) -> dict:
         from .icl import evaluate_tasks
     except ModuleNotFoundError as e:
         if e.name and e.name.startswith("truedepth"):
-            raise RuntimeError("--tasks needs truedepth.measure.eval.icl, which this installation lacks; "
-                               "update truedepth or drop --tasks.") from None
-        raise RuntimeError(f"--tasks needs the package {e.name!r}; install it with "
-                           "`pip install 'truedepth[eval]'` or drop --tasks.") from None
+            raise UserError("--tasks needs truedepth.measure.eval.icl, which this installation lacks; "
+                            "update truedepth or drop --tasks.") from None
+        raise UserError(f"--tasks needs the package {e.name!r}; install it with "
+                        "`pip install 'truedepth[eval]'` or drop --tasks.") from None
     return evaluate_tasks(model, tokenizer, tasks=task_list(args.tasks), num_fewshot=args.num_fewshot,
                           limit=args.limit)
 

@@ -24,6 +24,7 @@ import math
 from pathlib import Path
 from typing import Any, Iterable
 
+from ...utils.errors import InputPathError, MissingAssetError, UserError
 from .tasks import TASKS_DIR
 
 LOCAL_TASKS = {
@@ -72,8 +73,8 @@ def _import_lm_eval():
         import lm_eval.models.huggingface  # noqa: F401
         import lm_eval.tasks  # noqa: F401
     except ImportError as exc:
-        raise RuntimeError("ICL benchmarks need lm-evaluation-harness: pip install 'truedepth[eval]' "
-                           "(or pip install lm-eval).") from exc
+        raise UserError("ICL benchmarks need lm-evaluation-harness: pip install 'truedepth[eval]' "
+                        "(or pip install lm-eval).") from exc
     return lm_eval
 
 
@@ -82,8 +83,8 @@ def as_task_list(tasks: str | Iterable[str]) -> list[str]:
     items = tasks.split(",") if isinstance(tasks, str) else list(tasks)
     out = [t.strip() for t in items if t and t.strip()]
     if not out:
-        raise ValueError("no task given; pass e.g. --tasks truedepth_austen_lastword,truedepth_mmlu "
-                         f"(offline tasks: {', '.join(LOCAL_TASKS)}).")
+        raise UserError("no task given; pass e.g. --tasks truedepth_austen_lastword,truedepth_mmlu "
+                        f"(offline tasks: {', '.join(LOCAL_TASKS)}).")
     return out
 
 
@@ -91,7 +92,7 @@ def _include_paths(include_path: Any) -> list[str]:
     extra = [] if include_path is None else ([include_path] if isinstance(include_path, (str, Path)) else include_path)
     for p in extra:
         if not Path(p).is_dir():
-            raise FileNotFoundError(f"task folder {p} does not exist; pass a folder of lm-eval task YAML files.")
+            raise InputPathError(f"task folder {p} does not exist; pass a folder of lm-eval task YAML files.")
     return [str(TASKS_DIR)] + [str(Path(p).resolve()) for p in extra]
 
 
@@ -127,20 +128,20 @@ def check_tasks(tasks: list[str], manager: Any) -> None:
     for t in unknown:
         close = difflib.get_close_matches(t, known, n=3)
         hints.append(f"{t!r}" + (f" (did you mean {', '.join(close)}?)" if close else ""))
-    raise ValueError(f"unknown lm-eval task {', '.join(hints)}. Offline tasks shipped with truedepth: "
-                     f"{', '.join(LOCAL_TASKS)}; any lm-eval task name works with network access "
-                     "(list them with `lm-eval ls tasks`).")
+    raise UserError(f"unknown lm-eval task {', '.join(hints)}. Offline tasks shipped with truedepth: "
+                    f"{', '.join(LOCAL_TASKS)}; any lm-eval task name works with network access "
+                    "(list them with `lm-eval ls tasks`).")
 
 
 def _check_numbers(num_fewshot: Any, limit: Any, batch_size: Any) -> None:
     if num_fewshot is not None and (not isinstance(num_fewshot, int) or num_fewshot < 0):
-        raise ValueError(f"num_fewshot must be an integer >= 0, got {num_fewshot!r}.")
+        raise UserError(f"num_fewshot must be an integer >= 0, got {num_fewshot!r}.")
     if limit is not None:
         ok = (isinstance(limit, int) and limit >= 1) or (isinstance(limit, float) and 0 < limit <= 1)
         if not ok:
-            raise ValueError(f"limit must be a number of examples >= 1 or a fraction in (0, 1], got {limit!r}.")
+            raise UserError(f"limit must be a number of examples >= 1 or a fraction in (0, 1], got {limit!r}.")
     if not (isinstance(batch_size, int) and batch_size >= 1):
-        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}.")
+        raise UserError(f"batch_size must be an integer >= 1, got {batch_size!r}.")
 
 
 def _is_network_error(exc: BaseException) -> bool:
@@ -237,7 +238,7 @@ def evaluate_tasks(model: Any, tokenizer: Any, tasks: str | Iterable[str], num_f
                                           batch_size=batch_size)
     except Exception as exc:
         if _is_network_error(exc):
-            raise RuntimeError(
+            raise MissingAssetError(
                 f"a dataset of {', '.join(task_list)} could not be downloaded ({type(exc).__name__}: {exc}). "
                 f"Without network use the offline tasks: {', '.join(LOCAL_TASKS)}.") from exc
         raise

@@ -25,6 +25,8 @@ from typing import Any, Sequence
 
 import torch
 
+from ...utils.errors import UserError
+
 # Tokens per forward batch when batch_size is not given: keeps the fp32 logits of a batch
 # (batch x window x vocab) near 400 MB for a 49k vocabulary.
 AUTO_BATCH_TOKENS = 2048
@@ -42,16 +44,16 @@ class Windows:
 def check_window_args(tokens: int | None, window: int, stride: int | None) -> int:
     """Validate the window settings before any work; return the effective stride."""
     if not isinstance(window, int) or window < 2:
-        raise ValueError(f"window must be an integer of at least 2 tokens (got {window!r}); "
-                         "pass e.g. --window 512.")
+        raise UserError(f"window must be an integer of at least 2 tokens (got {window!r}); "
+                        "pass e.g. --window 512.")
     stride = window if stride is None else stride
     if not isinstance(stride, int) or not 1 <= stride <= window:
-        raise ValueError(f"stride must be between 1 and the window ({window}) (got {stride!r}); "
-                         "omit --stride for disjoint windows, or pass a smaller one, e.g. "
-                         f"--stride {max(1, window // 2)}.")
+        raise UserError(f"stride must be between 1 and the window ({window}) (got {stride!r}); "
+                        "omit --stride for disjoint windows, or pass a smaller one, e.g. "
+                        f"--stride {max(1, window // 2)}.")
     if tokens is not None and (not isinstance(tokens, int) or tokens < window):
-        raise ValueError(f"tokens ({tokens!r}) must be at least one window ({window}); "
-                         f"pass --tokens {window} or more, or a smaller --window.")
+        raise UserError(f"tokens ({tokens!r}) must be at least one window ({window}); "
+                        f"pass --tokens {window} or more, or a smaller --window.")
     return stride
 
 
@@ -67,7 +69,7 @@ def tokenize(tokenizer: Any, text: str | Sequence[int] | torch.Tensor, tokens: i
     if not isinstance(text, str):
         return [int(t) for t in text]
     if tokenizer is None:
-        raise ValueError("a tokenizer is needed to score a text string; pass one, or pass token ids.")
+        raise UserError("a tokenizer is needed to score a text string; pass one, or pass token ids.")
     spare = 64
     chars = len(text) if tokens is None else (tokens + spare) * 8
     while True:
@@ -82,8 +84,8 @@ def make_windows(ids: Sequence[int], tokens: int | None, window: int, stride: in
     stride = check_window_args(tokens, window, stride)
     text_tokens = len(ids)
     if text_tokens < window:
-        raise ValueError(f"the text has only {text_tokens} tokens, fewer than one window of {window}; "
-                         "use a longer text or a smaller --window.")
+        raise UserError(f"the text has only {text_tokens} tokens, fewer than one window of {window}; "
+                        "use a longer text or a smaller --window.")
     n = text_tokens if tokens is None else min(tokens, text_tokens)
     count = (n - window) // stride + 1
     starts = [k * stride for k in range(count)]
@@ -126,7 +128,7 @@ def perplexity(model: Any, tokenizer: Any, text: str | Sequence[int] | torch.Ten
     """
     stride = check_window_args(tokens, window, stride)
     if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
-        raise ValueError(f"batch_size must be a positive integer (got {batch_size!r}).")
+        raise UserError(f"batch_size must be a positive integer (got {batch_size!r}).")
     wins = make_windows(tokenize(tokenizer, text, tokens), tokens, window, stride)
     device = next(model.parameters()).device
     size = batch_size or _auto_batch_size(window)

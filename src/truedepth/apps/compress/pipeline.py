@@ -1,4 +1,5 @@
-"""Running `truedepth compress`: check, then run or skip each stage in order, then write the report."""
+"""`truedepth compress` end to end: check, then run or skip each stage in order (with the budget's clock), then
+write the report."""
 
 from __future__ import annotations
 
@@ -8,9 +9,11 @@ from pathlib import Path
 from typing import Any
 
 from ...utils.env import use_threads
-from .core import (BUDGET_SHARES, STAGE_DIR, STAGES, SUMMARY_FILE, CompressOptions, check_inputs, check_unchanged,
-                   read_stage, run_evaluate_stage, run_finetune_stage, run_generate_stage, run_save_stage,
-                   run_search_stage, stage_path, stage_seconds_left, write_stage)
+from .budget import BUDGET_SHARES, stage_seconds_left
+from .checks import check_inputs
+from .options import STAGE_DIR, STAGES, SUMMARY_FILE, CompressOptions
+from .stages import (check_unchanged, read_stage, run_evaluate_stage, run_finetune_stage, run_generate_stage,
+                     run_save_stage, run_search_stage, stage_path, write_stage)
 from .report import show_report, write_report
 
 

@@ -1,4 +1,5 @@
-"""The effective-depth study (`truedepth sweep`): which plans a sweep evaluates, measuring them, resumable results."""
+"""The sweep's points (`truedepth sweep`): which plans it evaluates, measuring each once, and the resumable results
+store (one JSON line per finished measurement)."""
 
 from __future__ import annotations
 
@@ -13,9 +14,11 @@ from typing import Any, Sequence
 
 from ...core.plan import Plan, parse_int_ranges
 from ...utils.env import machine
+from ...utils.errors import UserError
 from ...utils.io import append_jsonl, read_jsonl
+from ...utils.options import default_of
+from .options import TRANSFORMS, SweepOptions
 
-TRANSFORMS = ("parallel", "skip", "shuffle", "merge")
 PAIRED = ("parallel", "merge")  # transforms that need an even Δ
 END_MARGIN = 2  # default position: the range ends this many layers before the last
 RESULTS_FILE = "results.jsonl"
@@ -57,8 +60,8 @@ def parse_transforms(text: str) -> list[str]:
     names = [t.strip() for t in text.split(",") if t.strip()]
     bad = [t for t in names if t not in TRANSFORMS]
     if bad or not names:
-        raise ValueError(f"unknown transform {', '.join(map(repr, bad)) or '(none)'}; use a comma list of "
-                         f"{', '.join(TRANSFORMS)}.")
+        raise UserError(f"unknown transform {', '.join(map(repr, bad)) or '(none)'}; use a comma list of "
+                        f"{', '.join(TRANSFORMS)}.")
     return list(dict.fromkeys(names))
 
 
@@ -67,6 +70,7 @@ def default_start(rule: str, delta: int, num_layers: int) -> int:
         return num_layers - END_MARGIN - delta
     if rule == "center":
         return (num_layers - delta) // 2
+    # programming error: callers pass 'end' or 'center' only
     raise ValueError(f"unknown start rule {rule!r}")
 
 
@@ -76,7 +80,7 @@ def sweep_points(transforms: Sequence[str], deltas: Sequence[int], start: str, n
 
     Raises ValueError if a transform is left with no point at all."""
     if any(d < 1 for d in deltas):
-        raise ValueError(f"Δ must be at least 1 (got {min(deltas)}).")
+        raise UserError(f"Δ must be at least 1 (got {min(deltas)}).")
     rule = start.strip().lower()
     starts = None if rule in ("end", "center") else parse_int_ranges(start, "--start", was_inclusive=True)
     points: list[Point] = [Point("base", 0, 0)] if include_base else []
@@ -98,8 +102,8 @@ def sweep_points(transforms: Sequence[str], deltas: Sequence[int], start: str, n
             notes.append(f"{transform}: {len(unfit)} ranges do not fit {num_layers} layers "
                          f"(e.g. {unfit[0]}) and are left out")
         if not kept:
-            raise ValueError(f"no {transform} point fits: {'; '.join(notes)}. Choose Δ and --start so that "
-                             f"start + Δ <= {num_layers}" + (" and Δ is even." if transform in PAIRED else "."))
+            raise UserError(f"no {transform} point fits: {'; '.join(notes)}. Choose Δ and --start so that "
+                            f"start + Δ <= {num_layers}" + (" and Δ is even." if transform in PAIRED else "."))
         points.extend(kept)
     return points, notes
 
@@ -154,20 +158,21 @@ def plan_copy(model: Any, plan: Plan) -> Any:
 # ---------------------------------------------------------------------------------------------
 @dataclass
 class Sweep:
-    """What to evaluate and how; `run.check_sweep` checks it before any work."""
+    """What to evaluate and how, resolved from `SweepOptions` (`study.sweep_of`); `study.check_sweep` checks it
+    before any work. Defaults: the command's."""
     out: Path
     transforms: list[str]
     deltas: list[int]
-    start: str = "end"
-    seed: int = 0
+    start: str = default_of(SweepOptions, "start")
+    seed: int = default_of(SweepOptions, "seed")
     tasks: list[str] = field(default_factory=list)
-    num_fewshot: int | None = None
-    limit: int | None = None
-    text: str = "default"
-    tokens: int = 8192
-    window: int = 512
-    stride: int | None = None
-    model: str = "default"
+    num_fewshot: int | None = default_of(SweepOptions, "num_fewshot")
+    limit: int | None = default_of(SweepOptions, "limit")
+    text: str = default_of(SweepOptions, "text")
+    tokens: int = default_of(SweepOptions, "tokens")
+    window: int = default_of(SweepOptions, "window")
+    stride: int | None = default_of(SweepOptions, "stride")
+    model: str = default_of(SweepOptions, "model")
     dtype: str = "fp32"
     device: str | None = None  # where the model runs (not part of the results' key)
     bench: Path | None = None
@@ -263,7 +268,7 @@ def num_layers_of(model_spec: str) -> int:
     from ...core.loading import resolve
 
     config = AutoConfig.from_pretrained(resolve(model_spec), trust_remote_code=False)
-    require_original(config, f"sweep the original model, not {model_spec}", ValueError)
+    require_original(config, f"sweep the original model, not {model_spec}", UserError)
     return int(config.num_hidden_layers)
 
 

@@ -1,9 +1,11 @@
-"""Prompted self-generated text for docs/COMPRESS.md (run B6): does better generated text help recovery?
+"""Prompted self-generated text for run B6 of docs/research/compress-experiments.md: does better generated text
+help recovery?
 
 The default (instruct) model answers chat prompts built from 8 instruction forms x 60 everyday topics
 (seeded choice), sampled at temperature 0.8, top-p 0.95, 256 new tokens each, batches of 32. The
 text is rewritten to OUT.txt after every batch.
-Run: python scripts/research/generate_prompted.py OUT.txt TOKENS [THREADS]   (40,000 tokens: 12 min on 1 thread)
+Run: python docs/research/generate_prompted.py OUT.txt TOKENS [THREADS]   (40,000 tokens: 12 min on 1 thread)
+ARCHIVED RECORD, kept next to its log; no test runs it (the text it wrote was measured once and not adopted).
 """
 import random
 import sys

@@ -6,46 +6,61 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
+from ...core.loading import ModelOptions, PlanList
 from ...core.plan import parse_int_ranges
 from ...utils.env import environment, use_threads
-from ...utils.errors import check_output_file
+from ...utils.errors import UserError, check_output_file
+from ...utils.plotting import check_plotting
 from .decode import MODES, Settings, add_ratios, allow_many_compiles, bench_models, check_settings, parse_modes, release_compiled_state
 from .report import format_markdown, format_table, plot, write_json
-from .timing import measure_bandwidth
+from ...utils.options import option, override
+from ...utils.shared_options import JsonFileOption, PlotFileOption, SeedOption, ThreadsOption
+from .timing import NewTokensOption, PromptTokensOption, RepeatsOption, WarmupRunsOption, measure_bandwidth
 
 
 @dataclass
-class BenchOptions:
+class BenchMeasure:
+    """What `truedepth bench` measures besides the model and plans."""
+    shape: str | None = option(None, "random-weight model of a published size, no download: llama-2-7b, llama-3.2-3b, "
+                               "llama-3.1-8b, qwen2.5-7b, smollm2-135m (= the default model's shape), tiny")
+    batches: str = option("1", "batch sizes, comma-separated.", flag="--batch")
+    mode: str | None = option(None, f"comma-separated from {', '.join(MODES)} (default: all on GPU; eager,fast on CPU, "
+                              "where compiling takes minutes)")
+    prefill: str | None = option(None, "prompt lengths for the prefill latency, comma-separated (default 128,512,2048 "
+                                 "on GPU, 128,512 on CPU); 'none' to skip")
+    backend: str = option("inductor", "torch.compile backend for the compiled modes ('eager' or 'aot_eager' skip code "
+                          "generation: for debugging only).")
+    markdown: bool = option(False, "print the table as markdown")
+    sequential: bool = option(False, "hold one model in memory at a time (default: base and every plan together, their "
+                              "timed runs alternating, so load that drifts during the run affects all alike)")
+
+
+@dataclass  # bases in reverse order: --help lists the last base's options first
+class BenchOptions(BenchMeasure, PlotFileOption, JsonFileOption, SeedOption, ThreadsOption, WarmupRunsOption,
+                   RepeatsOption, NewTokensOption, PromptTokensOption, PlanList, ModelOptions):
     """Everything `truedepth bench` takes (see its --help); the defaults are the command's."""
-    model: str | None = None
-    shape: str | None = None
-    plan: list[str] | None = None  # plans to compare with the base model
-    batch: str = "1"
-    prompt: int = 128
-    new: int | None = None
-    mode: str | None = None
-    prefill: str | None = None
-    repeats: int = 3
-    warmup: int = 1
-    dtype: str | None = None
-    device: str | None = None
-    threads: int | None = None
-    backend: str = "inductor"
-    json: str | None = None
-    markdown: bool = False
-    plot: str | None = None
-    sequential: bool = False
-    seed: int = 0
+    mutually_exclusive = (("model", "shape"),)
+    model: str | None = override(None, default_help="the default model unless --shape is given")
+    plans: list[str] | None = override(None, help_note="The base model is measured too.",
+                                       default_help="the shape's usual plan (llama-2-7b: parallel=16:30, llama-3.2-3b: "
+                                                    "parallel=14:24, ...)")
+    prompt_tokens: int = override(128, flag="--prompt")
+    new_tokens: int | None = override(None, flag="--new", default_help="256 on GPU, 64 on CPU")
+    warmup_runs: int = override(1, help_note="(The first run of a compiled mode compiles.)")
+    seed: int = override(0, help_note="of the --shape weights and the prompts.")
+    json_file: str | None = override(None, help_note="One record per model, plan, mode and batch, rewritten after "
+                                                     "each record.")
+    plot: str | None = override(None, help_note="Decode tokens/s per plan, mode and batch (PNG, SVG or PDF).")
 
 
 def settings_from_args(args: BenchOptions, on_gpu: bool) -> Settings:
     prefill = args.prefill if args.prefill is not None else ("128,512,2048" if on_gpu else "128,512")
     return Settings(
-        prompt=args.prompt, new=args.new if args.new is not None else (256 if on_gpu else 64),
-        batches=tuple(parse_int_ranges(args.batch, "--batch", minimum=1)),
+        prompt=args.prompt_tokens, new=args.new_tokens if args.new_tokens is not None else (256 if on_gpu else 64),
+        batches=tuple(parse_int_ranges(args.batches, "--batch", minimum=1)),
         modes=parse_modes(args.mode or (",".join(MODES) if on_gpu else "eager,fast")),
         prefill=() if str(prefill).lower() == "none" else tuple(parse_int_ranges(prefill, "--prefill", minimum=1)),
-        repeats=args.repeats, warmup=args.warmup, backend=args.backend, seed=args.seed)
+        repeats=args.repeats, warmup=args.warmup_runs, backend=args.backend, seed=args.seed)
 
 
 class Source:
@@ -70,10 +85,11 @@ class Source:
 
     @property
     def num_layers(self) -> int:
-        info = getattr(self.config, "truedepth", None)
-        if info:
-            raise ValueError(f"{self.model_id} is already transformed (plan {info['plan'].get('plan')}); bench "
-                             "the original model and pass the plan with --plan.")
+        from ...core.arch import current_plan, transformed_record
+
+        if transformed_record(self.config):
+            raise UserError(f"{self.model_id} is already transformed (plan {current_plan(self.config)}); bench "
+                            "the original model and pass the plan with --plan.")
         return self.config.num_hidden_layers
 
     def default_plans(self) -> list[str]:
@@ -107,7 +123,7 @@ class Source:
 def resolve_plans(args: BenchOptions, source: Source) -> list[str]:
     from ...core.plan import as_plan
 
-    given = args.plan if args.plan is not None else source.default_plans()
+    given = args.plans if args.plans is not None else source.default_plans()
     plans = ["base"]
     for text in given:
         plan = as_plan(text)
@@ -123,21 +139,18 @@ def run_bench(args: BenchOptions) -> int:
 
     from ...utils.device import as_dtype, device_and_dtype
 
-    check_output_file(args.json, "--json")
+    check_output_file(args.json_file, "--json")
     check_output_file(args.plot, "--plot")
     device_name, dtype_name = device_and_dtype(args.device, args.dtype)
     device = torch.device(device_name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda was asked for but torch sees no GPU; use --device cpu.")
+        raise UserError("--device cuda was asked for but torch sees no GPU; use --device cpu.")
     on_gpu = device.type == "cuda"
     dtype = as_dtype(dtype_name)
     settings = settings_from_args(args, on_gpu)
     use_threads(args.threads)
     if args.plot:
-        try:
-            import matplotlib  # noqa: F401
-        except ImportError:
-            raise RuntimeError("--plot needs matplotlib: pip install matplotlib (or truedepth[plot]).") from None
+        check_plotting()
     source = Source(args, dtype, device)
     check_settings(settings, getattr(source.config, "max_position_embeddings", None))
     plans = resolve_plans(args, source)
@@ -152,9 +165,9 @@ def run_bench(args: BenchOptions) -> int:
 
     def save(record: dict[str, Any]) -> None:
         records.append(record)
-        if args.json:  # rewritten after every record: an interrupted run keeps what it measured
+        if args.json_file:  # rewritten after every record: an interrupted run keeps what it measured
             add_ratios(records)
-            write_json(args.json, meta, records)
+            write_json(args.json_file, meta, records)
 
     from tqdm.auto import tqdm
 
@@ -173,9 +186,9 @@ def run_bench(args: BenchOptions) -> int:
           f"{meta['transformers']}, copy bandwidth {meta['bandwidth_GBps']:.1f} GB/s; prompt {settings.prompt}, "
           f"new {settings.new}, median of {settings.repeats}")
     print(format_markdown(records) if args.markdown else format_table(records))
-    if args.json:
-        write_json(args.json, meta, records)
-        print(f"wrote {args.json}")
+    if args.json_file:
+        write_json(args.json_file, meta, records)
+        print(f"wrote {args.json_file}")
     if args.plot:
         print(f"wrote {plot(records, args.plot)}")
     failed = [r for r in records if "error" in r]

@@ -1,50 +1,46 @@
-"""Running a fine-tune end to end (`truedepth finetune`): options, resuming, models, training, saving."""
+"""A fine-tune end to end (`truedepth finetune`): checks, resuming, the student and teacher, training, the
+final model, saving and the summary."""
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import shutil
 import sys
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
+from ...core.arch import original_depth, recorded_widths, transformed_record
+from ...core.plan import PlanError
+from ...measure.bench.precision import training_precision
+from ...measure.eval.data import training_text_for
+from ...measure.eval.heldout import cached_perplexities, measuring_texts, perplexities, texts_digest
 from ...utils.env import use_threads
-from ...utils.errors import OutputPathError, UserError, check_output_dir
+from ...utils.errors import InputPathError, OutputPathError, UserError, check_output_dir
+from ...utils.options import default_of, fill, flag_of
 from .checkpoint import latest_checkpoint
-from .config import (CHECKPOINT_DIR, FinetuneOptions, DEFAULT_PLAN, DTYPE_NAMES, EVAL_DEFAULTS, RUN_OPTIONS, SUMMARY_FILE,
-                     TEACHER_LOSSES, TRAJECTORY_OPTIONS, TrainConfig)
+from .config import (CHECKPOINT_DIR, DEFAULT_LOSS, DEFAULT_PLAN, DTYPE_NAMES, RUN_OPTIONS, SUMMARY_FILE, TEACHER_LOSSES,
+                     TRAJECTORY_OPTIONS, FinetuneOptions, TrainConfig)
 from .blockloss import BlockMatch, check_one_attention_type
 from .model import (Teacher, unique_parameters, add_lora, build_student, cast_frozen, check_memory, check_plan_has_parallel_groups,
                     freeze_all_but, shared_prefix_length, trainable_layer_indices, wide_members)
-from .report import perplexities, print_summary, summarise, write_summary
+from .report import print_summary, summarise, write_summary
 from .train import TokenBatches, time_training_step, tokenize_text, train, trainable_state
 
 
 FIT_MARGIN = 0.93  # of the time limit planned for steps: checkpoints and slower steps take the rest
 
 
-def fill_defaults(args: FinetuneOptions) -> None:
-    """Defaults of the options left unset (None, so that --resume can tell given from omitted)."""
-    for key, value in EVAL_DEFAULTS.items():
-        if getattr(args, key, None) is None:
-            setattr(args, key, value)
-    args.no_eval = bool(args.no_eval)
-
-
 def config_from_args(args: FinetuneOptions) -> TrainConfig:
-    cfg = TrainConfig()
-    for f in fields(TrainConfig):
-        value = getattr(args, f.name, None)
-        if value is not None:
-            setattr(cfg, f.name, value)
-    cfg.lora = bool(args.lora)
-    cfg.eval_every = 0 if args.no_eval else args.eval_every
-    return cfg
+    """The run's training options as TrainConfig (the record of its trajectory)."""
+    return fill(TrainConfig, args, loss=args.loss or DEFAULT_LOSS, eval_every=0 if args.no_eval else args.eval_every)
+
+
+def given(args: FinetuneOptions, name: str) -> bool:
+    """Whether option `name` differs from its default (an option left at its default counts as omitted)."""
+    return getattr(args, name) != default_of(FinetuneOptions, name)
 
 
 def prepare_output(out: Path, resume: bool, overwrite: bool) -> None:
@@ -53,13 +49,13 @@ def prepare_output(out: Path, resume: bool, overwrite: bool) -> None:
     if resume:
         if latest_checkpoint(out) is None:
             hint = " (it holds a finished run)" if (out / SUMMARY_FILE).exists() else ""
-            raise FileNotFoundError(f"--resume: no checkpoint in {out / CHECKPOINT_DIR}{hint}; run without --resume.")
+            raise InputPathError(f"--resume: no checkpoint in {out / CHECKPOINT_DIR}{hint}; run without --resume.")
         return
     if latest_checkpoint(out) is not None:
-        raise ValueError(f"{out} holds checkpoints of an unfinished run; pass --resume to continue it, or choose "
-                         "another --out.")
+        raise OutputPathError(f"{out} holds checkpoints of an unfinished run; pass --resume to continue it, or choose "
+                              "another --out.")
     if (out / SUMMARY_FILE).exists() and not overwrite:
-        raise ValueError(f"{out} already holds a fine-tuned model; pass --overwrite to replace it, or choose another --out.")
+        raise OutputPathError(f"{out} already holds a fine-tuned model; pass --overwrite to replace it, or choose another --out.")
     if out.is_dir() and any(out.iterdir()) and not (out / SUMMARY_FILE).exists() and not overwrite:
         raise OutputPathError(f"--out {out} is a folder with other files in it (not a truedepth fine-tune run); "
                               "the model would replace its config.json and weights. Choose a new or empty folder, "
@@ -67,24 +63,18 @@ def prepare_output(out: Path, resume: bool, overwrite: bool) -> None:
 
 
 def resolve_resume_options(args: FinetuneOptions, out: Path) -> None:
-    """On --resume, omitted options take the checkpoint's values; given ones must match them."""
+    """On --resume, omitted options (those at their default) take the checkpoint's values; given ones must
+    match them."""
     state = json.loads((latest_checkpoint(out) / "state.json").read_text())
     saved = dict(state["trajectory"], **state.get("options", {}))
-    given = {k: getattr(args, k) for k in TRAJECTORY_OPTIONS + RUN_OPTIONS if getattr(args, k, None) is not None}
-    unset = {"train_dtype": "auto", "model": "default", "data": "default"}  # argparse defaults that mean 'omitted'
-    clash = [f"--{k.replace('_', '-')} {v!r} (checkpoint: {saved[k]!r})" for k, v in given.items()
-             if k in saved and saved[k] != v and unset.get(k) != v]
+    chosen = {k: getattr(args, k) for k in TRAJECTORY_OPTIONS + RUN_OPTIONS if given(args, k)}
+    clash = [f"{flag_of(FinetuneOptions, k)} {v!r} (checkpoint: {saved[k]!r})" for k, v in chosen.items()
+             if k in saved and saved[k] != v]
     if clash:
-        raise ValueError("--resume: " + ", ".join(clash) + " differ from the checkpoint; drop them to continue the "
-                         "same run, or start a new --out.")
+        raise UserError("--resume: " + ", ".join(clash) + " differ from the checkpoint; drop them to continue the "
+                        "same run, or start a new --out.")
     for k, v in saved.items():
         setattr(args, k, v)
-
-
-def training_text_for(spec: str) -> str:
-    from ...measure.eval import data
-
-    return data.training_text() if spec in ("default", "austen-train") else data.load_text(spec)
 
 
 def run_finetune(args: FinetuneOptions) -> int:
@@ -95,13 +85,12 @@ def run_finetune(args: FinetuneOptions) -> int:
     prepare_output(out, args.resume, args.overwrite)
     if args.resume:
         resolve_resume_options(args, out)
-    fill_defaults(args)
     cfg = config_from_args(args)
     cfg.validate()
-    if args.fit_tokens and not args.resume and (args.max_minutes is None or args.tokens is not None):
+    if args.fit_tokens and not args.resume and (args.max_minutes is None or given(args, "tokens")):
         raise UserError("--fit-tokens sets --tokens from the time limit: pass --max-minutes, and not --tokens.")
     use_threads(args.threads)
-    device, dtype, train_dtype = resolve_precision(args)
+    device, dtype, train_dtype = training_precision(args.device, args.dtype, args.train_dtype)
     cfg.train_dtype = DTYPE_NAMES[train_dtype]
     if args.plan is not None and not as_plan(args.plan).is_identity:
         check_plan_has_parallel_groups(args.plan)  # before loading anything
@@ -117,10 +106,12 @@ def run_finetune(args: FinetuneOptions) -> int:
     if not args.resume and measure:  # base and LP, in the evaluation dtype, before any weight changes
         digest = texts_digest(texts)
         if setup.base is not None:
-            meta["base"] = cached_perplexities(lambda: measure(setup.base), args, "base", digest, dtype, device)
+            meta["base"] = cached_perplexities(lambda: measure(setup.base), args.model, "base", digest,
+                                               args.eval_tokens, args.eval_window, dtype, device)
         else:
             meta["base"] = None
-        meta["lp"] = cached_perplexities(lambda: measure(setup.student), args, str(setup.plan), digest, dtype, device)
+        meta["lp"] = cached_perplexities(lambda: measure(setup.student), args.model, str(setup.plan), digest,
+                                         args.eval_tokens, args.eval_window, dtype, device)
 
     model, teacher = make_trainable(setup, cfg, train_dtype)
     memory = check_memory(model, teacher.model if teacher else None, cfg, device, train_dtype)
@@ -151,7 +142,6 @@ def run_finetune(args: FinetuneOptions) -> int:
 def check_config_before_loading(args: FinetuneOptions, cfg: TrainConfig) -> None:
     """The plan and the loss against --model's config.json (no weights read); a transformed model keeps
     its own plan."""
-    from ...core.arch import transformed_record
     from ...core.loading import check_plan_against_config, read_config
     from ...core.plan import as_plan
 
@@ -160,20 +150,6 @@ def check_config_before_loading(args: FinetuneOptions, cfg: TrainConfig) -> None
         check_plan_against_config(as_plan(args.plan or DEFAULT_PLAN), config)
     if cfg.loss == "blocks" or cfg.block_weight:
         check_one_attention_type(config)
-
-
-def resolve_precision(args: FinetuneOptions) -> tuple[str, torch.dtype, torch.dtype]:
-    """(device, dtype of the saved/evaluated model, dtype of the training forward/backward)."""
-    from ...measure.bench.timing import bf16_is_faster
-    from ...utils.device import as_dtype, device_and_dtype
-
-    device, dtype_name = device_and_dtype(args.device, args.dtype)
-    dtype = as_dtype(dtype_name)
-    auto = "bf16" if bf16_is_faster(device) else "fp32"
-    train_dtype = as_dtype(auto if args.train_dtype in (None, "auto") else args.train_dtype)
-    if torch.float16 in (dtype, train_dtype):
-        raise ValueError("fp16 is not supported for fine-tuning (it needs loss scaling); use bf16 or fp32.")
-    return device, dtype, train_dtype
 
 
 @dataclass
@@ -193,10 +169,10 @@ def prepare_models(args: FinetuneOptions, cfg: TrainConfig, device: Any, dtype: 
 
     print(f"loading {args.model} ...", file=sys.stderr)
     base, tokenizer = load(args.model, dtype=dtype, device=device)
-    recorded = getattr(base.config, "truedepth", None)
+    recorded = transformed_record(base.config)
     if recorded is not None:
         plan = _already_transformed(args, cfg, recorded)
-        trained = trainable_layer_indices(recorded["layer_widths"], cfg.neighbours)
+        trained = trainable_layer_indices(recorded_widths(base.config), cfg.neighbours)
         return Setup(base, None, tokenizer, plan, trained, 0)
     return student_setup(base, tokenizer, as_plan(args.plan or DEFAULT_PLAN), cfg)
 
@@ -206,7 +182,7 @@ def student_setup(base: Any, tokenizer: Any, plan: Any, cfg: TrainConfig) -> Set
     leading layers it shares with the teacher."""
     check_plan_has_parallel_groups(plan)
     student = build_student(base, plan, cfg.neighbours)
-    trained = trainable_layer_indices(student.config.truedepth["layer_widths"], cfg.neighbours)
+    trained = trainable_layer_indices(recorded_widths(student.config), cfg.neighbours)
     split = shared_prefix_length(plan.blocks(recorded_depth(student)), trained)
     return Setup(student, base, tokenizer, plan, trained, split)
 
@@ -220,7 +196,7 @@ def fit_tokens_to_minutes(model: Any, teacher: Teacher | None, data: TokenBatche
     checkpoint, so the trajectory stays one.
     """
     if cfg.max_minutes is None:
-        raise ValueError("fitting --tokens to the time limit needs --max-minutes.")
+        raise UserError("fitting --tokens to the time limit needs --max-minutes.")
     seconds = time_training_step(model, teacher, data.batch(0).to(device), cfg, device, train_dtype)
     steps = max(1, int(FIT_MARGIN * cfg.max_minutes * 60 / seconds))
     cfg.tokens = steps * cfg.tokens_per_step
@@ -229,7 +205,7 @@ def fit_tokens_to_minutes(model: Any, teacher: Teacher | None, data: TokenBatche
 
 
 def recorded_depth(model: Any) -> int:
-    return model.config.truedepth["original_num_hidden_layers"]
+    return original_depth(model.config)
 
 
 def make_trainable(setup: Setup, cfg: TrainConfig, train_dtype: torch.dtype) -> tuple[Any, Teacher | None]:
@@ -264,11 +240,11 @@ def final_model(args: FinetuneOptions, cfg: TrainConfig, trained: dict[str, torc
     from ...core.loading import load
 
     model, tokenizer = load(args.model, dtype=dtype, device=device)
-    if getattr(model.config, "truedepth", None) is None:
+    if transformed_record(model.config) is None:
         from ...core.transform import apply_plan
 
         apply_plan(model, args.plan or DEFAULT_PLAN)
-    layers = trainable_layer_indices(model.config.truedepth["layer_widths"], cfg.neighbours)
+    layers = trainable_layer_indices(recorded_widths(model.config), cfg.neighbours)
     freeze_all_but(model, layers)
     if cfg.lora:
         model = add_lora(model, layers, cfg.lora_rank, cfg.lora_alpha)
@@ -284,6 +260,7 @@ def load_trained(model: Any, trained: dict[str, torch.Tensor]) -> None:
     params = trainable_state(model)
     if set(params) != set(trained):
         missing = sorted(set(trained) ^ set(params))[:4]
+        # programming error: the model is rebuilt from the same options
         raise RuntimeError(f"trained tensors do not match the rebuilt model (e.g. {missing}); this is a bug.")
     with torch.no_grad():
         for name, p in params.items():
@@ -297,68 +274,27 @@ def save_model(model: Any, tokenizer: Any, out: Path) -> None:
     tokenizer.save_pretrained(out)
 
 
-def cached_perplexities(measure: Callable[[], dict[str, float]], args: FinetuneOptions, label: str,
-                        texts_digest: str, dtype: torch.dtype, device: str | torch.device) -> dict[str, float]:
-    """Perplexities of a model without training (the base, or a plan applied to it), cached: they do not
-    depend on training options. ``measure`` runs only on a cache miss, so a caller that would have to
-    load the model for it loads nothing on a hit."""
-    from ...core.loading import resolve
-
-    key = json.dumps([label, _weights_fingerprint(resolve(args.model)), texts_digest,
-                      args.eval_tokens, args.eval_window, str(dtype), torch.device(device).type])
-    path = _ppl_cache_path()
-    cache = json.loads(path.read_text()) if path.is_file() else {}
-    if key not in cache:
-        cache = dict(json.loads(path.read_text()) if path.is_file() else {}, **{key: measure()})
-        tmp = path.with_name(f".{path.name}.{os.getpid()}")
-        tmp.write_text(json.dumps(cache, indent=1))
-        os.replace(tmp, path)
-    return cache[key]
-
-
-def texts_digest(texts: dict[str, str]) -> str:
-    """What the perplexity cache keys the measuring texts by."""
-    return hashlib.sha256("\0".join(texts.get(k, "") for k in ("held_out", "other_domain")).encode()).hexdigest()
-
-
-def _ppl_cache_path() -> Path:
-    from ...utils.env import cache_dir
-
-    return cache_dir() / "finetune-perplexity-cache.json"
-
-
-def _weights_fingerprint(path: str) -> str:
-    """Folder + size + mtime of its weight files (a hub id has none: then the id itself)."""
-    files = sorted(Path(path).glob("*.safetensors")) if Path(path).is_dir() else []
-    return json.dumps([str(Path(path).resolve()) if files else path] + [[f.name, f.stat().st_size, f.stat().st_mtime]
-                                                                          for f in files])
-
-
 def _already_transformed(args: FinetuneOptions, cfg: TrainConfig, recorded: dict[str, Any]) -> Any:
     from ...core.plan import as_plan
 
     plan = as_plan(recorded["plan"])
     if args.plan is not None and not as_plan(args.plan).is_identity and as_plan(args.plan) != plan:
-        raise ValueError(f"{args.model} was already transformed with plan '{plan}'; plans refer to the original "
-                         "layers, so pass the original model with --plan, or omit --plan to keep training this one.")
+        raise PlanError(f"{args.model} was already transformed with plan '{plan}'; plans refer to the original "
+                        "layers, so pass the original model with --plan, or omit --plan to keep training this one.")
     check_plan_has_parallel_groups(plan, recorded)
     if args.loss is None and cfg.loss == "distill":  # the default loss needs a teacher this model lacks
         print(f"note: {args.model} is already transformed (no teacher): training with --loss lm.", file=sys.stderr)
         cfg.loss = "lm"
     if cfg.loss in TEACHER_LOSSES or cfg.block_weight:
-        raise ValueError(f"{args.model} is already transformed, so the model before the plan (the distillation "
-                         f"teacher of --loss {cfg.loss}) is not available; use --loss lm, or start from the original model with --plan.")
+        raise UserError(f"{args.model} is already transformed, so the model before the plan (the distillation "
+                        f"teacher of --loss {cfg.loss}) is not available; use --loss lm, or start from the original model with --plan.")
     return plan
 
 
 def load_texts(args: FinetuneOptions) -> dict[str, str]:
-    from ...measure.eval import data
-
     texts = {"train": training_text_for(args.data)}
     if not args.no_eval:
-        texts["held_out"] = data.load_text(args.eval_text)
-        if args.other_text.lower() != "none":
-            texts["other_domain"] = data.load_text(args.other_text)
+        texts |= measuring_texts(args)
         if texts["held_out"][:10000] in texts["train"]:
             print(f"warning: the training data contains the evaluation text ({args.eval_text}); held-out perplexity "
                   "will overstate the recovery.", file=sys.stderr)
@@ -379,7 +315,7 @@ def _report_setup(args: FinetuneOptions, cfg: TrainConfig, setup: Setup, model: 
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_all = sum(p.numel() for p in unique_parameters(model))
     epochs = data.epochs(cfg.total_steps)
-    depth = len(setup.student.config.truedepth["layer_widths"])
+    depth = len(recorded_widths(setup.student.config))
     print(f"plan {setup.plan}: training layers {setup.trained_layers} of {depth} "
           f"({'LoRA r=%d' % cfg.lora_rank if cfg.lora else 'full weights'}; {n_train / 1e6:.2f}M of "
           f"{n_all / 1e6:.1f}M parameters), loss {cfg.loss}, computing in {str(train_dtype)[6:]}", file=sys.stderr)

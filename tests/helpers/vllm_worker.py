@@ -1,6 +1,6 @@
 """Run one vLLM engine in its own process and write what it generated as JSON (tests/test_vllm.py).
 
-    python tests/vllm_worker.py SPECS.json OUT.json
+    python tests/helpers/vllm_worker.py SPECS.json OUT.json
 
 SPECS: a list of engines, run one after the other in this process:
        [{"model": folder, "tensor_parallel_size": 1, "prompts": [text or [token ids], ...],

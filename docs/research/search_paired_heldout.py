@@ -1,15 +1,17 @@
-"""Paired held-out comparison of found plans and contiguous ranges, for docs/SEARCH.md (a check that
-looks at held-out text, never part of the search): mean log-likelihood per window of each plan on the
+"""Paired held-out comparison of found plans and contiguous ranges, for docs/research/search-experiments.md
+(a check that looks at held-out text, never part of the search): mean log-likelihood per window of each plan on the
 report's sample (first 32,768 tokens of the held-out novel, 64 windows of 512), fp32 like the report,
 and the standard error of the per-window difference.
-Run: python scripts/research/search_paired_heldout.py   (5 min on 2 CPU cores)
+Run: python docs/research/search_paired_heldout.py   (5 min on 2 CPU cores)
+ARCHIVED RECORD, kept next to its log; no test runs it, and the library internals it imports (as of
+commit ac6c5d8, 2026-12-05) may move.
 """
 import math
 
 import torch
 
 import truedepth
-from truedepth.apps.search import core as S
+from truedepth.apps.search import scoring as S
 from truedepth.measure.eval.data import held_out_text
 from truedepth.measure.eval.perplexity import tokenize
 

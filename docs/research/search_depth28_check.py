@@ -1,7 +1,9 @@
 """Is any plan of the search space better than the contiguous range at depth 28 on held-out text?
 
-A check for docs/SEARCH.md, not part of the search (it looks at the held-out text, which the search
-must never do). On the default model, scored from the original layers (truedepth.apps.search.core.PlanScorer)
+ARCHIVED RECORD of the check in docs/research/search-experiments.md (output: docs/results/search_depth28_check.json),
+kept next to its log; no test runs it, and the library internals it imports (as of commit ac6c5d8,
+2026-12-05) may move. Not part of the search (it looks at the held-out text, which the search
+must never do). On the default model, scored from the original layers (truedepth.apps.search.scoring.PlanScorer)
 in bf16 on the report's held-out sample: the first 32,768 tokens of the held-out novel, 64 windows
 of 512.
   1. the cost of every pair alone (29 plans)
@@ -9,7 +11,7 @@ of 512.
      to at most 1.25x the cost of parallel=24:28; pair costs are close to additive (a plan
      measured -0.14 to +0.45 perplexity off the sum of its pairs on this model), so plans outside
      that bound cannot come near it.
-Run: python scripts/research/search_depth28_check.py OUT.json   (17 min, 3.0 GB on 2 CPU cores)
+Run: python docs/research/search_depth28_check.py OUT.json   (17 min, 3.0 GB on 2 CPU cores)
 """
 import itertools
 import json
@@ -19,8 +21,8 @@ import sys
 import torch
 
 import truedepth
-from truedepth.apps.search import core as S
-from truedepth.apps.search.run import search_copy
+from truedepth.apps.search import scoring as S
+from truedepth.apps.search import search_copy
 from truedepth.measure.eval.data import held_out_text
 from truedepth.measure.eval.perplexity import tokenize
 

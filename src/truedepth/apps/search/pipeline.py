@@ -1,52 +1,21 @@
-"""Running a search end to end (`truedepth search`): check the options, load, search, choose, report, save."""
+"""A search end to end (`truedepth search`): check the options, load, search, choose, report, save."""
 
 from __future__ import annotations
 
 import copy
 import time
-from dataclasses import dataclass
 from typing import Any, Callable
 
 from ...core.plan import Plan, parse_int_ranges
+from ...measure.bench.precision import check_search_dtype, scoring_dtype
 from ...utils.env import use_threads
 from ...utils.io import atomic_write_json
 from ...utils.errors import UserError, check_output_file
 from .beam import Options, contiguous_baseline, search, select_on_fresh_windows
-from .core import PlanScorer, split_calibration_ids, target_reductions
+from .options import SearchOptions
+from .scoring import PlanScorer, split_calibration_ids
+from .space import target_reductions
 from .report import held_out_perplexity, plot, print_summary, report_held_out
-
-
-@dataclass
-class SearchOptions:
-    """Everything `truedepth search` takes (see its --help); the defaults are the command's."""
-    model: str = "default"
-    dtype: str | None = None
-    device: str | None = None
-    target_depth: str | None = None
-    reduce: str | None = None
-    objective: str = "ppl"
-    max_group: int = 3
-    allow_skip: bool = False
-    calib: str = "austen-train"
-    calib_windows: int = 16
-    calib_length: int = 512
-    select_windows: int = 48
-    finalists: int = 6
-    beam: int = 2
-    shortlist: int = 6
-    refine_rounds: int = 1
-    screen: int | None = None
-    budget: int | None = None
-    baseline: bool = False
-    report: str = "default"
-    report_tokens: int = 8192
-    report_window: int = 512
-    out: str | None = None
-    plot: str | None = None
-    search_dtype: str | None = None
-    threads: int | None = None
-    quiet: bool = False
-    command: str = "truedepth search"  # the command line, recorded in the summary
 
 
 def check_args(args: SearchOptions) -> tuple[list[int] | None, list[int] | None]:
@@ -56,28 +25,28 @@ def check_args(args: SearchOptions) -> tuple[list[int] | None, list[int] | None]
     if args.threads is not None and args.threads < 1:
         raise UserError(f"--threads must be at least 1 (got {args.threads}).")
     if (args.target_depth is None) == (args.reduce is None):
-        raise ValueError("give exactly one of --target-depth D (e.g. --target-depth 26) or --reduce K.")
+        raise UserError("give exactly one of --target-depth D (e.g. --target-depth 26) or --reduce K.")
     depths = parse_int_ranges(args.target_depth, "--target-depth") if args.target_depth is not None else None
     reduce = parse_int_ranges(args.reduce, "--reduce") if args.reduce is not None else None
     for name in ("beam", "shortlist", "calib_windows", "report_tokens", "finalists"):
         if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(args, name)}).")
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(args, name)}).")
     for name in ("refine_rounds", "select_windows"):
         if getattr(args, name) < 0:
-            raise ValueError(f"--{name.replace('_', '-')} must be 0 or more (got {getattr(args, name)}).")
+            raise UserError(f"--{name.replace('_', '-')} must be 0 or more (got {getattr(args, name)}).")
     if args.calib_length < 2:
-        raise ValueError(f"--calib-length must be at least 2 tokens (got {args.calib_length}).")
+        raise UserError(f"--calib-length must be at least 2 tokens (got {args.calib_length}).")
     if args.screen is not None and args.screen < 1:
-        raise ValueError(f"--screen must be at least 1 (got {args.screen}); omit it to measure every candidate.")
+        raise UserError(f"--screen must be at least 1 (got {args.screen}); omit it to measure every candidate.")
     if args.budget is not None and args.budget < 1:
-        raise ValueError(f"--budget must be at least 1 (got {args.budget}); omit it for no cap.")
+        raise UserError(f"--budget must be at least 1 (got {args.budget}); omit it for no cap.")
     if args.report != "none" and args.report_tokens < args.report_window:
-        raise ValueError(f"--report-tokens ({args.report_tokens}) must be at least one --report-window "
-                         f"({args.report_window}).")
+        raise UserError(f"--report-tokens ({args.report_tokens}) must be at least one --report-window "
+                        f"({args.report_window}).")
     check_search_dtype(args.search_dtype)
     if args.report != "none" and args.report == args.calib:
-        raise ValueError(f"--report and --calib are the same text ({args.calib!r}); report on text the search "
-                         "did not see, e.g. --report default (the held-out novel).")
+        raise UserError(f"--report and --calib are the same text ({args.calib!r}); report on text the search "
+                        "did not see, e.g. --report default (the held-out novel).")
     return depths, reduce
 
 
@@ -145,14 +114,6 @@ def run_search(args: SearchOptions) -> dict[str, Any]:
     return summary
 
 
-def check_search_dtype(dtype: str | None) -> None:
-    """Raise, naming the accepted dtypes, unless `dtype` is one, 'auto' or None."""
-    if dtype not in (None, "auto"):
-        from ...utils.device import as_dtype
-
-        as_dtype(dtype)
-
-
 def search_copy(model: Any, dtype: Any) -> Any:
     """The model the search scores plans with: `model` itself, or a copy cast to `dtype`. "auto": a bf16
     copy of an fp32 model where bf16 is clearly faster on its device (rankings move by ~0.1 %, SEARCH.md)."""
@@ -161,19 +122,6 @@ def search_copy(model: Any, dtype: Any) -> Any:
     if dtype == param.dtype:
         return model
     return copy.deepcopy(model).to(dtype)
-
-
-def scoring_dtype(dtype: str | None, model_dtype: Any, device: str) -> Any:
-    """The dtype plans are scored in: `dtype`, the model's own for None, and for "auto" bf16 where the
-    model is fp32 and bf16 is clearly faster on `device`."""
-    import torch
-
-    from ...measure.bench.timing import bf16_is_faster
-    from ...utils.device import as_dtype
-
-    if dtype == "auto":
-        return torch.bfloat16 if model_dtype == torch.float32 and bf16_is_faster(device) else model_dtype
-    return as_dtype(dtype) or model_dtype
 
 
 def _saver(path: str | None) -> Callable[[dict], None]:

@@ -3,7 +3,7 @@
 against their independent reference (reference.py) on their tiny models (tiny.py); Python puts this
 folder on sys.path when it runs as a script.
 
-PYTHONPATH=src python tests/gpu_core.py --out DIR   (about 30 s on an H100/H200; scripts/gpu/run_all.sh runs it)
+PYTHONPATH=src python tests/helpers/gpu_core.py --out DIR   (about 30 s on an H100/H200; scripts/gpu/run_all.sh runs it)
 """
 
 import argparse

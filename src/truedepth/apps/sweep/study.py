@@ -1,14 +1,32 @@
-"""Running a sweep end to end: check the settings, measure what is missing, write tables, plots and report."""
+"""Running a sweep end to end: resolve and check the settings, measure what is missing, write tables, plots and
+report."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any, Sequence
 
-from .core import Point, Sweep, run_sweep, text_ids
+from .options import SweepOptions
+from .points import Point, Sweep, parse_transforms, run_sweep, text_ids
 from .report import finish
 from .tables import read_bench
-from ...utils.errors import check_output_dir
+from ...core.plan import parse_int_ranges
+from ...utils.errors import InputPathError, check_output_dir
+
+
+def sweep_of(opts: SweepOptions) -> Sweep:
+    """The settings `opts` gives, resolved: transforms and Δ values parsed, dtype and device chosen."""
+    from ...measure.eval.evaluate import task_list
+    from ...utils.device import device_and_dtype
+
+    device, dtype = device_and_dtype(opts.device, opts.dtype)
+    return Sweep(out=Path(opts.out), transforms=parse_transforms(opts.transforms),
+                 deltas=parse_int_ranges(opts.delta, "--delta", was_inclusive=True), start=opts.start, seed=opts.seed,
+                 tasks=task_list(opts.tasks), num_fewshot=opts.num_fewshot, limit=opts.limit, text=opts.text,
+                 tokens=opts.tokens, window=opts.window, stride=opts.stride, model=opts.model, dtype=dtype,
+                 device=device, bench=Path(opts.bench) if opts.bench else None, bench_mode=opts.bench_mode,
+                 progress=not opts.no_progress)
+
 
 def check_sweep(sweep: Sweep, tasks: bool = True) -> None:
     """Reject bad settings before anything is loaded (`tasks`: also the task names, which takes seconds)."""
@@ -20,8 +38,8 @@ def check_sweep(sweep: Sweep, tasks: bool = True) -> None:
     check_task_options(sweep.tasks, sweep.num_fewshot, sweep.limit)
     if sweep.bench is not None:
         if not sweep.bench.is_file():
-            raise FileNotFoundError(f"--bench {sweep.bench}: no such file; write it with "
-                                    f"`truedepth bench --json {sweep.bench}`.")
+            raise InputPathError(f"--bench {sweep.bench}: no such file; write it with "
+                                 f"`truedepth bench --json {sweep.bench}`.")
         read_bench(sweep.bench, sweep.bench_mode)  # a bad bench file fails now, not after the sweep
     if tasks and sweep.tasks:
         from ...measure.eval.icl import check_tasks, task_manager

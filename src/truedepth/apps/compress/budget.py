@@ -1,0 +1,84 @@
+"""`truedepth compress`'s time budget: each stage's share of --budget-minutes, the least time the search and
+one training step take (their matmul flops at the device's measured speed), and the check that a budget
+leaves the fine-tune at least one step."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from ...core.arch import layer_widths
+from ...utils.errors import UserError
+from ..search import SearchOptions, candidate_elements
+from .options import STAGES, CompressOptions
+
+# Planned share of --budget-minutes per stage. The search cannot stop half-way (its cost is set by the
+# model and the calibration options); generation stops at its share. The fine-tune gets what is left
+# once the evaluation's share is set aside, and fits its schedule to that time (finetune's
+# --max-minutes with the tokens fitted to it); the evaluation (four models on two texts) keeps its share.
+BUDGET_SHARES = {"search": 0.20, "generate": 0.10, "finetune": 0.50, "evaluate": 0.20, "save": 0.0}
+
+
+def layer_and_head_weights(config: Any) -> tuple[int, int]:
+    """Matrix weights one token passes through in one decoder layer (of an original model: all alike), and in
+    the output head."""
+    per_layer = layer_widths(config)[0].matrix_weights(config.hidden_size)
+    return per_layer, config.hidden_size * config.vocab_size
+
+
+def weight_count(config: Any) -> int:
+    """Matrix weights one token passes through (decoder layers and the output head), from the config."""
+    head = config.hidden_size * config.vocab_size
+    return sum(w.matrix_weights(config.hidden_size) for w in layer_widths(config)) + head
+
+
+def search_floor_flops(config: Any, opts: CompressOptions) -> float:
+    """Matmul flops the search stage cannot do without, whatever the beam finds: the original model on
+    the calibration and the selection windows, every candidate group scored alone (from its first layer
+    to the output head: the layers before it are recorded once) and one finalist on the selection
+    windows. The beam and the refinement, most of the search, come on top."""
+    per_layer, head = layer_and_head_weights(config)
+    layers = config.num_hidden_layers
+    whole = layers * per_layer + head
+    alone = sum((layers - e.start) * per_layer + head
+                for e in candidate_elements(layers, SearchOptions.max_group, SearchOptions.allow_skip))
+    calib, select = opts.calib_windows * opts.calib_length, opts.select_windows * opts.calib_length
+    return 2 * (calib * (whole + alone) + select * 2 * whole)
+
+
+def least_seconds(config: Any, opts: CompressOptions) -> tuple[float, float, str]:
+    """Lower bounds of the search stage's time and of one fine-tuning step's, and the device: their flops at
+    the matmul speed measured on the device (a fraction of a second) in the dtypes they will run in. A real
+    step (backward pass, teacher) costs about three times more; the whole search on the default model took 2.0
+    (bf16) and 4.3 (fp32) times its floor on a 2-core Intel Xeon VM (docs/COMPRESS.md)."""
+    from ...measure.bench import timing
+    from ...measure.bench.precision import scoring_dtype, training_precision
+
+    device, model_dtype, train_dtype = training_precision(opts.device, opts.dtype, opts.train_dtype)
+    search_dtype = scoring_dtype(opts.search_dtype, model_dtype, device)
+    step = 2 * weight_count(config) * opts.batch_size * opts.seq_len / timing.matmul_flops(device, train_dtype)
+    return search_floor_flops(config, opts) / timing.matmul_flops(device, search_dtype), step, device
+
+
+def check_budget(opts: CompressOptions, config: Any, searched: bool) -> None:
+    """Refuse a budget whose fine-tuning time, after the least time the search can take, is shorter than one
+    training step: the search cannot stop half-way, so it would run on and leave the fine-tune nothing."""
+    search, step, device = least_seconds(config, opts)
+    search = 0.0 if searched else search
+    finetune_end = sum(BUDGET_SHARES[s] for s in STAGES[: STAGES.index("finetune") + 1])
+    left = opts.budget_minutes * 60 * finetune_end - search
+    if left < step:
+        need = math.ceil((search + step) / (60 * finetune_end) * 10) / 10  # up: a budget that passes
+        after = (f" after the search's least time ({search / 60:.2g} min; the whole search takes several times that)"
+                 if search else "")
+        raise UserError(f"--budget-minutes {opts.budget_minutes:g} leaves {max(left, 0):.3g} s for fine-tuning"
+                        f"{after}, less than one training step (about {step:.3g} s or more on {device}); "
+                        f"pass --budget-minutes {need:g} or more.")
+
+
+def stage_seconds_left(opts: CompressOptions, records: dict[str, dict], stage: str) -> float:
+    """Seconds a stage that stops by time may use: the budget up to the end of its share, less what the
+    earlier stages used (so a fast search leaves its rest to generation and fine-tuning)."""
+    end = sum(BUDGET_SHARES[s] for s in STAGES[: STAGES.index(stage) + 1])
+    used = sum(r["seconds"] for r in records.values())
+    return max(opts.budget_minutes * 60 * end - used, 0.06)  # a slow search: still one step
