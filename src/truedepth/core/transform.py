@@ -46,7 +46,7 @@ def _norm_eps(norm: nn.Module) -> float:
 
 
 def check_plan_fits(model: nn.Module, plan: Plan) -> list[Block]:
-    arch = check_supported(model)
+    check_supported(model)
     require_original(model.config)
     check_adoptable(model)
     layers = decoder_layers(model)

@@ -7,6 +7,7 @@ import json
 import shutil
 import sys
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
@@ -106,11 +107,11 @@ def run_finetune(args: FinetuneOptions) -> int:
     if not args.resume and measure:  # base and LP, in the evaluation dtype, before any weight changes
         digest = texts_digest(texts)
         if setup.base is not None:
-            meta["base"] = cached_perplexities(lambda: measure(setup.base), args.model, "base", digest,
+            meta["base"] = cached_perplexities(partial(measure, setup.base), args.model, "base", digest,
                                                args.eval_tokens, args.eval_window, dtype, device)
         else:
             meta["base"] = None
-        meta["lp"] = cached_perplexities(lambda: measure(setup.student), args.model, str(setup.plan), digest,
+        meta["lp"] = cached_perplexities(partial(measure, setup.student), args.model, str(setup.plan), digest,
                                          args.eval_tokens, args.eval_window, dtype, device)
 
     model, teacher = make_trainable(setup, cfg, train_dtype)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -249,8 +250,8 @@ def measure_decode_interleaved(runners: dict[str, Callable[[Any, int], Any]], id
     for _ in range(settings.repeats):
         for label in list(full):
             try:
-                full[label].append(timed(lambda: _checked(runners[label], ids, n), device))
-                short[label].append(timed(lambda: _checked(runners[label], ids, k), device))
+                full[label].append(timed(functools.partial(_checked, runners[label], ids, n), device))
+                short[label].append(timed(functools.partial(_checked, runners[label], ids, k), device))
             except Exception as e:  # noqa: BLE001
                 errors[label] = e
                 del full[label], short[label]
@@ -307,20 +308,23 @@ def measure_prefill_interleaved(models: dict[str, Any], lengths: tuple[int, ...]
     out: dict[str, dict[str, float]] = {label: {} for label in models}
     for length in lengths:
         ids = torch.randint(3, first.config.vocab_size, (1, length), generator=gen).to(device)
-
-        def forward(model: Any) -> Any:
-            with torch.inference_mode():
-                return model(input_ids=ids, use_cache=True, logits_to_keep=1)
         for model in models.values():
             for _ in range(max(settings.warmup, 1)):
-                forward(model)
+                _prefill(model, ids)
         times: dict[str, list[float]] = {label: [] for label in models}
         for _ in range(settings.repeats):
             for label, model in models.items():
-                times[label].append(timed(lambda: forward(model), device))
+                times[label].append(timed(functools.partial(_prefill, model, ids), device))
         for label in models:
             out[label][str(length)] = 1e3 * statistics.median(times[label])
     return out
+
+
+def _prefill(model: Any, ids: Any) -> Any:
+    import torch
+
+    with torch.inference_mode():
+        return model(input_ids=ids, use_cache=True, logits_to_keep=1)
 
 
 def random_prompt(model: Any, batch: int, settings: Settings) -> Any:
