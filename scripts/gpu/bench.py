@@ -36,13 +36,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "src"))  # also wit
 
 import torch  # noqa: E402
 
+from truedepth.core.shapes import build_shape  # noqa: E402
+from truedepth.core.transform import apply_plan  # noqa: E402
 from truedepth.measure.bench import decode as B  # noqa: E402
 from truedepth.measure.bench.report import format_table, plot  # noqa: E402
 from truedepth.measure.bench.timing import measure_bandwidth  # noqa: E402
-from truedepth.utils.env import environment  # noqa: E402
 from truedepth.runtime.generate import is_fused, unfuse_projections  # noqa: E402
-from truedepth.core.shapes import build_shape  # noqa: E402
-from truedepth.core.transform import apply_plan  # noqa: E402
+from truedepth.utils.env import environment  # noqa: E402
 
 TARGETS = {  # issue 3, section 3: (shape, plan, min speed-up vs base HF compiled, min fraction of bound)
     "llama-2-7b": ("parallel=16:30", 1.35, 0.75),
@@ -69,12 +69,21 @@ class Run:
         self.skipped: list[str] = []
         self.errors: list[str] = []
         self.seen_s: dict[tuple, float] = {}
-        self.meta = environment(self.device) | {"dtype": str(self.dtype).replace("torch.", ""),
-                                                  "script": "scripts/gpu/bench.py", "argv": sys.argv[1:]}
+        self.meta = environment(self.device) | {
+            "dtype": str(self.dtype).replace("torch.", ""),
+            "script": "scripts/gpu/bench.py",
+            "argv": sys.argv[1:],
+        }
         smoke = args.smoke
-        self.settings = B.Settings(prompt=16 if smoke else 128, new=8 if smoke else 256,
-                                   prefill=(16, 32) if smoke else (128, 512, 2048), repeats=3, warmup=1,
-                                   warmup_new=4 if smoke else 16, backend="eager" if smoke else "inductor")
+        self.settings = B.Settings(
+            prompt=16 if smoke else 128,
+            new=8 if smoke else 256,
+            prefill=(16, 32) if smoke else (128, 512, 2048),
+            repeats=3,
+            warmup=1,
+            warmup_new=4 if smoke else 16,
+            backend="eager" if smoke else "inductor",
+        )
         self.eager_new = 8 if smoke else 64
         self.big_batches = (2, 4) if smoke else (8, 32)
         self.model = None
@@ -90,9 +99,14 @@ class Run:
 
     def save(self) -> None:
         B.add_ratios(self.records)
-        doc = {"meta": self.meta | {"elapsed_s": self.elapsed()}, "records": self.records,
-               "profiles": self.profiles, "targets": targets(self.records), "skipped": self.skipped,
-               "errors": self.errors}
+        doc = {
+            "meta": self.meta | {"elapsed_s": self.elapsed()},
+            "records": self.records,
+            "profiles": self.profiles,
+            "targets": targets(self.records),
+            "skipped": self.skipped,
+            "errors": self.errors,
+        }
         tmp = self.out / "bench_gpu.json.tmp"
         tmp.write_text(json.dumps(doc, indent=1, default=str))
         tmp.replace(self.out / "bench_gpu.json")
@@ -122,14 +136,23 @@ class Run:
         return self.model
 
     # ---- tasks ------------------------------------------------------------------------------
-    def task(self, shape: str, plan: str, mode: str, batches: tuple[int, ...] = (1,), profile: bool = False,
-             dynamic: bool | None = None, new: int | None = None) -> None:
+    def task(
+        self,
+        shape: str,
+        plan: str,
+        mode: str,
+        batches: tuple[int, ...] = (1,),
+        profile: bool = False,
+        dynamic: bool | None = None,
+        new: int | None = None,
+    ) -> None:
         """Measure `mode` at each batch size with one runner (one compile when `dynamic`)."""
         kind = "fused-dyn" if dynamic else mode
         label = f"{shape} {plan} {mode} b{','.join(map(str, batches))}" + (" dynamic" if dynamic else "")
         if not self.fits(kind, shape):
-            self.skipped.append(f"{label}: {self.left():.0f} s left, needs about "
-                                f"{self.seen_s.get((kind, shape), GUESS_S[kind]):.0f} s")
+            self.skipped.append(
+                f"{label}: {self.left():.0f} s left, needs about {self.seen_s.get((kind, shape), GUESS_S[kind]):.0f} s"
+            )
             print(f"skip  {label} (time budget)", flush=True)
             return
         t0 = time.perf_counter()
@@ -137,8 +160,9 @@ class Run:
         try:
             model = self.get_model(shape, plan)
             self.measure_prefill(shape, plan, model)
-            settings = B.Settings(**{**vars(self.settings), "new": new or self.settings.new, "batches": batches,
-                                     "modes": (mode,)})
+            settings = B.Settings(
+                **{**vars(self.settings), "new": new or self.settings.new, "batches": batches, "modes": (mode,)}
+            )
             runner = B.make_runner(model, mode, settings, max_batch=max(batches), dynamic=dynamic)
             for batch in batches:
                 self.measure(shape, plan, mode, batch, dynamic, model, runner, settings, label)
@@ -148,8 +172,16 @@ class Run:
             raise
         except Exception as e:  # noqa: BLE001 - keep going: the other numbers still count
             self.errors.append(f"{label}: {type(e).__name__}: {e}")
-            self.records.append({"model": shape, "plan": plan, "depth": None, "mode": mode, "batch": batch,
-                                 "error": f"{type(e).__name__}: {str(e)[:300]}"})
+            self.records.append(
+                {
+                    "model": shape,
+                    "plan": plan,
+                    "depth": None,
+                    "mode": mode,
+                    "batch": batch,
+                    "error": f"{type(e).__name__}: {str(e)[:300]}",
+                }
+            )
             print(f"FAIL  {label}: {type(e).__name__}: {e}", flush=True)
             traceback.print_exc(limit=4)
         finally:
@@ -157,18 +189,30 @@ class Run:
             self.save()
 
     def measure(self, shape, plan, mode, batch, dynamic, model, runner, settings, label) -> None:
-        record = {"model": shape, "built_shape": self.shape_of(shape), "plan": plan,
-                  "depth": model.config.num_hidden_layers, "mode": mode, "batch": batch, "prompt": settings.prompt,
-                  "new": settings.new, "dynamic": bool(dynamic), "prefill_ms": self.prefill.get((shape, plan), {}),
-                  "weight_bytes": B.weight_bytes_read(model), "kv_bytes_per_token": B.kv_bytes_per_token(model),
-                  "bandwidth_GBps": self.meta["bandwidth_GBps"]}
+        record = {
+            "model": shape,
+            "built_shape": self.shape_of(shape),
+            "plan": plan,
+            "depth": model.config.num_hidden_layers,
+            "mode": mode,
+            "batch": batch,
+            "prompt": settings.prompt,
+            "new": settings.new,
+            "dynamic": bool(dynamic),
+            "prefill_ms": self.prefill.get((shape, plan), {}),
+            "weight_bytes": B.weight_bytes_read(model),
+            "kv_bytes_per_token": B.kv_bytes_per_token(model),
+            "bandwidth_GBps": self.meta["bandwidth_GBps"],
+        }
         record.update(B.measure_decode(runner, B.random_prompt(model, batch, settings), settings))
         B.add_bound(record)
         self.records.append(record)
         self.save()
-        print(f"done  {label} @ b{batch}: {record['decode_tok_s']:.1f} tok/s/seq, "
-              f"{100 * record.get('bound_fraction', 0):.0f}% of bound, warm-up {record['warmup_s']:.0f} s",
-              flush=True)
+        print(
+            f"done  {label} @ b{batch}: {record['decode_tok_s']:.1f} tok/s/seq, "
+            f"{100 * record.get('bound_fraction', 0):.0f}% of bound, warm-up {record['warmup_s']:.0f} s",
+            flush=True,
+        )
 
     def measure_prefill(self, shape: str, plan: str, model) -> None:
         if (shape, plan) not in self.prefill:
@@ -178,9 +222,12 @@ class Run:
         try:
             prof = B.profile_decode(generator, B.random_prompt(model, batch, settings), steps=16)
             self.profiles.append({"model": shape, "plan": plan, "mode": mode, "batch": batch, **prof})
-            print(f"      profile: {prof['kernels_per_step']:.0f} kernels/step, step {prof['step_us_unprofiled']:.0f} us "
-                  f"({prof['step_us']:.0f} profiled), host {prof['host_us_per_step']:.0f} us, "
-                  f"device busy {prof['device_busy_us_per_step']:.0f} us", flush=True)
+            print(
+                f"      profile: {prof['kernels_per_step']:.0f} kernels/step, step {prof['step_us_unprofiled']:.0f} us "
+                f"({prof['step_us']:.0f} profiled), host {prof['host_us_per_step']:.0f} us, "
+                f"device busy {prof['device_busy_us_per_step']:.0f} us",
+                flush=True,
+            )
         except OutOfTime:
             raise
         except Exception as e:  # noqa: BLE001
@@ -212,9 +259,20 @@ class Run:
 def targets(records: list[dict]) -> list[dict]:
     """Section-3 verdicts from the records: LP in the lean loop against base HF compiled and
     against base in the same loop, the bound fraction, prefill, and the batch-8/32 speed-ups."""
+
     def get(shape, plan, mode, batch=1):
-        return next((r for r in records if r["model"] == shape and r["plan"] == plan and r["mode"] == mode
-                     and r["batch"] == batch and "decode_tok_s" in r), None)
+        return next(
+            (
+                r
+                for r in records
+                if r["model"] == shape
+                and r["plan"] == plan
+                and r["mode"] == mode
+                and r["batch"] == batch
+                and "decode_tok_s" in r
+            ),
+            None,
+        )
 
     out = []
     for shape, (plan, min_x, min_bound) in TARGETS.items():
@@ -224,12 +282,19 @@ def targets(records: list[dict]) -> list[dict]:
             lp, base_loop, base_hf = get(shape, lp_plan, loop), get(shape, "base", loop), get(shape, "base", "compiled")
             if not lp:
                 continue
-            row = {"shape": shape, "plan": lp_plan, "loop": loop, "lp_tok_s": lp["decode_tok_s"],
-                   "base_hf_compiled_tok_s": base_hf and base_hf["decode_tok_s"],
-                   "base_same_loop_tok_s": base_loop and base_loop["decode_tok_s"],
-                   "x_vs_base_hf_compiled": base_hf and lp["decode_tok_s"] / base_hf["decode_tok_s"],
-                   "x_vs_base_same_loop": base_loop and lp["decode_tok_s"] / base_loop["decode_tok_s"],
-                   "bound_fraction": lp.get("bound_fraction"), "target_x": min_x, "target_bound": min_bound}
+            row = {
+                "shape": shape,
+                "plan": lp_plan,
+                "loop": loop,
+                "lp_tok_s": lp["decode_tok_s"],
+                "base_hf_compiled_tok_s": base_hf and base_hf["decode_tok_s"],
+                "base_same_loop_tok_s": base_loop and base_loop["decode_tok_s"],
+                "x_vs_base_hf_compiled": base_hf and lp["decode_tok_s"] / base_hf["decode_tok_s"],
+                "x_vs_base_same_loop": base_loop and lp["decode_tok_s"] / base_loop["decode_tok_s"],
+                "bound_fraction": lp.get("bound_fraction"),
+                "target_x": min_x,
+                "target_bound": min_bound,
+            }
             row["meets_x"] = row["x_vs_base_hf_compiled"] is not None and row["x_vs_base_hf_compiled"] >= min_x
             row["meets_bound"] = row["bound_fraction"] is not None and row["bound_fraction"] >= min_bound
             pre_lp, pre_base = lp.get("prefill_ms", {}), (base_loop or base_hf or {}).get("prefill_ms", {})
@@ -238,7 +303,9 @@ def targets(records: list[dict]) -> list[dict]:
             batches = sorted({r["batch"] for r in records if r["model"] == shape and r["batch"] > 1})
             row["x_same_loop_by_batch"] = {
                 str(b): get(shape, lp_plan, loop, b)["decode_tok_s"] / get(shape, "base", loop, b)["decode_tok_s"]
-                for b in batches if get(shape, lp_plan, loop, b) and get(shape, "base", loop, b)}
+                for b in batches
+                if get(shape, lp_plan, loop, b) and get(shape, "base", loop, b)
+            }
             out.append(row)
     return out
 
@@ -250,9 +317,11 @@ def print_summary(run: Run) -> None:
         x_hf = "-" if t["x_vs_base_hf_compiled"] is None else f"{t['x_vs_base_hf_compiled']:.2f}"
         x_same = "-" if t["x_vs_base_same_loop"] is None else f"{t['x_vs_base_same_loop']:.2f}"
         bound = "-" if t["bound_fraction"] is None else f"{100 * t['bound_fraction']:.0f}%"
-        print(f"{t['shape']} {t['plan']} ({t['loop']} loop): {x_hf}x vs base HF compiled (target {t['target_x']}), "
-              f"{x_same}x vs base same loop, {bound} of bound (target {100 * t['target_bound']:.0f}%), "
-              f"batch speed-ups {({k: round(v, 2) for k, v in t['x_same_loop_by_batch'].items()})}")
+        print(
+            f"{t['shape']} {t['plan']} ({t['loop']} loop): {x_hf}x vs base HF compiled (target {t['target_x']}), "
+            f"{x_same}x vs base same loop, {bound} of bound (target {100 * t['target_bound']:.0f}%), "
+            f"batch speed-ups { ({k: round(v, 2) for k, v in t['x_same_loop_by_batch'].items()}) }"
+        )
     if run.skipped:
         print(f"skipped ({len(run.skipped)}): " + "; ".join(run.skipped))
     if run.errors:
@@ -274,6 +343,7 @@ def main() -> int:
 
     def out_of_time(_sig, _frame):
         raise OutOfTime()
+
     signal.signal(signal.SIGALRM, out_of_time)
     signal.alarm(max(1, int(args.budget - (time.perf_counter() - STARTED))))
     try:

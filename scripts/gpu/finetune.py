@@ -30,13 +30,32 @@ from truedepth.apps.finetune.model import estimate_training_memory
 from truedepth.apps.finetune.pipeline import make_trainable, student_setup
 from truedepth.core.plan import as_plan
 
-DEFAULT_SHAPE = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-                     num_attention_heads=9, num_key_value_heads=3, head_dim=64, max_position_embeddings=8192,
-                     rope_theta=100000.0, rms_norm_eps=1e-5, tie_word_embeddings=True,
-                     initializer_range=0.1)  # larger than HF's 0.02, so layers matter and the LP-vs-base KL is visible
-SMOKE_SHAPE = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=8, num_attention_heads=4,
-                   num_key_value_heads=2, head_dim=16, max_position_embeddings=512, tie_word_embeddings=True,
-                   initializer_range=0.1)
+DEFAULT_SHAPE = dict(
+    vocab_size=49152,
+    hidden_size=576,
+    intermediate_size=1536,
+    num_hidden_layers=30,
+    num_attention_heads=9,
+    num_key_value_heads=3,
+    head_dim=64,
+    max_position_embeddings=8192,
+    rope_theta=100000.0,
+    rms_norm_eps=1e-5,
+    tie_word_embeddings=True,
+    initializer_range=0.1,
+)  # larger than HF's 0.02, so layers matter and the LP-vs-base KL is visible
+SMOKE_SHAPE = dict(
+    vocab_size=512,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=8,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    max_position_embeddings=512,
+    tie_word_embeddings=True,
+    initializer_range=0.1,
+)
 
 
 def parse_args() -> argparse.Namespace:
@@ -65,13 +84,28 @@ def base_model(args: argparse.Namespace, device: str) -> torch.nn.Module:
         return LlamaForCausalLM(config).to(torch.float32).eval()
 
 
-def one_run(base: torch.nn.Module, args: argparse.Namespace, loss: str, device: str, dtype: torch.dtype,
-            out: Path | None = None, stop_after: int | None = None, resume: bool = False) -> tuple[dict, dict]:
+def one_run(
+    base: torch.nn.Module,
+    args: argparse.Namespace,
+    loss: str,
+    device: str,
+    dtype: torch.dtype,
+    out: Path | None = None,
+    stop_after: int | None = None,
+    resume: bool = False,
+) -> tuple[dict, dict]:
     """Fresh student from `base`, trained `args.steps` steps as `truedepth finetune` trains it; returns
     (record, trained tensors)."""
-    cfg = TrainConfig(loss=loss, seq_len=args.seq_len, batch_size=args.batch_size,
-                      tokens=args.steps * args.batch_size * args.seq_len, lr=args.lr, warmup=0.1,
-                      checkpoint_every=max(1, args.steps // 2), train_dtype=DTYPE_NAMES[dtype])
+    cfg = TrainConfig(
+        loss=loss,
+        seq_len=args.seq_len,
+        batch_size=args.batch_size,
+        tokens=args.steps * args.batch_size * args.seq_len,
+        lr=args.lr,
+        warmup=0.1,
+        checkpoint_every=max(1, args.steps // 2),
+        train_dtype=DTYPE_NAMES[dtype],
+    )
     student, teacher = make_trainable(student_setup(base, None, as_plan(args.plan), cfg), cfg, dtype)
     # a fixed pool of 4 batches' worth of random sequences: revisited, so the loss must fall
     g = torch.Generator().manual_seed(1)
@@ -82,16 +116,22 @@ def one_run(base: torch.nn.Module, args: argparse.Namespace, loss: str, device: 
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         weights = torch.cuda.memory_allocated()
-    result = ft.train(student, teacher, data, cfg, out, device, dtype, resume=resume, stop_after=stop_after,
-                      progress=False)
+    result = ft.train(
+        student, teacher, data, cfg, out, device, dtype, resume=resume, stop_after=stop_after, progress=False
+    )
     hist = result.history
     skip = 3 if len(hist) > 6 else 0  # the first steps include CUDA/cuBLAS warm-up
     seconds = hist[-1]["seconds"] - (hist[skip - 1]["seconds"] if skip else 0.0)
     tokens = (len(hist) - skip) * cfg.tokens_per_step
-    record = {"loss": loss, "steps": result.step, "tokens_per_step": cfg.tokens_per_step,
-              "first_loss": hist[0]["loss"], "last_loss": sum(h["loss"] for h in hist[-5:]) / min(5, len(hist)),
-              "tokens_per_second": round(tokens / max(seconds, 1e-9), 1),
-              "estimated_extra_memory_gib": round(memory["total"] / 2**30, 3)}
+    record = {
+        "loss": loss,
+        "steps": result.step,
+        "tokens_per_step": cfg.tokens_per_step,
+        "first_loss": hist[0]["loss"],
+        "last_loss": sum(h["loss"] for h in hist[-5:]) / min(5, len(hist)),
+        "tokens_per_second": round(tokens / max(seconds, 1e-9), 1),
+        "estimated_extra_memory_gib": round(memory["total"] / 2**30, 3),
+    }
     if device.startswith("cuda"):
         record["peak_extra_memory_gib"] = round((torch.cuda.max_memory_allocated() - weights) / 2**30, 3)
     record["loss_fell"] = record["last_loss"] < record["first_loss"]
@@ -110,10 +150,15 @@ def main() -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    info = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__,
-            "train_dtype": "bf16 autocast, fp32 trainable weights, bf16 frozen weights", "plan": args.plan,
-            "model": args.model or ("random tiny (smoke)" if args.smoke else "random SmolLM2-135M shape"),
-            "date": time.strftime("%Y-%m-%d"), "runs": []}
+    info = {
+        "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "train_dtype": "bf16 autocast, fp32 trainable weights, bf16 frozen weights",
+        "plan": args.plan,
+        "model": args.model or ("random tiny (smoke)" if args.smoke else "random SmolLM2-135M shape"),
+        "date": time.strftime("%Y-%m-%d"),
+        "runs": [],
+    }
     for loss in ("lm", "distill"):
         base = base_model(args, device)
         record, _ = one_run(base, args, loss, device, dtype)
@@ -134,14 +179,20 @@ def main() -> int:
     info["seconds"] = round(time.perf_counter() - t0, 1)
     (out / "finetune_gpu.json").write_text(json.dumps(info, indent=1))
     print(f"{info['device']}, torch {info['torch']}, {info['model']}, plan {args.plan}, {info['train_dtype']}")
-    print(f"{'loss':8s} {'steps':>5s} {'tok/step':>8s} {'first':>8s} {'last5':>8s} {'tok/s':>10s} {'est GiB':>8s} "
-          f"{'peak GiB':>8s}")
+    print(
+        f"{'loss':8s} {'steps':>5s} {'tok/step':>8s} {'first':>8s} {'last5':>8s} {'tok/s':>10s} {'est GiB':>8s} "
+        f"{'peak GiB':>8s}"
+    )
     for r in info["runs"]:
-        print(f"{r['loss']:8s} {r['steps']:5d} {r['tokens_per_step']:8d} {r['first_loss']:8.4f} {r['last_loss']:8.4f} "
-              f"{r['tokens_per_second']:10.0f} {r['estimated_extra_memory_gib']:8.3f} "
-              f"{r.get('peak_extra_memory_gib', float('nan')):8.3f}")
-    print(f"resume vs uninterrupted: max |diff| of trained weights {info['resume_max_abs_diff']:.3g} "
-          f"(two uninterrupted runs: {info['repeat_max_abs_diff']:.3g}); total {info['seconds']} s")
+        print(
+            f"{r['loss']:8s} {r['steps']:5d} {r['tokens_per_step']:8d} {r['first_loss']:8.4f} {r['last_loss']:8.4f} "
+            f"{r['tokens_per_second']:10.0f} {r['estimated_extra_memory_gib']:8.3f} "
+            f"{r.get('peak_extra_memory_gib', float('nan')):8.3f}"
+        )
+    print(
+        f"resume vs uninterrupted: max |diff| of trained weights {info['resume_max_abs_diff']:.3g} "
+        f"(two uninterrupted runs: {info['repeat_max_abs_diff']:.3g}); total {info['seconds']} s"
+    )
     ok = all(r["loss_fell"] for r in info["runs"])
     print("OK: loss fell in both runs" if ok else "FAIL: a loss did not fall")
     return 0 if ok else 1

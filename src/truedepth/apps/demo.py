@@ -26,20 +26,26 @@ QUICK = {"tokens": 256, "window": 128, "new_tokens": 4, "repeats": 1, "sample_to
 @dataclass  # bases in reverse order: --help lists the last base's options first
 class DemoOptions(ProgressOption, RepeatsOption, NewTokensOption, PerplexityText, PlanList, ModelOptions):
     """The demo's settings (`truedepth demo --help` explains each); `quick` shrinks them all."""
-    plans: list[str] | None = override(None, help_note="The original model is measured too.",
-                                       default_help=" ".join(DEFAULT_PLANS))
+
+    plans: list[str] | None = override(
+        None, help_note="The original model is measured too.", default_help=" ".join(DEFAULT_PLANS)
+    )
     text: str = override("default", default_help="default (held-out Austen novel)")
     tokens: int = override(4096)
     window: int = override(512, help_note="(Disjoint windows.)")
     new_tokens: int = override(24)
     repeats: int = override(3)
     no_progress: bool = override(False, help_note="or step messages")
-    sample_prompt: str = option(DEFAULT_PROMPT, "question for the sample (chat template). Default: %(default)r",
-                                flag="--prompt")
+    sample_prompt: str = option(
+        DEFAULT_PROMPT, "question for the sample (chat template). Default: %(default)r", flag="--prompt"
+    )
     sample_tokens: int = option(40, "tokens to generate for the sample.")
     sample_plan: str | None = option(None, "plan whose model writes the sample. Default: the first --plan")
-    quick: bool = option(False, f"tiny run for tests: {QUICK['tokens']} tokens, window {QUICK['window']}, one plan, "
-                         f"{QUICK['new_tokens']}-token decode, {QUICK['sample_tokens']}-token sample")
+    quick: bool = option(
+        False,
+        f"tiny run for tests: {QUICK['tokens']} tokens, window {QUICK['window']}, one plan, "
+        f"{QUICK['new_tokens']}-token decode, {QUICK['sample_tokens']}-token sample",
+    )
 
 
 # ------------------------------------------------------------------------------------------
@@ -47,11 +53,16 @@ class DemoOptions(ProgressOption, RepeatsOption, NewTokensOption, PerplexityText
 # ------------------------------------------------------------------------------------------
 def settings(args: DemoOptions) -> dict[str, Any]:
     """The effective settings (--quick shrinks everything), validated before any work."""
-    from ..measure.eval.perplexity import check_window_args
     from ..core.plan import as_plan
+    from ..measure.eval.perplexity import check_window_args
 
-    s = {"tokens": args.tokens, "window": args.window, "new_tokens": args.new_tokens, "repeats": args.repeats,
-         "sample_tokens": args.sample_tokens}
+    s = {
+        "tokens": args.tokens,
+        "window": args.window,
+        "new_tokens": args.new_tokens,
+        "repeats": args.repeats,
+        "sample_tokens": args.sample_tokens,
+    }
     plans = list(args.plans or DEFAULT_PLANS)
     if args.quick:
         s.update(QUICK)
@@ -81,8 +92,9 @@ def log(args: DemoOptions, message: str) -> None:
 def chat_ids(tokenizer: Any, prompt: str) -> Any:
     """Token ids of `prompt` as a user turn of the model's chat template (plain text if it has none)."""
     if getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                             add_generation_prompt=True)
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+        )
     else:
         text = prompt
     return tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
@@ -94,17 +106,18 @@ def sample_answer(model: Any, tokenizer: Any, prompt: str, new_tokens: int) -> s
     ids = chat_ids(tokenizer, prompt).to(next(model.parameters()).device)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     with torch.no_grad():
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                             max_new_tokens=new_tokens, pad_token_id=pad)
-    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+        out = model.generate(
+            ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=new_tokens, pad_token_id=pad
+        )
+    return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()
 
 
 def run_all(args: DemoOptions, s: dict[str, Any]) -> dict[str, Any]:
-    from ..measure.eval.data import load_text
     from ..core.loading import load_for_device
-    from ..measure.eval.perplexity import make_windows, perplexity, tokenize
-    from ..measure.bench.speed import interleaved_decode_rates
     from ..core.transform import apply_plan, check_plan_fits
+    from ..measure.bench.speed import interleaved_decode_rates
+    from ..measure.eval.data import load_text
+    from ..measure.eval.perplexity import make_windows, perplexity, tokenize
 
     progress = not args.no_progress
     t0 = time.perf_counter()
@@ -124,14 +137,29 @@ def run_all(args: DemoOptions, s: dict[str, Any]) -> dict[str, Any]:
     for i, plan in enumerate(s["plans"]):
         model = base if plan.is_identity else apply_plan(copy.deepcopy(base), plan)
         models[str(plan)] = model
-        log(args, f"[{i + 1}/{len(s['plans'])}] {plan}: depth {model.config.num_hidden_layers}, perplexity on "
-                  f"{s['tokens']} tokens ...")
+        log(
+            args,
+            f"[{i + 1}/{len(s['plans'])}] {plan}: depth {model.config.num_hidden_layers}, perplexity on "
+            f"{s['tokens']} tokens ...",
+        )
         ppl = perplexity(model, tokenizer, ids, tokens=s["tokens"], window=s["window"], progress=progress)
-        rows.append({"plan": str(plan), "depth": model.config.num_hidden_layers, "perplexity": ppl["perplexity"],
-                     "tokens": ppl["tokens"]})
+        rows.append(
+            {
+                "plan": str(plan),
+                "depth": model.config.num_hidden_layers,
+                "perplexity": ppl["perplexity"],
+                "tokens": ppl["tokens"],
+            }
+        )
     log(args, f"decode speed: {s['repeats']} run(s) of {s['new_tokens']} tokens per model, in turns ...")
-    rates = interleaved_decode_rates(models, tokenizer, prompt_tokens=DECODE_PROMPT_TOKENS,
-                                     new_tokens=s["new_tokens"], repeats=s["repeats"], progress=progress)
+    rates = interleaved_decode_rates(
+        models,
+        tokenizer,
+        prompt_tokens=DECODE_PROMPT_TOKENS,
+        new_tokens=s["new_tokens"],
+        repeats=s["repeats"],
+        progress=progress,
+    )
     for row in rows:
         row["decode_tokens_per_s"] = rates[row["plan"]]
         row["perplexity_ratio"] = row["perplexity"] / rows[0]["perplexity"]
@@ -142,11 +170,21 @@ def run_all(args: DemoOptions, s: dict[str, Any]) -> dict[str, Any]:
     if str(sample) not in models:
         models[str(sample)] = apply_plan(copy.deepcopy(base), sample)
     # the original model's answer is shown too, for comparison
-    samples = {name: sample_answer(models[name], tokenizer, args.sample_prompt, s["sample_tokens"])
-               for name in dict.fromkeys(["base", str(sample)])}
-    return {"model": args.model, "machine": info, "settings": {k: v for k, v in s.items() if "plan" not in k},
-            "text": args.text, "rows": rows, "prompt": args.sample_prompt, "samples": samples,
-            "sample_plan": str(sample), "seconds": round(time.perf_counter() - t0, 1)}
+    samples = {
+        name: sample_answer(models[name], tokenizer, args.sample_prompt, s["sample_tokens"])
+        for name in dict.fromkeys(["base", str(sample)])
+    }
+    return {
+        "model": args.model,
+        "machine": info,
+        "settings": {k: v for k, v in s.items() if "plan" not in k},
+        "text": args.text,
+        "rows": rows,
+        "prompt": args.sample_prompt,
+        "samples": samples,
+        "sample_plan": str(sample),
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
 
 
 # ------------------------------------------------------------------------------------------
@@ -154,25 +192,36 @@ def run_all(args: DemoOptions, s: dict[str, Any]) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------
 def format_rows(rows: list[dict[str, Any]]) -> str:
     header = ("plan", "depth", "perplexity", "vs base", "decode tok/s", "vs base")
-    body = [(r["plan"], str(r["depth"]), f"{r['perplexity']:.2f}", f"{r['perplexity_ratio']:.3f}x",
-             f"{r['decode_tokens_per_s']:.1f}", f"{r['speed_ratio']:.2f}x") for r in rows]
+    body = [
+        (
+            r["plan"],
+            str(r["depth"]),
+            f"{r['perplexity']:.2f}",
+            f"{r['perplexity_ratio']:.3f}x",
+            f"{r['decode_tokens_per_s']:.1f}",
+            f"{r['speed_ratio']:.2f}x",
+        )
+        for r in rows
+    ]
     widths = [max(len(line[c]) for line in [header, *body]) for c in range(len(header))]
-    fmt = lambda line: "  ".join(v.ljust(w) if c == 0 else v.rjust(w) for c, (v, w) in enumerate(zip(line, widths)))
+
+    def fmt(line: tuple[str, ...]) -> str:
+        return "  ".join(v.ljust(w) if c == 0 else v.rjust(w) for c, (v, w) in enumerate(zip(line, widths)))
+
     return "\n".join([fmt(header), fmt(tuple("-" * w for w in widths)), *map(fmt, body)])
 
 
 def format_report(result: dict[str, Any]) -> str:
     s = result["settings"]
     lines = [
-        f"Layer Parallelism on {result['model']} "
-        f"(original depth {result['rows'][0]['depth']})",
+        f"Layer Parallelism on {result['model']} (original depth {result['rows'][0]['depth']})",
         "",
         format_rows(result["rows"]),
         "",
         f"perplexity: text '{result['text']}', {result['rows'][0]['tokens']} tokens scored in disjoint windows of "
         f"{s['window']}; lower is better.",
-        f"decode: greedy generation of {s['new_tokens']} tokens after a {DECODE_PROMPT_TOKENS}-token prompt, batch 1, median of "
-        f"{s['repeats']} run(s) after a warm-up, models timed in turns (includes the prompt's prefill).",
+        f"decode: greedy generation of {s['new_tokens']} tokens after a {DECODE_PROMPT_TOKENS}-token prompt, batch 1, "
+        f"median of {s['repeats']} run(s) after a warm-up, models timed in turns (includes the prompt's prefill).",
         "",
         f"Q: {result['prompt']}",
     ]

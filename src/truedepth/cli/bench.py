@@ -11,8 +11,9 @@ decode speed (tokens/s per sequence and in total) under each --mode:
 
 Decode speed = (new - k) / (time for `new` tokens - time for k = new/8 tokens): the prefill
 and other once-per-call costs cancel, so the modes compare on their per-token cost. Every time
-is the median of --repeats runs after --warmup runs, the device synchronised around each run. Ratios are against the base model in the same mode and
-batch ("x base") and against the base model under transformers' compiled path ("x HF comp.").
+is the median of --repeats runs after --warmup runs, the device synchronised around each run.
+Ratios are against the base model in the same mode and batch ("x base") and against the base
+model under transformers' compiled path ("x HF comp.").
 The run also measures the device's copy bandwidth and reports the fraction of the
 bandwidth bound reached: (weight bytes + KV-cache bytes read per step) / step time / bandwidth.
 

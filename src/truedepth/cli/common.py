@@ -11,5 +11,5 @@ from ..utils.options import option
 @dataclass
 class Printing:
     """How a command prints its result (CLI only: the library returns it)."""
-    json: bool = option(False, "print one JSON object instead of the text report")
 
+    json: bool = option(False, "print one JSON object instead of the text report")

@@ -44,6 +44,8 @@ def run(parsed: argparse.Namespace) -> int:
     from ..core.arch import recorded_widths, transformed_record
 
     widths = recorded_widths(model.config) if transformed_record(model.config) else "all 1"
-    print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB, {args.type}, "
-          f"{model.config.num_hidden_layers} layers, layer widths {widths})")
+    print(
+        f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB, {args.type}, "
+        f"{model.config.num_hidden_layers} layers, layer widths {widths})"
+    )
     return 0

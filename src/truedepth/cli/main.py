@@ -37,8 +37,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="truedepth",
         description="Layer Parallelism for Hugging Face causal LMs: run groups of consecutive layers in "
-                    "parallel, measure the quality cost and the speed-up, win quality back.",
-        epilog=GRAMMAR_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+        "parallel, measure the quality cost and the speed-up, win quality back.",
+        epilog=GRAMMAR_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     add_debug_argument(parser)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module, help_text) in COMMANDS.items():
@@ -48,8 +50,13 @@ def build_parser() -> argparse.ArgumentParser:
             if e.name and e.name.startswith("truedepth"):
                 continue  # command not built yet
             raise
-        p = sub.add_parser(name, help=help_text, description=(mod.__doc__ or help_text).strip(),
-                           epilog=GRAMMAR_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+        p = sub.add_parser(
+            name,
+            help=help_text,
+            description=(mod.__doc__ or help_text).strip(),
+            epilog=GRAMMAR_HELP,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
         mod.add_arguments(p)
         add_debug_argument(p)
         p.set_defaults(_module=mod)
@@ -57,8 +64,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def add_debug_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
-                        help="show the full traceback of an error (also: TRUEDEPTH_DEBUG=1)")
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="show the full traceback of an error (also: TRUEDEPTH_DEBUG=1)",
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

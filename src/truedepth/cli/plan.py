@@ -20,6 +20,7 @@ NOT_TAKEN = ("dtype", "device")  # only the model's config is read
 @dataclass  # bases in reverse order: --help lists the last base's options first
 class PlanShow(Printing, ModelOptions):
     """What `truedepth plan` takes (see its --help)."""
+
     plan_text: str | None = option(None, "plan string (see below) or JSON", positional=True, metavar="plan")
     layers: int | None = option(None, "depth of the original model (default: read from --model's config)")
     model: str = override("default", help_note="Only its config is read, for the depth.")
@@ -33,8 +34,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def num_layers(args: PlanShow) -> int:
     if args.layers is not None:
         if args.layers < 1:
-            raise UserError(f"--layers {args.layers}: a model has at least one layer; give its depth (e.g. 30), "
-                            "or leave --layers out to read it from --model.")
+            raise UserError(
+                f"--layers {args.layers}: a model has at least one layer; give its depth (e.g. 30), "
+                "or leave --layers out to read it from --model."
+            )
         return args.layers
     from ..core.loading import read_config
 
@@ -49,8 +52,16 @@ def run(parsed: argparse.Namespace) -> int:
     n = num_layers(args)
     blocks = plan.blocks(n)
     if args.json:
-        print(json.dumps({**plan.to_dict(), "original_depth": n, "depth": len(blocks),
-                          "layers": [{"kind": b.kind, "from": list(b.layers)} for b in blocks]}))
+        print(
+            json.dumps(
+                {
+                    **plan.to_dict(),
+                    "original_depth": n,
+                    "depth": len(blocks),
+                    "layers": [{"kind": b.kind, "from": list(b.layers)} for b in blocks],
+                }
+            )
+        )
         return 0
     print(f"plan: {plan}\ndepth: {n} -> {len(blocks)}")
     for i, b in enumerate(blocks):

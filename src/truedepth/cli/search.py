@@ -55,5 +55,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def resume_note(args: argparse.Namespace) -> str:
-    return ("Nothing was saved (the search writes --out at the end); run it again, with fewer --target-depth "
-            "values or a --budget to make it shorter.")
+    return (
+        "Nothing was saved (the search writes --out at the end); run it again, with fewer --target-depth "
+        "values or a --budget to make it shorter."
+    )

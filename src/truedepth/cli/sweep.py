@@ -55,8 +55,7 @@ def run(args: argparse.Namespace) -> int:
     sweep = sweep_of(opts)
     check_sweep(sweep, tasks=False)
     num_layers = num_layers_of(opts.model)
-    points, notes = sweep_points(sweep.transforms, sweep.deltas, sweep.start, num_layers,
-                                 include_base=not opts.no_base)
+    points, notes = sweep_points(sweep.transforms, sweep.deltas, sweep.start, num_layers, include_base=not opts.no_base)
     for note in notes:
         print(f"sweep: {note}", file=sys.stderr)
     if opts.list_plans:
@@ -64,15 +63,26 @@ def run(args: argparse.Namespace) -> int:
             plan = p.plan(sweep.seed)
             print(f"{str(plan):<24} depth {plan.depth(num_layers)}")
         return 0
-    rows = run_study(sweep, points, notes, plot_only=opts.plot_only, report=Path(opts.report) if opts.report else None,
-                     report_img=Path(opts.report_img) if opts.report_img else None,
-                     report_command=opts.report_command)
+    rows = run_study(
+        sweep,
+        points,
+        notes,
+        plot_only=opts.plot_only,
+        report=Path(opts.report) if opts.report else None,
+        report_img=Path(opts.report_img) if opts.report_img else None,
+        report_command=opts.report_command,
+    )
     print(format_table(rows))
-    print(f"\nwrote {sweep.out}/sweep.csv, sweep.json and plots (delta.png, start.png, pareto.png where "
-          "there are points for them)", file=sys.stderr)
+    print(
+        f"\nwrote {sweep.out}/sweep.csv, sweep.json and plots (delta.png, start.png, pareto.png where "
+        "there are points for them)",
+        file=sys.stderr,
+    )
     return 0
 
 
 def resume_note(args: argparse.Namespace) -> str:
-    return (f"Every finished point is in {args.out}/results.jsonl; run the same command again to go on "
-            "(finished points are skipped).")
+    return (
+        f"Every finished point is in {args.out}/results.jsonl; run the same command again to go on "
+        "(finished points are skipped)."
+    )

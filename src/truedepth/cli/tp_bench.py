@@ -23,9 +23,11 @@ from ..utils.shared_options import JsonFileOption, PlotFileOption
 @dataclass
 class TPBenchOutput(PlotFileOption, JsonFileOption):
     """Files rank 0 writes the results to."""
+
     json_file: str | None = override(None, help_note="(Rank 0.)")
-    plot: str | None = override(None, help_note="A bar chart (PNG) of ms/token split into all-reduces and the rest "
-                                                "(rank 0).")
+    plot: str | None = override(
+        None, help_note="A bar chart (PNG) of ms/token split into all-reduces and the rest (rank 0)."
+    )
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -49,8 +51,11 @@ def run(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     from ..measure.bench import tp_bench as library
 
-    parser = argparse.ArgumentParser(prog="torchrun --nproc_per_node=N -m truedepth.cli.tp_bench",
-                                     description=(library.__doc__ or __doc__).strip(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="torchrun --nproc_per_node=N -m truedepth.cli.tp_bench",
+        description=(library.__doc__ or __doc__).strip(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     add_arguments(parser)
     args = parser.parse_args(argv)
     keep_freed_memory()

@@ -65,7 +65,8 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     if not isinstance(layers, nn.ModuleList):
         raise UnsupportedModelError(
             f"{type(model).__name__} has no `model.layers` list of decoder layers; truedepth supports "
-            f"causal LMs of the architectures {', '.join(sorted(SUPPORTED))}.")
+            f"causal LMs of the architectures {', '.join(sorted(SUPPORTED))}."
+        )
     return layers
 
 
@@ -80,7 +81,8 @@ def check_supported(model: nn.Module) -> str:
     if arch not in SUPPORTED:
         raise UnsupportedModelError(
             f"model type {arch!r} is not supported; truedepth can transform {', '.join(sorted(SUPPORTED))} "
-            "(pre-norm RMSNorm decoder layers with a gated MLP). Other architectures need their own fused form.")
+            "(pre-norm RMSNorm decoder layers with a gated MLP). Other architectures need their own fused form."
+        )
     decoder_layers(model)
     return arch
 
@@ -123,8 +125,11 @@ def original_depth(config: Any) -> int:
     return int(_field(config, "num_hidden_layers"))
 
 
-def require_original(config: Any, why: str = "plans refer to the original layers, so load the original model "
-                                              "and apply one combined plan", error: type = PlanError) -> None:
+def require_original(
+    config: Any,
+    why: str = "plans refer to the original layers, so load the original model and apply one combined plan",
+    error: type = PlanError,
+) -> None:
     """Raise `error` if `config` belongs to a model transformed with a real (non-identity) plan."""
     previous = current_plan(config)
     if previous is not None and not previous.is_identity:
@@ -152,6 +157,7 @@ class LayerWidths:
     members' q/k/v and gate/up rows stacked (ATTN_ROWS, MLP_ROWS) and o/down columns side by side
     (COLUMN_SUMS): `width` times the heads, KV heads and MLP neurons of one original layer, at the
     same head size. A merged or kept layer has the original widths."""
+
     index: int  # position in the (transformed) model
     kind: str  # keep | parallel | merge
     originals: tuple[int, ...]  # the original layers it is made from; () when the record names no plan
@@ -193,8 +199,10 @@ def layer_widths(config: Any, plan: Any = None) -> list[LayerWidths]:
     widths, and a further non-identity `plan` is refused (plans refer to the original layers)."""
     if transformed_record(config) is not None:
         if plan is not None and not as_plan(plan).is_identity:
-            raise PlanError(f"this model was already transformed with plan '{current_plan(config)}'; plans refer "
-                            "to the original layers, so load the original model and apply one combined plan.")
+            raise PlanError(
+                f"this model was already transformed with plan '{current_plan(config)}'; plans refer "
+                "to the original layers, so load the original model and apply one combined plan."
+            )
         sizes = recorded_widths(config)
         previous = current_plan(config)
         blocks = previous.blocks(original_depth(config)) if previous is not None else None
@@ -208,8 +216,10 @@ def layer_widths(config: Any, plan: Any = None) -> list[LayerWidths]:
     kv_heads = int(_field(config, "num_key_value_heads") or heads)
     mlp = int(_field(config, "intermediate_size"))
     size = head_dim(config)
-    return [LayerWidths(i, b.kind, tuple(b.layers), w, heads * w, kv_heads * w, size, mlp * w)
-            for i, (b, w) in enumerate(zip(blocks, sizes, strict=True))]
+    return [
+        LayerWidths(i, b.kind, tuple(b.layers), w, heads * w, kv_heads * w, size, mlp * w)
+        for i, (b, w) in enumerate(zip(blocks, sizes, strict=True))
+    ]
 
 
 def measured_widths(model: nn.Module) -> list[LayerWidths]:
@@ -221,10 +231,21 @@ def measured_widths(model: nn.Module) -> list[LayerWidths]:
     for i, layer in enumerate(decoder_layers(model)):
         attn, mlp = layer.self_attn, layer.mlp
         hd = getattr(attn, "head_dim", None) or size
-        kind, originals, width = ((planned[i].kind, planned[i].originals, planned[i].width) if i < len(planned)
-                                  else ("keep", (i,), 1))
-        out.append(LayerWidths(i, kind, originals, width, attn.q_proj.out_features // hd,
-                               attn.k_proj.out_features // hd, hd, getattr(mlp, MLP_ROWS[0]).out_features))
+        kind, originals, width = (
+            (planned[i].kind, planned[i].originals, planned[i].width) if i < len(planned) else ("keep", (i,), 1)
+        )
+        out.append(
+            LayerWidths(
+                i,
+                kind,
+                originals,
+                width,
+                attn.q_proj.out_features // hd,
+                attn.k_proj.out_features // hd,
+                hd,
+                getattr(mlp, MLP_ROWS[0]).out_features,
+            )
+        )
     return out
 
 

@@ -23,14 +23,19 @@ class CheckpointMismatchError(UserError, RuntimeError):
 
 
 def raise_on_loading_problems(info: dict[str, Any], where: Any) -> None:
-    problems = {k: sorted(map(str, v)) for k, v in info.items()
-                if k in ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs") and v}
+    problems = {
+        k: sorted(map(str, v))
+        for k, v in info.items()
+        if k in ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs") and v
+    }
     if problems:
-        detail = "; ".join(f"{k.replace('_', ' ')}: {', '.join(v[:6])}{' ...' if len(v) > 6 else ''}"
-                           for k, v in problems.items())
+        detail = "; ".join(
+            f"{k.replace('_', ' ')}: {', '.join(v[:6])}{' ...' if len(v) > 6 else ''}" for k, v in problems.items()
+        )
         raise CheckpointMismatchError(
             f"the weights in {where} do not match the model its config describes ({detail}). "
-            "The folder is incomplete or was edited; save it again from the transformed model.")
+            "The folder is incomplete or was edited; save it again from the transformed model."
+        )
 
 
 class TrueDepthModelMixin:
@@ -63,10 +68,16 @@ _CONFIG_BY_BASE: dict[type, type] = {}
 def _register(arch: str) -> None:
     base_config_cls = AutoConfig.for_model(arch).__class__
     base_model_cls = AutoModelForCausalLM._model_mapping[base_config_cls]
-    config_cls = type(f"TrueDepth{base_config_cls.__name__}", (base_config_cls,),
-                      {"model_type": f"{TYPE_PREFIX}{arch}", "truedepth_base_model_type": arch, "__module__": __name__})
-    model_cls = type(f"TrueDepth{base_model_cls.__name__}", (TrueDepthModelMixin, base_model_cls),
-                     {"config_class": config_cls, "__module__": __name__})
+    config_cls = type(
+        f"TrueDepth{base_config_cls.__name__}",
+        (base_config_cls,),
+        {"model_type": f"{TYPE_PREFIX}{arch}", "truedepth_base_model_type": arch, "__module__": __name__},
+    )
+    model_cls = type(
+        f"TrueDepth{base_model_cls.__name__}",
+        (TrueDepthModelMixin, base_model_cls),
+        {"config_class": config_cls, "__module__": __name__},
+    )
     # module attributes, so pickle finds them by name (vLLM sends the config to its engine process)
     globals()[config_cls.__name__] = config_cls
     globals()[model_cls.__name__] = model_cls
@@ -83,7 +94,8 @@ def check_adoptable(model: Any) -> None:
         names = ", ".join(sorted(c.__name__ for c in _BY_BASE))
         raise UnsupportedModelError(
             f"{cls.__name__} cannot be saved and reloaded as a transformed model; truedepth transforms the "
-            f"causal LM classes {names}. Load the model with AutoModelForCausalLM.")
+            f"causal LM classes {names}. Load the model with AutoModelForCausalLM."
+        )
 
 
 def adopt(model: Any) -> Any:

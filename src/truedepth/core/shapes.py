@@ -22,6 +22,7 @@ from ..utils.errors import UserError
 @dataclass(frozen=True)
 class Shape:
     """A published architecture's dimensions, and the LP plan our benchmarks use for it."""
+
     name: str
     model_type: str
     config: dict[str, Any]
@@ -30,49 +31,156 @@ class Shape:
     aliases: tuple[str, ...] = field(default=())
 
 
-_LLAMA3_ROPE_3B = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0, "low_freq_factor": 1.0,
-                   "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+_LLAMA3_ROPE_3B = {
+    "rope_type": "llama3",
+    "rope_theta": 500000.0,
+    "factor": 32.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 8192,
+}
 _LLAMA3_ROPE_8B = dict(_LLAMA3_ROPE_3B, factor=8.0)
 
-SHAPES: dict[str, Shape] = {s.name: s for s in [
-    Shape("llama-2-7b", "llama", dict(
-        hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
-        intermediate_size=11008, vocab_size=32000, max_position_embeddings=4096, rms_norm_eps=1e-5,
-        tie_word_embeddings=False, rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
-        "parallel=16:30", "Llama 2 7B: the paper's main model; LP layers 16-29 (delta 14)"),
-    Shape("llama-3.2-3b", "llama", dict(
-        hidden_size=3072, num_hidden_layers=28, num_attention_heads=24, num_key_value_heads=8, head_dim=128,
-        intermediate_size=8192, vocab_size=128256, max_position_embeddings=131072, rms_norm_eps=1e-5,
-        tie_word_embeddings=True, rope_parameters=_LLAMA3_ROPE_3B),
-        "parallel=14:24", "Llama 3.2 3B: the paper's second model; LP layers 14-23 (delta 10)"),
-    Shape("llama-3.1-8b", "llama", dict(
-        hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
-        intermediate_size=14336, vocab_size=128256, max_position_embeddings=131072, rms_norm_eps=1e-5,
-        tie_word_embeddings=False, rope_parameters=_LLAMA3_ROPE_8B),
-        "parallel=16:30", "Llama 3.1 8B"),
-    Shape("qwen2.5-7b", "qwen2", dict(
-        hidden_size=3584, num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4, head_dim=128,
-        intermediate_size=18944, vocab_size=152064, max_position_embeddings=32768, rms_norm_eps=1e-6,
-        tie_word_embeddings=False, use_sliding_window=False,
-        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}),
-        "parallel=14:24", "Qwen2.5 7B (q/k/v biases)"),
-    Shape("qwen2.5-0.5b", "qwen2", dict(
-        hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2, head_dim=64,
-        intermediate_size=4864, vocab_size=151936, max_position_embeddings=32768, rms_norm_eps=1e-6,
-        tie_word_embeddings=True, use_sliding_window=False,
-        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}),
-        "parallel=12:22", "Qwen2.5 0.5B: even head counts and small enough for TP benchmarks on a CPU"),
-    Shape("smollm2-135m", "llama", dict(
-        hidden_size=576, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3, head_dim=64,
-        intermediate_size=1536, vocab_size=49152, max_position_embeddings=8192, rms_norm_eps=1e-5,
-        tie_word_embeddings=True, rope_parameters={"rope_type": "default", "rope_theta": 100000.0}),
-        "parallel=16:28", "SmolLM2-135M: the shape of truedepth's offline default model", ("default",)),
-    Shape("tiny", "llama", dict(
-        hidden_size=64, num_hidden_layers=8, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-        intermediate_size=96, vocab_size=128, max_position_embeddings=1024, rms_norm_eps=1e-5,
-        tie_word_embeddings=False, rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
-        "parallel=2:6", "a toy shape for tests (about 0.2M parameters)"),
-]}
+SHAPES: dict[str, Shape] = {
+    s.name: s
+    for s in [
+        Shape(
+            "llama-2-7b",
+            "llama",
+            dict(
+                hidden_size=4096,
+                num_hidden_layers=32,
+                num_attention_heads=32,
+                num_key_value_heads=32,
+                intermediate_size=11008,
+                vocab_size=32000,
+                max_position_embeddings=4096,
+                rms_norm_eps=1e-5,
+                tie_word_embeddings=False,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+            ),
+            "parallel=16:30",
+            "Llama 2 7B: the paper's main model; LP layers 16-29 (delta 14)",
+        ),
+        Shape(
+            "llama-3.2-3b",
+            "llama",
+            dict(
+                hidden_size=3072,
+                num_hidden_layers=28,
+                num_attention_heads=24,
+                num_key_value_heads=8,
+                head_dim=128,
+                intermediate_size=8192,
+                vocab_size=128256,
+                max_position_embeddings=131072,
+                rms_norm_eps=1e-5,
+                tie_word_embeddings=True,
+                rope_parameters=_LLAMA3_ROPE_3B,
+            ),
+            "parallel=14:24",
+            "Llama 3.2 3B: the paper's second model; LP layers 14-23 (delta 10)",
+        ),
+        Shape(
+            "llama-3.1-8b",
+            "llama",
+            dict(
+                hidden_size=4096,
+                num_hidden_layers=32,
+                num_attention_heads=32,
+                num_key_value_heads=8,
+                head_dim=128,
+                intermediate_size=14336,
+                vocab_size=128256,
+                max_position_embeddings=131072,
+                rms_norm_eps=1e-5,
+                tie_word_embeddings=False,
+                rope_parameters=_LLAMA3_ROPE_8B,
+            ),
+            "parallel=16:30",
+            "Llama 3.1 8B",
+        ),
+        Shape(
+            "qwen2.5-7b",
+            "qwen2",
+            dict(
+                hidden_size=3584,
+                num_hidden_layers=28,
+                num_attention_heads=28,
+                num_key_value_heads=4,
+                head_dim=128,
+                intermediate_size=18944,
+                vocab_size=152064,
+                max_position_embeddings=32768,
+                rms_norm_eps=1e-6,
+                tie_word_embeddings=False,
+                use_sliding_window=False,
+                rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
+            ),
+            "parallel=14:24",
+            "Qwen2.5 7B (q/k/v biases)",
+        ),
+        Shape(
+            "qwen2.5-0.5b",
+            "qwen2",
+            dict(
+                hidden_size=896,
+                num_hidden_layers=24,
+                num_attention_heads=14,
+                num_key_value_heads=2,
+                head_dim=64,
+                intermediate_size=4864,
+                vocab_size=151936,
+                max_position_embeddings=32768,
+                rms_norm_eps=1e-6,
+                tie_word_embeddings=True,
+                use_sliding_window=False,
+                rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
+            ),
+            "parallel=12:22",
+            "Qwen2.5 0.5B: even head counts and small enough for TP benchmarks on a CPU",
+        ),
+        Shape(
+            "smollm2-135m",
+            "llama",
+            dict(
+                hidden_size=576,
+                num_hidden_layers=30,
+                num_attention_heads=9,
+                num_key_value_heads=3,
+                head_dim=64,
+                intermediate_size=1536,
+                vocab_size=49152,
+                max_position_embeddings=8192,
+                rms_norm_eps=1e-5,
+                tie_word_embeddings=True,
+                rope_parameters={"rope_type": "default", "rope_theta": 100000.0},
+            ),
+            "parallel=16:28",
+            "SmolLM2-135M: the shape of truedepth's offline default model",
+            ("default",),
+        ),
+        Shape(
+            "tiny",
+            "llama",
+            dict(
+                hidden_size=64,
+                num_hidden_layers=8,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                head_dim=16,
+                intermediate_size=96,
+                vocab_size=128,
+                max_position_embeddings=1024,
+                rms_norm_eps=1e-5,
+                tie_word_embeddings=False,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+            ),
+            "parallel=2:6",
+            "a toy shape for tests (about 0.2M parameters)",
+        ),
+    ]
+}
 _ALIASES = {a: s.name for s in SHAPES.values() for a in s.aliases}
 
 
@@ -83,8 +191,9 @@ def shape_names() -> list[str]:
 def get_shape(name: str) -> Shape:
     key = _ALIASES.get(str(name).lower(), str(name).lower())
     if key not in SHAPES:
-        raise UserError(f"unknown shape {name!r}; choose one of {', '.join(SHAPES)} "
-                        "(or benchmark a real checkpoint with --model).")
+        raise UserError(
+            f"unknown shape {name!r}; choose one of {', '.join(SHAPES)} (or benchmark a real checkpoint with --model)."
+        )
     return SHAPES[key]
 
 
@@ -103,8 +212,15 @@ def shape_config(name: str, attn_implementation: str = "sdpa", arch: str | None 
     return config
 
 
-def build_shape(name: str, dtype: Any = None, device: Any = None, seed: int = 0,
-                attn_implementation: str = "sdpa", arch: str | None = None, **overrides: Any) -> Any:
+def build_shape(
+    name: str,
+    dtype: Any = None,
+    device: Any = None,
+    seed: int = 0,
+    attn_implementation: str = "sdpa",
+    arch: str | None = None,
+    **overrides: Any,
+) -> Any:
     """A random-weight model of shape `name` on `device`, in eval mode.
 
     Built on the meta device, then materialised in place on `device`, so peak memory is the
@@ -157,6 +273,8 @@ def describe(name: str) -> str:
     shape = get_shape(name)
     c = shape.config
     kv = c.get("num_key_value_heads", c["num_attention_heads"])
-    return (f"{shape.name}: {shape.model_type}, {c['num_hidden_layers']} layers, hidden {c['hidden_size']}, "
-            f"{c['num_attention_heads']} heads / {kv} KV heads, FFN {c['intermediate_size']}, vocab "
-            f"{c['vocab_size']}; default plan {shape.default_plan}. {shape.note}")
+    return (
+        f"{shape.name}: {shape.model_type}, {c['num_hidden_layers']} layers, hidden {c['hidden_size']}, "
+        f"{c['num_attention_heads']} heads / {kv} KV heads, FFN {c['intermediate_size']}, vocab "
+        f"{c['vocab_size']}; default plan {shape.default_plan}. {shape.note}"
+    )

@@ -32,11 +32,24 @@ from typing import Any
 import torch
 from torch import nn
 
-from .arch import (ATTN_ROWS, COLUMN_SUMS, HEAD_NORMS, MLP_ROWS, ROW_GROUPS, SUPPORTED, UnsupportedModelError,  # noqa: F401
-                   base_model_type, check_supported, current_plan, decoder_layers, new_layer, original_depth,
-                   require_original, stack_as_views, transformed_record)
+from .arch import (
+    COLUMN_SUMS,
+    HEAD_NORMS,
+    ROW_GROUPS,
+    SUPPORTED,
+    UnsupportedModelError,  # noqa: F401
+    base_model_type,
+    check_supported,
+    decoder_layers,
+    new_layer,
+    original_depth,
+    require_original,
+    stack_as_views,
+    transformed_record,
+)
 from .hf import adopt, check_adoptable
 from .plan import Block, Plan, PlanError, as_plan, widths
+
 
 # ---------------------------------------------------------------------------------------------
 # Checks done before anything changes
@@ -60,11 +73,15 @@ def check_plan_fits(model: nn.Module, plan: Plan) -> list[Block]:
         members = [layers[i] for i in block.layers]
         eps = {_norm_eps(m.input_layernorm) for m in members} | {_norm_eps(m.post_attention_layernorm) for m in members}
         if block.kind == "parallel" and len(eps) > 1:
-            raise PlanError(f"step '{step}': layers {list(block.layers)} use different norm eps {sorted(eps)}, so "
-                            "they cannot share one normalisation; group only layers with equal eps.")
+            raise PlanError(
+                f"step '{step}': layers {list(block.layers)} use different norm eps {sorted(eps)}, so "
+                "they cannot share one normalisation; group only layers with equal eps."
+            )
         if layer_types is not None and len({layer_types[i] for i in block.layers}) > 1:
-            raise PlanError(f"step '{step}': layers {list(block.layers)} mix attention types "
-                            f"{[layer_types[i] for i in block.layers]}; group only layers of one type.")
+            raise PlanError(
+                f"step '{step}': layers {list(block.layers)} mix attention types "
+                f"{[layer_types[i] for i in block.layers]}; group only layers of one type."
+            )
     return blocks
 
 
@@ -143,8 +160,9 @@ def averaged_state(members: list[nn.Module], into: dict[str, torch.Tensor] | Non
     return means
 
 
-def _build(model: nn.Module, block: Block, new_idx: int, old: nn.ModuleList, arch: str, config: Any,
-           staged: list | None = None) -> nn.Module:
+def _build(
+    model: nn.Module, block: Block, new_idx: int, old: nn.ModuleList, arch: str, config: Any, staged: list | None = None
+) -> nn.Module:
     """Stage the layer at `new_idx` of the transformed model (see the module docstring); every
     parameter of the old layers it changes is recorded in `staged`."""
     members = [old[i] for i in block.layers]
@@ -212,8 +230,11 @@ def apply_plan(model: nn.Module, plan: Any) -> nn.Module:
         layer.self_attn.layer_idx = idx  # cache slots are indexed by layer_idx
     model.model.layers = nn.ModuleList(new)
     config.num_hidden_layers = len(new)
-    config.truedepth = {"plan": plan.to_dict(), "original_num_hidden_layers": depth_before,
-                        "layer_widths": widths(blocks)}
+    config.truedepth = {
+        "plan": plan.to_dict(),
+        "original_num_hidden_layers": depth_before,
+        "layer_widths": widths(blocks),
+    }
 
     adopt(model)
     return model

@@ -18,9 +18,10 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -37,16 +38,30 @@ ROTARY_ROWS = ATTN_ROWS[:2]  # q and k: the rows rotary embeddings act on
 GGUF_PY_TYPES = ("f32", "f16", "bf16", "q8_0")
 # written f32, then quantized by llama.cpp (llama_model_quantize); the i-quants need an
 # importance matrix and are left out
-LLAMA_CPP_TYPES = ("q4_0", "q4_1", "q5_0", "q5_1", "q2_k", "q3_k_s", "q3_k_m", "q3_k_l",
-                   "q4_k_s", "q4_k_m", "q5_k_s", "q5_k_m", "q6_k")
+LLAMA_CPP_TYPES = (
+    "q4_0",
+    "q4_1",
+    "q5_0",
+    "q5_1",
+    "q2_k",
+    "q3_k_s",
+    "q3_k_m",
+    "q3_k_l",
+    "q4_k_s",
+    "q4_k_m",
+    "q5_k_s",
+    "q5_k_m",
+    "q6_k",
+)
 TYPES = GGUF_PY_TYPES + LLAMA_CPP_TYPES
 # llama.cpp's pre-tokenizer names by the hash convert_hf_to_gguf.py computes (get_vocab_base_pre),
 # for the BPE families truedepth exports (Qwen3 models are refused for their q/k norms)
 PRE_TOKENIZER_CHECK_TEXT = (
-    '\n \n\n \n\n\n \t \t\t \t\n  \n   \n    \n     \n🚀 (normal) 😶\u200d🌫️ (multiple emojis concatenated) ✅ '
-    '🦙🦙 3 33 333 3333 33333 333333 3333333 33333333 3.3 3..3 3...3 កាន់តែពិសេសអាច😁 ?我想在apple工作1314151天～ '
-    '------======= нещо на Български \'\'\'\'\'\'```````""""......!!!!!!?????? I\'ve been \'told he\'s there, '
-    '\'RE you sure? \'M not sure I\'ll make it, \'D you like some tea? We\'Ve a\'lL')
+    "\n \n\n \n\n\n \t \t\t \t\n  \n   \n    \n     \n🚀 (normal) 😶\u200d🌫️ (multiple emojis concatenated) ✅ "
+    "🦙🦙 3 33 333 3333 33333 333333 3333333 33333333 3.3 3..3 3...3 កាន់តែពិសេសអាច😁 ?我想在apple工作1314151天～ "
+    "------======= нещо на Български ''''''```````\"\"\"\"......!!!!!!?????? I've been 'told he's there, "
+    "'RE you sure? 'M not sure I'll make it, 'D you like some tea? We'Ve a'lL"
+)
 PRE_TOKENIZERS = {
     "0ef9807a4087ebef797fc749390439009c3b9eda9ad1a097abbe738f486c01e5": "llama-bpe",  # Llama 3
     "855059429035d75a914d1eda9f10a876752e281a054a7a3d421ef0533e5b6249": "smollm",  # SmolLM, SmolLM2
@@ -61,6 +76,7 @@ class GGUFExportError(UserError):
 @dataclass
 class GGUFOptions(OverwriteOption):
     """The file `export_gguf` writes: where, in which tensor type, and whether it may replace one."""
+
     gguf: str | None = option(None, "GGUF file to write", metavar="PATH", required=True)
     type: str = option("f32", f"tensor type: {', '.join(TYPES)}.", type=str.lower, metavar="TYPE")
     overwrite: bool = override(False, help_note="(--gguf PATH)")
@@ -77,8 +93,10 @@ def check_type(type: str) -> str:
         try:
             import llama_cpp  # noqa: F401
         except ImportError as e:
-            raise GGUFExportError(f"type {t} is made by llama.cpp's quantizer, which needs llama-cpp-python: "
-                                  "pip install 'truedepth[gguf]' (or export f32/f16/bf16/q8_0).") from e
+            raise GGUFExportError(
+                f"type {t} is made by llama.cpp's quantizer, which needs llama-cpp-python: "
+                "pip install 'truedepth[gguf]' (or export f32/f16/bf16/q8_0)."
+            ) from e
     return t
 
 
@@ -106,19 +124,26 @@ def check_exportable(model: Any) -> str:
     config = model.config
     arch = base_model_type(config)
     if arch not in SUPPORTED:
-        raise GGUFExportError(f"model type {arch!r} cannot be exported; GGUF export supports "
-                              f"{', '.join(a for a in SUPPORTED if not SUPPORTED[a])}.")
+        raise GGUFExportError(
+            f"model type {arch!r} cannot be exported; GGUF export supports "
+            f"{', '.join(a for a in SUPPORTED if not SUPPORTED[a])}."
+        )
     if SUPPORTED[arch]:
         raise GGUFExportError(
             f"{arch} has per-head {'/'.join(SUPPORTED[arch])} weights inside attention, which llama.cpp's "
             "'deci' architecture (the Llama layer with per-layer widths) has no place for; export a Llama, "
-            "Mistral or Qwen2 model.")
+            "Mistral or Qwen2 model."
+        )
     if getattr(config, "use_sliding_window", False) or (arch == "mistral" and getattr(config, "sliding_window", None)):
-        raise GGUFExportError(f"this {arch} model uses sliding-window attention, which 'deci' does not "
-                              "implement; only full-attention models can be exported.")
+        raise GGUFExportError(
+            f"this {arch} model uses sliding-window attention, which 'deci' does not "
+            "implement; only full-attention models can be exported."
+        )
     rope = rope_settings(config)
     if rope["rope_type"] not in ("default", "linear", "llama3"):
-        raise GGUFExportError(f"rope type {rope['rope_type']!r} has no 'deci' form; supported: default, linear, llama3.")
+        raise GGUFExportError(
+            f"rope type {rope['rope_type']!r} has no 'deci' form; supported: default, linear, llama3."
+        )
     return arch
 
 
@@ -128,6 +153,7 @@ def check_exportable(model: Any) -> str:
 def layer_shapes(model: Any) -> list[dict[str, int]]:
     """Heads, KV heads and MLP width of each decoder layer, from the widths the plan recorded
     (`core.arch.layer_widths`), checked against the projections the model holds."""
+
     def named(w: Any) -> dict[str, int]:
         return {"heads": w.heads, "kv_heads": w.kv_heads, "ff": w.intermediate}
 
@@ -135,8 +161,10 @@ def layer_shapes(model: Any) -> list[dict[str, int]]:
     for i, (shape, layer) in enumerate(zip(shapes, measured_widths(model))):
         rows = named(layer)
         if rows != shape:  # a config that does not describe its weights: refuse rather than write nonsense
-            raise GGUFExportError(f"layer {i} has {rows} but config.truedepth['layer_widths'] says {shape}; "
-                                  "the model or its config was edited after the transform.")
+            raise GGUFExportError(
+                f"layer {i} has {rows} but config.truedepth['layer_widths'] says {shape}; "
+                "the model or its config was edited after the transform."
+            )
     return shapes
 
 
@@ -171,8 +199,11 @@ def add_hyperparameters(writer: Any, model: Any, shapes: list[dict[str, int]], n
 def permute_for_rope(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
     """Rows of q/k (or their bias) from Hugging Face's rotate-half layout to llama.cpp's
     pairs of neighbours (`LlamaModel.permute` in convert_hf_to_gguf.py), head by head."""
-    return (weight.reshape(n_heads, 2, weight.shape[0] // n_heads // 2, *weight.shape[1:])
-            .swapaxes(1, 2).reshape(weight.shape))
+    return (
+        weight.reshape(n_heads, 2, weight.shape[0] // n_heads // 2, *weight.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(weight.shape)
+    )
 
 
 def llama3_rope_factors(config: Any) -> torch.Tensor:
@@ -207,8 +238,9 @@ def gguf_name(name_map: Any, hf_name: str) -> str:
         return hf_name
     new = name_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))
     if new is None:
-        raise GGUFExportError(f"tensor {hf_name} has no place in a 'deci' GGUF; the model has parts llama.cpp "
-                              "would not run.")
+        raise GGUFExportError(
+            f"tensor {hf_name} has no place in a 'deci' GGUF; the model has parts llama.cpp would not run."
+        )
     return new
 
 
@@ -232,8 +264,12 @@ def encode_tensor(tensor: torch.Tensor, type: str) -> tuple[np.ndarray, Any]:
 def file_type(type: str) -> int:
     import gguf
 
-    return {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
-            "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[type]
+    return {
+        "f32": gguf.LlamaFileType.ALL_F32,
+        "f16": gguf.LlamaFileType.MOSTLY_F16,
+        "bf16": gguf.LlamaFileType.MOSTLY_BF16,
+        "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+    }[type]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -259,8 +295,10 @@ def copy_tokenizer_fields(writer: Any, gguf_path: Path, vocab_size: int) -> None
     reader = gguf.GGUFReader(gguf_path)
     tokens = len(reader.fields["tokenizer.ggml.tokens"].data)
     if tokens != vocab_size:
-        raise GGUFExportError(f"{gguf_path} has {tokens} tokens but the model {vocab_size} embeddings; "
-                              "take the tokenizer from the GGUF this model came from.")
+        raise GGUFExportError(
+            f"{gguf_path} has {tokens} tokens but the model {vocab_size} embeddings; "
+            "take the tokenizer from the GGUF this model came from."
+        )
     for name, field in reader.fields.items():
         if not name.startswith("tokenizer."):
             continue
@@ -276,7 +314,8 @@ def pre_tokenizer(tokenizer: Any) -> str:
     if digest not in PRE_TOKENIZERS:
         raise GGUFExportError(
             "the tokenizer's pre-tokenizer is not one llama.cpp knows for the supported BPE families "
-            "(Llama 3, SmolLM2, Qwen2/3); export the model with its original tokenizer.")
+            "(Llama 3, SmolLM2, Qwen2/3); export the model with its original tokenizer."
+        )
     return PRE_TOKENIZERS[digest]
 
 
@@ -297,8 +336,13 @@ def bpe_vocabulary(tokenizer: Any, vocab_size: int) -> tuple[list[str], list[int
             types.append(gguf.TokenType.UNUSED)
             continue
         tokens.append(by_id[i])
-        types.append(gguf.TokenType.NORMAL if i not in added else
-                     gguf.TokenType.CONTROL if added[i].special else gguf.TokenType.USER_DEFINED)
+        types.append(
+            gguf.TokenType.NORMAL
+            if i not in added
+            else gguf.TokenType.CONTROL
+            if added[i].special
+            else gguf.TokenType.USER_DEFINED
+        )
     return tokens, types
 
 
@@ -313,8 +357,10 @@ def add_hf_tokenizer(writer: Any, tokenizer: Any, vocab_size: int) -> None:
         tokenizer.save_pretrained(tmp)
         special = gguf.SpecialVocab(Path(tmp), load_merges=True, n_vocab=vocab_size)
     if not special.merges:
-        raise GGUFExportError("the tokenizer has no BPE merges; only byte-level BPE tokenizers can be exported "
-                              "(Llama 3, SmolLM2, Qwen2/3).")
+        raise GGUFExportError(
+            "the tokenizer has no BPE merges; only byte-level BPE tokenizers can be exported "
+            "(Llama 3, SmolLM2, Qwen2/3)."
+        )
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre(pre)
     writer.add_token_list(tokens)
@@ -325,8 +371,9 @@ def add_hf_tokenizer(writer: Any, tokenizer: Any, vocab_size: int) -> None:
 # ---------------------------------------------------------------------------------------------
 # Writing
 # ---------------------------------------------------------------------------------------------
-def write_gguf(model: Any, tokenizer: Any, path: Path, type: str, tokenizer_gguf: Path | None,
-               shapes: list[dict[str, int]]) -> None:
+def write_gguf(
+    model: Any, tokenizer: Any, path: Path, type: str, tokenizer_gguf: Path | None, shapes: list[dict[str, int]]
+) -> None:
     import gguf
 
     writer = gguf.GGUFWriter(path, ARCH)
@@ -359,8 +406,14 @@ def llama_cpp_quantize(source: Path, target: Path, type: str, threads: int | Non
         raise GGUFExportError(f"llama.cpp could not quantize {source} to {type}.")
 
 
-def export_gguf(model: Any, tokenizer: Any, path: str | os.PathLike, type: str = "f32", overwrite: bool = False,
-                tokenizer_gguf: str | os.PathLike | None | bool = "auto") -> Path:
+def export_gguf(
+    model: Any,
+    tokenizer: Any,
+    path: str | os.PathLike,
+    type: str = "f32",
+    overwrite: bool = False,
+    tokenizer_gguf: str | os.PathLike | None | bool = "auto",
+) -> Path:
     """Write `model` (base or transformed) as a llama.cpp GGUF file of the `deci` architecture.
 
     `type`: f32, f16, bf16, q8_0 (gguf-py) or a llama.cpp quantization such as q4_k_m.
@@ -393,7 +446,9 @@ def resolve_tokenizer_gguf(model: Any, tokenizer: Any, tokenizer_gguf: Any) -> P
         raise GGUFExportError(f"tokenizer_gguf {tokenizer_gguf} is not a file.")
     if tokenizer_gguf is None:
         if tokenizer is None:
-            raise GGUFExportError("no tokenizer: pass the model's tokenizer (or tokenizer_gguf=<a GGUF to copy it from>).")
+            raise GGUFExportError(
+                "no tokenizer: pass the model's tokenizer (or tokenizer_gguf=<a GGUF to copy it from>)."
+            )
         pre_tokenizer(tokenizer)  # an unknown tokenizer is refused before anything is written
         return None
     return Path(tokenizer_gguf)

@@ -8,16 +8,18 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Sequence
 from types import SimpleNamespace
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
 
-def open_gguf(path: str | os.PathLike, n_ctx: int = 1024, threads: int = 2, logits_all: bool = True,
-              f32_cache: bool = False) -> Any:
+def open_gguf(
+    path: str | os.PathLike, n_ctx: int = 1024, threads: int = 2, logits_all: bool = True, f32_cache: bool = False
+) -> Any:
     """A llama.cpp model and context; `logits_all` keeps every position's logits (tests), off for speed.
 
     llama.cpp keeps K and V in f16 by default (as llama-cli does); `f32_cache` keeps them in f32,
@@ -25,8 +27,17 @@ def open_gguf(path: str | os.PathLike, n_ctx: int = 1024, threads: int = 2, logi
     import llama_cpp
 
     cache = {"type_k": llama_cpp.GGML_TYPE_F32, "type_v": llama_cpp.GGML_TYPE_F32} if f32_cache else {}
-    return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, n_threads=threads,
-                           n_threads_batch=threads, logits_all=logits_all, verbose=False, **cache)
+    return llama_cpp.Llama(
+        model_path=str(path),
+        n_ctx=n_ctx,
+        n_batch=n_ctx,
+        n_ubatch=n_ctx,
+        n_threads=threads,
+        n_threads_batch=threads,
+        logits_all=logits_all,
+        verbose=False,
+        **cache,
+    )
 
 
 def logits(llm: Any, ids: Sequence[int]) -> np.ndarray:
@@ -80,6 +91,11 @@ def speed(llm: Any, prompt: Sequence[int], new_tokens: int) -> dict[str, float]:
     token = int(prompt[-1])  # the token fed back does not change the cost: no sampling needed
     steps = [timed([token]) for _ in range(new_tokens)]
     decode_s = (sum(w for w, _ in steps), sum(c for _, c in steps))
-    return {"prompt_tokens": len(prompt), "decode_tokens": new_tokens,
-            "prompt_tok_s": len(prompt) / prompt_s[0], "decode_tok_s": new_tokens / decode_s[0],
-            "prompt_cpu_tok_s": len(prompt) / prompt_s[1], "decode_cpu_tok_s": new_tokens / decode_s[1]}
+    return {
+        "prompt_tokens": len(prompt),
+        "decode_tokens": new_tokens,
+        "prompt_tok_s": len(prompt) / prompt_s[0],
+        "decode_tok_s": new_tokens / decode_s[0],
+        "prompt_cpu_tok_s": len(prompt) / prompt_s[1],
+        "decode_cpu_tok_s": new_tokens / decode_s[1],
+    }

@@ -39,8 +39,9 @@ from ..utils.errors import UserError
 # ---------------------------------------------------------------------------------------------
 
 
-def filter_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
-                  top_p: float | None = None) -> torch.Tensor:
+def filter_logits(
+    logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None
+) -> torch.Tensor:
     """Float32 logits with temperature applied and tokens outside top-k / top-p set to -inf.
 
     Same order and semantics as transformers' Temperature, TopK and TopP warpers, so sampling
@@ -62,8 +63,13 @@ def filter_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int | N
     return logits
 
 
-def sample_next(logits: torch.Tensor, do_sample: bool = False, temperature: float = 1.0,
-                top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
+def sample_next(
+    logits: torch.Tensor,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+) -> torch.Tensor:
     """Next token per row, shape (batch, 1), chosen on the device (no host sync)."""
     if not do_sample:
         return logits.argmax(dim=-1, keepdim=True)
@@ -82,8 +88,9 @@ def check_sampling(do_sample: bool, temperature: float, top_k: int | None, top_p
     if top_p is not None and not 0.0 < top_p <= 1.0:
         raise UserError(f"top_p must be in (0, 1], got {top_p}.")
     if not do_sample and (temperature != 1.0 or top_k or (top_p is not None and top_p < 1.0)):
-        raise UserError("temperature/top_k/top_p only apply when sampling; pass do_sample=True "
-                        "(or drop them for greedy decoding).")
+        raise UserError(
+            "temperature/top_k/top_p only apply when sampling; pass do_sample=True (or drop them for greedy decoding)."
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -101,17 +108,23 @@ def check_generation_length(model: nn.Module, prompt_tokens: int, max_new_tokens
     """Refuse a generation the model cannot serve, before a cache or a step is allocated: an empty
     prompt, max_new_tokens < 1, or prompt + new tokens beyond `max_position_embeddings`."""
     if prompt_tokens < 1:
-        raise EmptyPromptError("the prompt is empty (0 tokens); give some text to continue "
-                               "(or at least one token, e.g. the BOS token).")
+        raise EmptyPromptError(
+            "the prompt is empty (0 tokens); give some text to continue (or at least one token, e.g. the BOS token)."
+        )
     if max_new_tokens < 1:
         raise UserError(f"max_new_tokens must be >= 1, got {max_new_tokens}.")
     limit = getattr(model.config, "max_position_embeddings", None)
     total = prompt_tokens + max_new_tokens
     if limit and total > limit:
-        fix = (f"use max_new_tokens <= {limit - prompt_tokens}" if prompt_tokens < limit
-               else f"shorten the prompt to fewer than {limit} tokens")
-        raise ContextLengthError(f"prompt ({prompt_tokens} tokens) + max_new_tokens ({max_new_tokens}) = {total} "
-                                 f"exceeds the model's {limit} positions (max_position_embeddings); {fix}.")
+        fix = (
+            f"use max_new_tokens <= {limit - prompt_tokens}"
+            if prompt_tokens < limit
+            else f"shorten the prompt to fewer than {limit} tokens"
+        )
+        raise ContextLengthError(
+            f"prompt ({prompt_tokens} tokens) + max_new_tokens ({max_new_tokens}) = {total} "
+            f"exceeds the model's {limit} positions (max_position_embeddings); {fix}."
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -120,10 +133,14 @@ def check_generation_length(model: nn.Module, prompt_tokens: int, max_new_tokens
 _FUSED_CLASSES: dict[type, type] = {}
 
 
-def _attention_forward(self: nn.Module, hidden_states: torch.Tensor,
-                       position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
-                       attention_mask: torch.Tensor | None = None, past_key_values: Any = None,
-                       **kwargs: Any) -> tuple[torch.Tensor, Any]:
+def _attention_forward(
+    self: nn.Module,
+    hidden_states: torch.Tensor,
+    position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+    attention_mask: torch.Tensor | None = None,
+    past_key_values: Any = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, Any]:
     """The architecture's attention forward with q/k/v computed by one GEMM (same math)."""
     input_shape = hidden_states.shape[:-1]
     hidden_shape = (*input_shape, -1, self.head_dim)
@@ -140,8 +157,17 @@ def _attention_forward(self: nn.Module, hidden_states: torch.Tensor,
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, self._td_eager_attention)
-    out, weights = attention(self, q, k, v, attention_mask, dropout=0.0 if not self.training else self.attention_dropout,
-                             scaling=self.scaling, sliding_window=self._td_sliding_window(), **kwargs)
+    out, weights = attention(
+        self,
+        q,
+        k,
+        v,
+        attention_mask,
+        dropout=0.0 if not self.training else self.attention_dropout,
+        scaling=self.scaling,
+        sliding_window=self._td_sliding_window(),
+        **kwargs,
+    )
     out = out.reshape(*input_shape, -1).contiguous()
     return self.o_proj(out), weights
 
@@ -157,8 +183,9 @@ def _mlp_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 def _fused_class(cls: type, forward: Any, extra: dict[str, Any]) -> type:
     if cls not in _FUSED_CLASSES:
-        _FUSED_CLASSES[cls] = type(f"Fused{cls.__name__}", (cls,), {"forward": forward, "_td_unfused_class": cls,
-                                                                     **extra})
+        _FUSED_CLASSES[cls] = type(
+            f"Fused{cls.__name__}", (cls,), {"forward": forward, "_td_unfused_class": cls, **extra}
+        )
     return _FUSED_CLASSES[cls]
 
 
@@ -169,8 +196,9 @@ def _stack_into_buffers(owner: nn.Module, linears: list[nn.Linear], name: str) -
     for attr in ("weight", "bias"):
         parts = [getattr(lin, attr) for lin in linears]
         # a buffer, not a parameter: not saved, not trained, but a static input for CUDA graphs
-        owner.register_buffer(f"_td_{name}_{attr}", None if parts[0] is None else stack_as_views(parts, 0),
-                              persistent=False)
+        owner.register_buffer(
+            f"_td_{name}_{attr}", None if parts[0] is None else stack_as_views(parts, 0), persistent=False
+        )
     return [lin.out_features for lin in linears]
 
 
@@ -188,12 +216,18 @@ def fuse_projections(model: nn.Module) -> nn.Module:
     for layer in decoder_layers(model):
         attn, mlp = layer.self_attn, layer.mlp
         if not hasattr(attn, "_td_unfused_class"):
-            rotary = getattr(sys.modules[type(attn).__module__], "apply_rotary_pos_emb")
-            eager = getattr(sys.modules[type(attn).__module__], "eager_attention_forward")
+            rotary = sys.modules[type(attn).__module__].apply_rotary_pos_emb
+            eager = sys.modules[type(attn).__module__].eager_attention_forward
             attn._td_qkv_sizes = _stack_into_buffers(attn, [getattr(attn, n) for n in ATTN_ROWS], "qkv")
-            attn.__class__ = _fused_class(type(attn), _attention_forward, {
-                "_td_rotary": staticmethod(rotary), "_td_eager_attention": staticmethod(eager),
-                "_td_sliding_window": _sliding_window})
+            attn.__class__ = _fused_class(
+                type(attn),
+                _attention_forward,
+                {
+                    "_td_rotary": staticmethod(rotary),
+                    "_td_eager_attention": staticmethod(eager),
+                    "_td_sliding_window": _sliding_window,
+                },
+            )
         if not hasattr(mlp, "_td_unfused_class"):
             _stack_into_buffers(mlp, [getattr(mlp, n) for n in MLP_ROWS], "gate_up")
             mlp.__class__ = _fused_class(type(mlp), _mlp_forward, {})
@@ -246,9 +280,17 @@ class FastGenerator:
     pays for compilation and CUDA-graph recording, later calls replay.
     """
 
-    def __init__(self, model: nn.Module, max_batch: int = 1, max_seq: int = 2048, compile: bool = True,
-                 mode: str | None = None, backend: str = "inductor", fuse: bool = False,
-                 dynamic: bool | None = None) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        max_batch: int = 1,
+        max_seq: int = 2048,
+        compile: bool = True,
+        mode: str | None = None,
+        backend: str = "inductor",
+        fuse: bool = False,
+        dynamic: bool | None = None,
+    ) -> None:
         if max_batch < 1 or max_seq < 2:
             raise UserError(f"max_batch must be >= 1 and max_seq >= 2, got {max_batch} and {max_seq}.")
         self.model = model.eval()
@@ -259,14 +301,18 @@ class FastGenerator:
         self.compiled = bool(compile)
         self.mode = mode if mode is not None else ("reduce-overhead" if self.device.type == "cuda" else None)
         self.uses_cuda_graphs = self.compiled and self.mode == "reduce-overhead" and self.device.type == "cuda"
-        self._step = (torch.compile(self._decode_step, mode=self.mode, backend=backend, dynamic=dynamic)
-                      if self.compiled else self._decode_step)
+        self._step = (
+            torch.compile(self._decode_step, mode=self.mode, backend=backend, dynamic=dynamic)
+            if self.compiled
+            else self._decode_step
+        )
         self._cache: Any = None
         self._cache_batch = 0
 
     # ---- the two halves of a generation -----------------------------------------------------
-    def _decode_step(self, tokens: torch.Tensor, do_sample: bool, temperature: float, top_k: int | None,
-                     top_p: float | None) -> torch.Tensor:
+    def _decode_step(
+        self, tokens: torch.Tensor, do_sample: bool, temperature: float, top_k: int | None, top_p: float | None
+    ) -> torch.Tensor:
         """One token for every row: the compiled (and CUDA-graphed) part."""
         logits = self.model(input_ids=tokens, past_key_values=self._cache, use_cache=True, logits_to_keep=1).logits
         return sample_next(logits[:, -1, :], do_sample, temperature, top_k, top_p)
@@ -275,8 +321,7 @@ class FastGenerator:
     def prefill(self, input_ids: torch.Tensor, sampling: tuple = (False, 1.0, None, None)) -> torch.Tensor:
         """Reset the cache, run the prompt (not compiled: its length varies), return the first new tokens."""
         self._cache_for(input_ids.shape[0]).reset()
-        logits = self.model(input_ids=input_ids, past_key_values=self._cache, use_cache=True,
-                            logits_to_keep=1).logits
+        logits = self.model(input_ids=input_ids, past_key_values=self._cache, use_cache=True, logits_to_keep=1).logits
         return sample_next(logits[:, -1, :], *sampling)
 
     @torch.inference_mode()
@@ -299,10 +344,18 @@ class FastGenerator:
 
     # ---- public API --------------------------------------------------------------------------
     @torch.inference_mode()
-    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, do_sample: bool = False,
-                 top_k: int | None = None, top_p: float | None = None, temperature: float = 1.0,
-                 eos_token_id: int | list[int] | None = None, pad_token_id: int | None = None,
-                 eos_check_every: int = 32) -> torch.Tensor:
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        max_new_tokens: int,
+        do_sample: bool = False,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        temperature: float = 1.0,
+        eos_token_id: int | list[int] | None = None,
+        pad_token_id: int | None = None,
+        eos_check_every: int = 32,
+    ) -> torch.Tensor:
         """Prompt + new tokens, shape (batch, prompt_len + n) with n <= max_new_tokens.
 
         Without `eos_token_id` exactly `max_new_tokens` tokens are generated and the host never
@@ -312,8 +365,12 @@ class FastGenerator:
         """
         input_ids = self._check_inputs(input_ids, max_new_tokens)
         check_sampling(do_sample, temperature, top_k, top_p)
-        sampling = (bool(do_sample), float(temperature), int(top_k) if top_k else None,
-                    float(top_p) if top_p is not None and top_p < 1.0 else None)
+        sampling = (
+            bool(do_sample),
+            float(temperature),
+            int(top_k) if top_k else None,
+            float(top_p) if top_p is not None and top_p < 1.0 else None,
+        )
         eos = _as_tensor(eos_token_id, self.device)
         batch = input_ids.shape[0]
         new = torch.empty(batch, max_new_tokens, dtype=torch.long, device=self.device)
@@ -321,7 +378,7 @@ class FastGenerator:
         produced = 1
         while produced < max_new_tokens:
             # the input is a view of our own buffer, never a graph output that the next replay overwrites
-            new[:, produced:produced + 1] = self.step(new[:, produced - 1:produced], sampling)
+            new[:, produced : produced + 1] = self.step(new[:, produced - 1 : produced], sampling)
             produced += 1
             if eos is not None and produced % eos_check_every == 0 and bool(_finished(new[:, :produced], eos).all()):
                 break
@@ -330,24 +387,30 @@ class FastGenerator:
             new = _pad_after_eos(new, eos, pad_token_id)
             done = _finished(new, eos)
             if bool(done.all()):
-                new = new[:, :int(_first_eos(new, eos).max()) + 1]
+                new = new[:, : int(_first_eos(new, eos).max()) + 1]
         return torch.cat([input_ids, new], dim=1)
 
     def _check_inputs(self, input_ids: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
-            raise UserError("input_ids must be a 2-D tensor (batch, prompt_len) of token ids; "
-                            "for one prompt use tokenizer(text, return_tensors='pt').input_ids.")
+            raise UserError(
+                "input_ids must be a 2-D tensor (batch, prompt_len) of token ids; "
+                "for one prompt use tokenizer(text, return_tensors='pt').input_ids."
+            )
         batch, length = input_ids.shape
         if batch < 1:
             raise EmptyPromptError("input_ids holds no prompt (batch of 0); pass at least one.")
         check_generation_length(self.model, length, max_new_tokens)
         if batch > self.max_batch:
-            raise UserError(f"batch of {batch} prompts exceeds max_batch={self.max_batch}; "
-                            f"create the FastGenerator with max_batch>={batch}.")
+            raise UserError(
+                f"batch of {batch} prompts exceeds max_batch={self.max_batch}; "
+                f"create the FastGenerator with max_batch>={batch}."
+            )
         if length + max_new_tokens > self.max_seq:
-            raise UserError(f"prompt ({length}) + max_new_tokens ({max_new_tokens}) = {length + max_new_tokens} "
-                            f"exceeds max_seq={self.max_seq}; create the FastGenerator with "
-                            f"max_seq>={length + max_new_tokens}.")
+            raise UserError(
+                f"prompt ({length}) + max_new_tokens ({max_new_tokens}) = {length + max_new_tokens} "
+                f"exceeds max_seq={self.max_seq}; create the FastGenerator with "
+                f"max_seq>={length + max_new_tokens}."
+            )
         return input_ids.to(self.device)
 
 
@@ -382,9 +445,16 @@ def _pad_after_eos(tokens: torch.Tensor, eos: torch.Tensor, pad_token_id: int | 
 # ---------------------------------------------------------------------------------------------
 # Text in, text out (used by `truedepth generate --fast`)
 # ---------------------------------------------------------------------------------------------
-def generate_fast(model: nn.Module, tokenizer: Any, prompt: "str | list[str] | torch.Tensor",
-                  max_new_tokens: int = 128, chat: bool | None = None, compile: bool | None = None,
-                  fuse: bool = False, **sampling: Any) -> str | list[str]:
+def generate_fast(
+    model: nn.Module,
+    tokenizer: Any,
+    prompt: str | list[str] | torch.Tensor,
+    max_new_tokens: int = 128,
+    chat: bool | None = None,
+    compile: bool | None = None,
+    fuse: bool = False,
+    **sampling: Any,
+) -> str | list[str]:
     """Generate text for `prompt` with the lean loop and return the new text only.
 
     `prompt`: a string, a list of strings of equal token length, or a (batch, len) tensor of token
@@ -407,9 +477,10 @@ def generate_fast(model: nn.Module, tokenizer: Any, prompt: "str | list[str] | t
     device = next(model.parameters()).device
     compile = device.type == "cuda" if compile is None else bool(compile)
     gen = _cached_generator(model, ids.shape[0], ids.shape[1] + max_new_tokens, compile, fuse)
-    out = gen.generate(ids, max_new_tokens, eos_token_id=_eos_ids(model, tokenizer),
-                       pad_token_id=tokenizer.pad_token_id, **sampling)
-    texts = tokenizer.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)
+    out = gen.generate(
+        ids, max_new_tokens, eos_token_id=_eos_ids(model, tokenizer), pad_token_id=tokenizer.pad_token_id, **sampling
+    )
+    texts = tokenizer.batch_decode(out[:, ids.shape[1] :], skip_special_tokens=True)
     return texts if isinstance(prompt, list) or (isinstance(prompt, torch.Tensor) and len(texts) > 1) else texts[0]
 
 
@@ -429,14 +500,18 @@ def _encode(tokenizer: Any, prompts: list[str], chat: bool | None) -> torch.Tens
     if chat is None:
         chat = bool(getattr(tokenizer, "chat_template", None))
     if chat:
-        texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
-                                               add_generation_prompt=True) for p in prompts]
+        texts = [
+            tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+            for p in prompts
+        ]
         encoded = [tokenizer(t, add_special_tokens=False).input_ids for t in texts]
     else:
         encoded = [tokenizer(p).input_ids for p in prompts]
     if len({len(e) for e in encoded}) > 1:
-        raise UserError(f"the prompts encode to different lengths {sorted({len(e) for e in encoded})}; the fast "
-                        "loop takes no padding: generate them one at a time or use model.generate.")
+        raise UserError(
+            f"the prompts encode to different lengths {sorted({len(e) for e in encoded})}; the fast "
+            "loop takes no padding: generate them one at a time or use model.generate."
+        )
     return torch.tensor(encoded, dtype=torch.long)
 
 

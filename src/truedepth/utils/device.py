@@ -9,8 +9,14 @@ import torch
 
 from .errors import UserError
 
-DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-          "fp16": torch.float16, "float16": torch.float16}
+DTYPES = {
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+}
 
 
 def as_dtype(dtype: Any) -> torch.dtype | None:
@@ -30,8 +36,10 @@ def check_device(device: Any) -> None:
     except (RuntimeError, TypeError, ValueError):
         raise UserError(f"unknown device {device!r}; use cpu, cuda, cuda:N or mps.") from None
     if kind == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"device {device!r}: this torch build sees no CUDA GPU; use --device cpu (or install a "
-                        "CUDA build of torch).")
+        raise UserError(
+            f"device {device!r}: this torch build sees no CUDA GPU; use --device cpu (or install a "
+            "CUDA build of torch)."
+        )
     if kind == "mps" and not torch.backends.mps.is_available():
         raise UserError(f"device {device!r}: MPS is not available here; use --device cpu.")
 

@@ -42,9 +42,15 @@ def machine_info(device: str, dtype: str) -> dict[str, Any]:
     import transformers
 
     info: dict[str, Any] = {
-        "cpu": cpu_name(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-        "device": device, "dtype": dtype, "torch": torch.__version__, "transformers": transformers.__version__,
-        "python": platform.python_version(), "date": _dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
+        "cpu": cpu_name(),
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "device": device,
+        "dtype": dtype,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "date": _dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
     }
     if device.startswith("cuda"):
         info["gpu"] = torch.cuda.get_device_name(torch.device(device))
@@ -56,13 +62,17 @@ def machine_info(device: str, dtype: str) -> dict[str, Any]:
 def describe_machine(info: dict[str, Any]) -> str:
     where = f"{info['gpu']} ({info['device']})" if "gpu" in info else f"{info['device']}"
     threads = f"{info['torch_threads']} thread" + ("s" if info["torch_threads"] != 1 else "")
-    text = (f"Measured on: {info['cpu']}, {info['cores']} cores (torch uses {threads}), "
-            f"device {where}, {info['dtype']}, torch {info['torch']}, transformers {info['transformers']}, "
-            f"{info['date']}.")
+    text = (
+        f"Measured on: {info['cpu']}, {info['cores']} cores (torch uses {threads}), "
+        f"device {where}, {info['dtype']}, torch {info['torch']}, transformers {info['transformers']}, "
+        f"{info['date']}."
+    )
     load = info.get("load_average")
     if load is not None and info["device"] == "cpu" and load > 0.5:
-        text += (f"\nLoad average {load} at the start: other processes were using the CPU, so speeds are "
-                 "understated and noisy.")
+        text += (
+            f"\nLoad average {load} at the start: other processes were using the CPU, so speeds are "
+            "understated and noisy."
+        )
     return text
 
 
@@ -82,10 +92,17 @@ def environment(device: Any) -> dict[str, Any]:
 
     dev = torch.device(device)
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else (platform.processor() or platform.machine())
-    return {"date": datetime.date.today().isoformat(), "device": str(dev), "device_name": name,
-            "cpu_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
-            "transformers": transformers.__version__, "python": platform.python_version(),
-            "command": " ".join(["truedepth", *sys.argv[1:]]) if sys.argv else ""}
+    return {
+        "date": datetime.date.today().isoformat(),
+        "device": str(dev),
+        "device_name": name,
+        "cpu_threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "command": " ".join(["truedepth", *sys.argv[1:]]) if sys.argv else "",
+    }
 
 
 def keep_freed_memory() -> bool:

@@ -11,10 +11,10 @@ from __future__ import annotations
 import json
 import os
 import secrets
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
-
+from typing import Any
 
 PATH_SUFFIXES = (".txt", ".text", ".md", ".json", ".jsonl", ".csv", ".safetensors", ".bin", ".gguf", ".pt", ".pth")
 

@@ -34,10 +34,21 @@ _OPTION = "truedepth_option"  # metadata key: the argparse settings of an option
 _OVERRIDE = "truedepth_override"  # metadata key: a field that only changes a base class option's default
 
 
-def option(default: Any = None, help: str = "", *, flag: str | None = None, metavar: str | None = None,
-           choices: tuple | None = None, required: bool = False, type: Any = None, show_default: bool = True,
-           default_factory: Any = dataclasses.MISSING, nargs: Any = None, action: str | None = None,
-           positional: bool = False) -> Any:
+def option(
+    default: Any = None,
+    help: str = "",
+    *,
+    flag: str | None = None,
+    metavar: str | None = None,
+    choices: tuple | None = None,
+    required: bool = False,
+    type: Any = None,
+    show_default: bool = True,
+    default_factory: Any = dataclasses.MISSING,
+    nargs: Any = None,
+    action: str | None = None,
+    positional: bool = False,
+) -> Any:
     """A dataclass field that is also a command-line option.
 
     flag: the option string when it is not `--` + the field name with dashes (e.g. "--keep-checkpoints");
@@ -47,16 +58,34 @@ def option(default: Any = None, help: str = "", *, flag: str | None = None, meta
     nargs, action: as in argparse (e.g. nargs="+", action="append" for an option given several times);
     positional: a positional argument named after the field (`metavar` is its name in --help).
     """
-    meta = {_OPTION: {"help": help, "flag": flag, "metavar": metavar, "choices": choices, "required": required,
-                      "type": type, "show_default": show_default, "nargs": nargs, "action": action,
-                      "positional": positional}}
+    meta = {
+        _OPTION: {
+            "help": help,
+            "flag": flag,
+            "metavar": metavar,
+            "choices": choices,
+            "required": required,
+            "type": type,
+            "show_default": show_default,
+            "nargs": nargs,
+            "action": action,
+            "positional": positional,
+        }
+    }
     if default_factory is not dataclasses.MISSING:
         return dataclasses.field(default_factory=default_factory, metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
 
 
-def override(default: Any = None, *, default_factory: Any = dataclasses.MISSING, default_help: str | None = None,
-             help_note: str | None = None, flag: str | None = None, required: bool | None = None) -> Any:
+def override(
+    default: Any = None,
+    *,
+    default_factory: Any = dataclasses.MISSING,
+    default_help: str | None = None,
+    help_note: str | None = None,
+    flag: str | None = None,
+    required: bool | None = None,
+) -> Any:
     """A new default for an option that a base class declares (its help and flag are inherited).
 
     default_help: what this command's default means, when "Default: X" does not say it (e.g. None meaning
@@ -65,8 +94,11 @@ def override(default: Any = None, *, default_factory: Any = dataclasses.MISSING,
     flag: this command's spelling of the option where it has always been spelled differently (e.g. bench's
     `--prompt` for `prompt_tokens`, which tp-bench spells `--prompt-tokens`); the field name stays the same.
     required: the command line of this command must give it (e.g. an output folder one command needs)."""
-    given = {k: v for k, v in (("default_help", default_help), ("help_note", help_note), ("flag", flag),
-                               ("required", required)) if v is not None}
+    given = {
+        k: v
+        for k, v in (("default_help", default_help), ("help_note", help_note), ("flag", flag), ("required", required))
+        if v is not None
+    }
     meta = {_OVERRIDE: given or True}
     if default_factory is not dataclasses.MISSING:
         return dataclasses.field(default_factory=default_factory, metadata=meta)
@@ -115,8 +147,12 @@ def add_options(parser: argparse.ArgumentParser, cls: type, *, exclude: tuple[st
             target.add_argument(f.name, **settings)
             continue
         flag = _flag(cls, f.name, spec)
-        if flag != "--" + f.name.replace("_", "-") and "metavar" not in settings and "choices" not in settings \
-                and settings.get("type"):
+        if (
+            flag != "--" + f.name.replace("_", "-")
+            and "metavar" not in settings
+            and "choices" not in settings
+            and settings.get("type")
+        ):
             settings["metavar"] = flag.lstrip("-").replace("-", "_").upper()  # the name the user types, not the field's
         target.add_argument(flag, dest=f.name, **settings)
     for f in dataclasses.fields(cls):
@@ -186,8 +222,11 @@ def _flag(cls: type, name: str, spec: dict[str, Any]) -> str:
 
 def _plain_type(hint: Any) -> Any:
     """int for `int`, `int | None` and `Optional[int]`; str for anything else that is not a bool/int/float."""
-    args = [a for a in typing.get_args(hint) if a is not type(None)] \
-        if typing.get_origin(hint) in (typing.Union, types.UnionType) else [hint]
+    args = (
+        [a for a in typing.get_args(hint) if a is not type(None)]
+        if typing.get_origin(hint) in (typing.Union, types.UnionType)
+        else [hint]
+    )
     kind = args[0] if len(args) == 1 else str
     return kind if kind in (bool, int, float, str) else str
 
@@ -202,8 +241,11 @@ def _help_with_default(spec: dict[str, Any], default: Any) -> str:
 
 def from_args(cls: type, args: argparse.Namespace, **extra: Any) -> Any:
     """The dataclass `cls` filled from the parsed options of the same names; `extra` takes precedence."""
-    given = {f.name: from_args(f.default_factory, args) if _nested(f) else getattr(args, f.name)
-             for f in dataclasses.fields(cls) if f.init and (_nested(f) or hasattr(args, f.name))}
+    given = {
+        f.name: from_args(f.default_factory, args) if _nested(f) else getattr(args, f.name)
+        for f in dataclasses.fields(cls)
+        if f.init and (_nested(f) or hasattr(args, f.name))
+    }
     return cls(**(given | extra))
 
 
@@ -234,6 +276,9 @@ def default_of(cls: type, name: str) -> Any:
 def fill(cls: type, source: Any, *, exclude: tuple[str, ...] = (), **extra: Any) -> Any:
     """The dataclass `cls` made from the same-named fields of the dataclass `source` (e.g. the search's
     options from compress's); `extra` takes precedence, names in `exclude` keep `cls`'s defaults."""
-    given = {f.name: getattr(source, f.name) for f in dataclasses.fields(cls)
-             if f.init and f.name not in exclude and hasattr(source, f.name)}
+    given = {
+        f.name: getattr(source, f.name)
+        for f in dataclasses.fields(cls)
+        if f.init and f.name not in exclude and hasattr(source, f.name)
+    }
     return cls(**(given | extra))

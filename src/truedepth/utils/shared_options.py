@@ -46,5 +46,6 @@ class JsonFileOption:
 
 @dataclass
 class PlotFileOption:
-    plot: str | None = option(None, "write a plot of the results to this image file (needs matplotlib).",
-                              metavar="FILE")
+    plot: str | None = option(
+        None, "write a plot of the results to this image file (needs matplotlib).", metavar="FILE"
+    )

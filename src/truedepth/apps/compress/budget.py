@@ -40,8 +40,10 @@ def search_floor_flops(config: Any, opts: CompressOptions) -> float:
     per_layer, head = layer_and_head_weights(config)
     layers = config.num_hidden_layers
     whole = layers * per_layer + head
-    alone = sum((layers - e.start) * per_layer + head
-                for e in candidate_elements(layers, SearchOptions.max_group, SearchOptions.allow_skip))
+    alone = sum(
+        (layers - e.start) * per_layer + head
+        for e in candidate_elements(layers, SearchOptions.max_group, SearchOptions.allow_skip)
+    )
     calib, select = opts.calib_windows * opts.calib_length, opts.select_windows * opts.calib_length
     return 2 * (calib * (whole + alone) + select * 2 * whole)
 
@@ -69,11 +71,16 @@ def check_budget(opts: CompressOptions, config: Any, searched: bool) -> None:
     left = opts.budget_minutes * 60 * finetune_end - search
     if left < step:
         need = math.ceil((search + step) / (60 * finetune_end) * 10) / 10  # up: a budget that passes
-        after = (f" after the search's least time ({search / 60:.2g} min; the whole search takes several times that)"
-                 if search else "")
-        raise UserError(f"--budget-minutes {opts.budget_minutes:g} leaves {max(left, 0):.3g} s for fine-tuning"
-                        f"{after}, less than one training step (about {step:.3g} s or more on {device}); "
-                        f"pass --budget-minutes {need:g} or more.")
+        after = (
+            f" after the search's least time ({search / 60:.2g} min; the whole search takes several times that)"
+            if search
+            else ""
+        )
+        raise UserError(
+            f"--budget-minutes {opts.budget_minutes:g} leaves {max(left, 0):.3g} s for fine-tuning"
+            f"{after}, less than one training step (about {step:.3g} s or more on {device}); "
+            f"pass --budget-minutes {need:g} or more."
+        )
 
 
 def stage_seconds_left(opts: CompressOptions, records: dict[str, dict], stage: str) -> float:

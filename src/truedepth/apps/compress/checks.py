@@ -17,18 +17,24 @@ def check_target_depth(config: Any, depth: int | None, model: str) -> int:
     """The model's depth; raises unless 1 <= depth < model depth and the search can reach it."""
     record = transformed_record(config)
     if record:
-        raise UserError(f"{model} is already transformed (plan {record['plan']}); pass the original "
-                        "model: the search and the distillation teacher need its layers.")
+        raise UserError(
+            f"{model} is already transformed (plan {record['plan']}); pass the original "
+            "model: the search and the distillation teacher need its layers."
+        )
     layers = config.num_hidden_layers
     if depth is None:
         raise UserError(f"give --target-depth D with 1 <= D < {layers} (the depth of {model}).")
     lowest = layers - max_reduction(layers, SearchOptions.max_group, SearchOptions.allow_skip)
     if not 1 <= depth < layers:
-        raise UserError(f"--target-depth {depth} is out of range: {model} has {layers} layers, so pass "
-                        f"{max(lowest, 1)} <= D <= {layers - 1}.")
+        raise UserError(
+            f"--target-depth {depth} is out of range: {model} has {layers} layers, so pass "
+            f"{max(lowest, 1)} <= D <= {layers - 1}."
+        )
     if depth < lowest:
-        raise UserError(f"--target-depth {depth} is below what groups of up to {SearchOptions.max_group} layers "
-                        f"reach on {layers} layers; pass --target-depth {lowest} or more.")
+        raise UserError(
+            f"--target-depth {depth} is below what groups of up to {SearchOptions.max_group} layers "
+            f"reach on {layers} layers; pass --target-depth {lowest} or more."
+        )
     return layers
 
 
@@ -38,9 +44,13 @@ def check_options(opts: CompressOptions) -> None:
     from ...measure.bench.precision import check_search_dtype
     from ...measure.eval.data import text_parts
 
-    positive = {"eval_tokens": opts.eval_tokens, "eval_window": opts.eval_window,
-                "calib_windows": opts.calib_windows, "calib_length": opts.calib_length,
-                "decode_tokens": opts.decode_tokens}
+    positive = {
+        "eval_tokens": opts.eval_tokens,
+        "eval_window": opts.eval_window,
+        "calib_windows": opts.calib_windows,
+        "calib_length": opts.calib_length,
+        "decode_tokens": opts.decode_tokens,
+    }
     for name, value in positive.items():
         if value < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1 (got {value}).")
@@ -49,27 +59,48 @@ def check_options(opts: CompressOptions) -> None:
     if opts.corpus_share is None:
         opts.corpus_share = 0.5 if opts.generate_tokens else 1.0
     if not 0 <= opts.corpus_share <= 1:
-        raise UserError(f"--corpus-share is the share of --data in the fine-tuning text, in [0, 1] "
-                        f"(got {opts.corpus_share}).")
+        raise UserError(
+            f"--corpus-share is the share of --data in the fine-tuning text, in [0, 1] (got {opts.corpus_share})."
+        )
     if opts.generate_tokens == 0 and opts.corpus_share < 1:
-        raise UserError(f"--corpus-share {opts.corpus_share:g} asks for generated text but --generate-tokens is 0; "
-                        "pass --corpus-share 1 to fine-tune on --data alone, or --generate-tokens N.")
+        raise UserError(
+            f"--corpus-share {opts.corpus_share:g} asks for generated text but --generate-tokens is 0; "
+            "pass --corpus-share 1 to fine-tune on --data alone, or --generate-tokens N."
+        )
     if opts.generate_tokens and opts.corpus_share == 1:
-        raise UserError("--corpus-share 1 fine-tunes on --data alone, so generated text would go unused; pass "
-                        "--generate-tokens 0 as well.")
+        raise UserError(
+            "--corpus-share 1 fine-tunes on --data alone, so generated text would go unused; pass "
+            "--generate-tokens 0 as well."
+        )
     if not opts.budget_minutes > 0:
         raise UserError(f"--budget-minutes must be positive (got {opts.budget_minutes}).")
     if opts.eval_tokens < opts.eval_window:
         raise UserError(f"--eval-tokens ({opts.eval_tokens}) must be at least one --eval-window ({opts.eval_window}).")
     # a '+' spec joins texts: none of its parts may be a measuring text
     if {opts.data, *text_parts(opts.data)} & {opts.eval_text, opts.other_text}:
-        raise UserError(f"--data {opts.data!r} is also a text the result is measured on; train and calibrate on "
-                        "other text (the default austen-train+fortunes never overlaps either measuring text).")
+        raise UserError(
+            f"--data {opts.data!r} is also a text the result is measured on; train and calibrate on "
+            "other text (the default austen-train+fortunes never overlaps either measuring text)."
+        )
     check_search_dtype(opts.search_dtype)
     # the fine-tune's own checks (--lr, --seq-len, --neighbours with --loss blocks, ...): here, not after the search
-    TrainConfig(**{k: getattr(opts, k) for k in ("loss", "seq_len", "batch_size", "lr", "neighbours",
-                                                 "checkpoint_every", "block_weight", "warmup", "lora_rank")},
-                tokens=1 if opts.tokens is None else opts.tokens).validate()  # None: fitted to the time left
+    TrainConfig(
+        **{
+            k: getattr(opts, k)
+            for k in (
+                "loss",
+                "seq_len",
+                "batch_size",
+                "lr",
+                "neighbours",
+                "checkpoint_every",
+                "block_weight",
+                "warmup",
+                "lora_rank",
+            )
+        },
+        tokens=1 if opts.tokens is None else opts.tokens,
+    ).validate()  # None: fitted to the time left
     from ...measure.eval.evaluate import check_task_options, task_list
 
     if opts.tasks is not None and not task_list(opts.tasks):
@@ -83,8 +114,10 @@ def check_output(out: Path, overwrite: bool) -> None:
         raise OutputPathError(f"--out {out} is a file; pass a folder.")
     if not out.is_dir() or not any(out.iterdir()) or (out / STAGE_DIR).is_dir() or overwrite:
         return
-    raise OutputPathError(f"--out {out} holds something other than a compress run; pass --overwrite to replace it, "
-                          "or choose another --out.")
+    raise OutputPathError(
+        f"--out {out} holds something other than a compress run; pass --overwrite to replace it, "
+        "or choose another --out."
+    )
 
 
 def check_inputs(opts: CompressOptions) -> tuple[int, str]:

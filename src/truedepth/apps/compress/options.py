@@ -7,8 +7,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ...core.loading import ModelOptions
-from ...measure.eval.heldout import EvalTextOptions
 from ...measure.eval.evaluate import TaskOptions
+from ...measure.eval.heldout import EvalTextOptions
 from ...utils.options import option, option_names, override
 from ...utils.shared_options import OutDirOption, OverwriteOption, QuietOption, ThreadsOption
 from ..finetune import DEFAULT_LOSS, TRAJECTORY_OPTIONS, FinetuneData, TrainOptions
@@ -17,19 +17,29 @@ from ..search import CalibrationOptions
 
 @dataclass
 class CompressRun:
-    target_depth: int | None = option(None, "layers the compressed model runs one after another (1 <= D < the model's "
-                                      "depth)", metavar="D", required=True)
+    target_depth: int | None = option(
+        None,
+        "layers the compressed model runs one after another (1 <= D < the model's depth)",
+        metavar="D",
+        required=True,
+    )
     budget_minutes: float = option(60.0, "wall time for the whole command, split across the stages.")
 
 
 @dataclass
 class CompressGenerated:
     group_title = "training"
-    generate_tokens: int = option(0, "tokens of text the base model generates itself (from BOS, temperature 1) to "
-                                  "distil on as well: data-free distillation. 0: none (on the default model it did "
-                                  "worse than the training novels alone, docs/COMPRESS.md). Default: 0")
-    corpus_share: float | None = option(None, "share of --data in the fine-tuning text, the rest generated. Default: 1 "
-                                        "without --generate-tokens, 0.5 with it")
+    generate_tokens: int = option(
+        0,
+        "tokens of text the base model generates itself (from BOS, temperature 1) to "
+        "distil on as well: data-free distillation. 0: none (on the default model it did "
+        "worse than the training novels alone, docs/COMPRESS.md). Default: 0",
+    )
+    corpus_share: float | None = option(
+        None,
+        "share of --data in the fine-tuning text, the rest generated. Default: 1 "
+        "without --generate-tokens, 0.5 with it",
+    )
 
 
 @dataclass
@@ -38,30 +48,58 @@ class CompressTail:
 
 
 @dataclass
-class CompressOptions(QuietOption, ThreadsOption, CompressTail, CompressGenerated, TrainOptions, FinetuneData,
-                      CalibrationOptions, EvalTextOptions, TaskOptions, OverwriteOption, OutDirOption, CompressRun,
-                      ModelOptions):
+class CompressOptions(
+    QuietOption,
+    ThreadsOption,
+    CompressTail,
+    CompressGenerated,
+    TrainOptions,
+    FinetuneData,
+    CalibrationOptions,
+    EvalTextOptions,
+    TaskOptions,
+    OverwriteOption,
+    OutDirOption,
+    CompressRun,
+    ModelOptions,
+):
     """Everything `truedepth compress` takes (see its --help; the options come in the order of the bases from
     the last); the defaults are the command's."""
+
     out: str | None = override(None, required=True, help_note="(the compressed model and its report)")
     overwrite: bool = override(False, help_note="(start over)")
     # search calibration and fine-tuning text: novels and varied short texts
-    data: str = override("austen-train+fortunes", help_note="Compress calibrates the search on it too (the "
-                         "search's --calib).", default_help="austen-train+fortunes: the five training novels and "
-                         "varied short texts, interleaved (other domain 1.126x base at depth 24 against 1.179x on "
-                         "the novels alone, docs/research/compress-experiments.md)")
+    data: str = override(
+        "austen-train+fortunes",
+        help_note="Compress calibrates the search on it too (the search's --calib).",
+        default_help="austen-train+fortunes: the five training novels and "
+        "varied short texts, interleaved (other domain 1.126x base at depth 24 against 1.179x on "
+        "the novels alone, docs/research/compress-experiments.md)",
+    )
     eval_tokens: int = override(32768)
     search_dtype: str | None = override("auto", default_help="auto (bf16 where the CPU or GPU is fast at it)")
     loss: str = override(DEFAULT_LOSS, default_help=DEFAULT_LOSS)  # compress refuses a transformed --model
-    tokens: int | None = override(None, default_help="as many as fit in the fine-tune's time (timed on the first "
-                                  "batch); training stops earlier when its time is up")
+    tokens: int | None = override(
+        None,
+        default_help="as many as fit in the fine-tune's time (timed on the first "
+        "batch); training stops earlier when its time is up",
+    )
     command: str = "truedepth compress"  # the command line, recorded in compress.json (not an option)
 
 
 # Fine-tuning options compress leaves at the fine-tune's defaults (not on its command line; a library caller
 # may set them, and they count in the fine-tune stage's record)
-HIDDEN_OPTIONS = ("block_weight", "warmup", "min_lr_ratio", "weight_decay", "grad_clip", "seed", "lora", "lora_rank",
-                  "lora_alpha")
+HIDDEN_OPTIONS = (
+    "block_weight",
+    "warmup",
+    "min_lr_ratio",
+    "weight_decay",
+    "grad_clip",
+    "seed",
+    "lora",
+    "lora_rank",
+    "lora_alpha",
+)
 
 DEFAULT_OPTIONS = CompressOptions()
 

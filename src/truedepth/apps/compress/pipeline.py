@@ -12,9 +12,18 @@ from ...utils.env import use_threads
 from .budget import BUDGET_SHARES, stage_seconds_left
 from .checks import check_inputs
 from .options import STAGE_DIR, STAGES, SUMMARY_FILE, CompressOptions
-from .stages import (check_unchanged, read_stage, run_evaluate_stage, run_finetune_stage, run_generate_stage,
-                     run_save_stage, run_search_stage, stage_path, write_stage)
 from .report import show_report, write_report
+from .stages import (
+    check_unchanged,
+    read_stage,
+    run_evaluate_stage,
+    run_finetune_stage,
+    run_generate_stage,
+    run_save_stage,
+    run_search_stage,
+    stage_path,
+    write_stage,
+)
 
 
 def prepare_folder(out: Path, overwrite: bool) -> None:
@@ -37,8 +46,10 @@ def run_compress(opts: CompressOptions) -> dict[str, Any]:
     for i, stage in enumerate(STAGES, 1):
         done = read_stage(out, stage)
         if done is not None:
-            print(f"[{i}/{len(STAGES)}] {stage}: finished earlier with the same options "
-                  f"({stage_path(out, stage)}), skipped")
+            print(
+                f"[{i}/{len(STAGES)}] {stage}: finished earlier with the same options "
+                f"({stage_path(out, stage)}), skipped"
+            )
             records[stage] = done
             clock.spent(done["seconds"])
             continue
@@ -80,6 +91,8 @@ class Clock:
     def header(self, index: int, stage: str) -> str:
         planned = self.budget * BUDGET_SHARES[stage]
         left = max(self.budget - self.used, 0)
-        return (f"[{index}/{len(STAGES)}] {stage}: planned {planned / 60:.1f} min "
-                f"({BUDGET_SHARES[stage]:.0%} of --budget-minutes {self.budget / 60:g}); "
-                f"{self.used / 60:.1f} min spent so far, {left / 60:.1f} min of the budget left")
+        return (
+            f"[{index}/{len(STAGES)}] {stage}: planned {planned / 60:.1f} min "
+            f"({BUDGET_SHARES[stage]:.0%} of --budget-minutes {self.budget / 60:g}); "
+            f"{self.used / 60:.1f} min spent so far, {left / 60:.1f} min of the budget left"
+        )

@@ -14,8 +14,12 @@ from .stages import options_record
 
 DEFAULT_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # what the offline default model is a copy of
 COLUMNS = ("base", "contiguous", "searched", "fine-tuned")
-LABELS = {"base": "base model", "contiguous": "contiguous LP (paper), no fine-tuning",
-          "searched": "searched plan, no fine-tuning", "fine-tuned": "searched plan, fine-tuned"}
+LABELS = {
+    "base": "base model",
+    "contiguous": "contiguous LP (paper), no fine-tuning",
+    "searched": "searched plan, no fine-tuning",
+    "fine-tuned": "searched plan, fine-tuned",
+}
 SEARCH_PLOT, QUALITY_PLOT, CARD = "search.png", "quality.png", "README.md"
 
 
@@ -25,26 +29,58 @@ def base_model_id(model: str) -> str:
 
 def build_summary(opts: CompressOptions, records: dict[str, dict], device: str) -> dict[str, Any]:
     import truedepth
+
     from ...utils.device import device_and_dtype
     from ...utils.env import machine_info
 
     search, ft, ev = (records[s]["result"] for s in ("search", "finetune", "evaluate"))
-    stages = {name: {"seconds": r["seconds"], "budget_seconds": r["budget_seconds"], "share": BUDGET_SHARES[name],
-                     "finished": r["finished"]} for name, r in records.items()}
+    stages = {
+        name: {
+            "seconds": r["seconds"],
+            "budget_seconds": r["budget_seconds"],
+            "share": BUDGET_SHARES[name],
+            "finished": r["finished"],
+        }
+        for name, r in records.items()
+    }
     total = sum(r["seconds"] for r in records.values())
     return {
-        "model": opts.model, "base_model": base_model_id(opts.model), "target_depth": opts.target_depth,
-        "depth": ev["depth"], "plan": search["plan_string"], "plan_json": search["plan"],
-        "contiguous_plan": ev["contiguous_plan"], "command": opts.command, "options": options_record(opts),
-        "budget_minutes": opts.budget_minutes, "total_seconds": round(total, 1), "stages": stages,
-        "perplexity": ev["perplexity"], "eval_tokens": ev["eval_tokens"], "eval_window": ev["eval_window"],
-        "ratio_to_base": {text: {k: v / row["base"] for k, v in row.items() if v is not None and row.get("base")}
-                          for text, row in ev["perplexity"].items()},
-        "decode_tokens_per_second": ev["decode_tokens_per_second"], "tasks": ev.get("tasks"),
+        "model": opts.model,
+        "base_model": base_model_id(opts.model),
+        "target_depth": opts.target_depth,
+        "depth": ev["depth"],
+        "plan": search["plan_string"],
+        "plan_json": search["plan"],
+        "contiguous_plan": ev["contiguous_plan"],
+        "command": opts.command,
+        "options": options_record(opts),
+        "budget_minutes": opts.budget_minutes,
+        "total_seconds": round(total, 1),
+        "stages": stages,
+        "perplexity": ev["perplexity"],
+        "eval_tokens": ev["eval_tokens"],
+        "eval_window": ev["eval_window"],
+        "ratio_to_base": {
+            text: {k: v / row["base"] for k, v in row.items() if v is not None and row.get("base")}
+            for text, row in ev["perplexity"].items()
+        },
+        "decode_tokens_per_second": ev["decode_tokens_per_second"],
+        "tasks": ev.get("tasks"),
         "finetune": {k: v for k, v in ft.items() if k not in ("perplexity", "history")},
-        "generate": records["generate"]["result"], "corpus_share": opts.corpus_share,
-        "search": {k: search["summary"].get(k) for k in ("objective", "base_objective", "found", "forward_passes",
-                                                          "search_seconds", "selection_seconds", "calibration")},
+        "generate": records["generate"]["result"],
+        "corpus_share": opts.corpus_share,
+        "search": {
+            k: search["summary"].get(k)
+            for k in (
+                "objective",
+                "base_objective",
+                "found",
+                "forward_passes",
+                "search_seconds",
+                "selection_seconds",
+                "calibration",
+            )
+        },
         "machine": machine_info(device, device_and_dtype(device, opts.dtype)[1]),  # the dtype evaluated in
         "truedepth": truedepth.__version__,
     }
@@ -75,12 +111,16 @@ def quality_table(summary: dict[str, Any]) -> str:
     head = "| text | " + " | ".join(LABELS[c] for c in COLUMNS) + " |"
     rows = [head, "|" + "---|" * (len(COLUMNS) + 1)]
     for text, row in ppl.items():
-        cells = [f"{row[c]:.2f}" + (f" ({ratio[text][c]:.3f}x)" if c != "base" else "") if row.get(c) is not None
-                 else "n/a" for c in COLUMNS]
+        cells = [
+            f"{row[c]:.2f}" + (f" ({ratio[text][c]:.3f}x)" if c != "base" else "") if row.get(c) is not None else "n/a"
+            for c in COLUMNS
+        ]
         rows.append(f"| {text.replace('_', '-')} | " + " | ".join(cells) + " |")
     speed = summary["decode_tokens_per_second"]
-    rows.append(f"\nDecode speed (batch 1, greedy): base {speed['base']:.1f} tok/s, compressed "
-                f"{speed['fine-tuned']:.1f} tok/s ({speed['fine-tuned'] / speed['base']:.2f}x).")
+    rows.append(
+        f"\nDecode speed (batch 1, greedy): base {speed['base']:.1f} tok/s, compressed "
+        f"{speed['fine-tuned']:.1f} tok/s ({speed['fine-tuned'] / speed['base']:.2f}x)."
+    )
     return "\n".join(rows)
 
 
@@ -95,11 +135,12 @@ def stage_table(summary: dict[str, Any]) -> str:
 def model_card(summary: dict[str, Any]) -> str:
     """A Hugging Face model card: YAML header (base_model, tags), what was done, quality, how to use it."""
     ft, m = summary["finetune"], summary["machine"]
+    removed = summary["depth"]["base"] - summary["depth"]["fine-tuned"]
     tasks = ""
     if summary.get("tasks"):
         tasks = "\n## lm-eval tasks\n\n```json\n" + json.dumps(summary["tasks"], indent=1, default=str) + "\n```\n"
     return f"""---
-base_model: {summary['base_model']}
+base_model: {summary["base_model"]}
 library_name: transformers
 tags:
 - truedepth
@@ -108,23 +149,23 @@ tags:
 - distillation
 ---
 
-# {summary['base_model'].split('/')[-1]} at depth {summary['depth']['fine-tuned']} (truedepth Layer Parallelism)
+# {summary["base_model"].split("/")[-1]} at depth {summary["depth"]["fine-tuned"]} (truedepth Layer Parallelism)
 
-{summary['base_model']} ({summary['depth']['base']} layers) made {summary['depth']['base'] - summary['depth']['fine-tuned']} layers shallower with
+{summary["base_model"]} ({summary["depth"]["base"]} layers) made {removed} layers shallower with
 `truedepth compress`: groups of consecutive layers read the same input and run as one wide layer.
 
-- **Plan** (found by `truedepth search`, calibrated on training text only): `{summary['plan']}`
-- **Fine-tuning**: only the wide layers, loss `{ft['loss']}`, {ft['steps']} steps, {ft['tokens']} tokens,
-  {ft['train_seconds'] / 60:.1f} min{' (stopped by the time budget)' if ft['stopped_by'] == 'max_minutes' else ''}, on
+- **Plan** (found by `truedepth search`, calibrated on training text only): `{summary["plan"]}`
+- **Fine-tuning**: only the wide layers, loss `{ft["loss"]}`, {ft["steps"]} steps, {ft["tokens"]} tokens,
+  {ft["train_seconds"] / 60:.1f} min{" (stopped by the time budget)" if ft["stopped_by"] == "max_minutes" else ""}, on
   {training_text(summary)}.
-- **Command**: `{summary['command']}`
-- **Machine**: {m.get('cpu')} ({m.get('cores')} cores), device {m.get('device')}, torch {m.get('torch')},
-  transformers {m.get('transformers')}, load average {m.get('load_average')}, {m.get('date')}.
+- **Command**: `{summary["command"]}`
+- **Machine**: {m.get("cpu")} ({m.get("cores")} cores), device {m.get("device")}, torch {m.get("torch")},
+  transformers {m.get("transformers")}, load average {m.get("load_average")}, {m.get("date")}.
 
 ## Quality
 
-Perplexity, first {summary['eval_tokens']} tokens in windows of {summary['eval_window']} (ratio to the base model).
-The contiguous plan is the paper's scheme at the same depth (`{summary['contiguous_plan']}`).
+Perplexity, first {summary["eval_tokens"]} tokens in windows of {summary["eval_window"]} (ratio to the base model).
+The contiguous plan is the paper's scheme at the same depth (`{summary["contiguous_plan"]}`).
 
 {quality_table(summary)}
 
@@ -157,8 +198,10 @@ def training_text(summary: dict[str, Any]) -> str:
     gen, share, data = summary["generate"], summary["corpus_share"], summary["options"]["data"]
     if not gen.get("tokens"):
         return f"`{data}`"
-    return (f"{1 - share:.0%} text the base model generated itself ({gen['tokens']:,} tokens sampled from BOS at "
-            f"temperature 1: data-free distillation) and {share:.0%} `{data}`")
+    return (
+        f"{1 - share:.0%} text the base model generated itself ({gen['tokens']:,} tokens sampled from BOS at "
+        f"temperature 1: data-free distillation) and {share:.0%} `{data}`"
+    )
 
 
 def plot_quality(summary: dict[str, Any], path: Path) -> None:
@@ -175,8 +218,7 @@ def plot_quality(summary: dict[str, Any], path: Path) -> None:
     ax.set_xticks([i + width * (len(COLUMNS) - 1) / 2 for i in range(len(texts))])
     ax.set_xticklabels([t.replace("_", "-") for t in texts])
     ax.set_ylabel("perplexity (lower is better)")
-    ax.set_title(f"depth {summary['depth']['base']} -> {summary['depth']['fine-tuned']}: {summary['plan']}",
-                 fontsize=8)
+    ax.set_title(f"depth {summary['depth']['base']} -> {summary['depth']['fine-tuned']}: {summary['plan']}", fontsize=8)
     top = max(v or 0 for row in summary["perplexity"].values() for v in row.values())
     ax.set_ylim(0, 1.35 * top)  # room for the legend above the bars
     ax.legend(fontsize=8, ncol=2, loc="upper center")

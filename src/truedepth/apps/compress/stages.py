@@ -18,16 +18,24 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from ...measure.eval.heldout import EvalTextOptions
 from ...utils.errors import UserError
 from ...utils.io import atomic_write_json
-from ...measure.eval.heldout import EvalTextOptions
 from ...utils.options import fill, flag_of, option_names
 from ..finetune import SUMMARY_FILE as FT_SUMMARY_FILE
 from ..finetune import FinetuneOptions, generate_text, latest_checkpoint, mix_texts, read_generated, run_finetune
 from ..search import SearchOptions, run_search
 from .budget import BUDGET_SHARES
-from .options import (DEFAULT_OPTIONS, FINETUNE_DIR, GENERATED_DIR, STAGE_DIR, STAGE_INPUTS, STAGES, TRAIN_FILE,
-                      CompressOptions)
+from .options import (
+    DEFAULT_OPTIONS,
+    FINETUNE_DIR,
+    GENERATED_DIR,
+    STAGE_DIR,
+    STAGE_INPUTS,
+    STAGES,
+    TRAIN_FILE,
+    CompressOptions,
+)
 
 # compress options of the same name that are not the fine-tune's: it measures nothing (the evaluate stage
 # does), and --overwrite has already emptied DIR
@@ -55,9 +63,14 @@ def read_stage(out: Path, stage: str) -> dict[str, Any] | None:
 
 
 def write_stage(out: Path, stage: str, opts: CompressOptions, seconds: float, result: dict[str, Any]) -> dict:
-    record = {"stage": stage, "inputs": stage_inputs(opts, stage), "seconds": round(seconds, 2),
-              "budget_seconds": round(opts.budget_minutes * 60 * BUDGET_SHARES[stage], 1),
-              "finished": time.strftime("%Y-%m-%d %H:%M:%S"), "result": result}
+    record = {
+        "stage": stage,
+        "inputs": stage_inputs(opts, stage),
+        "seconds": round(seconds, 2),
+        "budget_seconds": round(opts.budget_minutes * 60 * BUDGET_SHARES[stage], 1),
+        "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "result": result,
+    }
     atomic_write_json(stage_path(out, stage), record)
     return record
 
@@ -72,9 +85,11 @@ def check_unchanged(out: Path, opts: CompressOptions) -> None:
             # A stage recorded before an option existed ran as that option's default does.
             was = record["inputs"].get(key, getattr(DEFAULT_OPTIONS, key))
             if was != now:
-                raise UserError(f"{flag_of(CompressOptions, key)} is {now!r} but the finished stage '{stage}' in {out} used "
-                                 f"{was!r}; rerun with the same options to resume, pass --overwrite to start over, "
-                                 "or choose another --out.")
+                raise UserError(
+                    f"{flag_of(CompressOptions, key)} is {now!r} but the finished stage '{stage}' in {out} used "
+                    f"{was!r}; rerun with the same options to resume, pass --overwrite to start over, "
+                    "or choose another --out."
+                )
 
 
 # =============================================================================================
@@ -106,11 +121,24 @@ def run_search_stage(opts: CompressOptions) -> dict[str, Any]:
     """`truedepth search` at --target-depth, calibrated on --data, with the search's own defaults otherwise."""
     from ...core.plan import as_plan
 
-    summary = run_search(fill(SearchOptions, opts, target_depth=str(opts.target_depth), calib=opts.data,
-                              report="none", out=None, plot=None))
+    summary = run_search(
+        fill(
+            SearchOptions,
+            opts,
+            target_depth=str(opts.target_depth),
+            calib=opts.data,
+            report="none",
+            out=None,
+            plot=None,
+        )
+    )
     found = summary["found"][0]
-    return {"plan": found["plan"], "plan_string": str(as_plan(found["plan"])), "depth": found["depth"],
-            "summary": summary}
+    return {
+        "plan": found["plan"],
+        "plan_string": str(as_plan(found["plan"])),
+        "depth": found["depth"],
+        "summary": summary,
+    }
 
 
 def run_generate_stage(opts: CompressOptions, out: Path, max_seconds: float) -> dict[str, Any]:
@@ -118,8 +146,9 @@ def run_generate_stage(opts: CompressOptions, out: Path, max_seconds: float) -> 
     if not opts.generate_tokens:
         return {"tokens": 0, "parts": 0, "seconds": 0.0, "stopped_by": None}
     model, tokenizer = load_model(opts)
-    return generate_text(model, tokenizer, out / GENERATED_DIR, opts.generate_tokens, max_seconds=max_seconds,
-                         progress=not opts.quiet) | {"max_seconds": round(max_seconds, 1)}
+    return generate_text(
+        model, tokenizer, out / GENERATED_DIR, opts.generate_tokens, max_seconds=max_seconds, progress=not opts.quiet
+    ) | {"max_seconds": round(max_seconds, 1)}
 
 
 def training_data(opts: CompressOptions, out: Path) -> str:
@@ -150,19 +179,44 @@ def run_finetune_stage(opts: CompressOptions, out: Path, plan: str, max_minutes:
         # the evaluate stage measures every model on the same texts, so the fine-tune only trains; on resume
         # (and when fitted to the time) --tokens stays at the fine-tune's default: the checkpoint's count holds
         tokens = opts.tokens if opts.tokens is not None and not resume else FinetuneOptions.tokens
-        rc = run_finetune(fill(FinetuneOptions, opts, exclude=NOT_FOR_FINETUNE, plan=plan, data=data, tokens=tokens,
-                               fit_tokens=opts.tokens is None, max_minutes=max_minutes, out=str(folder),
-                               resume=resume, no_eval=True))
+        rc = run_finetune(
+            fill(
+                FinetuneOptions,
+                opts,
+                exclude=NOT_FOR_FINETUNE,
+                plan=plan,
+                data=data,
+                tokens=tokens,
+                fit_tokens=opts.tokens is None,
+                max_minutes=max_minutes,
+                out=str(folder),
+                resume=resume,
+                no_eval=True,
+            )
+        )
         if rc != 0:
-            raise FinetuneStopped(f"the fine-tune in {folder} stopped before its end; rerun the same command to resume it.")
+            raise FinetuneStopped(
+                f"the fine-tune in {folder} stopped before its end; rerun the same command to resume it."
+            )
     summary = json.loads(summary_file.read_text())
-    keep = ("steps", "tokens", "finished", "stopped_by", "train_seconds", "tokens_per_second", "loss", "train_dtype",
-            "history", "epochs")
+    keep = (
+        "steps",
+        "tokens",
+        "finished",
+        "stopped_by",
+        "train_seconds",
+        "tokens_per_second",
+        "loss",
+        "train_dtype",
+        "history",
+        "epochs",
+    )
     return {k: summary.get(k) for k in keep} | {"max_minutes": round(max_minutes, 3)}
 
 
-def measured_perplexities(opts: CompressOptions, texts: dict[str, str], label: str, plan: str | None = None,
-                          folder: Path | None = None) -> dict[str, float]:
+def measured_perplexities(
+    opts: CompressOptions, texts: dict[str, str], label: str, plan: str | None = None, folder: Path | None = None
+) -> dict[str, float]:
     """Perplexity of one model on each text. Models without training (base, a plan applied to the base)
     come from finetune's cache when measured before with the same weights, texts and sizes, without
     loading them."""
@@ -178,8 +232,9 @@ def measured_perplexities(opts: CompressOptions, texts: dict[str, str], label: s
 
     if folder is not None:
         return measure()
-    return cached_perplexities(measure, opts.model, label, texts_digest(texts), opts.eval_tokens, opts.eval_window,
-                               dtype, device)
+    return cached_perplexities(
+        measure, opts.model, label, texts_digest(texts), opts.eval_tokens, opts.eval_window, dtype, device
+    )
 
 
 def run_evaluate_stage(opts: CompressOptions, out: Path, layers: int, plan: str) -> dict[str, Any]:
@@ -190,18 +245,25 @@ def run_evaluate_stage(opts: CompressOptions, out: Path, layers: int, plan: str)
 
     texts = measuring_texts(opts)
     contiguous = contiguous_plan(layers, opts.target_depth)
-    measured = {"base": measured_perplexities(opts, texts, "base"),
-                "contiguous": measured_perplexities(opts, texts, contiguous, plan=contiguous) if contiguous else {},
-                "searched": measured_perplexities(opts, texts, plan, plan=plan),
-                "fine-tuned": measured_perplexities(opts, texts, "fine-tuned", folder=out / FINETUNE_DIR)}
+    measured = {
+        "base": measured_perplexities(opts, texts, "base"),
+        "contiguous": measured_perplexities(opts, texts, contiguous, plan=contiguous) if contiguous else {},
+        "searched": measured_perplexities(opts, texts, plan, plan=plan),
+        "fine-tuned": measured_perplexities(opts, texts, "fine-tuned", folder=out / FINETUNE_DIR),
+    }
     ppl = {name: {model: values.get(name) for model, values in measured.items()} for name in texts}
     base, tokenizer = load_model(opts)
     compressed, _ = load_model(opts, out / FINETUNE_DIR)
     models = {"base": base, "fine-tuned": compressed}
     speed = interleaved_decode_rates(models, tokenizer, new_tokens=opts.decode_tokens, progress=not opts.quiet)
-    result: dict[str, Any] = {"contiguous_plan": contiguous, "perplexity": ppl, "eval_tokens": opts.eval_tokens,
-                              "eval_window": opts.eval_window, "decode_tokens_per_second": speed,
-                              "depth": {"base": layers, "fine-tuned": compressed.config.num_hidden_layers}}
+    result: dict[str, Any] = {
+        "contiguous_plan": contiguous,
+        "perplexity": ppl,
+        "eval_tokens": opts.eval_tokens,
+        "eval_window": opts.eval_window,
+        "decode_tokens_per_second": speed,
+        "depth": {"base": layers, "fine-tuned": compressed.config.num_hidden_layers},
+    }
     if opts.tasks:
         from ...measure.eval.evaluate import EvalOptions, run_tasks
 

@@ -9,11 +9,35 @@ The names below are the package's public API (what `apps.compress` and scripts u
 """
 
 from .checkpoint import latest_checkpoint
-from .config import (CURVE_FILE, DEFAULT_LOSS, DEFAULT_PLAN, LOSSES, SUMMARY_FILE, TRAJECTORY_OPTIONS, FinetuneData,
-                     FinetuneOptions, TrainConfig, TrainOptions)
+from .config import (
+    CURVE_FILE,
+    DEFAULT_LOSS,
+    DEFAULT_PLAN,
+    LOSSES,
+    SUMMARY_FILE,
+    TRAJECTORY_OPTIONS,
+    FinetuneData,
+    FinetuneOptions,
+    TrainConfig,
+    TrainOptions,
+)
 from .pipeline import run_finetune
 from .selfdata import generate_text, mix_texts, read_generated
 
-__all__ = ["CURVE_FILE", "DEFAULT_LOSS", "DEFAULT_PLAN", "LOSSES", "SUMMARY_FILE", "TRAJECTORY_OPTIONS", "FinetuneData", "FinetuneOptions",
-           "TrainConfig", "TrainOptions", "generate_text", "latest_checkpoint", "mix_texts", "read_generated",
-           "run_finetune"]
+__all__ = [
+    "CURVE_FILE",
+    "DEFAULT_LOSS",
+    "DEFAULT_PLAN",
+    "LOSSES",
+    "SUMMARY_FILE",
+    "TRAJECTORY_OPTIONS",
+    "FinetuneData",
+    "FinetuneOptions",
+    "TrainConfig",
+    "TrainOptions",
+    "generate_text",
+    "latest_checkpoint",
+    "mix_texts",
+    "read_generated",
+    "run_finetune",
+]

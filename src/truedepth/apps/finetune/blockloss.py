@@ -26,8 +26,10 @@ def check_one_attention_type(config: Any) -> None:
     mixed, the layers it replaced may need another, so the targets would be wrong."""
     types = set(getattr(config, "layer_types", None) or [])
     if len(types) > 1:
-        raise UserError(f"--loss blocks and --block-weight need one attention type in every layer; this model "
-                        f"mixes {', '.join(sorted(types))}. Use --loss distill without --block-weight.")
+        raise UserError(
+            f"--loss blocks and --block-weight need one attention type in every layer; this model "
+            f"mixes {', '.join(sorted(types))}. Use --loss distill without --block-weight."
+        )
 
 
 class BlockMatch:
@@ -42,8 +44,9 @@ class BlockMatch:
     update, and the forward stops after the last wide layer (no head, no teacher logits).
     """
 
-    def __init__(self, student_layers: Any, teacher_layers: Any, members: dict[int, tuple[int, ...]],
-                 local: bool = False):
+    def __init__(
+        self, student_layers: Any, teacher_layers: Any, members: dict[int, tuple[int, ...]], local: bool = False
+    ):
         self.teacher_layers, self.members, self.local = teacher_layers, members, local
         self._captured: dict[int, tuple[tuple, dict, torch.Tensor]] = {}
         self._last = max(members)

@@ -65,8 +65,15 @@ def checkpoint_dirs(out: Path) -> list[Path]:
     return sorted(done, key=lambda p: int(p.name.split("-")[1]))
 
 
-def save_checkpoint(out: Path, step: int, trainable: dict[str, torch.Tensor], optimizer: Any, scheduler: Any,
-                    meta: dict[str, Any], keep: int = 2) -> Path:
+def save_checkpoint(
+    out: Path,
+    step: int,
+    trainable: dict[str, torch.Tensor],
+    optimizer: Any,
+    scheduler: Any,
+    meta: dict[str, Any],
+    keep: int = 2,
+) -> Path:
     """Write checkpoint `step` to a temporary folder, fsync it, then rename it into place.
 
     A kill at any moment leaves either the previous checkpoints or the new complete one. The
@@ -82,8 +89,7 @@ def save_checkpoint(out: Path, step: int, trainable: dict[str, torch.Tensor], op
     tmp = root / f".tmp-step-{step:08d}-{os.getpid()}"
     tmp.mkdir()
     opt_tensors, opt_meta = flatten_optimizer(optimizer.state_dict())
-    _write_bytes(tmp / "trainable.safetensors",
-                 save({k: v.detach().cpu().contiguous() for k, v in trainable.items()}))
+    _write_bytes(tmp / "trainable.safetensors", save({k: v.detach().cpu().contiguous() for k, v in trainable.items()}))
     _write_bytes(tmp / "optimizer.safetensors", save(opt_tensors))
     _write_bytes(tmp / "rng.safetensors", save(rng_state()))
     state = dict(meta, format=CHECKPOINT_FORMAT, step=step, optimizer=opt_meta, scheduler=scheduler.state_dict())
@@ -104,8 +110,10 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     path = Path(path)
     state = json.loads((path / "state.json").read_text())
     if state.get("format") != CHECKPOINT_FORMAT:
-        raise InputPathError(f"checkpoint {path} has format {state.get('format')}, this truedepth reads "
-                             f"{CHECKPOINT_FORMAT}; resume it with the truedepth version that wrote it.")
+        raise InputPathError(
+            f"checkpoint {path} has format {state.get('format')}, this truedepth reads "
+            f"{CHECKPOINT_FORMAT}; resume it with the truedepth version that wrote it."
+        )
     state["trainable"] = load_file(path / "trainable.safetensors")
     state["optimizer"] = unflatten_optimizer(load_file(path / "optimizer.safetensors"), state["optimizer"])
     state["rng"] = load_file(path / "rng.safetensors")

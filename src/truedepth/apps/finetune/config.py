@@ -14,7 +14,6 @@ from ...utils.errors import UserError
 from ...utils.options import option, option_names, override
 from ...utils.shared_options import OutDirOption, OverwriteOption, QuietOption, SeedOption, ThreadsOption
 
-
 LOSSES = ("lm", "distill", "blocks")
 
 
@@ -22,8 +21,18 @@ TEACHER_LOSSES = ("distill", "blocks")  # need the model before the plan
 
 
 # Options that define what is measured; a resumed run takes them from the checkpoint.
-RUN_OPTIONS = ("model", "plan", "data", "dtype", "eval_text", "other_text", "eval_tokens", "eval_window", "eval_every",
-               "no_eval")
+RUN_OPTIONS = (
+    "model",
+    "plan",
+    "data",
+    "dtype",
+    "eval_text",
+    "other_text",
+    "eval_tokens",
+    "eval_window",
+    "eval_every",
+    "no_eval",
+)
 
 
 DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
@@ -53,34 +62,45 @@ DEFAULT_LOSS = "distill"  # recovers what LP lost on any text; lm adapts to the 
 @dataclass
 class TrainOptions(SeedOption):
     """How the wide layers train: every option that sets the training trajectory, and the checkpoints."""
+
     group_title = "training"
     tokens: int = option(200_000, "training tokens in total (input tokens per step = batch size x sequence length).")
     seq_len: int = option(256, "tokens per training sequence.")
     batch_size: int = option(4, "sequences per step.")
-    loss: str | None = option(None, "distill: KL to the model before the plan; blocks: each wide layer's update "
-                              "matched to the update of the layers it replaced, on the same input (no logits: "
-                              "faster); lm: next-token cross-entropy (adapts to the training text). "
-                              f"Default: {DEFAULT_LOSS} (lm for an already transformed --model, which has no teacher)",
-                              choices=LOSSES)
-    block_weight: float = option(0.0, "with --loss distill: add the blocks loss times this weight (0: off)",
-                                 show_default=False)
+    loss: str | None = option(
+        None,
+        "distill: KL to the model before the plan; blocks: each wide layer's update "
+        "matched to the update of the layers it replaced, on the same input (no logits: "
+        "faster); lm: next-token cross-entropy (adapts to the training text). "
+        f"Default: {DEFAULT_LOSS} (lm for an already transformed --model, which has no teacher)",
+        choices=LOSSES,
+    )
+    block_weight: float = option(
+        0.0, "with --loss distill: add the blocks loss times this weight (0: off)", show_default=False
+    )
     lr: float = option(3e-4, "peak AdamW learning rate.")
     warmup: float = option(0.05, "warm-up fraction of the steps.")
     min_lr_ratio: float = option(0.1, "cosine decay ends at lr x this.")
     weight_decay: float = option(0.0, "AdamW weight decay. Default: 0.0")
     grad_clip: float = option(1.0, "gradient-norm clip, 0 = off.")
     seed: int = override(0, help_note="(the order of the training data).")
-    lora: bool = option(False, "train peft LoRA adapters on the wide layers' linear modules instead of full "
-                        "weights; merged before saving")
+    lora: bool = option(
+        False,
+        "train peft LoRA adapters on the wide layers' linear modules instead of full weights; merged before saving",
+    )
     lora_rank: int = option(16, "LoRA rank.")
     lora_alpha: float = option(32.0, "LoRA alpha.")
-    neighbours: int = option(0, "also train this many ordinary layers on each side of every wide block. "
-                             "Default: 0 (wide layers only)")
-    train_dtype: str = option("auto", "precision of the training forward/backward (torch.autocast; frozen weights "
-                              "stored in it, trained weights kept in fp32). auto: bf16 on GPU and on CPUs where a "
-                              "quick matrix-multiply timing finds bf16 faster (not every CPU with AVX512-BF16 is), "
-                              "else fp32. The saved model and all perplexities use --dtype.",
-                              choices=("auto", "fp32", "bf16"))
+    neighbours: int = option(
+        0, "also train this many ordinary layers on each side of every wide block. Default: 0 (wide layers only)"
+    )
+    train_dtype: str = option(
+        "auto",
+        "precision of the training forward/backward (torch.autocast; frozen weights "
+        "stored in it, trained weights kept in fp32). auto: bf16 on GPU and on CPUs where a "
+        "quick matrix-multiply timing finds bf16 faster (not every CPU with AVX512-BF16 is), "
+        "else fp32. The saved model and all perplexities use --dtype.",
+        choices=("auto", "fp32", "bf16"),
+    )
     checkpoint_every: int = option(50, "write a checkpoint every K steps.")
 
 
@@ -92,6 +112,7 @@ TRAJECTORY_OPTIONS = tuple(name for name in option_names(TrainOptions) if name !
 class TrainConfig(TrainOptions):
     """Everything that determines the training trajectory (saved in every checkpoint): the training options
     as resolved for one run, and when to checkpoint, evaluate and stop."""
+
     loss: str = override(DEFAULT_LOSS)
     train_dtype: str = override("fp32")  # autocast dtype of the training steps, resolved from --train-dtype
     keep_checkpoints: int = 2
@@ -109,9 +130,14 @@ class TrainConfig(TrainOptions):
     def validate(self) -> None:
         if self.loss not in LOSSES:
             raise UserError(f"unknown --loss {self.loss!r}; use one of {', '.join(LOSSES)}.")
-        positive = {"seq_len": self.seq_len, "batch_size": self.batch_size, "tokens": self.tokens,
-                    "checkpoint_every": self.checkpoint_every, "keep_checkpoints": self.keep_checkpoints,
-                    "lora_rank": self.lora_rank}
+        positive = {
+            "seq_len": self.seq_len,
+            "batch_size": self.batch_size,
+            "tokens": self.tokens,
+            "checkpoint_every": self.checkpoint_every,
+            "keep_checkpoints": self.keep_checkpoints,
+            "lora_rank": self.lora_rank,
+        }
         for name, value in positive.items():
             if not isinstance(value, int) or value < 1:
                 raise UserError(f"--{name.replace('_', '-')} must be a positive integer (got {value!r}).")
@@ -126,11 +152,15 @@ class TrainConfig(TrainOptions):
         if not self.block_weight >= 0:
             raise UserError(f"--block-weight must be >= 0 (got {self.block_weight}).")
         if self.loss == "blocks" and self.neighbours:
-            raise UserError("--loss blocks trains each wide layer on its own error, which never reaches the "
-                            "--neighbours layers; use --loss distill --block-weight W to train them as well.")
+            raise UserError(
+                "--loss blocks trains each wide layer on its own error, which never reaches the "
+                "--neighbours layers; use --loss distill --block-weight W to train them as well."
+            )
         if self.block_weight and self.loss != "distill":
-            raise UserError(f"--block-weight adds the blocks loss to --loss distill, not to --loss {self.loss}; "
-                            "drop --block-weight (--loss blocks is the blocks loss alone).")
+            raise UserError(
+                f"--block-weight adds the blocks loss to --loss distill, not to --loss {self.loss}; "
+                "drop --block-weight (--loss blocks is the blocks loss alone)."
+            )
         if self.max_minutes is not None and not self.max_minutes > 0:
             raise UserError(f"--max-minutes must be positive (got {self.max_minutes}).")
 
@@ -141,44 +171,77 @@ class TrainConfig(TrainOptions):
 @dataclass
 class FinetuneData:
     """The training text (compress composes it with its own default)."""
+
     group_title = "training"
-    data: str = option("default", "training text: 'default' = the five Austen novels other than the held-out one, "
-                       "or any text spec of `eval --text` (austen:<name>, a .txt path, a datasets name).")
+    data: str = option(
+        "default",
+        "training text: 'default' = the five Austen novels other than the held-out one, "
+        "or any text spec of `eval --text` (austen:<name>, a .txt path, a datasets name).",
+    )
 
 
 @dataclass
 class FinetuneTime:
     group_title = "training"
-    max_minutes: float | None = option(None, "stop training after this many minutes of training steps (evaluation "
-                                       "excluded); the run is saved and summarised as usual")
-    fit_tokens: bool = option(False, "set --tokens from one timed training step so that the whole schedule (warm-up, "
-                              "cosine decay) ends inside --max-minutes, instead of being cut off at a high learning rate")
+    max_minutes: float | None = option(
+        None,
+        "stop training after this many minutes of training steps (evaluation "
+        "excluded); the run is saved and summarised as usual",
+    )
+    fit_tokens: bool = option(
+        False,
+        "set --tokens from one timed training step so that the whole schedule (warm-up, "
+        "cosine decay) ends inside --max-minutes, instead of being cut off at a high learning rate",
+    )
 
 
 @dataclass
 class FinetuneOutput:
     group_title = "output and resuming"
     resume: bool = option(False, "continue from the latest checkpoint in --out")
-    keep_checkpoints_after: bool = option(False, "keep the last checkpoints after a finished run (default: removed "
-                                          "once the model is saved; a run stopped by --max-minutes always keeps "
-                                          "them, so it can be resumed)", flag="--keep-checkpoints")
+    keep_checkpoints_after: bool = option(
+        False,
+        "keep the last checkpoints after a finished run (default: removed "
+        "once the model is saved; a run stopped by --max-minutes always keeps "
+        "them, so it can be resumed)",
+        flag="--keep-checkpoints",
+    )
 
 
 @dataclass
 class FinetuneEval:
     group_title = "evaluation"
-    eval_every: int = option(0, "also score the held-out text every K steps and at step 0, for recovery vs tokens; "
-                             "these points are scored with the training copy (frozen weights in --train-dtype). "
-                             "Default: off")
+    eval_every: int = option(
+        0,
+        "also score the held-out text every K steps and at step 0, for recovery vs tokens; "
+        "these points are scored with the training copy (frozen weights in --train-dtype). "
+        "Default: off",
+    )
     no_eval: bool = option(False, "skip every perplexity evaluation")
 
 
 @dataclass
-class FinetuneOptions(QuietOption, FinetuneEval, EvalTextOptions, OverwriteOption, FinetuneOutput, OutDirOption,
-                      ThreadsOption, FinetuneTime, TrainOptions, FinetuneData, PlanOption, ModelOptions):
+class FinetuneOptions(
+    QuietOption,
+    FinetuneEval,
+    EvalTextOptions,
+    OverwriteOption,
+    FinetuneOutput,
+    OutDirOption,
+    ThreadsOption,
+    FinetuneTime,
+    TrainOptions,
+    FinetuneData,
+    PlanOption,
+    ModelOptions,
+):
     """Everything `truedepth finetune` takes (see its --help; the options come in the order of the bases from
     the last). On --resume, an option left at its default takes the checkpoint's value."""
-    plan: str | None = override(None, help_note="It must contain a parallel group.",
-                                default_help=f"{DEFAULT_PLAN}, or the recorded plan of an already transformed --model")
+
+    plan: str | None = override(
+        None,
+        help_note="It must contain a parallel group.",
+        default_help=f"{DEFAULT_PLAN}, or the recorded plan of an already transformed --model",
+    )
     out: str | None = override(None, required=True, help_note="(the fine-tuned model, summary, plot, checkpoints)")
     overwrite: bool = override(False, help_note="(a finished run in --out, or a non-empty folder that is not a run)")

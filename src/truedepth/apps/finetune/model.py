@@ -44,13 +44,17 @@ def check_plan_has_parallel_groups(plan: Any, recorded: dict[str, Any] | None = 
     if recorded is not None:
         if any(w > 1 for w in recorded.get("layer_widths", [])):
             return
-        raise PlanError(f"the model's recorded plan '{as_plan(recorded['plan'])}' has no parallel groups, so "
-                        "there are no wide layers to fine-tune; start from the original model with --plan "
-                        f"{DEFAULT_PLAN} (or another plan with a parallel=A:B step).")
+        raise PlanError(
+            f"the model's recorded plan '{as_plan(recorded['plan'])}' has no parallel groups, so "
+            "there are no wide layers to fine-tune; start from the original model with --plan "
+            f"{DEFAULT_PLAN} (or another plan with a parallel=A:B step)."
+        )
     plan = as_plan(plan)
     if not any(s.kind == "parallel" for s in plan.steps):
-        raise PlanError(f"plan '{plan}' has no parallel groups, so there are no wide layers to fine-tune; "
-                        f"pass a plan with a parallel=A:B step, e.g. --plan {DEFAULT_PLAN}.")
+        raise PlanError(
+            f"plan '{plan}' has no parallel groups, so there are no wide layers to fine-tune; "
+            f"pass a plan with a parallel=A:B step, e.g. --plan {DEFAULT_PLAN}."
+        )
 
 
 def build_student(base: Any, plan: Any, neighbours: int = 0) -> Any:
@@ -107,7 +111,7 @@ def cast_frozen(models: list[Any], dtype: torch.dtype) -> None:
     """Cast frozen parameters to `dtype` in place (shared tensors once); trainable ones stay fp32."""
     seen: set[int] = set()
     for model in models:
-        for p in (model.parameters() if model is not None else ()):
+        for p in model.parameters() if model is not None else ():
             if id(p) in seen or p.requires_grad or p.dtype == dtype:
                 continue
             seen.add(id(p))
@@ -169,7 +173,7 @@ class Teacher:
             raise RuntimeError("Teacher: run the student on the same ids first (its hidden state is reused).")
         (args, kwargs), self._captured = self._captured, None
         inner = self.model.model
-        hidden = run_layers(inner.layers[self.split:], layer_input(args, kwargs), args, kwargs)
+        hidden = run_layers(inner.layers[self.split :], layer_input(args, kwargs), args, kwargs)
         return self.model.lm_head(inner.norm(hidden))
 
     def close(self) -> None:
@@ -192,8 +196,9 @@ def unique_parameters(*models: Any) -> list[torch.nn.Parameter]:
     return list(seen.values())
 
 
-def estimate_training_memory(student: Any, teacher: Any | None, cfg: TrainConfig,
-                             act_dtype: torch.dtype = torch.float32) -> dict[str, int]:
+def estimate_training_memory(
+    student: Any, teacher: Any | None, cfg: TrainConfig, act_dtype: torch.dtype = torch.float32
+) -> dict[str, int]:
     """Bytes that training adds on top of the loaded weights (a deliberately generous estimate).
 
     optimizer: fp32 gradient + two AdamW moments per trainable parameter;
@@ -236,16 +241,18 @@ def available_memory(device: torch.device | str) -> int:
         return int(info["MemAvailable"].split()[0]) * 1024
 
 
-def check_memory(student: Any, teacher: Any | None, cfg: TrainConfig, device: Any,
-                 act_dtype: torch.dtype = torch.float32) -> dict[str, int]:
+def check_memory(
+    student: Any, teacher: Any | None, cfg: TrainConfig, device: Any, act_dtype: torch.dtype = torch.float32
+) -> dict[str, int]:
     need = estimate_training_memory(student, teacher, cfg, act_dtype)
     free = available_memory(device)
     if need["total"] > free:
-        gib = 1024 ** 3
+        gib = 1024**3
         raise UserError(
             f"training needs an estimated {need['total'] / gib:.1f} GiB beyond the loaded weights "
             f"(optimizer {need['optimizer'] / gib:.2f}, activations {need['activations'] / gib:.2f}, logits "
             f"{need['logits'] / gib:.2f} GiB for batches of {cfg.batch_size} x {cfg.seq_len} tokens) but only "
             f"{free / gib:.1f} GiB is free on {device}; lower --batch-size or --seq-len"
-            + (", or use --lora." if not cfg.lora else "."))
+            + (", or use --lora." if not cfg.lora else ".")
+        )
     return need

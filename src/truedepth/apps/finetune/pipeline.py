@@ -6,10 +6,11 @@ from __future__ import annotations
 import json
 import shutil
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -21,15 +22,35 @@ from ...measure.eval.heldout import cached_perplexities, measuring_texts, perple
 from ...utils.env import use_threads
 from ...utils.errors import InputPathError, OutputPathError, UserError, check_output_dir
 from ...utils.options import default_of, fill, flag_of
-from .checkpoint import latest_checkpoint
-from .config import (CHECKPOINT_DIR, DEFAULT_LOSS, DEFAULT_PLAN, DTYPE_NAMES, RUN_OPTIONS, SUMMARY_FILE, TEACHER_LOSSES,
-                     TRAJECTORY_OPTIONS, FinetuneOptions, TrainConfig)
 from .blockloss import BlockMatch, check_one_attention_type
-from .model import (Teacher, unique_parameters, add_lora, build_student, cast_frozen, check_memory, check_plan_has_parallel_groups,
-                    freeze_all_but, shared_prefix_length, trainable_layer_indices, wide_members)
+from .checkpoint import latest_checkpoint
+from .config import (
+    CHECKPOINT_DIR,
+    DEFAULT_LOSS,
+    DEFAULT_PLAN,
+    DTYPE_NAMES,
+    RUN_OPTIONS,
+    SUMMARY_FILE,
+    TEACHER_LOSSES,
+    TRAJECTORY_OPTIONS,
+    FinetuneOptions,
+    TrainConfig,
+)
+from .model import (
+    Teacher,
+    add_lora,
+    build_student,
+    cast_frozen,
+    check_memory,
+    check_plan_has_parallel_groups,
+    freeze_all_but,
+    shared_prefix_length,
+    trainable_layer_indices,
+    unique_parameters,
+    wide_members,
+)
 from .report import print_summary, summarise, write_summary
 from .train import TokenBatches, time_training_step, tokenize_text, train, trainable_state
-
 
 FIT_MARGIN = 0.93  # of the time limit planned for steps: checkpoints and slower steps take the rest
 
@@ -53,14 +74,19 @@ def prepare_output(out: Path, resume: bool, overwrite: bool) -> None:
             raise InputPathError(f"--resume: no checkpoint in {out / CHECKPOINT_DIR}{hint}; run without --resume.")
         return
     if latest_checkpoint(out) is not None:
-        raise OutputPathError(f"{out} holds checkpoints of an unfinished run; pass --resume to continue it, or choose "
-                              "another --out.")
+        raise OutputPathError(
+            f"{out} holds checkpoints of an unfinished run; pass --resume to continue it, or choose another --out."
+        )
     if (out / SUMMARY_FILE).exists() and not overwrite:
-        raise OutputPathError(f"{out} already holds a fine-tuned model; pass --overwrite to replace it, or choose another --out.")
+        raise OutputPathError(
+            f"{out} already holds a fine-tuned model; pass --overwrite to replace it, or choose another --out."
+        )
     if out.is_dir() and any(out.iterdir()) and not (out / SUMMARY_FILE).exists() and not overwrite:
-        raise OutputPathError(f"--out {out} is a folder with other files in it (not a truedepth fine-tune run); "
-                              "the model would replace its config.json and weights. Choose a new or empty folder, "
-                              "or pass --overwrite.")
+        raise OutputPathError(
+            f"--out {out} is a folder with other files in it (not a truedepth fine-tune run); "
+            "the model would replace its config.json and weights. Choose a new or empty folder, "
+            "or pass --overwrite."
+        )
 
 
 def resolve_resume_options(args: FinetuneOptions, out: Path) -> None:
@@ -69,11 +95,16 @@ def resolve_resume_options(args: FinetuneOptions, out: Path) -> None:
     state = json.loads((latest_checkpoint(out) / "state.json").read_text())
     saved = dict(state["trajectory"], **state.get("options", {}))
     chosen = {k: getattr(args, k) for k in TRAJECTORY_OPTIONS + RUN_OPTIONS if given(args, k)}
-    clash = [f"{flag_of(FinetuneOptions, k)} {v!r} (checkpoint: {saved[k]!r})" for k, v in chosen.items()
-             if k in saved and saved[k] != v]
+    clash = [
+        f"{flag_of(FinetuneOptions, k)} {v!r} (checkpoint: {saved[k]!r})"
+        for k, v in chosen.items()
+        if k in saved and saved[k] != v
+    ]
     if clash:
-        raise UserError("--resume: " + ", ".join(clash) + " differ from the checkpoint; drop them to continue the "
-                        "same run, or start a new --out.")
+        raise UserError(
+            "--resume: " + ", ".join(clash) + " differ from the checkpoint; drop them to continue the "
+            "same run, or start a new --out."
+        )
     for k, v in saved.items():
         setattr(args, k, v)
 
@@ -101,18 +132,36 @@ def run_finetune(args: FinetuneOptions) -> int:
 
     setup = prepare_models(args, cfg, device, dtype)
     data = TokenBatches(tokenize_text(setup.tokenizer, texts.pop("train")), cfg.seq_len, cfg.batch_size, cfg.seed)
-    meta: dict[str, Any] = {"plan": str(setup.plan),
-                            "options": dict({k: getattr(args, k) for k in RUN_OPTIONS}, dtype=DTYPE_NAMES[dtype])}
+    meta: dict[str, Any] = {
+        "plan": str(setup.plan),
+        "options": dict({k: getattr(args, k) for k in RUN_OPTIONS}, dtype=DTYPE_NAMES[dtype]),
+    }
     measure = _measurer(setup.tokenizer, texts, args, device, dtype, progress)
     if not args.resume and measure:  # base and LP, in the evaluation dtype, before any weight changes
         digest = texts_digest(texts)
         if setup.base is not None:
-            meta["base"] = cached_perplexities(partial(measure, setup.base), args.model, "base", digest,
-                                               args.eval_tokens, args.eval_window, dtype, device)
+            meta["base"] = cached_perplexities(
+                partial(measure, setup.base),
+                args.model,
+                "base",
+                digest,
+                args.eval_tokens,
+                args.eval_window,
+                dtype,
+                device,
+            )
         else:
             meta["base"] = None
-        meta["lp"] = cached_perplexities(partial(measure, setup.student), args.model, str(setup.plan), digest,
-                                         args.eval_tokens, args.eval_window, dtype, device)
+        meta["lp"] = cached_perplexities(
+            partial(measure, setup.student),
+            args.model,
+            str(setup.plan),
+            digest,
+            args.eval_tokens,
+            args.eval_window,
+            dtype,
+            device,
+        )
 
     model, teacher = make_trainable(setup, cfg, train_dtype)
     memory = check_memory(model, teacher.model if teacher else None, cfg, device, train_dtype)
@@ -122,8 +171,19 @@ def run_finetune(args: FinetuneOptions) -> int:
     curve_eval = None
     if cfg.eval_every and measure:
         curve_eval = _measurer(setup.tokenizer, {"held_out": texts["held_out"]}, args, device, train_dtype, False)
-    result = train(model, teacher, data, cfg, out, device, train_dtype, resume=args.resume, evaluate=curve_eval,
-                   meta=meta, progress=progress)
+    result = train(
+        model,
+        teacher,
+        data,
+        cfg,
+        out,
+        device,
+        train_dtype,
+        resume=args.resume,
+        evaluate=curve_eval,
+        meta=meta,
+        progress=progress,
+    )
     meta = result.resumed_meta  # type: ignore[attr-defined]
     if not result.finished and result.stopped_by != "max_minutes":
         return 1
@@ -131,8 +191,9 @@ def run_finetune(args: FinetuneOptions) -> int:
     del model, teacher, setup  # the final model is rebuilt from the original weights in --dtype
     final, tokenizer = final_model(args, cfg, trained, device, dtype)
     save_model(final, tokenizer, out)
-    summary = summarise(args, cfg, meta["plan"], result, meta, measure(final) if measure else None, device, dtype,
-                        train_dtype, data)
+    summary = summarise(
+        args, cfg, meta["plan"], result, meta, measure(final) if measure else None, device, dtype, train_dtype, data
+    )
     write_summary(summary, out)
     if result.finished and not args.keep_checkpoints_after:
         shutil.rmtree(out / CHECKPOINT_DIR, ignore_errors=True)
@@ -188,8 +249,9 @@ def student_setup(base: Any, tokenizer: Any, plan: Any, cfg: TrainConfig) -> Set
     return Setup(student, base, tokenizer, plan, trained, split)
 
 
-def fit_tokens_to_minutes(model: Any, teacher: Teacher | None, data: TokenBatches, cfg: TrainConfig, device: Any,
-                          train_dtype: torch.dtype) -> None:
+def fit_tokens_to_minutes(
+    model: Any, teacher: Teacher | None, data: TokenBatches, cfg: TrainConfig, device: Any, train_dtype: torch.dtype
+) -> None:
     """Set `cfg.tokens` so that the schedule's last step falls inside `cfg.max_minutes` at the measured speed.
 
     A run stopped by its time limit in the middle of the cosine schedule ends at a high learning rate;
@@ -201,8 +263,10 @@ def fit_tokens_to_minutes(model: Any, teacher: Teacher | None, data: TokenBatche
     seconds = time_training_step(model, teacher, data.batch(0).to(device), cfg, device, train_dtype)
     steps = max(1, int(FIT_MARGIN * cfg.max_minutes * 60 / seconds))
     cfg.tokens = steps * cfg.tokens_per_step
-    print(f"one training step takes {seconds:.2f} s here, so {steps} steps ({cfg.tokens:,} tokens) fit in "
-          f"--max-minutes {cfg.max_minutes:.1f} ({FIT_MARGIN:.0%} of it, leaving room for checkpoints)")
+    print(
+        f"one training step takes {seconds:.2f} s here, so {steps} steps ({cfg.tokens:,} tokens) fit in "
+        f"--max-minutes {cfg.max_minutes:.1f} ({FIT_MARGIN:.0%} of it, leaving room for checkpoints)"
+    )
 
 
 def recorded_depth(model: Any) -> int:
@@ -224,15 +288,19 @@ def make_trainable(setup: Setup, cfg: TrainConfig, train_dtype: torch.dtype) -> 
         # --loss blocks never asks for the teacher's logits, so it needs no hook at the split
         teacher = Teacher(setup.base, decoder_layers(setup.student), 0 if cfg.loss == "blocks" else setup.split)
         if cfg.loss == "blocks" or cfg.block_weight:  # one attention type: checked before loading
-            teacher.blocks = BlockMatch(decoder_layers(setup.student), decoder_layers(setup.base),
-                                        wide_members(setup.plan, recorded_depth(setup.student)),
-                                        local=cfg.loss == "blocks")
+            teacher.blocks = BlockMatch(
+                decoder_layers(setup.student),
+                decoder_layers(setup.base),
+                wide_members(setup.plan, recorded_depth(setup.student)),
+                local=cfg.loss == "blocks",
+            )
     cast_frozen([model, teacher.model if teacher else None], train_dtype)
     return model, teacher
 
 
-def final_model(args: FinetuneOptions, cfg: TrainConfig, trained: dict[str, torch.Tensor], device: Any,
-                dtype: torch.dtype) -> tuple[Any, Any]:
+def final_model(
+    args: FinetuneOptions, cfg: TrainConfig, trained: dict[str, torch.Tensor], device: Any, dtype: torch.dtype
+) -> tuple[Any, Any]:
     """The original weights in `dtype` with the plan applied and the trained tensors put in.
 
     LoRA adapters are merged here, in float32 where `dtype` is float32. Frozen weights come from
@@ -280,15 +348,20 @@ def _already_transformed(args: FinetuneOptions, cfg: TrainConfig, recorded: dict
 
     plan = as_plan(recorded["plan"])
     if args.plan is not None and not as_plan(args.plan).is_identity and as_plan(args.plan) != plan:
-        raise PlanError(f"{args.model} was already transformed with plan '{plan}'; plans refer to the original "
-                        "layers, so pass the original model with --plan, or omit --plan to keep training this one.")
+        raise PlanError(
+            f"{args.model} was already transformed with plan '{plan}'; plans refer to the original "
+            "layers, so pass the original model with --plan, or omit --plan to keep training this one."
+        )
     check_plan_has_parallel_groups(plan, recorded)
     if args.loss is None and cfg.loss == "distill":  # the default loss needs a teacher this model lacks
         print(f"note: {args.model} is already transformed (no teacher): training with --loss lm.", file=sys.stderr)
         cfg.loss = "lm"
     if cfg.loss in TEACHER_LOSSES or cfg.block_weight:
-        raise UserError(f"{args.model} is already transformed, so the model before the plan (the distillation "
-                        f"teacher of --loss {cfg.loss}) is not available; use --loss lm, or start from the original model with --plan.")
+        raise UserError(
+            f"{args.model} is already transformed, so the model before the plan (the distillation "
+            f"teacher of --loss {cfg.loss}) is not available; use --loss lm, or start from the original model with "
+            "--plan."
+        )
     return plan
 
 
@@ -297,32 +370,51 @@ def load_texts(args: FinetuneOptions) -> dict[str, str]:
     if not args.no_eval:
         texts |= measuring_texts(args)
         if texts["held_out"][:10000] in texts["train"]:
-            print(f"warning: the training data contains the evaluation text ({args.eval_text}); held-out perplexity "
-                  "will overstate the recovery.", file=sys.stderr)
+            print(
+                f"warning: the training data contains the evaluation text ({args.eval_text}); held-out perplexity "
+                "will overstate the recovery.",
+                file=sys.stderr,
+            )
     return texts
 
 
-def _measurer(tokenizer: Any, texts: dict[str, str], args: FinetuneOptions, device: Any, dtype: torch.dtype,
-              progress: bool) -> Callable[[Any], dict[str, float]] | None:
+def _measurer(
+    tokenizer: Any, texts: dict[str, str], args: FinetuneOptions, device: Any, dtype: torch.dtype, progress: bool
+) -> Callable[[Any], dict[str, float]] | None:
     texts = {k: v for k, v in texts.items() if k in ("held_out", "other_domain")}
     if not texts or args.no_eval:
         return None
-    return lambda model: perplexities(model, tokenizer, texts, args.eval_tokens, args.eval_window, device, dtype,
-                                      progress)
+    return lambda model: perplexities(
+        model, tokenizer, texts, args.eval_tokens, args.eval_window, device, dtype, progress
+    )
 
 
-def _report_setup(args: FinetuneOptions, cfg: TrainConfig, setup: Setup, model: Any, data: TokenBatches,
-                  memory: dict[str, int], train_dtype: torch.dtype) -> None:
+def _report_setup(
+    args: FinetuneOptions,
+    cfg: TrainConfig,
+    setup: Setup,
+    model: Any,
+    data: TokenBatches,
+    memory: dict[str, int],
+    train_dtype: torch.dtype,
+) -> None:
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_all = sum(p.numel() for p in unique_parameters(model))
     epochs = data.epochs(cfg.total_steps)
     depth = len(recorded_widths(setup.student.config))
-    print(f"plan {setup.plan}: training layers {setup.trained_layers} of {depth} "
-          f"({'LoRA r=%d' % cfg.lora_rank if cfg.lora else 'full weights'}; {n_train / 1e6:.2f}M of "
-          f"{n_all / 1e6:.1f}M parameters), loss {cfg.loss}, computing in {str(train_dtype)[6:]}", file=sys.stderr)
-    print(f"data {args.data}: {data.num_sequences} sequences of {cfg.seq_len} tokens; {cfg.total_steps} steps of "
-          f"{cfg.batch_size} x {cfg.seq_len} = {cfg.total_steps * cfg.tokens_per_step} tokens ({epochs:.2f} epochs); "
-          f"estimated extra memory {memory['total'] / 2**30:.2f} GiB", file=sys.stderr)
+    print(
+        f"plan {setup.plan}: training layers {setup.trained_layers} of {depth} "
+        f"({f'LoRA r={cfg.lora_rank}' if cfg.lora else 'full weights'}; {n_train / 1e6:.2f}M of "
+        f"{n_all / 1e6:.1f}M parameters), loss {cfg.loss}, computing in {str(train_dtype)[6:]}",
+        file=sys.stderr,
+    )
+    print(
+        f"data {args.data}: {data.num_sequences} sequences of {cfg.seq_len} tokens; {cfg.total_steps} steps of "
+        f"{cfg.batch_size} x {cfg.seq_len} = {cfg.total_steps * cfg.tokens_per_step} tokens ({epochs:.2f} epochs); "
+        f"estimated extra memory {memory['total'] / 2**30:.2f} GiB",
+        file=sys.stderr,
+    )
     if epochs > 1:
-        print(f"note: {epochs:.1f} passes over the training data; beyond one the model may memorise it.",
-              file=sys.stderr)
+        print(
+            f"note: {epochs:.1f} passes over the training data; beyond one the model may memorise it.", file=sys.stderr
+        )

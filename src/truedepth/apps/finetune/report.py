@@ -39,7 +39,7 @@ def plot_curve(summary: dict[str, Any], path: Path) -> Path | None:
     x = [h["tokens"] for h in history]
     y = [h["loss"] for h in history]
     ax.plot(x, y, lw=0.6, alpha=0.4, label="per step")
-    smooth = [sum(y[max(0, i - 19): i + 1]) / len(y[max(0, i - 19): i + 1]) for i in range(len(y))]
+    smooth = [sum(y[max(0, i - 19) : i + 1]) / len(y[max(0, i - 19) : i + 1]) for i in range(len(y))]
     ax.plot(x, smooth, lw=1.5, label="mean of 20 steps")
     ax.set_xlabel("training tokens")
     ax.set_ylabel("KL(teacher || student) (nats)" if summary["loss"] == "distill" else "cross-entropy (nats)")
@@ -75,8 +75,11 @@ def plot_recovery(summaries: list[str | Path], path: str | Path, text: str = "he
         item = Path(item)
         s = json.loads((item / SUMMARY_FILE if item.is_dir() else item).read_text())
         ppl = s["perplexity"][text]
-        points = [(e["tokens"], e["recovered"]) for e in s.get("evals", [])
-                  if e.get(text) is not None and e.get("recovered") is not None and text == "held_out"]
+        points = [
+            (e["tokens"], e["recovered"])
+            for e in s.get("evals", [])
+            if e.get(text) is not None and e.get("recovered") is not None and text == "held_out"
+        ]
         points = (points or [(0, 0.0)]) + [(s["tokens"], ppl["recovered"])]  # 0 tokens = the LP model: 0%
         label = f"{s['loss']}{' LoRA' if s['lora'] else ''} ({s['train_seconds'] / 60:.0f} min)"
         ax.plot([p[0] for p in points], [100 * p[1] for p in points], "o-", label=label)
@@ -91,29 +94,56 @@ def plot_recovery(summaries: list[str | Path], path: str | Path, text: str = "he
     return Path(path)
 
 
-def summarise(args: FinetuneOptions, cfg: TrainConfig, plan: Any, result: TrainResult, meta: dict[str, Any],
-              final: dict[str, float] | None, device: Any, dtype: torch.dtype, train_dtype: torch.dtype,
-              data: TokenBatches) -> dict[str, Any]:
+def summarise(
+    args: FinetuneOptions,
+    cfg: TrainConfig,
+    plan: Any,
+    result: TrainResult,
+    meta: dict[str, Any],
+    final: dict[str, float] | None,
+    device: Any,
+    dtype: torch.dtype,
+    train_dtype: torch.dtype,
+    data: TokenBatches,
+) -> dict[str, Any]:
     summary: dict[str, Any] = {
-        "model": str(args.model), "plan": str(plan), "data": args.data, "loss": cfg.loss, "lora": cfg.lora,
-        "config": asdict(cfg), "device": str(device), "dtype": str(dtype).replace("torch.", ""),
+        "model": str(args.model),
+        "plan": str(plan),
+        "data": args.data,
+        "loss": cfg.loss,
+        "lora": cfg.lora,
+        "config": asdict(cfg),
+        "device": str(device),
+        "dtype": str(dtype).replace("torch.", ""),
         "train_dtype": str(train_dtype).replace("torch.", ""),
-        "torch_threads": torch.get_num_threads(), "steps": result.step, "tokens": result.tokens,
-        "finished": result.finished, "stopped_by": result.stopped_by,
-        "epochs": round(data.epochs(result.step), 3), "train_seconds": round(result.train_seconds, 1),
+        "torch_threads": torch.get_num_threads(),
+        "steps": result.step,
+        "tokens": result.tokens,
+        "finished": result.finished,
+        "stopped_by": result.stopped_by,
+        "epochs": round(data.epochs(result.step), 3),
+        "train_seconds": round(result.train_seconds, 1),
         "tokens_per_second": round(result.tokens / max(result.train_seconds, 1e-9), 1),
         "peak_memory_bytes": _peak_memory(device),
-        "date": time.strftime("%Y-%m-%d"), "command": "truedepth " + " ".join(sys.argv[1:]),
-        "history": result.history, "evals": result.evals,
+        "date": time.strftime("%Y-%m-%d"),
+        "command": "truedepth " + " ".join(sys.argv[1:]),
+        "history": result.history,
+        "evals": result.evals,
     }
     if final is not None and meta.get("lp"):
         names = list(final)
         base = meta.get("base") or {}
         summary["eval_names"] = names
         summary["eval_tokens"], summary["eval_window"] = args.eval_tokens, args.eval_window
-        summary["perplexity"] = {n: {"base": base.get(n), "lp": meta["lp"][n], "ft": final[n],
-                                     "recovered": _recovered(base.get(n), meta["lp"][n], final[n])}
-                                 for n in names}
+        summary["perplexity"] = {
+            n: {
+                "base": base.get(n),
+                "lp": meta["lp"][n],
+                "ft": final[n],
+                "recovered": _recovered(base.get(n), meta["lp"][n], final[n]),
+            }
+            for n in names
+        }
         for e in summary["evals"]:
             e["recovered"] = _recovered(base.get("held_out"), meta["lp"]["held_out"], e["held_out"])
     return summary
@@ -142,13 +172,14 @@ def write_summary(summary: dict[str, Any], out: Path) -> None:
 
 
 def print_summary(summary: dict[str, Any], out: Path) -> None:
-    print(f"fine-tuned {summary['steps']} steps, {summary['tokens']} tokens in {summary['train_seconds']:.0f} s "
-          f"({summary['tokens_per_second']:.0f} tok/s, {summary['device']}, trained in {summary['train_dtype']}, "
-          f"saved in {summary['dtype']})"
-          + (" -- stopped by --max-minutes" if summary["stopped_by"] == "max_minutes" else ""))
+    print(
+        f"fine-tuned {summary['steps']} steps, {summary['tokens']} tokens in {summary['train_seconds']:.0f} s "
+        f"({summary['tokens_per_second']:.0f} tok/s, {summary['device']}, trained in {summary['train_dtype']}, "
+        f"saved in {summary['dtype']})"
+        + (" -- stopped by --max-minutes" if summary["stopped_by"] == "max_minutes" else "")
+    )
     for name, p in (summary.get("perplexity") or {}).items():
         rec = "n/a" if p["recovered"] is None else f"{100 * p['recovered']:.1f}%"
         base = "n/a" if p["base"] is None else f"{p['base']:.3f}"
-        print(f"  {name:13s} perplexity  base {base}   LP {p['lp']:.3f}   fine-tuned {p['ft']:.3f}   "
-              f"recovered {rec}")
+        print(f"  {name:13s} perplexity  base {base}   LP {p['lp']:.3f}   fine-tuned {p['ft']:.3f}   recovered {rec}")
     print(f"saved to {out} (load with truedepth.load('{out}')); summary {out / SUMMARY_FILE}, plot {out / CURVE_FILE}")

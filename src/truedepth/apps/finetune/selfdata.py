@@ -44,19 +44,38 @@ def generate_batch(model: Any, tokenizer: Any, batch_size: int, length: int, see
     """`batch_size` samples of exactly `length` new tokens, started from BOS, at temperature 1 (no top-k/p)."""
     start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     if start is None:
-        raise UserError("the tokenizer has neither a BOS nor an EOS token to start generating from; pass "
-                        "--data with a training text instead of generated text.")
+        raise UserError(
+            "the tokenizer has neither a BOS nor an EOS token to start generating from; pass "
+            "--data with a training text instead of generated text."
+        )
     ids = torch.full((batch_size, 1), start, dtype=torch.long, device=model.device)
     torch.manual_seed(seed)
     with torch.no_grad():
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, temperature=1.0, top_k=0,
-                             top_p=1.0, max_new_tokens=length, min_new_tokens=length,
-                             pad_token_id=tokenizer.eos_token_id if tokenizer.eos_token_id is not None else start)
+        out = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            do_sample=True,
+            temperature=1.0,
+            top_k=0,
+            top_p=1.0,
+            max_new_tokens=length,
+            min_new_tokens=length,
+            pad_token_id=tokenizer.eos_token_id if tokenizer.eos_token_id is not None else start,
+        )
     return tokenizer.batch_decode(out[:, 1:], skip_special_tokens=True)
 
 
-def generate_text(model: Any, tokenizer: Any, folder: Path, tokens: int, batch_size: int = 64, length: int = 256,
-                  seed: int = 0, max_seconds: float | None = None, progress: bool = True) -> dict[str, Any]:
+def generate_text(
+    model: Any,
+    tokenizer: Any,
+    folder: Path,
+    tokens: int,
+    batch_size: int = 64,
+    length: int = 256,
+    seed: int = 0,
+    max_seconds: float | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
     """Write about `tokens` generated tokens to `folder` as parts of `batch_size` samples; resumes finished parts.
 
     Stops early (keeping what it wrote) when `max_seconds` have passed; returns what it did.
@@ -69,8 +88,15 @@ def generate_text(model: Any, tokenizer: Any, folder: Path, tokens: int, batch_s
     done = len(finished_parts(folder))
     start = time.perf_counter()
     model.eval()
-    bar = tqdm(total=total * per_part, initial=min(done, total) * per_part, desc="generate (teacher samples)",
-               unit="tok", unit_scale=True, disable=not progress, dynamic_ncols=True)
+    bar = tqdm(
+        total=total * per_part,
+        initial=min(done, total) * per_part,
+        desc="generate (teacher samples)",
+        unit="tok",
+        unit_scale=True,
+        disable=not progress,
+        dynamic_ncols=True,
+    )
     stopped_by = None
     try:
         for index in range(done, total):
@@ -83,8 +109,15 @@ def generate_text(model: Any, tokenizer: Any, folder: Path, tokens: int, batch_s
     finally:
         bar.close()
     parts = finished_parts(folder)
-    return {"parts": len(parts), "tokens": len(parts) * per_part, "batch_size": batch_size, "length": length,
-            "seed": seed, "seconds": round(time.perf_counter() - start, 2), "stopped_by": stopped_by}
+    return {
+        "parts": len(parts),
+        "tokens": len(parts) * per_part,
+        "batch_size": batch_size,
+        "length": length,
+        "seed": seed,
+        "seconds": round(time.perf_counter() - start, 2),
+        "stopped_by": stopped_by,
+    }
 
 
 def read_generated(folder: Path) -> str:
@@ -106,10 +139,10 @@ def mix_texts(generated: str, corpus: str, corpus_share: float, chunk_chars: int
     chunk_chars = min(chunk_chars, len(corpus))
     n = max(1, want // chunk_chars)
     around = corpus + corpus[:chunk_chars]  # a short corpus is used more than once, wrapping around
-    corpus_chunks = [around[s: s + chunk_chars] for s in (i * len(corpus) // n for i in range(n))]
+    corpus_chunks = [around[s : s + chunk_chars] for s in (i * len(corpus) // n for i in range(n))]
     gen_step = max(1, len(generated) // n)
     pieces = []
     for i, chunk in enumerate(corpus_chunks):
-        pieces.append(generated[i * gen_step: (i + 1) * gen_step if i < n - 1 else len(generated)])
+        pieces.append(generated[i * gen_step : (i + 1) * gen_step if i < n - 1 else len(generated)])
         pieces.append(SEPARATOR + chunk + SEPARATOR)
     return "".join(pieces)

@@ -6,17 +6,18 @@ import hashlib
 import math
 import re
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from ...utils.device import autocast
 from ...utils.errors import InputPathError, UserError
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, set_rng_state
 from .config import CHECKPOINT_DIR, TEACHER_LOSSES, TrainConfig
-from ...utils.device import autocast
 from .model import Teacher
 
 
@@ -34,12 +35,16 @@ class TokenBatches:
         ids = torch.as_tensor(ids, dtype=torch.long).reshape(-1)
         self.num_sequences = ids.numel() // seq_len
         if self.num_sequences < 1:
-            raise UserError(f"the training data has {ids.numel()} tokens, shorter than one sequence of "
-                            f"--seq-len {seq_len}; use a longer text or a smaller --seq-len.")
+            raise UserError(
+                f"the training data has {ids.numel()} tokens, shorter than one sequence of "
+                f"--seq-len {seq_len}; use a longer text or a smaller --seq-len."
+            )
         if self.num_sequences < batch_size:
-            raise UserError(f"the training data holds only {self.num_sequences} sequence(s) of {seq_len} tokens, "
-                            f"fewer than one batch of --batch-size {batch_size}; use a longer text or lower "
-                            "--batch-size / --seq-len.")
+            raise UserError(
+                f"the training data holds only {self.num_sequences} sequence(s) of {seq_len} tokens, "
+                f"fewer than one batch of --batch-size {batch_size}; use a longer text or lower "
+                "--batch-size / --seq-len."
+            )
         self.sequences = ids[: self.num_sequences * seq_len].view(self.num_sequences, seq_len)
         self.batch_size, self.seed = batch_size, seed
         self._orders: dict[int, torch.Tensor] = {}
@@ -78,8 +83,10 @@ def tokenize_text(tokenizer: Any, text: str, chunk_chars: int = CHUNK_CHARS) -> 
     it two.) With other tokenizers (SentencePiece prepends a space marker to every input) the ids may
     differ next to the cuts, one cut per `chunk_chars` characters: harmless for training.
     """
-    pieces = [torch.tensor(tokenizer(piece, add_special_tokens=False, verbose=False)["input_ids"], dtype=torch.long)
-              for piece in text_pieces(text, chunk_chars)]
+    pieces = [
+        torch.tensor(tokenizer(piece, add_special_tokens=False, verbose=False)["input_ids"], dtype=torch.long)
+        for piece in text_pieces(text, chunk_chars)
+    ]
     return torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.long)
 
 
@@ -107,8 +114,9 @@ def distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> 
     return F.kl_div(s, t, log_target=True, reduction="batchmean")
 
 
-def compute_loss(student: Any, teacher: "Teacher | None", ids: torch.Tensor, loss: str,
-                 block_weight: float = 0.0) -> torch.Tensor:
+def compute_loss(
+    student: Any, teacher: Teacher | None, ids: torch.Tensor, loss: str, block_weight: float = 0.0
+) -> torch.Tensor:
     if loss == "blocks":
         teacher.blocks.run_student(student, ids)  # stops after the last wide layer
         return teacher.blocks.loss()
@@ -149,10 +157,20 @@ def trainable_state(model: Any) -> dict[str, torch.Tensor]:
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
 
-def train(student: Any, teacher: Teacher | None, data: TokenBatches, cfg: TrainConfig, out: Path | None,
-          device: Any = "cpu", dtype: torch.dtype = torch.float32, resume: bool = False,
-          stop_after: int | None = None, evaluate: Callable[[Any], dict[str, Any]] | None = None,
-          meta: dict[str, Any] | None = None, progress: bool = True) -> TrainResult:
+def train(
+    student: Any,
+    teacher: Teacher | None,
+    data: TokenBatches,
+    cfg: TrainConfig,
+    out: Path | None,
+    device: Any = "cpu",
+    dtype: torch.dtype = torch.float32,
+    resume: bool = False,
+    stop_after: int | None = None,
+    evaluate: Callable[[Any], dict[str, Any]] | None = None,
+    meta: dict[str, Any] | None = None,
+    progress: bool = True,
+) -> TrainResult:
     """Train the student's trainable parameters with AdamW; checkpoint to `out`/checkpoints.
 
     `resume` restores the latest checkpoint in `out` (weights, optimizer, scheduler, RNG, step).
@@ -168,8 +186,9 @@ def train(student: Any, teacher: Teacher | None, data: TokenBatches, cfg: TrainC
     params = trainable_state(student)
     if not params:
         raise UserError("the model has no trainable parameters; is there a parallel group in the plan?")
-    optimizer = torch.optim.AdamW(list(params.values()), lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                  betas=(0.9, 0.95), foreach=False)
+    optimizer = torch.optim.AdamW(
+        list(params.values()), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95), foreach=False
+    )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
     result = TrainResult(step=0, tokens=0, finished=False, train_seconds=0.0)
     meta = dict(meta or {})
@@ -183,8 +202,14 @@ def train(student: Any, teacher: Teacher | None, data: TokenBatches, cfg: TrainC
     base_seconds = result.train_seconds
     if evaluate and cfg.eval_every and result.step == 0:
         result.evals.append(_run_eval(evaluate, student, result))  # the curve starts at the LP model
-    bar = tqdm(total=total, initial=result.step, desc=f"finetune ({cfg.loss})", unit="step", disable=not progress,
-               dynamic_ncols=True)
+    bar = tqdm(
+        total=total,
+        initial=result.step,
+        desc=f"finetune ({cfg.loss})",
+        unit="step",
+        disable=not progress,
+        dynamic_ncols=True,
+    )
     try:
         while result.step < total:
             if stop_after is not None and result.step >= stop_after:
@@ -193,16 +218,25 @@ def train(student: Any, teacher: Teacher | None, data: TokenBatches, cfg: TrainC
             if cfg.max_minutes is not None and result.train_seconds >= cfg.max_minutes * 60:
                 result.stopped_by = "max_minutes"
                 break
-            loss = _train_step(student, teacher, data.batch(result.step).to(device), cfg, optimizer, scheduler,
-                               params, device, dtype)
+            loss = _train_step(
+                student, teacher, data.batch(result.step).to(device), cfg, optimizer, scheduler, params, device, dtype
+            )
             result.step += 1
             result.tokens = result.step * cfg.tokens_per_step
             result.train_seconds = base_seconds + time.perf_counter() - started
-            result.history.append({"step": result.step, "tokens": result.tokens, "loss": loss,
-                                   "lr": scheduler.get_last_lr()[0], "seconds": round(result.train_seconds, 3)})
+            result.history.append(
+                {
+                    "step": result.step,
+                    "tokens": result.tokens,
+                    "loss": loss,
+                    "lr": scheduler.get_last_lr()[0],
+                    "seconds": round(result.train_seconds, 3),
+                }
+            )
             bar.update(1)
-            bar.set_postfix(loss=f"{_smoothed(result.history):.4f}",
-                            tok_s=f"{result.tokens / max(result.train_seconds, 1e-9):.0f}")
+            bar.set_postfix(
+                loss=f"{_smoothed(result.history):.4f}", tok_s=f"{result.tokens / max(result.train_seconds, 1e-9):.0f}"
+            )
             if evaluate and cfg.eval_every and result.step % cfg.eval_every == 0 and result.step < total:
                 result.evals.append(_run_eval(evaluate, student, result))
             if out is not None and result.step % cfg.checkpoint_every == 0 and result.step < total:
@@ -217,8 +251,17 @@ def train(student: Any, teacher: Teacher | None, data: TokenBatches, cfg: TrainC
     return result
 
 
-def _train_step(student: Any, teacher: Teacher | None, ids: torch.Tensor, cfg: TrainConfig, optimizer: Any,
-                scheduler: Any, params: dict[str, torch.Tensor], device: Any, dtype: torch.dtype) -> float:
+def _train_step(
+    student: Any,
+    teacher: Teacher | None,
+    ids: torch.Tensor,
+    cfg: TrainConfig,
+    optimizer: Any,
+    scheduler: Any,
+    params: dict[str, torch.Tensor],
+    device: Any,
+    dtype: torch.dtype,
+) -> float:
     optimizer.zero_grad(set_to_none=True)
     with autocast(device, dtype):
         loss = compute_loss(student, teacher, ids, cfg.loss, cfg.block_weight)
@@ -230,8 +273,15 @@ def _train_step(student: Any, teacher: Teacher | None, ids: torch.Tensor, cfg: T
     return float(loss.detach())
 
 
-def time_training_step(student: Any, teacher: Teacher | None, ids: torch.Tensor, cfg: TrainConfig, device: Any,
-                       dtype: torch.dtype, repeats: int = 3) -> float:
+def time_training_step(
+    student: Any,
+    teacher: Teacher | None,
+    ids: torch.Tensor,
+    cfg: TrainConfig,
+    device: Any,
+    dtype: torch.dtype,
+    repeats: int = 3,
+) -> float:
     """Seconds of one training step's forward, teacher and backward passes, the mean of `repeats` after a
     warm-up. The weights are left as they were (gradients are dropped, no update); the AdamW update
     itself is small next to the passes and is covered by the caller's margin."""
@@ -265,20 +315,44 @@ def _run_eval(evaluate: Callable[[Any], dict[str, Any]], student: Any, result: T
     return record
 
 
-def _checkpoint(out: Path, result: TrainResult, params: dict[str, torch.Tensor], optimizer: Any, scheduler: Any,
-                cfg: TrainConfig, data: TokenBatches, meta: dict[str, Any]) -> None:
-    info = dict(meta, config=asdict(cfg), trajectory=cfg.trajectory(), data_digest=data.digest,
-                data_sequences=data.num_sequences, tokens=result.tokens, train_seconds=result.train_seconds,
-                history=result.history, evals=result.evals)
+def _checkpoint(
+    out: Path,
+    result: TrainResult,
+    params: dict[str, torch.Tensor],
+    optimizer: Any,
+    scheduler: Any,
+    cfg: TrainConfig,
+    data: TokenBatches,
+    meta: dict[str, Any],
+) -> None:
+    info = dict(
+        meta,
+        config=asdict(cfg),
+        trajectory=cfg.trajectory(),
+        data_digest=data.digest,
+        data_sequences=data.num_sequences,
+        tokens=result.tokens,
+        train_seconds=result.train_seconds,
+        history=result.history,
+        evals=result.evals,
+    )
     save_checkpoint(out, result.step, params, optimizer, scheduler, info, keep=cfg.keep_checkpoints)
 
 
-def _restore(out: Path | None, params: dict[str, torch.Tensor], optimizer: Any, scheduler: Any, cfg: TrainConfig,
-             data: TokenBatches, meta: dict[str, Any]) -> TrainResult:
+def _restore(
+    out: Path | None,
+    params: dict[str, torch.Tensor],
+    optimizer: Any,
+    scheduler: Any,
+    cfg: TrainConfig,
+    data: TokenBatches,
+    meta: dict[str, Any],
+) -> TrainResult:
     path = latest_checkpoint(out) if out is not None else None
     if path is None:
-        raise InputPathError(f"--resume: no checkpoint in {Path(out or '.') / CHECKPOINT_DIR}; run without "
-                             "--resume to start training.")
+        raise InputPathError(
+            f"--resume: no checkpoint in {Path(out or '.') / CHECKPOINT_DIR}; run without --resume to start training."
+        )
     state = load_checkpoint(path)
     check_resumable(state, cfg, data, set(params))
     with torch.no_grad():
@@ -290,24 +364,37 @@ def _restore(out: Path | None, params: dict[str, torch.Tensor], optimizer: Any, 
     for key in ("base", "lp"):  # measurements made before training, so the summary stays complete
         if key in state:
             meta.setdefault(key, state[key])
-    return TrainResult(step=state["step"], tokens=state["tokens"], finished=False,
-                       train_seconds=state["train_seconds"], history=state["history"], evals=state["evals"])
+    return TrainResult(
+        step=state["step"],
+        tokens=state["tokens"],
+        finished=False,
+        train_seconds=state["train_seconds"],
+        history=state["history"],
+        evals=state["evals"],
+    )
 
 
 def check_resumable(state: dict[str, Any], cfg: TrainConfig, data: TokenBatches, names: set[str]) -> None:
     """The checkpoint must come from the same trajectory: same options, data and parameters."""
     saved = state["trajectory"]
     defaults = TrainConfig().trajectory()  # options added later are missing from older checkpoints
-    diff = [f"--{k.replace('_', '-')} {saved.get(k, defaults[k])!r} (now {v!r})" for k, v in cfg.trajectory().items()
-            if saved.get(k, defaults[k]) != v]
+    diff = [
+        f"--{k.replace('_', '-')} {saved.get(k, defaults[k])!r} (now {v!r})"
+        for k, v in cfg.trajectory().items()
+        if saved.get(k, defaults[k]) != v
+    ]
     if diff:
-        raise UserError("--resume: the checkpoint was trained with " + ", ".join(diff) + "; pass the same "
-                        "options as the first run (or start a new --out).")
+        raise UserError(
+            "--resume: the checkpoint was trained with " + ", ".join(diff) + "; pass the same "
+            "options as the first run (or start a new --out)."
+        )
     if state["data_digest"] != data.digest:
-        raise UserError("--resume: the training data differs from the data of the checkpoint; pass the same "
-                        "--data (and --model, whose tokenizer cuts it) as the first run.")
+        raise UserError(
+            "--resume: the training data differs from the data of the checkpoint; pass the same "
+            "--data (and --model, whose tokenizer cuts it) as the first run."
+        )
     if set(state["trainable"]) != names:
-        raise UserError("--resume: the checkpoint's trainable parameters do not match this model; pass the same "
-                        "--model and --plan as the first run.")
-
-
+        raise UserError(
+            "--resume: the checkpoint's trainable parameters do not match this model; pass the same "
+            "--model and --plan as the first run."
+        )

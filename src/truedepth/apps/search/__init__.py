@@ -13,5 +13,12 @@ from .pipeline import run_search, search_copy
 from .report import plot
 from .space import candidate_elements, max_reduction
 
-__all__ = ["CalibrationOptions", "SearchOptions", "candidate_elements", "max_reduction", "plot", "run_search",
-           "search_copy"]
+__all__ = [
+    "CalibrationOptions",
+    "SearchOptions",
+    "candidate_elements",
+    "max_reduction",
+    "plot",
+    "run_search",
+    "search_copy",
+]

@@ -4,8 +4,9 @@ windows, and the paper's single contiguous range as a baseline (steps 3-7 of `tr
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 from ...core.plan import Plan
 from ...utils.errors import UserError
@@ -31,6 +32,7 @@ class Options:
 @dataclass
 class Found:
     """The best plan found for one depth reduction."""
+
     reduction: int
     depth: int
     plan: Plan
@@ -48,13 +50,24 @@ class Found:
     selection_seconds: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
-        out = {"depth": self.depth, "reduction": self.reduction, "plan": self.plan.to_dict(),
-               "objective": self.objective, "objective_before_refinement": self.built_objective,
-               "forward_passes": self.evals, "layer_runs": self.layer_runs, "seconds": round(self.seconds, 2)}
+        out = {
+            "depth": self.depth,
+            "reduction": self.reduction,
+            "plan": self.plan.to_dict(),
+            "objective": self.objective,
+            "objective_before_refinement": self.built_objective,
+            "forward_passes": self.evals,
+            "layer_runs": self.layer_runs,
+            "seconds": round(self.seconds, 2),
+        }
         if self.search_plan is not None:
-            out |= {"search_plan": str(self.search_plan), "selection_objective": self.selection_objective,
-                    "finalists": self.finalists, "selection_passes": self.selection_passes,
-                    "selection_seconds": round(self.selection_seconds, 2)}
+            out |= {
+                "search_plan": str(self.search_plan),
+                "selection_objective": self.selection_objective,
+                "finalists": self.finalists,
+                "selection_passes": self.selection_passes,
+                "selection_seconds": round(self.selection_seconds, 2),
+            }
         return out
 
 
@@ -71,10 +84,17 @@ class SearchResult:
     seconds: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
-        return {"objective": self.objective, "base_objective": self.base_objective, "num_layers": self.num_layers,
-                "found": [f.to_dict() for _, f in sorted(self.found.items())], "proxies": self.proxies,
-                "trajectory": self.trajectory, "forward_passes": self.evals, "layer_runs": self.layer_runs,
-                "seconds": round(self.seconds, 2)}
+        return {
+            "objective": self.objective,
+            "base_objective": self.base_objective,
+            "num_layers": self.num_layers,
+            "found": [f.to_dict() for _, f in sorted(self.found.items())],
+            "proxies": self.proxies,
+            "trajectory": self.trajectory,
+            "forward_passes": self.evals,
+            "layer_runs": self.layer_runs,
+            "seconds": round(self.seconds, 2),
+        }
 
 
 class _Clock:
@@ -112,10 +132,21 @@ def search(scorer: PlanScorer, reductions: Sequence[int], options: Options | Non
         evals, runs, secs = (after_proxies[i] + level_clock[k][i] + t_after[i] - t_before[i] for i in range(3))
         found[k] = Found(k, L - k, plan_of(best), obj, built_obj, evals, runs, secs)
     total = clock.now()
-    proxies = [{"element": str(e), "layers": list(e.layers), "kind": e.kind, "cosine_proxy": cosine[e],
-                "cost_alone": alone.get(e)} for e in elements]
-    trajectory = [{"depth": L - r, "reduction": r, "objective": levels[r][0][0], "plan": str(plan_of(levels[r][0][1]))}
-                  for r in sorted(levels) if levels[r] and r > 0]
+    proxies = [
+        {
+            "element": str(e),
+            "layers": list(e.layers),
+            "kind": e.kind,
+            "cosine_proxy": cosine[e],
+            "cost_alone": alone.get(e),
+        }
+        for e in elements
+    ]
+    trajectory = [
+        {"depth": L - r, "reduction": r, "objective": levels[r][0][0], "plan": str(plan_of(levels[r][0][1]))}
+        for r in sorted(levels)
+        if levels[r] and r > 0
+    ]
     return SearchResult(scorer.objective, scorer.base, L, found, proxies, trajectory, total[0], total[1], total[2])
 
 
@@ -132,14 +163,18 @@ def measure_alone(scorer: PlanScorer, elements: Sequence[Element], progress: boo
     return out
 
 
-def _shortlist(chosen: Sequence[Element], ranked: Sequence[Element], room: int, size: int,
-               num_layers: int, opt: Options) -> list[Element]:
+def _shortlist(
+    chosen: Sequence[Element], ranked: Sequence[Element], room: int, size: int, num_layers: int, opt: Options
+) -> list[Element]:
     """The `size` cheapest candidates (by cost alone) that fit next to `chosen` within `room`
     and leave enough free layers to remove the rest of `room` (e.g. pairs that tile the stack)."""
     out = []
     for e in ranked:
-        if e.reduction <= room and fits(chosen, e, num_layers) and \
-                reachable((*chosen, e), num_layers, opt.max_group, opt.allow_skip) >= room - e.reduction:
+        if (
+            e.reduction <= room
+            and fits(chosen, e, num_layers)
+            and reachable((*chosen, e), num_layers, opt.max_group, opt.allow_skip) >= room - e.reduction
+        ):
             out.append(e)
             if len(out) == size:
                 break
@@ -150,8 +185,9 @@ def _over_budget(scorer: PlanScorer, opt: Options, start_evals: int) -> bool:
     return opt.budget is not None and scorer.evals - start_evals >= opt.budget
 
 
-def beam_build(scorer: PlanScorer, ranked: Sequence[Element], top: int, opt: Options,
-               start_evals: int) -> tuple[dict[int, list], dict[int, tuple[int, int, float]]]:
+def beam_build(
+    scorer: PlanScorer, ranked: Sequence[Element], top: int, opt: Options, start_evals: int
+) -> tuple[dict[int, list], dict[int, tuple[int, int, float]]]:
     """Beam search level by level of depth reduction, from the original model to `top`.
 
     Level r keeps the `opt.beam` best plans of reduction r; each is extended by its
@@ -182,14 +218,16 @@ def beam_build(scorer: PlanScorer, ranked: Sequence[Element], top: int, opt: Opt
                 levels[r + e.reduction].append((scorer.score(new), new))
         nxt = sorted(levels[r + 1], key=lambda t: t[0])
         if not nxt:
-            raise UserError(f"the beam found no plan of depth {L - r - 1}: too few candidates fit "
-                            "(raise --shortlist or --screen).")
+            raise UserError(
+                f"the beam found no plan of depth {L - r - 1}: too few candidates fit (raise --shortlist or --screen)."
+            )
         done[r + 1] = (scorer.evals - evals0, scorer.layer_runs - runs0, time.perf_counter() - t0)
         bar.update(1)
         bar.set_postfix_str(f"depth {L - r - 1}: {nxt[0][0]:.4g} {plan_of(nxt[0][1])}")
         if opt.progress:  # the objective along the way, kept on screen
-            tqdm.write(f"depth {L - r - 1}: {scorer.objective} {nxt[0][0]:.4f}  {plan_of(nxt[0][1])}  "
-                       f"({scorer.evals} passes)")
+            tqdm.write(
+                f"depth {L - r - 1}: {scorer.objective} {nxt[0][0]:.4f}  {plan_of(nxt[0][1])}  ({scorer.evals} passes)"
+            )
     bar.close()
     levels[top] = sorted(levels[top], key=lambda t: t[0])[: opt.beam]
     return levels, done
@@ -209,8 +247,14 @@ def neighbours(chosen: Sequence[Element], ranked: Sequence[Element], size: int, 
     return list(dict.fromkeys(out))
 
 
-def refine(scorer: PlanScorer, chosen: Sequence[Element], ranked: Sequence[Element], opt: Options,
-           start_evals: int, label: str = "refine") -> tuple[float, tuple]:
+def refine(
+    scorer: PlanScorer,
+    chosen: Sequence[Element],
+    ranked: Sequence[Element],
+    opt: Options,
+    start_evals: int,
+    label: str = "refine",
+) -> tuple[float, tuple]:
     """Local search: repeatedly take the best single swap (see `neighbours`) while it improves."""
     from tqdm.auto import tqdm
 
@@ -233,8 +277,9 @@ def refine(scorer: PlanScorer, chosen: Sequence[Element], ranked: Sequence[Eleme
     return best_obj, best
 
 
-def select_on_fresh_windows(scorer: PlanScorer, selector: PlanScorer, found: dict[int, Found], finalists: int,
-                            progress: bool = True) -> None:
+def select_on_fresh_windows(
+    scorer: PlanScorer, selector: PlanScorer, found: dict[int, Found], finalists: int, progress: bool = True
+) -> None:
     """Final choice per depth, against the winner's curse: the `finalists` plans of that depth with
     the best search objective, among every plan the search scored (the beam, the swaps, and the
     contiguous ranges when --baseline ran first), are scored again on `selector`'s windows, which
@@ -246,8 +291,9 @@ def select_on_fresh_windows(scorer: PlanScorer, selector: PlanScorer, found: dic
     by_reduction: dict[int, list[tuple[float, str]]] = {}
     for key, obj in scorer.scored().items():
         by_reduction.setdefault(L - Plan.parse(key).depth(L), []).append((obj, key))
-    for k, f in tqdm(sorted(found.items()), desc="final choice on fresh windows", unit="depth",
-                     disable=not progress, leave=False):
+    for k, f in tqdm(
+        sorted(found.items()), desc="final choice on fresh windows", unit="depth", disable=not progress, leave=False
+    ):
         t0 = selector.evals, selector.layer_runs, time.perf_counter()
         pool = sorted(by_reduction.get(k, []))[:finalists]
         rows = [{"plan": key, "objective": obj, "selection_objective": selector.score(key)} for obj, key in pool]
@@ -271,12 +317,19 @@ def contiguous_baseline(scorer: PlanScorer, reductions: Sequence[int], progress:
             continue
         t0 = time.perf_counter()
         tried = []
-        for s in tqdm(range(L - 2 * k + 1), desc=f"baseline depth {L - k}", unit="plan",
-                      disable=not progress, leave=False):
+        for s in tqdm(
+            range(L - 2 * k + 1), desc=f"baseline depth {L - k}", unit="plan", disable=not progress, leave=False
+        ):
             plan = Plan.parallel(s, s + 2 * k)
             tried.append({"start": s, "plan": str(plan), "objective": scorer.score(plan)})
         best = min(tried, key=lambda t: t["objective"])
-        out[k] = {"depth": L - k, "reduction": k, "plan": Plan.parse(best["plan"]).to_dict(),
-                  "objective": best["objective"], "tried": tried, "forward_passes": len(tried),
-                  "seconds": round(time.perf_counter() - t0, 2)}
+        out[k] = {
+            "depth": L - k,
+            "reduction": k,
+            "plan": Plan.parse(best["plan"]).to_dict(),
+            "objective": best["objective"],
+            "tried": tried,
+            "forward_passes": len(tried),
+            "seconds": round(time.perf_counter() - t0, 2),
+        }
     return out

@@ -4,18 +4,19 @@ from __future__ import annotations
 
 import copy
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from ...core.plan import Plan, parse_int_ranges
 from ...measure.bench.precision import check_search_dtype, scoring_dtype
 from ...utils.env import use_threads
-from ...utils.io import atomic_write_json
 from ...utils.errors import UserError, check_output_file
+from ...utils.io import atomic_write_json
 from .beam import Options, contiguous_baseline, search, select_on_fresh_windows
 from .options import SearchOptions
+from .report import held_out_perplexity, plot, print_summary, report_held_out
 from .scoring import PlanScorer, split_calibration_ids
 from .space import target_reductions
-from .report import held_out_perplexity, plot, print_summary, report_held_out
 
 
 def check_args(args: SearchOptions) -> tuple[list[int] | None, list[int] | None]:
@@ -41,21 +42,24 @@ def check_args(args: SearchOptions) -> tuple[list[int] | None, list[int] | None]
     if args.budget is not None and args.budget < 1:
         raise UserError(f"--budget must be at least 1 (got {args.budget}); omit it for no cap.")
     if args.report != "none" and args.report_tokens < args.report_window:
-        raise UserError(f"--report-tokens ({args.report_tokens}) must be at least one --report-window "
-                        f"({args.report_window}).")
+        raise UserError(
+            f"--report-tokens ({args.report_tokens}) must be at least one --report-window ({args.report_window})."
+        )
     check_search_dtype(args.search_dtype)
     if args.report != "none" and args.report == args.calib:
-        raise UserError(f"--report and --calib are the same text ({args.calib!r}); report on text the search "
-                        "did not see, e.g. --report default (the held-out novel).")
+        raise UserError(
+            f"--report and --calib are the same text ({args.calib!r}); report on text the search "
+            "did not see, e.g. --report default (the held-out novel)."
+        )
     return depths, reduce
 
 
 def run_search(args: SearchOptions) -> dict[str, Any]:
     """Search, choose, report and save as `args` says; returns the summary (also written to `args.out`)."""
     depths, reduce = check_args(args)
-    from ...measure.eval.data import load_text
-    from ...core.loading import load_for_device
     from ...core.arch import decoder_layers
+    from ...core.loading import load_for_device
+    from ...measure.eval.data import load_text
 
     use_threads(args.threads)
     progress = not args.quiet
@@ -64,23 +68,43 @@ def run_search(args: SearchOptions) -> dict[str, Any]:
     model, tokenizer = load_for_device(args.model, dtype=args.dtype, device=args.device)
     L = len(decoder_layers(model))
     reductions = target_reductions(L, depths, reduce, args.max_group, args.allow_skip)
-    ids, select_ids = split_calibration_ids(tokenizer, calib_text, args.calib_windows, args.select_windows,
-                                            args.calib_length)
-    opt = Options(args.max_group, args.allow_skip, args.beam, args.shortlist, args.refine_rounds, args.screen,
-                  args.budget, progress)
+    ids, select_ids = split_calibration_ids(
+        tokenizer, calib_text, args.calib_windows, args.select_windows, args.calib_length
+    )
+    opt = Options(
+        args.max_group,
+        args.allow_skip,
+        args.beam,
+        args.shortlist,
+        args.refine_rounds,
+        args.screen,
+        args.budget,
+        progress,
+    )
     t0 = time.perf_counter()
     scoring_model = search_copy(model, args.search_dtype)
     scorer = PlanScorer(scoring_model, ids, args.objective)
     score_dtype = str(next(scoring_model.parameters()).dtype).removeprefix("torch.")
-    print(f"{args.model}: {L} layers; calibration {tuple(ids.shape)} tokens of {args.calib!r} "
-          f"(+ {args.select_windows} fresh windows for the final choice); "
-          f"objective {args.objective} scored in {score_dtype}, original model {scorer.base:.4f}")
+    print(
+        f"{args.model}: {L} layers; calibration {tuple(ids.shape)} tokens of {args.calib!r} "
+        f"(+ {args.select_windows} fresh windows for the final choice); "
+        f"objective {args.objective} scored in {score_dtype}, original model {scorer.base:.4f}"
+    )
     result = search(scorer, reductions, opt)
-    summary = {"model": args.model, "command": args.command,
-               "calibration": {"text": args.calib, "windows": args.calib_windows, "length": args.calib_length,
-                               "select_windows": args.select_windows, "finalists": args.finalists,
-                               "dtype": str(next(scorer.model.parameters()).dtype)},
-               "options": vars(opt) | {"objective": args.objective}, **result.to_dict()}
+    summary = {
+        "model": args.model,
+        "command": args.command,
+        "calibration": {
+            "text": args.calib,
+            "windows": args.calib_windows,
+            "length": args.calib_length,
+            "select_windows": args.select_windows,
+            "finalists": args.finalists,
+            "dtype": str(next(scorer.model.parameters()).dtype),
+        },
+        "options": vars(opt) | {"objective": args.objective},
+        **result.to_dict(),
+    }
     summary["search_seconds"] = round(time.perf_counter() - t0, 2)
     save = _saver(args.out)
     save(summary)  # each stage is saved as it ends: a long run that stops later keeps its plans
@@ -102,8 +126,9 @@ def run_search(args: SearchOptions) -> dict[str, Any]:
         summary["report"] = {"text": args.report, "tokens": args.report_tokens, "window": args.report_window}
         rows = summary["found"] + summary.get("baseline", [])
         report_held_out(model, tokenizer, rows, report_text, args.report_tokens, args.report_window, progress)
-        summary["base_heldout_ppl"] = held_out_perplexity(model, tokenizer, Plan(()), report_text,
-                                                          args.report_tokens, args.report_window)
+        summary["base_heldout_ppl"] = held_out_perplexity(
+            model, tokenizer, Plan(()), report_text, args.report_tokens, args.report_window
+        )
     print_summary(summary)
     save(summary)
     if args.out:
@@ -128,4 +153,5 @@ def _saver(path: str | None) -> Callable[[dict], None]:
     def save(summary: dict) -> None:
         if path:
             atomic_write_json(path, summary)
+
     return save

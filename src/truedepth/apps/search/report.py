@@ -16,8 +16,8 @@ from ...utils.plotting import pyplot, save_figure
 # ---------------------------------------------------------------------------------------------
 def held_out_perplexity(model: Any, tokenizer: Any, plan: Plan, text: str, tokens: int, window: int) -> float:
     """Perplexity of `plan` applied for real (apply_plan on a copy) on `text`."""
-    from ...measure.eval.perplexity import perplexity
     from ...core.transform import apply_plan
+    from ...measure.eval.perplexity import perplexity
 
     candidate = copy.deepcopy(model)
     try:
@@ -28,8 +28,9 @@ def held_out_perplexity(model: Any, tokenizer: Any, plan: Plan, text: str, token
         del candidate
 
 
-def report_held_out(model: Any, tokenizer: Any, rows: list[dict], text: str, tokens: int, window: int,
-                    progress: bool = True) -> None:
+def report_held_out(
+    model: Any, tokenizer: Any, rows: list[dict], text: str, tokens: int, window: int, progress: bool = True
+) -> None:
     """Add 'heldout_ppl' to every row ({'plan': plan dict, ...}) in place."""
     from tqdm.auto import tqdm
 
@@ -47,8 +48,9 @@ def plot(summary: dict, path: str | Path) -> None:
     base = summary.get("baseline") or []
     held = any("heldout_ppl" in f for f in found)
     fig, axes = plt.subplots(1, 2 if held else 1, figsize=(11 if held else 6, 4.2), squeeze=False)
-    panels = [("objective", f"calibration {summary['objective']}")] + ([("heldout_ppl", "held-out perplexity")]
-                                                                        if held else [])
+    panels = [("objective", f"calibration {summary['objective']}")] + (
+        [("heldout_ppl", "held-out perplexity")] if held else []
+    )
     for ax, (key, title) in zip(axes[0], panels):
         ax.plot([f["depth"] for f in found], [f[key] for f in found], "o-", label="searched plans")
         if base:
@@ -77,19 +79,29 @@ def print_summary(summary: dict) -> None:
 
     print(f"\n{'depth':>5}  {obj:>9}  {'fresh':>9}  {'held-out':>8}  {'passes':>6}  plan")
     for f in summary["found"]:
-        print(f"{f['depth']:>5}  {f['objective']:>9.4f}  {num(f, 'selection_objective', '9.4f'):>9}  "
-              f"{num(f, 'heldout_ppl', '.3f'):>8}  {f['forward_passes']:>6}  {f['plan']['plan']}")
+        print(
+            f"{f['depth']:>5}  {f['objective']:>9.4f}  {num(f, 'selection_objective', '9.4f'):>9}  "
+            f"{num(f, 'heldout_ppl', '.3f'):>8}  {f['forward_passes']:>6}  {f['plan']['plan']}"
+        )
         b = base.get(f["depth"])
         if b:
-            print(f"{'':>5}  {b['objective']:>9.4f}  {num(b, 'selection_objective', '9.4f'):>9}  "
-                  f"{num(b, 'heldout_ppl', '.3f'):>8}  {b['forward_passes']:>6}  {b['plan']['plan']}"
-                  "  (best contiguous range)")
+            print(
+                f"{'':>5}  {b['objective']:>9.4f}  {num(b, 'selection_objective', '9.4f'):>9}  "
+                f"{num(b, 'heldout_ppl', '.3f'):>8}  {b['forward_passes']:>6}  {b['plan']['plan']}"
+                "  (best contiguous range)"
+            )
     if "base_heldout_ppl" in summary:
         print(f"original model: {obj} {summary['base_objective']:.4f}, held-out ppl {summary['base_heldout_ppl']:.3f}")
-    print(f"search: {summary['forward_passes']} forward passes over the calibration batch "
-          f"({summary['layer_runs'] / summary['num_layers']:.1f} full-model equivalents of decoder layers), "
-          f"{summary['search_seconds']:.1f} s" + (f"; final choice on fresh windows {summary['selection_seconds']:.1f} s"
-                                                 if "selection_seconds" in summary else ""))
+    print(
+        f"search: {summary['forward_passes']} forward passes over the calibration batch "
+        f"({summary['layer_runs'] / summary['num_layers']:.1f} full-model equivalents of decoder layers), "
+        f"{summary['search_seconds']:.1f} s"
+        + (
+            f"; final choice on fresh windows {summary['selection_seconds']:.1f} s"
+            if "selection_seconds" in summary
+            else ""
+        )
+    )
     if len(summary["found"]) == 1:
         print("plan:", summary["found"][0]["plan"]["plan"])
         print("json:", json.dumps(summary["found"][0]["plan"]))

@@ -4,7 +4,8 @@ original model's recorded layer inputs without building it."""
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from ...core.arch import UnsupportedModelError, layer_hidden
 from ...core.plan import Block, Plan, PlanError
@@ -23,20 +24,26 @@ def calibration_ids(tokenizer: Any, text: str, windows: int = 16, length: int = 
     import torch
 
     if windows < 1 or length < 2:
-        raise UserError(f"need at least 1 calibration window of at least 2 tokens (got {windows} x {length}); "
-                        "pass e.g. --calib-windows 8 --calib-length 256.")
+        raise UserError(
+            f"need at least 1 calibration window of at least 2 tokens (got {windows} x {length}); "
+            "pass e.g. --calib-windows 8 --calib-length 256."
+        )
     chars = length * 8  # Austen-like English averages ~4-5 characters per token: 8 leaves spare
     if len(text) < chars:
-        raise UserError(f"the calibration text has {len(text)} characters, too short for windows of {length} "
-                        "tokens; pass a longer --calib text or a smaller --calib-length.")
+        raise UserError(
+            f"the calibration text has {len(text)} characters, too short for windows of {length} "
+            "tokens; pass a longer --calib text or a smaller --calib-length."
+        )
     rows = []
     for k in range(windows):
         start = (len(text) - chars) * k // max(windows - 1, 1)
         start = _word_start(text, start)
-        ids = tokenizer(text[start:start + chars], add_special_tokens=False)["input_ids"]
+        ids = tokenizer(text[start : start + chars], add_special_tokens=False)["input_ids"]
         if len(ids) < length:
-            raise UserError(f"calibration window {k} holds only {len(ids)} tokens, fewer than {length}; "
-                            "pass a smaller --calib-length or a longer --calib text.")
+            raise UserError(
+                f"calibration window {k} holds only {len(ids)} tokens, fewer than {length}; "
+                "pass a smaller --calib-length or a longer --calib text."
+            )
         rows.append(list(ids[:length]))
     return torch.tensor(rows, dtype=torch.long)
 
@@ -90,8 +97,10 @@ class PlanScorer:
             raise UserError(f"unknown objective {objective!r}; use one of {', '.join(OBJECTIVES)}.")
         previous = current_plan(model.config)
         if previous is not None and not previous.is_identity:
-            raise PlanError(f"the model was already transformed with plan '{previous}'; the search needs the "
-                            "original model (plans refer to its layers): load it without a plan.")
+            raise PlanError(
+                f"the model was already transformed with plan '{previous}'; the search needs the "
+                "original model (plans refer to its layers): load it without a plan."
+            )
         check_supported(model)
         self.model = model
         self.objective = objective
@@ -119,6 +128,7 @@ class PlanScorer:
                 inputs[i] = args[0] if args else kw["hidden_states"]
                 if i < len(kwargs):
                     kwargs[i] = {k: v for k, v in kw.items() if k != "hidden_states"}
+
             return hook
 
         for i, layer in enumerate(self.layers):
@@ -130,8 +140,10 @@ class PlanScorer:
             for h in handles:
                 h.remove()
         if any(x is None for x in inputs):
-            raise UnsupportedModelError("could not record the layer inputs of the model: its decoder layers or final norm "
-                                        "were not called as expected (is this a standard HF decoder-only model?).")
+            raise UnsupportedModelError(
+                "could not record the layer inputs of the model: its decoder layers or final norm "
+                "were not called as expected (is this a standard HF decoder-only model?)."
+            )
         return inputs, kwargs
 
     # ---- objective ------------------------------------------------------------------------------
@@ -279,5 +291,3 @@ def first_changed_block(blocks: Sequence[Block]) -> int:
         if block != Block("keep", (k,)):
             return k
     return len(blocks)
-
-

@@ -3,8 +3,8 @@ or a skipped layer), the plan a set of them makes, and the depths they can reach
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Sequence
 
 from ...core.plan import Plan, PlanError, Step
 from ...utils.errors import UserError
@@ -16,6 +16,7 @@ from ...utils.errors import UserError
 @dataclass(frozen=True, order=True)
 class Element:
     """One change to the stack: `size` consecutive layers from `start` in parallel, or a skip."""
+
     start: int
     size: int
     kind: str  # "parallel" | "skip"
@@ -34,7 +35,7 @@ class Element:
             return Step("parallel", self.start, self.start + self.size, self.size)
         return Step("skip", self.start, self.start + self.size)
 
-    def shifted(self, by: int) -> "Element":
+    def shifted(self, by: int) -> Element:
         return Element(self.start + by, self.size, self.kind)
 
     def __str__(self) -> str:
@@ -63,8 +64,12 @@ def plan_of(elements: Iterable[Element]) -> Plan:
     steps: list[Step] = []
     for e in sorted(elements):
         last = steps[-1] if steps else None
-        same = last is not None and last.end == e.start and last.kind == e.kind and \
-            (e.kind == "skip" or last.group == e.size)
+        same = (
+            last is not None
+            and last.end == e.start
+            and last.kind == e.kind
+            and (e.kind == "skip" or last.group == e.size)
+        )
         if same:
             steps[-1] = Step(last.kind, last.start, e.start + e.size, last.group)
         else:
@@ -111,8 +116,9 @@ def max_reduction(num_layers: int, max_group: int, allow_skip: bool) -> int:
     return whole * (max_group - 1) + max(rest - 1, 0)
 
 
-def target_reductions(num_layers: int, depths: Sequence[int] | None, reductions: Sequence[int] | None,
-                      max_group: int, allow_skip: bool) -> list[int]:
+def target_reductions(
+    num_layers: int, depths: Sequence[int] | None, reductions: Sequence[int] | None, max_group: int, allow_skip: bool
+) -> list[int]:
     """Depth reductions to search for, checked against what the search space can reach."""
     if (depths is None) == (reductions is None):
         raise UserError("give exactly one of --target-depth D or --reduce K.")
@@ -121,13 +127,17 @@ def target_reductions(num_layers: int, depths: Sequence[int] | None, reductions:
     for k in wanted:
         depth = num_layers - k
         if k < 1 or depth < 1:
-            raise UserError(f"target depth {depth} (reduce {k}) is outside 1..{num_layers - 1}: the model "
-                            f"has {num_layers} layers; pick a target depth below {num_layers}.")
+            raise UserError(
+                f"target depth {depth} (reduce {k}) is outside 1..{num_layers - 1}: the model "
+                f"has {num_layers} layers; pick a target depth below {num_layers}."
+            )
         if k > limit:
             how = "add --allow-skip" if not allow_skip else "pick a larger depth"
             if not allow_skip and max_group < 3:
                 how = "use --max-group 3 or --allow-skip"
-            raise UserError(f"target depth {depth} cannot be reached with groups of at most {max_group} "
-                            f"layers{' and skips' if allow_skip else ''} (lowest reachable: "
-                            f"{num_layers - limit}); {how}.")
+            raise UserError(
+                f"target depth {depth} cannot be reached with groups of at most {max_group} "
+                f"layers{' and skips' if allow_skip else ''} (lowest reachable: "
+                f"{num_layers - limit}); {how}."
+            )
     return sorted(set(wanted))

@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
-from ...utils.errors import UserError
 from ...utils.plotting import pyplot, save_figure
 from .points import TRANSFORMS
 from .tables import _at_chance, anchored, metric_columns
 
-
-COLORS = {"parallel": "tab:blue", "skip": "tab:red", "shuffle": "tab:green", "merge": "tab:purple",
-          "base": "black"}
+COLORS = {"parallel": "tab:blue", "skip": "tab:red", "shuffle": "tab:green", "merge": "tab:purple", "base": "black"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -80,8 +78,16 @@ def _finish(fig, ax_list, metrics, path: Path, title: str, rows=()) -> Path:
             ax.set_yscale("log")
             if cap and getattr(ax, "truedepth_off_scale", False):
                 ax.set_ylim(top=cap * 1.3)
-                ax.text(0.99, 0.98, f"▲ off scale (> {cap:.0f})", transform=ax.transAxes, ha="right", va="top",
-                        fontsize=7, color="gray")
+                ax.text(
+                    0.99,
+                    0.98,
+                    f"▲ off scale (> {cap:.0f})",
+                    transform=ax.transAxes,
+                    ha="right",
+                    va="top",
+                    fontsize=7,
+                    color="gray",
+                )
         else:
             ax.set_ylim(bottom=0)
         ax.set_ylabel(_label(metric))
@@ -118,7 +124,9 @@ def plot_delta(rows: Sequence[dict[str, Any]], path: Path, rule: str = "end", ti
     for ax, metric in zip(axes, metrics):
         cap = _cap(rows, metric)
         for transform in TRANSFORMS:
-            xs = sorted((r["delta"], r[metric]) for r in pts if r["transform"] == transform and r.get(metric) is not None)
+            xs = sorted(
+                (r["delta"], r[metric]) for r in pts if r["transform"] == transform and r.get(metric) is not None
+            )
             if xs:
                 _draw(ax, [x for x, _ in xs], [y for _, y in xs], cap, "o-", color=COLORS[transform], label=transform)
         _base_line(ax, rows, metric)
@@ -133,8 +141,9 @@ def plot_start(rows: Sequence[dict[str, Any]], path: Path, title: str = "") -> P
         if r["transform"] != "base":
             groups.setdefault((r["transform"], r["delta"]), []).append(r)
     groups = {k: v for k, v in groups.items() if len({r["start"] for r in v}) >= 3}
-    metrics = [m for m in metric_columns(rows)
-               if any(sum(r.get(m) is not None for r in v) >= 3 for v in groups.values())]
+    metrics = [
+        m for m in metric_columns(rows) if any(sum(r.get(m) is not None for r in v) >= 3 for v in groups.values())
+    ]
     if not groups or not metrics:
         return None
     plt = _plt()
@@ -145,8 +154,16 @@ def plot_start(rows: Sequence[dict[str, Any]], path: Path, title: str = "") -> P
         for i, ((transform, delta), rs) in enumerate(sorted(groups.items())):
             xs = sorted((r["start"], r[metric]) for r in rs if r.get(metric) is not None)
             if len(xs) >= 2:
-                _draw(ax, [x for x, _ in xs], [y for _, y in xs], cap, styles[i % len(styles)], ms=4,
-                      color=COLORS[transform], label=f"{transform} Δ={delta}")
+                _draw(
+                    ax,
+                    [x for x, _ in xs],
+                    [y for _, y in xs],
+                    cap,
+                    styles[i % len(styles)],
+                    ms=4,
+                    color=COLORS[transform],
+                    label=f"{transform} Δ={delta}",
+                )
         _base_line(ax, rows, metric)
         ax.set_xlabel("start layer of the range (first transformed layer)")
     return _finish(fig, axes, metrics, path, title or "Quality against position at fixed Δ", rows)
@@ -163,8 +180,9 @@ def pareto_front(points: Sequence[tuple[float, float]], lower_x_better: bool, lo
     return front
 
 
-def plot_pareto(rows: Sequence[dict[str, Any]], path: Path, bench: dict[str, float] | None = None,
-                title: str = "") -> Path | None:
+def plot_pareto(
+    rows: Sequence[dict[str, Any]], path: Path, bench: dict[str, float] | None = None, title: str = ""
+) -> Path | None:
     """Metric against depth (or decode ms/token from a bench JSON), all plans, with the Pareto front."""
 
     def xval(r):
@@ -181,18 +199,30 @@ def plot_pareto(rows: Sequence[dict[str, Any]], path: Path, bench: dict[str, flo
         for transform in ("base",) + TRANSFORMS:
             xs = [(xval(r), r[metric]) for r in pts if r["transform"] == transform and r.get(metric) is not None]
             if xs:
-                _draw(ax, [x for x, _ in xs], [y for _, y in xs], cap, "scatter", color=COLORS[transform],
-                      label=transform, s=22 if transform != "base" else 80,
-                      marker="o" if transform != "base" else "*", zorder=3)
+                _draw(
+                    ax,
+                    [x for x, _ in xs],
+                    [y for _, y in xs],
+                    cap,
+                    "scatter",
+                    color=COLORS[transform],
+                    label=transform,
+                    s=22 if transform != "base" else 80,
+                    marker="o" if transform != "base" else "*",
+                    zorder=3,
+                )
         allpts = [(xval(r), r[metric]) for r in pts if r.get(metric) is not None]
-        front = [(x, min(y, cap) if cap else y) for x, y in
-                 pareto_front(allpts, lower_x_better=True, lower_y_better=lower_better)]
+        front = [
+            (x, min(y, cap) if cap else y)
+            for x, y in pareto_front(allpts, lower_x_better=True, lower_y_better=lower_better)
+        ]
         if len(front) > 1:
             ax.step(*zip(*front), where="post", color="gray", lw=1, alpha=0.7, label="Pareto front")
         _base_line(ax, rows, metric)
         ax.set_xlabel("decode ms per token (from bench)" if bench is not None else "depth (sequential layers)")
-    return _finish(fig, axes, metrics, path, title or ("Quality against decode time" if bench else
-                                                       "Quality against depth"), rows)
+    return _finish(
+        fig, axes, metrics, path, title or ("Quality against decode time" if bench else "Quality against depth"), rows
+    )
 
 
 # Paper: Llama 2 7B (32 layers) keeps 95-99 % up to Δ=14, Llama 3.2 3B (28 layers) up to Δ=10.
@@ -211,11 +241,19 @@ def plot_relative(rows: Sequence[dict[str, Any]], path: Path, rule: str = "end",
     styles = ["o-", "s--", "^-.", "d:"]
     for transform in ("parallel", "skip"):
         for i, metric in enumerate(metrics):
-            xs = sorted((r["delta"] / r["num_layers"], r[f"{metric}_rel"]) for r in pts
-                        if r["transform"] == transform and r.get(f"{metric}_rel") is not None)
+            xs = sorted(
+                (r["delta"] / r["num_layers"], r[f"{metric}_rel"])
+                for r in pts
+                if r["transform"] == transform and r.get(f"{metric}_rel") is not None
+            )
             if len(xs) >= 2:
-                ax.plot(*zip(*xs), styles[i % len(styles)], color=COLORS[transform], ms=4,
-                        label=f"{transform}: {'base ppl / ppl' if metric == 'perplexity' else metric + ' / base'}")
+                ax.plot(
+                    *zip(*xs),
+                    styles[i % len(styles)],
+                    color=COLORS[transform],
+                    ms=4,
+                    label=f"{transform}: {'base ppl / ppl' if metric == 'perplexity' else metric + ' / base'}",
+                )
     ax.axhspan(0.95, 0.99, color="gold", alpha=0.25, label="paper: 95-99 % kept")
     for (name, delta, layers), ls in zip(PAPER_CLAIMS, ("--", ":")):
         ax.axvline(delta / layers, color="gray", ls=ls, lw=1, label=f"paper: {name}, Δ={delta} of {layers}")
@@ -230,11 +268,23 @@ def plot_relative(rows: Sequence[dict[str, Any]], path: Path, rule: str = "end",
     return path
 
 
-def make_plots(folder: Path, rows: Sequence[dict[str, Any]], rule: str = "end",
-               bench: dict[str, float] | None = None, model: str = "", prefix: str = "") -> list[Path]:
-    made = [plot_delta(rows, folder / f"{prefix}delta.png", rule, f"{model}: quality against Δ"),
-            plot_start(rows, folder / f"{prefix}start.png", f"{model}: quality against position"),
-            plot_pareto(rows, folder / f"{prefix}pareto.png", bench, f"{model}: quality against " +
-                        ("decode time" if bench else "depth")),
-            plot_relative(rows, folder / f"{prefix}relative.png", rule, f"{model}: quality kept against Δ/L")]
+def make_plots(
+    folder: Path,
+    rows: Sequence[dict[str, Any]],
+    rule: str = "end",
+    bench: dict[str, float] | None = None,
+    model: str = "",
+    prefix: str = "",
+) -> list[Path]:
+    made = [
+        plot_delta(rows, folder / f"{prefix}delta.png", rule, f"{model}: quality against Δ"),
+        plot_start(rows, folder / f"{prefix}start.png", f"{model}: quality against position"),
+        plot_pareto(
+            rows,
+            folder / f"{prefix}pareto.png",
+            bench,
+            f"{model}: quality against " + ("decode time" if bench else "depth"),
+        ),
+        plot_relative(rows, folder / f"{prefix}relative.png", rule, f"{model}: quality kept against Δ/L"),
+    ]
     return [p for p in made if p is not None]

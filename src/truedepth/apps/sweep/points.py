@@ -8,9 +8,10 @@ import datetime
 import json
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from ...core.plan import Plan, parse_int_ranges
 from ...utils.env import machine
@@ -60,8 +61,9 @@ def parse_transforms(text: str) -> list[str]:
     names = [t.strip() for t in text.split(",") if t.strip()]
     bad = [t for t in names if t not in TRANSFORMS]
     if bad or not names:
-        raise UserError(f"unknown transform {', '.join(map(repr, bad)) or '(none)'}; use a comma list of "
-                        f"{', '.join(TRANSFORMS)}.")
+        raise UserError(
+            f"unknown transform {', '.join(map(repr, bad)) or '(none)'}; use a comma list of {', '.join(TRANSFORMS)}."
+        )
     return list(dict.fromkeys(names))
 
 
@@ -74,8 +76,9 @@ def default_start(rule: str, delta: int, num_layers: int) -> int:
     raise ValueError(f"unknown start rule {rule!r}")
 
 
-def sweep_points(transforms: Sequence[str], deltas: Sequence[int], start: str, num_layers: int,
-                 include_base: bool = True) -> tuple[list[Point], list[str]]:
+def sweep_points(
+    transforms: Sequence[str], deltas: Sequence[int], start: str, num_layers: int, include_base: bool = True
+) -> tuple[list[Point], list[str]]:
     """The points to evaluate and notes on the combinations left out (odd Δ for pairs, no fit).
 
     Raises ValueError if a transform is left with no point at all."""
@@ -91,7 +94,7 @@ def sweep_points(transforms: Sequence[str], deltas: Sequence[int], start: str, n
             if transform in PAIRED and delta % 2:
                 odd.append(delta)
                 continue
-            for s in ([default_start(rule, delta, num_layers)] if starts is None else starts):
+            for s in [default_start(rule, delta, num_layers)] if starts is None else starts:
                 if s < 0 or s + delta > num_layers:
                     unfit.append(f"{s}:{s + delta}")
                     continue
@@ -99,11 +102,14 @@ def sweep_points(transforms: Sequence[str], deltas: Sequence[int], start: str, n
         if odd:
             notes.append(f"{transform}: odd Δ {', '.join(map(str, odd))} left out (pairs need an even Δ)")
         if unfit:
-            notes.append(f"{transform}: {len(unfit)} ranges do not fit {num_layers} layers "
-                         f"(e.g. {unfit[0]}) and are left out")
+            notes.append(
+                f"{transform}: {len(unfit)} ranges do not fit {num_layers} layers (e.g. {unfit[0]}) and are left out"
+            )
         if not kept:
-            raise UserError(f"no {transform} point fits: {'; '.join(notes)}. Choose Δ and --start so that "
-                            f"start + Δ <= {num_layers}" + (" and Δ is even." if transform in PAIRED else "."))
+            raise UserError(
+                f"no {transform} point fits: {'; '.join(notes)}. Choose Δ and --start so that "
+                f"start + Δ <= {num_layers}" + (" and Δ is even." if transform in PAIRED else ".")
+            )
         points.extend(kept)
     return points, notes
 
@@ -145,7 +151,7 @@ def plan_copy(model: Any, plan: Plan) -> Any:
     layers = decoder_layers(model)
     rewritten = {i for s in plan.steps if s.kind in ("parallel", "merge", "skip") for i in s.layers}
     memo: dict[int, Any] = {}
-    for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
+    for _, tensor in list(model.named_parameters()) + list(model.named_buffers()):
         memo[id(tensor)] = tensor
     for i in rewritten:  # these get private copies
         for tensor in list(layers[i].parameters()) + list(layers[i].buffers()):
@@ -160,6 +166,7 @@ def plan_copy(model: Any, plan: Plan) -> Any:
 class Sweep:
     """What to evaluate and how, resolved from `SweepOptions` (`study.sweep_of`); `study.check_sweep` checks it
     before any work. Defaults: the command's."""
+
     out: Path
     transforms: list[str]
     deltas: list[int]
@@ -180,9 +187,16 @@ class Sweep:
     progress: bool = True
 
     def settings(self) -> dict[str, Any]:
-        s: dict[str, Any] = {"model": self.model, "dtype": self.dtype,
-                             "perplexity": {"text": self.text, "tokens": self.tokens, "window": self.window,
-                                            "stride": self.stride or self.window}}
+        s: dict[str, Any] = {
+            "model": self.model,
+            "dtype": self.dtype,
+            "perplexity": {
+                "text": self.text,
+                "tokens": self.tokens,
+                "window": self.window,
+                "stride": self.stride or self.window,
+            },
+        }
         if self.tasks:
             s["tasks"] = {"tasks": sorted(self.tasks), "num_fewshot": self.num_fewshot, "limit": self.limit}
         return s
@@ -190,17 +204,23 @@ class Sweep:
 
 def point_record(point: Point, plan: Plan, num_layers: int) -> dict[str, Any]:
     end = point.start + point.delta
-    return {"plan": str(plan), "transform": point.transform, "delta": point.delta,
-            "start": point.start if point.transform != "base" else None,
-            "end": end if point.transform != "base" else None,
-            "depth": plan.depth(num_layers), "num_layers": num_layers}
+    return {
+        "plan": str(plan),
+        "transform": point.transform,
+        "delta": point.delta,
+        "start": point.start if point.transform != "base" else None,
+        "end": end if point.transform != "base" else None,
+        "depth": plan.depth(num_layers),
+        "num_layers": num_layers,
+    }
 
 
-def measure_point(base: Any, tokenizer: Any, plan: Plan, todo: dict[str, str], sweep: Sweep,
-                  ids: list[int]) -> dict[str, dict[str, Any]]:
+def measure_point(
+    base: Any, tokenizer: Any, plan: Plan, todo: dict[str, str], sweep: Sweep, ids: list[int]
+) -> dict[str, dict[str, Any]]:
     """Transform a copy of `base` with `plan` and run the measurements named in `todo`."""
-    from ...measure.eval.perplexity import perplexity
     from ...core.transform import apply_plan
+    from ...measure.eval.perplexity import perplexity
 
     model = plan_copy(base, plan)
     apply_plan(model, plan)
@@ -208,8 +228,9 @@ def measure_point(base: Any, tokenizer: Any, plan: Plan, todo: dict[str, str], s
     try:
         if "perplexity" in todo:
             t0 = time.perf_counter()
-            ppl = perplexity(model, tokenizer, ids, tokens=sweep.tokens, window=sweep.window,
-                             stride=sweep.stride, progress=False)
+            ppl = perplexity(
+                model, tokenizer, ids, tokens=sweep.tokens, window=sweep.window, stride=sweep.stride, progress=False
+            )
             results["perplexity"] = {**ppl, "seconds": round(time.perf_counter() - t0, 2)}
         if "tasks" in todo:
             from ...measure.eval.icl import evaluate_tasks
@@ -253,9 +274,18 @@ def run_sweep(sweep: Sweep, model: Any, tokenizer: Any, points: Sequence[Point],
             bar.set_postfix_str(str(plan))
             results = measure_point(model, tokenizer, plan, keys, sweep, ids)
             for measure, value in results.items():
-                append_result(path, {"key": keys[measure], "measure": measure, **point_record(point, plan, num_layers),
-                                     "settings": settings, **value, "machine": where,
-                                     "date": datetime.datetime.now().isoformat(timespec="seconds")})
+                append_result(
+                    path,
+                    {
+                        "key": keys[measure],
+                        "measure": measure,
+                        **point_record(point, plan, num_layers),
+                        "settings": settings,
+                        **value,
+                        "machine": where,
+                        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+                    },
+                )
             bar.update(1)
 
 
@@ -276,8 +306,8 @@ def text_ids(sweep: Sweep) -> list[int]:
     """Tokenise the perplexity text once, and check it fills a window, before loading the model."""
     from transformers import AutoTokenizer
 
-    from ...measure.eval.data import load_text
     from ...core.loading import resolve
+    from ...measure.eval.data import load_text
     from ...measure.eval.perplexity import make_windows, tokenize
 
     tokenizer = AutoTokenizer.from_pretrained(resolve(sweep.model), trust_remote_code=False)

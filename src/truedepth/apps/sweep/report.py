@@ -7,13 +7,14 @@ import datetime
 import json
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from ...utils.env import machine
 from ...utils.errors import UserError
-from .points import RESULTS_FILE, TRANSFORMS, Sweep, read_results
 from .plots import PAPER_CLAIMS, make_plots
+from .points import RESULTS_FILE, TRANSFORMS, Sweep, read_results
 from .tables import _at_chance, anchored, collect_rows, metric_columns, read_bench, write_tables
 
 
@@ -53,8 +54,13 @@ def delta_table(rows: Sequence[dict[str, Any]], rule: str, col: str) -> str:
     deltas = sorted({d for _, d in pts})
     body = []
     for d in deltas:
-        body.append([str(d)] + [_cell(pts.get((t, d)), col) + (f" · d{pts[(t, d)]['depth']}" if (t, d) in pts else "")
-                                for t in transforms])
+        body.append(
+            [str(d)]
+            + [
+                _cell(pts.get((t, d)), col) + (f" · d{pts[(t, d)]['depth']}" if (t, d) in pts else "")
+                for t in transforms
+            ]
+        )
     return _md_table(["Δ"] + transforms, body)
 
 
@@ -62,8 +68,11 @@ def equal_depth_table(rows: Sequence[dict[str, Any]], rule: str) -> str:
     """parallel Δ against skip Δ/2: the same depth, L - Δ/2."""
     par = {r["delta"]: r for r in rows if r["transform"] == "parallel" and anchored(r, rule)}
     skip = {r["delta"]: r for r in rows if r["transform"] == "skip" and anchored(r, rule)}
-    cols = [c for c in metric_columns(rows) if any(par[d].get(c) is not None and d // 2 in skip
-                                                    and skip[d // 2].get(c) is not None for d in par)]
+    cols = [
+        c
+        for c in metric_columns(rows)
+        if any(par[d].get(c) is not None and d // 2 in skip and skip[d // 2].get(c) is not None for d in par)
+    ]
     body = []
     for d in sorted(par):
         s = skip.get(d // 2)
@@ -92,19 +101,30 @@ def position_table(rows: Sequence[dict[str, Any]]) -> tuple[str, list[tuple[str,
         cells = [str(st)]
         for k in keys:
             r = next((x for x in groups[k] if x["start"] == st), None)
-            cells.append("–" if r is None else f"{r['perplexity']:.1f} ({100 * r['perplexity_rel']:.0f} %)"
-                         if r.get("perplexity_rel") is not None else f"{r['perplexity']:.1f}")
+            cells.append(
+                "–"
+                if r is None
+                else f"{r['perplexity']:.1f} ({100 * r['perplexity_rel']:.0f} %)"
+                if r.get("perplexity_rel") is not None
+                else f"{r['perplexity']:.1f}"
+            )
         body.append(cells)
-    head = ["start"] + [f"{t} Δ={d} (" + ("layer start)" if d == 1 else f"layers start..start+{d - 1})")
-                        for t, d in keys]
+    head = ["start"] + [
+        f"{t} Δ={d} (" + ("layer start)" if d == 1 else f"layers start..start+{d - 1})") for t, d in keys
+    ]
     return _md_table(head, body), keys
 
 
-def steepest_fall(rows: Sequence[dict[str, Any]], rule: str, transform: str, col: str) -> tuple[int, int, float, float] | None:
+def steepest_fall(
+    rows: Sequence[dict[str, Any]], rule: str, transform: str, col: str
+) -> tuple[int, int, float, float] | None:
     """(Δ_a, Δ_b, kept_a, kept_b): the consecutive measured Δ values between which the fraction of the
     base quality kept (base ppl / ppl, or acc / base acc) falls the most per added layer."""
-    pts = sorted((r["delta"], r[f"{col}_rel"]) for r in rows if r["transform"] == transform and anchored(r, rule)
-                 and r.get(f"{col}_rel") is not None)
+    pts = sorted(
+        (r["delta"], r[f"{col}_rel"])
+        for r in rows
+        if r["transform"] == transform and anchored(r, rule) and r.get(f"{col}_rel") is not None
+    )
     if any(r["transform"] == "base" and r.get(col) is not None for r in rows):
         pts = [(0, 1.0)] + pts
     best = None
@@ -117,8 +137,11 @@ def steepest_fall(rows: Sequence[dict[str, Any]], rule: str, transform: str, col
 
 def largest_kept(rows: Sequence[dict[str, Any]], rule: str, transform: str, col: str, level: float) -> int | None:
     """Largest Δ such that every Δ' <= Δ measured keeps at least `level` of the base quality."""
-    pts = sorted((r["delta"], r.get(f"{col}_rel")) for r in rows if r["transform"] == transform
-                 and anchored(r, rule) and r.get(f"{col}_rel") is not None)
+    pts = sorted(
+        (r["delta"], r.get(f"{col}_rel"))
+        for r in rows
+        if r["transform"] == transform and anchored(r, rule) and r.get(f"{col}_rel") is not None
+    )
     kept = None
     for d, rel in pts:
         if rel < level:
@@ -140,13 +163,22 @@ def findings(rows: Sequence[dict[str, Any]], rule: str) -> list[str]:
             if not any(r["transform"] == transform and anchored(r, rule) and r.get(col) is not None for r in rows):
                 continue
             parts = []
-            first = min((r for r in rows if r["transform"] == transform and anchored(r, rule)
-                         and r.get(f"{col}_rel") is not None), key=lambda r: r["delta"])
+            first = min(
+                (
+                    r
+                    for r in rows
+                    if r["transform"] == transform and anchored(r, rule) and r.get(f"{col}_rel") is not None
+                ),
+                key=lambda r: r["delta"],
+            )
             for level in (0.95, 0.90):
                 d = largest_kept(rows, rule, transform, col, level)
-                parts.append(f"≥{level:.0%} kept up to Δ={d} ({d}/{L} = {d / L:.0%} of the layers)" if d is not None
-                             else f"below {level:.0%} already at the smallest Δ measured "
-                                  f"(Δ={first['delta']}: {100 * first[f'{col}_rel']:.1f} %)")
+                parts.append(
+                    f"≥{level:.0%} kept up to Δ={d} ({d}/{L} = {d / L:.0%} of the layers)"
+                    if d is not None
+                    else f"below {level:.0%} already at the smallest Δ measured "
+                    f"(Δ={first['delta']}: {100 * first[f'{col}_rel']:.1f} %)"
+                )
             fall = steepest_fall(rows, rule, transform, col)
             if fall and fall[2] > fall[3]:
                 a, b, ka, kb = fall
@@ -169,10 +201,12 @@ def position_findings(rows: Sequence[dict[str, Any]]) -> list[str]:
         best = max(rs, key=lambda r: r["perplexity_rel"])
         worst = min(rs, key=lambda r: r["perplexity_rel"])
         good = [r["start"] for r in rs if r["perplexity_rel"] >= 0.95]
-        out.append(f"- **{transform} Δ={delta}**, position scan ({len(rs)} starts): best {_span(best)} "
-                   f"({100 * best['perplexity_rel']:.0f} % kept), worst {_span(worst)} "
-                   f"({100 * worst['perplexity_rel']:.1f} % kept); ≥95 % kept at "
-                   f"{len(good)} of {len(rs)} starts" + (f" ({_ranges(good)})" if good else "") + ".")
+        out.append(
+            f"- **{transform} Δ={delta}**, position scan ({len(rs)} starts): best {_span(best)} "
+            f"({100 * best['perplexity_rel']:.0f} % kept), worst {_span(worst)} "
+            f"({100 * worst['perplexity_rel']:.1f} % kept); ≥95 % kept at "
+            f"{len(good)} of {len(rs)} starts" + (f" ({_ranges(good)})" if good else "") + "."
+        )
     return out
 
 
@@ -198,31 +232,46 @@ def equal_depth_findings(rows: Sequence[dict[str, Any]], rule: str) -> list[str]
     skip = {r["delta"]: r for r in rows if r["transform"] == "skip" and anchored(r, rule)}
     out = []
     for col in metric_columns(rows):
-        pairs = [(par[d], skip[d // 2]) for d in sorted(par) if d // 2 in skip and d % 2 == 0
-                 and par[d].get(col) is not None and skip[d // 2].get(col) is not None]
+        pairs = [
+            (par[d], skip[d // 2])
+            for d in sorted(par)
+            if d // 2 in skip and d % 2 == 0 and par[d].get(col) is not None and skip[d // 2].get(col) is not None
+        ]
         if not pairs:
             continue
         better = (lambda a, b: a < b) if col == "perplexity" else (lambda a, b: a > b)
         wins = sum(better(p[col], s[col]) for p, s in pairs)
         ties = sum(p[col] == s[col] for p, s in pairs)
         name = "perplexity" if col == "perplexity" else f"`{col}`"
-        out.append(f"- **Equal depth**, {name}: parallel Δ beats skip Δ/2 at {wins} of {len(pairs)} depths"
-                   + (f" ({ties} tied)" if ties else "") + ".")
+        out.append(
+            f"- **Equal depth**, {name}: parallel Δ beats skip Δ/2 at {wins} of {len(pairs)} depths"
+            + (f" ({ties} tied)" if ties else "")
+            + "."
+        )
     return out
 
 
 def paper_table(rows: Sequence[dict[str, Any]], rule: str) -> str:
     L = next((r["num_layers"] for r in rows), 0)
-    body = [[f"paper: {name} ({layers} layers)", "95–99 % of perplexity and ICL accuracy",
-             f"Δ={d} ({d / layers:.0%} of layers, depth −{d // 2 / layers:.0%})", "–"]
-            for name, d, layers in PAPER_CLAIMS]
+    body = [
+        [
+            f"paper: {name} ({layers} layers)",
+            "95–99 % of perplexity and ICL accuracy",
+            f"Δ={d} ({d / layers:.0%} of layers, depth −{d // 2 / layers:.0%})",
+            "–",
+        ]
+        for name, d, layers in PAPER_CLAIMS
+    ]
 
     def at(col: str, level: float) -> str:
         d = largest_kept(rows, rule, "parallel", col, level)
         if d is not None:
             return f"Δ={d} ({d / L:.0%} of layers, depth −{d // 2 / L:.0%})"
-        first = min((r for r in rows if r["transform"] == "parallel" and anchored(r, rule)
-                     and r.get(f"{col}_rel") is not None), key=lambda r: r["delta"], default=None)
+        first = min(
+            (r for r in rows if r["transform"] == "parallel" and anchored(r, rule) and r.get(f"{col}_rel") is not None),
+            key=lambda r: r["delta"],
+            default=None,
+        )
         return "none" + (f" (Δ={first['delta']} keeps {100 * first[f'{col}_rel']:.1f} %)" if first else "")
 
     for col in metric_columns(rows):
@@ -247,12 +296,23 @@ def paper_summary(rows: Sequence[dict[str, Any]], rule: str) -> list[str]:
         ours.append(f"{name}: Δ/L = {(d or 0) / L:.0%}" + ("" if d else " (not even the smallest Δ)"))
     if not ours:
         return []
-    smallest = min((largest_kept(rows, rule, "parallel", c, 0.95) or 0) for c in metric_columns(rows)
-                   if c == "perplexity" or not _at_chance(rows, c)) / L
-    verdict = ("a much smaller fraction of its depth than the paper's models" if smallest < 0.5 * 10 / 28
-               else "a comparable fraction of its depth")
-    return [f"The paper keeps 95–99 % up to {claims}. Here, 95 % is kept (at every Δ up to it) for "
-            f"{'; '.join(ours)}: the {L}-layer default model tolerates pairing over {verdict}."]
+    smallest = (
+        min(
+            (largest_kept(rows, rule, "parallel", c, 0.95) or 0)
+            for c in metric_columns(rows)
+            if c == "perplexity" or not _at_chance(rows, c)
+        )
+        / L
+    )
+    verdict = (
+        "a much smaller fraction of its depth than the paper's models"
+        if smallest < 0.5 * 10 / 28
+        else "a comparable fraction of its depth"
+    )
+    return [
+        f"The paper keeps 95–99 % up to {claims}. Here, 95 % is kept (at every Δ up to it) for "
+        f"{'; '.join(ours)}: the {L}-layer default model tolerates pairing over {verdict}."
+    ]
 
 
 def tasks_table(rows: Sequence[dict[str, Any]]) -> str:
@@ -276,8 +336,9 @@ def text_note(text: str) -> str:
     return "the held-out novel (*Persuasion*)" if text == "default" else f"the text `{text}`"
 
 
-def render_report(rows: Sequence[dict[str, Any]], meta: dict[str, Any], images: dict[str, str], rule: str,
-                  command: str) -> str:
+def render_report(
+    rows: Sequence[dict[str, Any]], meta: dict[str, Any], images: dict[str, str], rule: str, command: str
+) -> str:
     s = meta["settings"]
     p = s["perplexity"]
     L = next((r["num_layers"] for r in rows), "?")
@@ -318,20 +379,42 @@ def render_report(rows: Sequence[dict[str, Any]], meta: dict[str, Any], images: 
         "",
     ]
     if "delta" in images:
-        lines += ["## Quality against Δ (the paper's effective-depth figure)", "", f"![quality against Δ]({images['delta']})", ""]
-    lines += ["Perplexity (kept %) and depth `dN`, range ending at layer " f"{L - 3}:", "", delta_table(rows, rule, "perplexity"), ""]
+        lines += [
+            "## Quality against Δ (the paper's effective-depth figure)",
+            "",
+            f"![quality against Δ]({images['delta']})",
+            "",
+        ]
+    lines += [
+        f"Perplexity (kept %) and depth `dN`, range ending at layer {L - 3}:",
+        "",
+        delta_table(rows, rule, "perplexity"),
+        "",
+    ]
     for c in _task_cols(rows):
         if any(anchored(r, rule) and r.get(c) is not None for r in rows if r["transform"] != "base"):
             lines += [f"`{c}` accuracy (kept %):", "", delta_table(rows, rule, c), ""]
-    lines += ["## Parallel against skip at equal depth", "",
-              "Parallel Δ removes Δ/2 sequential layers, as skipping Δ/2 layers does; each row compares the two at "
-              "the same depth, both ranges ending at the same layer.", "", equal_depth_table(rows, rule), ""]
+    lines += [
+        "## Parallel against skip at equal depth",
+        "",
+        "Parallel Δ removes Δ/2 sequential layers, as skipping Δ/2 layers does; each row compares the two at "
+        "the same depth, both ranges ending at the same layer.",
+        "",
+        equal_depth_table(rows, rule),
+        "",
+    ]
     if "pareto" in images:
         lines += [f"![quality against depth]({images['pareto']})", ""]
     table, keys = position_table(rows)
     if keys:
-        lines += ["## Which positions tolerate pairing", "",
-                  "Perplexity (kept %) with the range starting at each layer, at fixed Δ:", "", table, ""]
+        lines += [
+            "## Which positions tolerate pairing",
+            "",
+            "Perplexity (kept %) with the range starting at each layer, at fixed Δ:",
+            "",
+            table,
+            "",
+        ]
         if "start" in images:
             lines += [f"![quality against position]({images['start']})", ""]
     if _task_cols(rows):
@@ -339,19 +422,41 @@ def render_report(rows: Sequence[dict[str, Any]], meta: dict[str, Any], images: 
     lines += ["## Against the paper", "", paper_table(rows, rule), "", *paper_summary(rows, rule), ""]
     if "relative" in images:
         lines += [f"![kept against Δ/L]({images['relative']})", ""]
-    lines += ["Caveats: the paper measures 3B–7B models on RedPajama perplexity and standard ICL benchmarks; "
-              f"this page measures `{s['model']}` ({model_note(s['model'])}{L} layers) on one text and on "
-              "offline tasks with a few hundred items, so differences of a few points are within noise "
-              "(see ± and the per-task n)." + ("".join(
-                  f" `{c}` is at chance for this model, so it cannot show a loss." for c in _task_cols(rows)
-                  if _at_chance(rows, c))), "",
-              "## Reproduce", "", "```", command, "```", "",
-              "The individual `truedepth sweep` commands are in `scripts/results.sh`.", ""]
+    lines += [
+        "Caveats: the paper measures 3B–7B models on RedPajama perplexity and standard ICL benchmarks; "
+        f"this page measures `{s['model']}` ({model_note(s['model'])}{L} layers) on one text and on "
+        "offline tasks with a few hundred items, so differences of a few points are within noise "
+        "(see ± and the per-task n)."
+        + (
+            "".join(
+                f" `{c}` is at chance for this model, so it cannot show a loss."
+                for c in _task_cols(rows)
+                if _at_chance(rows, c)
+            )
+        ),
+        "",
+        "## Reproduce",
+        "",
+        "```",
+        command,
+        "```",
+        "",
+        "The individual `truedepth sweep` commands are in `scripts/results.sh`.",
+        "",
+    ]
     return "\n".join(lines)
 
 
-def write_report(sweep: "Sweep", rows: Sequence[dict[str, Any]], meta: dict[str, Any], md_path: Path,
-                 img_dir: Path, command: str, rule: str, bench: dict[str, float] | None) -> Path:
+def write_report(
+    sweep: Sweep,
+    rows: Sequence[dict[str, Any]],
+    meta: dict[str, Any],
+    md_path: Path,
+    img_dir: Path,
+    command: str,
+    rule: str,
+    bench: dict[str, float] | None,
+) -> Path:
     img_dir.mkdir(parents=True, exist_ok=True)
     made = make_plots(img_dir, rows, rule, bench, sweep.model, prefix="sweep_")
     rel = {p.stem.replace("sweep_", ""): os.path.relpath(p, md_path.parent) for p in made}
@@ -360,23 +465,35 @@ def write_report(sweep: "Sweep", rows: Sequence[dict[str, Any]], meta: dict[str,
     return md_path
 
 
-def finish(sweep: Sweep, notes: Sequence[str] = (), report: Path | None = None, report_img: Path | None = None,
-           report_command: str | None = None) -> list[dict[str, Any]]:
+def finish(
+    sweep: Sweep,
+    notes: Sequence[str] = (),
+    report: Path | None = None,
+    report_img: Path | None = None,
+    report_command: str | None = None,
+) -> list[dict[str, Any]]:
     """Tables and plots (and the Markdown report) from OUT/results.jsonl, for the sweep's model,
     dtype and perplexity settings."""
     records = list(read_results(sweep.out / RESULTS_FILE).values())
     rows = collect_rows(records, sweep.settings())
     if not rows:
-        raise UserError(f"{sweep.out / RESULTS_FILE} holds no result for these settings "
-                        f"({json.dumps(sweep.settings())}); run the sweep first (without --plot-only).")
+        raise UserError(
+            f"{sweep.out / RESULTS_FILE} holds no result for these settings "
+            f"({json.dumps(sweep.settings())}); run the sweep first (without --plot-only)."
+        )
     rule = sweep.start if sweep.start in ("end", "center") else "end"
     used = [r for r in records if r.get("plan") in {row["plan"] for row in rows}]
     dates = sorted(r["date"][:10] for r in used if r.get("date"))
     machines = sorted({r["machine"] for r in used if r.get("machine")})
-    meta = {"settings": sweep.settings(), "machine": "; ".join(machines) or machine(), "notes": list(notes),
-            "first_date": dates[0] if dates else "?", "last_date": dates[-1] if dates else "?",
-            "written": datetime.datetime.now().isoformat(timespec="seconds"),
-            "results": str(sweep.out / RESULTS_FILE)}
+    meta = {
+        "settings": sweep.settings(),
+        "machine": "; ".join(machines) or machine(),
+        "notes": list(notes),
+        "first_date": dates[0] if dates else "?",
+        "last_date": dates[-1] if dates else "?",
+        "written": datetime.datetime.now().isoformat(timespec="seconds"),
+        "results": str(sweep.out / RESULTS_FILE),
+    }
     write_tables(sweep.out, rows, meta)
     bench = read_bench(sweep.bench, sweep.bench_mode) if sweep.bench else None
     make_plots(sweep.out, rows, rule, bench, sweep.model)

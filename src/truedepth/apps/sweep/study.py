@@ -3,15 +3,16 @@ report."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
+from ...core.plan import parse_int_ranges
+from ...utils.errors import InputPathError, check_output_dir
 from .options import SweepOptions
 from .points import Point, Sweep, parse_transforms, run_sweep, text_ids
 from .report import finish
 from .tables import read_bench
-from ...core.plan import parse_int_ranges
-from ...utils.errors import InputPathError, check_output_dir
 
 
 def sweep_of(opts: SweepOptions) -> Sweep:
@@ -20,12 +21,26 @@ def sweep_of(opts: SweepOptions) -> Sweep:
     from ...utils.device import device_and_dtype
 
     device, dtype = device_and_dtype(opts.device, opts.dtype)
-    return Sweep(out=Path(opts.out), transforms=parse_transforms(opts.transforms),
-                 deltas=parse_int_ranges(opts.delta, "--delta", was_inclusive=True), start=opts.start, seed=opts.seed,
-                 tasks=task_list(opts.tasks), num_fewshot=opts.num_fewshot, limit=opts.limit, text=opts.text,
-                 tokens=opts.tokens, window=opts.window, stride=opts.stride, model=opts.model, dtype=dtype,
-                 device=device, bench=Path(opts.bench) if opts.bench else None, bench_mode=opts.bench_mode,
-                 progress=not opts.no_progress)
+    return Sweep(
+        out=Path(opts.out),
+        transforms=parse_transforms(opts.transforms),
+        deltas=parse_int_ranges(opts.delta, "--delta", was_inclusive=True),
+        start=opts.start,
+        seed=opts.seed,
+        tasks=task_list(opts.tasks),
+        num_fewshot=opts.num_fewshot,
+        limit=opts.limit,
+        text=opts.text,
+        tokens=opts.tokens,
+        window=opts.window,
+        stride=opts.stride,
+        model=opts.model,
+        dtype=dtype,
+        device=device,
+        bench=Path(opts.bench) if opts.bench else None,
+        bench_mode=opts.bench_mode,
+        progress=not opts.no_progress,
+    )
 
 
 def check_sweep(sweep: Sweep, tasks: bool = True) -> None:
@@ -38,8 +53,9 @@ def check_sweep(sweep: Sweep, tasks: bool = True) -> None:
     check_task_options(sweep.tasks, sweep.num_fewshot, sweep.limit)
     if sweep.bench is not None:
         if not sweep.bench.is_file():
-            raise InputPathError(f"--bench {sweep.bench}: no such file; write it with "
-                                 f"`truedepth bench --json {sweep.bench}`.")
+            raise InputPathError(
+                f"--bench {sweep.bench}: no such file; write it with `truedepth bench --json {sweep.bench}`."
+            )
         read_bench(sweep.bench, sweep.bench_mode)  # a bad bench file fails now, not after the sweep
     if tasks and sweep.tasks:
         from ...measure.eval.icl import check_tasks, task_manager
@@ -47,9 +63,15 @@ def check_sweep(sweep: Sweep, tasks: bool = True) -> None:
         check_tasks(sweep.tasks, task_manager(sweep.tasks))  # unknown task names fail before any work
 
 
-def run_study(sweep: Sweep, points: Sequence[Point], notes: Sequence[str] = (), plot_only: bool = False,
-              report: Path | None = None, report_img: Path | None = None,
-              report_command: str | None = None) -> list[dict[str, Any]]:
+def run_study(
+    sweep: Sweep,
+    points: Sequence[Point],
+    notes: Sequence[str] = (),
+    plot_only: bool = False,
+    report: Path | None = None,
+    report_img: Path | None = None,
+    report_command: str | None = None,
+) -> list[dict[str, Any]]:
     """Measure every point not yet in OUT/results.jsonl (unless `plot_only`), then write tables,
     plots and (with `report`) the Markdown report; returns the table rows."""
     check_sweep(sweep)

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import csv
 import json
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 from ...core.plan import Plan, PlanError
 from ...utils.errors import InputPathError, UserError
@@ -137,15 +138,25 @@ def read_bench(path: Path, mode: str | None = None, batch: int | None = None) ->
         try:
             data = [json.loads(line) for line in text.splitlines() if line.strip()]
         except json.JSONDecodeError as e:
-            raise UserError(f"--bench {path} is not the JSON of `truedepth bench --json` ({e}); write it with "
-                            f"`truedepth bench --json {path}`.") from None
+            raise UserError(
+                f"--bench {path} is not the JSON of `truedepth bench --json` ({e}); write it with "
+                f"`truedepth bench --json {path}`."
+            ) from None
     if isinstance(data, dict):
         data = next((data[k] for k in ("records", "results", "rows") if isinstance(data.get(k), list)), [data])
-    records = [r for r in data if isinstance(r, dict) and "plan" in r and "error" not in r
-               and any(isinstance(r.get(k), (int, float)) for k in _SPEED_KEYS)]
+    records = [
+        r
+        for r in data
+        if isinstance(r, dict)
+        and "plan" in r
+        and "error" not in r
+        and any(isinstance(r.get(k), (int, float)) for k in _SPEED_KEYS)
+    ]
     if not records:
-        raise InputPathError(f"{path} holds no bench record with a plan and a decode speed "
-                             f"({', '.join(_SPEED_KEYS)}); write one with `truedepth bench --json {path}`.")
+        raise InputPathError(
+            f"{path} holds no bench record with a plan and a decode speed "
+            f"({', '.join(_SPEED_KEYS)}); write one with `truedepth bench --json {path}`."
+        )
     modes = [r.get("mode") for r in records]
     mode = mode if mode is not None else modes[0]
     records = [r for r in records if r.get("mode") == mode]

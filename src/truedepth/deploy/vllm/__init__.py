@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from ...core.arch import SUPPORTED, LayerWidths, layer_widths, transformed_record
 from ...core.hf import TYPE_PREFIX
@@ -62,8 +63,11 @@ def _register_config_check() -> None:
         @staticmethod
         def verify_and_update_config(vllm_config: Any) -> None:
             model_config = vllm_config.model_config
-            check_config(model_config.hf_config.to_dict(), vllm_config.parallel_config.tensor_parallel_size,
-                         where=model_config.model)
+            check_config(
+                model_config.hf_config.to_dict(),
+                vllm_config.parallel_config.tensor_parallel_size,
+                where=model_config.model,
+            )
 
     for name in architectures():
         MODELS_CONFIG_MAP[name] = TrueDepthConfigCheck
@@ -83,18 +87,21 @@ def layer_sizes(config: Mapping[str, Any], where: Any = "this model") -> list[La
         raise ServingError(
             f"{where} is not a truedepth model: its config has no truedepth layer widths "
             f"(model type {config.get('model_type')!r}). Save a transformed model with "
-            "`model, tok = truedepth.load(model, plan=...)` then `truedepth.save(model, tok, folder)`; a plain model needs no "
-            "plugin, vLLM serves it as it is.")
+            "`model, tok = truedepth.load(model, plan=...)` then `truedepth.save(model, tok, folder)`; a plain model "
+            "needs no plugin, vLLM serves it as it is."
+        )
     arch = base_arch(config)
     if arch not in SUPPORTED:
         raise ServingError(
             f"{where}: model type {arch!r} is not supported by truedepth's vLLM model; it serves "
-            f"{', '.join(sorted(SUPPORTED))}. Transform a model of one of these architectures.")
+            f"{', '.join(sorted(SUPPORTED))}. Transform a model of one of these architectures."
+        )
     depth = config.get("num_hidden_layers")
     if len(widths) != depth:
         raise ServingError(
             f"{where}: truedepth.layer_widths has {len(widths)} entries for {depth} layers; the config.json "
-            "was edited or is incomplete. Save the model again from truedepth.")
+            "was edited or is incomplete. Save the model again from truedepth."
+        )
     return layer_widths(config)
 
 
@@ -102,8 +109,9 @@ def valid_world_sizes(sizes: list[LayerWidths]) -> list[int]:
     return [n for n in range(1, min(s.heads for s in sizes) + 1) if all(fits(s, n) for s in sizes)]
 
 
-def check_config(config: Mapping[str, Any], tensor_parallel_size: int = 1,
-                 where: Any = "this model") -> list[LayerWidths]:
+def check_config(
+    config: Mapping[str, Any], tensor_parallel_size: int = 1, where: Any = "this model"
+) -> list[LayerWidths]:
     """Refuse a config that truedepth's vLLM model cannot serve at `tensor_parallel_size`."""
     sizes = layer_sizes(config, where)
     bad = next((s for s in sizes if not fits(s, tensor_parallel_size)), None)
@@ -112,7 +120,8 @@ def check_config(config: Mapping[str, Any], tensor_parallel_size: int = 1,
             f"tensor-parallel size {tensor_parallel_size} does not divide layer {bad.index} of {where} "
             f"({bad.width} original layer{'s' if bad.width > 1 else ''} wide: {bad.heads} heads, {bad.kv_heads} KV "
             f"heads, MLP size {bad.intermediate}); valid sizes for this model: "
-            f"{', '.join(map(str, valid_world_sizes(sizes)))}.")
+            f"{', '.join(map(str, valid_world_sizes(sizes)))}."
+        )
     return sizes
 
 
@@ -120,8 +129,10 @@ def check_servable(folder: str | os.PathLike, tensor_parallel_size: int = 1) -> 
     """The same checks on a model folder, before vLLM is started (reads config.json only)."""
     path = Path(folder) / "config.json"
     if not path.is_file():
-        raise ServingError(f"{folder} has no config.json: it is not a saved model folder. Save a transformed "
-                           "model with `truedepth.save(model, tokenizer, folder)`.")
+        raise ServingError(
+            f"{folder} has no config.json: it is not a saved model folder. Save a transformed "
+            "model with `truedepth.save(model, tokenizer, folder)`."
+        )
     return check_config(json.loads(path.read_text()), tensor_parallel_size, where=folder)
 
 

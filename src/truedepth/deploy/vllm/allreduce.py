@@ -16,8 +16,12 @@ def count_all_reduce_modules(model) -> int:
     for m in model.modules():
         if isinstance(m, RowParallelLinear) and m.reduce_results and m.tp_size > 1:
             n += 1
-        elif isinstance(m, VocabParallelEmbedding) and not isinstance(m, ParallelLMHead) \
-                and m.reduce_results and m.tp_size > 1:
+        elif (
+            isinstance(m, VocabParallelEmbedding)
+            and not isinstance(m, ParallelLMHead)
+            and m.reduce_results
+            and m.tp_size > 1
+        ):
             n += 1
     return n
 

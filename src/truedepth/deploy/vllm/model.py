@@ -58,8 +58,10 @@ class HeadwiseRMSNorm(nn.Module):
 
 def use_headwise_norms(attn: nn.Module, arch: str) -> None:
     qkv = attn.qkv_proj
-    first = {"num_heads": qkv.tp_rank * qkv.num_heads,
-             "num_kv_heads": (qkv.tp_rank // qkv.num_kv_head_replicas) * qkv.num_kv_heads}
+    first = {
+        "num_heads": qkv.tp_rank * qkv.num_heads,
+        "num_kv_heads": (qkv.tp_rank // qkv.num_kv_head_replicas) * qkv.num_kv_heads,
+    }
     for name in SUPPORTED[arch]:
         old = getattr(attn, name)
         count = HEAD_COUNT_OF_NORM[name]
@@ -82,8 +84,9 @@ def build_layer(*, vllm_config: VllmConfig, prefix: str) -> nn.Module:
     cfg = layer_config(config, width)
     if arch != "qwen3":
         return LlamaDecoderLayer(vllm_config=vllm_config, prefix=prefix, config=cfg)
-    layer = Qwen3DecoderLayer(config=cfg, cache_config=vllm_config.cache_config,
-                              quant_config=vllm_config.quant_config, prefix=prefix)
+    layer = Qwen3DecoderLayer(
+        config=cfg, cache_config=vllm_config.cache_config, quant_config=vllm_config.quant_config, prefix=prefix
+    )
     if width > 1:
         use_headwise_norms(layer.self_attn, arch)
     return layer
@@ -92,10 +95,10 @@ def build_layer(*, vllm_config: VllmConfig, prefix: str) -> nn.Module:
 class TrueDepthForCausalLM(LlamaForCausalLM):
     """vLLM's Llama causal LM with per-layer widths read from ``config.truedepth``."""
 
-    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "",
-                 layer_type: Callable[..., nn.Module] = build_layer) -> None:
+    def __init__(
+        self, *, vllm_config: VllmConfig, prefix: str = "", layer_type: Callable[..., nn.Module] = build_layer
+    ) -> None:
         model_config = vllm_config.model_config
         # also checked while vLLM builds its config; here again in the worker, before any weight loads
-        check_config(model_config.hf_config.to_dict(), get_tensor_model_parallel_world_size(),
-                     where=model_config.model)
+        check_config(model_config.hf_config.to_dict(), get_tensor_model_parallel_world_size(), where=model_config.model)
         super().__init__(vllm_config=vllm_config, prefix=prefix, layer_type=layer_type)

@@ -10,57 +10,102 @@ from ...core.loading import ModelOptions, PlanList
 from ...core.plan import parse_int_ranges
 from ...utils.env import environment, use_threads
 from ...utils.errors import UserError, check_output_file
-from ...utils.plotting import check_plotting
-from .decode import MODES, Settings, add_ratios, allow_many_compiles, bench_models, check_settings, parse_modes, release_compiled_state
-from .report import format_markdown, format_table, plot, write_json
 from ...utils.options import option, override
+from ...utils.plotting import check_plotting
 from ...utils.shared_options import JsonFileOption, PlotFileOption, SeedOption, ThreadsOption
+from .decode import (
+    MODES,
+    Settings,
+    add_ratios,
+    allow_many_compiles,
+    bench_models,
+    check_settings,
+    parse_modes,
+    release_compiled_state,
+)
+from .report import format_markdown, format_table, plot, write_json
 from .timing import NewTokensOption, PromptTokensOption, RepeatsOption, WarmupRunsOption, measure_bandwidth
 
 
 @dataclass
 class BenchMeasure:
     """What `truedepth bench` measures besides the model and plans."""
-    shape: str | None = option(None, "random-weight model of a published size, no download: llama-2-7b, llama-3.2-3b, "
-                               "llama-3.1-8b, qwen2.5-7b, smollm2-135m (= the default model's shape), tiny")
+
+    shape: str | None = option(
+        None,
+        "random-weight model of a published size, no download: llama-2-7b, llama-3.2-3b, "
+        "llama-3.1-8b, qwen2.5-7b, smollm2-135m (= the default model's shape), tiny",
+    )
     batches: str = option("1", "batch sizes, comma-separated.", flag="--batch")
-    mode: str | None = option(None, f"comma-separated from {', '.join(MODES)} (default: all on GPU; eager,fast on CPU, "
-                              "where compiling takes minutes)")
-    prefill: str | None = option(None, "prompt lengths for the prefill latency, comma-separated (default 128,512,2048 "
-                                 "on GPU, 128,512 on CPU); 'none' to skip")
-    backend: str = option("inductor", "torch.compile backend for the compiled modes ('eager' or 'aot_eager' skip code "
-                          "generation: for debugging only).")
+    mode: str | None = option(
+        None,
+        f"comma-separated from {', '.join(MODES)} (default: all on GPU; eager,fast on CPU, "
+        "where compiling takes minutes)",
+    )
+    prefill: str | None = option(
+        None,
+        "prompt lengths for the prefill latency, comma-separated (default 128,512,2048 "
+        "on GPU, 128,512 on CPU); 'none' to skip",
+    )
+    backend: str = option(
+        "inductor",
+        "torch.compile backend for the compiled modes ('eager' or 'aot_eager' skip code "
+        "generation: for debugging only).",
+    )
     markdown: bool = option(False, "print the table as markdown")
-    sequential: bool = option(False, "hold one model in memory at a time (default: base and every plan together, their "
-                              "timed runs alternating, so load that drifts during the run affects all alike)")
+    sequential: bool = option(
+        False,
+        "hold one model in memory at a time (default: base and every plan together, their "
+        "timed runs alternating, so load that drifts during the run affects all alike)",
+    )
 
 
 @dataclass  # bases in reverse order: --help lists the last base's options first
-class BenchOptions(BenchMeasure, PlotFileOption, JsonFileOption, SeedOption, ThreadsOption, WarmupRunsOption,
-                   RepeatsOption, NewTokensOption, PromptTokensOption, PlanList, ModelOptions):
+class BenchOptions(
+    BenchMeasure,
+    PlotFileOption,
+    JsonFileOption,
+    SeedOption,
+    ThreadsOption,
+    WarmupRunsOption,
+    RepeatsOption,
+    NewTokensOption,
+    PromptTokensOption,
+    PlanList,
+    ModelOptions,
+):
     """Everything `truedepth bench` takes (see its --help); the defaults are the command's."""
+
     mutually_exclusive = (("model", "shape"),)
     model: str | None = override(None, default_help="the default model unless --shape is given")
-    plans: list[str] | None = override(None, help_note="The base model is measured too.",
-                                       default_help="the shape's usual plan (llama-2-7b: parallel=16:30, llama-3.2-3b: "
-                                                    "parallel=14:24, ...)")
+    plans: list[str] | None = override(
+        None,
+        help_note="The base model is measured too.",
+        default_help="the shape's usual plan (llama-2-7b: parallel=16:30, llama-3.2-3b: parallel=14:24, ...)",
+    )
     prompt_tokens: int = override(128, flag="--prompt")
     new_tokens: int | None = override(None, flag="--new", default_help="256 on GPU, 64 on CPU")
     warmup_runs: int = override(1, help_note="(The first run of a compiled mode compiles.)")
     seed: int = override(0, help_note="of the --shape weights and the prompts.")
-    json_file: str | None = override(None, help_note="One record per model, plan, mode and batch, rewritten after "
-                                                     "each record.")
+    json_file: str | None = override(
+        None, help_note="One record per model, plan, mode and batch, rewritten after each record."
+    )
     plot: str | None = override(None, help_note="Decode tokens/s per plan, mode and batch (PNG, SVG or PDF).")
 
 
 def settings_from_args(args: BenchOptions, on_gpu: bool) -> Settings:
     prefill = args.prefill if args.prefill is not None else ("128,512,2048" if on_gpu else "128,512")
     return Settings(
-        prompt=args.prompt_tokens, new=args.new_tokens if args.new_tokens is not None else (256 if on_gpu else 64),
+        prompt=args.prompt_tokens,
+        new=args.new_tokens if args.new_tokens is not None else (256 if on_gpu else 64),
         batches=tuple(parse_int_ranges(args.batches, "--batch", minimum=1)),
         modes=parse_modes(args.mode or (",".join(MODES) if on_gpu else "eager,fast")),
         prefill=() if str(prefill).lower() == "none" else tuple(parse_int_ranges(prefill, "--prefill", minimum=1)),
-        repeats=args.repeats, warmup=args.warmup_runs, backend=args.backend, seed=args.seed)
+        repeats=args.repeats,
+        warmup=args.warmup_runs,
+        backend=args.backend,
+        seed=args.seed,
+    )
 
 
 class Source:
@@ -88,8 +133,10 @@ class Source:
         from ...core.arch import current_plan, transformed_record
 
         if transformed_record(self.config):
-            raise UserError(f"{self.model_id} is already transformed (plan {current_plan(self.config)}); bench "
-                            "the original model and pass the plan with --plan.")
+            raise UserError(
+                f"{self.model_id} is already transformed (plan {current_plan(self.config)}); bench "
+                "the original model and pass the plan with --plan."
+            )
         return self.config.num_hidden_layers
 
     def default_plans(self) -> list[str]:
@@ -99,8 +146,10 @@ class Source:
             return [self.shape.default_plan]
         for shape in SHAPES.values():  # a checkpoint with a known shape (e.g. the default model)
             c = shape.config
-            if all(getattr(self.config, k, None) == c[k] for k in
-                   ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size")):
+            if all(
+                getattr(self.config, k, None) == c[k]
+                for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
+            ):
                 return [shape.default_plan]
         return []
 
@@ -158,8 +207,11 @@ def run_bench(args: BenchOptions) -> int:
         print("note: no plan to compare; pass --plan, e.g. --plan parallel=14:24", file=sys.stderr)
 
     allow_many_compiles()
-    meta = environment(device) | {"model": source.label, "dtype": str(dtype).replace("torch.", ""),
-                                  "settings": {k: v for k, v in vars(settings).items() if k != "extra"}}
+    meta = environment(device) | {
+        "model": source.label,
+        "dtype": str(dtype).replace("torch.", ""),
+        "settings": {k: v for k, v in vars(settings).items() if k != "extra"},
+    }
     meta["bandwidth_GBps"] = measure_bandwidth(device)
     records: list[dict[str, Any]] = []
 
@@ -182,9 +234,11 @@ def run_bench(args: BenchOptions) -> int:
             release_compiled_state()
     add_ratios(records)
     records.sort(key=lambda r: (plans.index(r["plan"]), MODES.index(r["mode"]), r["batch"]))
-    print(f"{meta['device_name']} ({meta['device']}), {meta['dtype']}, torch {meta['torch']}, transformers "
-          f"{meta['transformers']}, copy bandwidth {meta['bandwidth_GBps']:.1f} GB/s; prompt {settings.prompt}, "
-          f"new {settings.new}, median of {settings.repeats}")
+    print(
+        f"{meta['device_name']} ({meta['device']}), {meta['dtype']}, torch {meta['torch']}, transformers "
+        f"{meta['transformers']}, copy bandwidth {meta['bandwidth_GBps']:.1f} GB/s; prompt {settings.prompt}, "
+        f"new {settings.new}, median of {settings.repeats}"
+    )
     print(format_markdown(records) if args.markdown else format_table(records))
     if args.json_file:
         write_json(args.json_file, meta, records)

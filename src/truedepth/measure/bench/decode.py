@@ -5,8 +5,9 @@ from __future__ import annotations
 import functools
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from ...utils.errors import MeasurementError, UserError
 from .timing import median_time, synchronize, timed  # noqa: F401  (median_time: used by scripts)
@@ -38,8 +39,9 @@ def parse_modes(text: str) -> tuple[str, ...]:
     modes = tuple(m.strip() for m in str(text).split(",") if m.strip())
     unknown = [m for m in modes if m not in MODES]
     if unknown or not modes:
-        raise UserError(f"unknown --mode {', '.join(unknown) or text!r}; choose from {', '.join(MODES)} "
-                        "(comma-separated).")
+        raise UserError(
+            f"unknown --mode {', '.join(unknown) or text!r}; choose from {', '.join(MODES)} (comma-separated)."
+        )
     return tuple(m for m in MODES if m in modes)  # canonical order: `fused` rewires the model, so last
 
 
@@ -52,8 +54,10 @@ def check_settings(s: Settings, max_positions: int | None) -> None:
         raise UserError(f"--repeats must be >= 1 and --warmup >= 0, got {s.repeats} and {s.warmup}.")
     longest = max([s.prompt + s.new, *s.prefill])  # --prefill none: no prefill lengths
     if max_positions and longest > max_positions:
-        raise UserError(f"a sequence of {longest} tokens exceeds the model's {max_positions} positions; "
-                        "lower --prompt/--new/--prefill.")
+        raise UserError(
+            f"a sequence of {longest} tokens exceeds the model's {max_positions} positions; "
+            "lower --prompt/--new/--prefill."
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -81,8 +85,9 @@ def kv_bytes_per_token(model: Any) -> int:
     return total
 
 
-def bound_fraction(weight_bytes: int, kv_per_token: int, batch: int, context: float, step_s: float,
-                   bandwidth_gbs: float) -> tuple[float, float]:
+def bound_fraction(
+    weight_bytes: int, kv_per_token: int, batch: int, context: float, step_s: float, bandwidth_gbs: float
+) -> tuple[float, float]:
     """(fraction of the bandwidth bound, bound in tokens/s per sequence) for one decode step."""
     step_bytes = weight_bytes + kv_per_token * batch * context
     bound_step_s = step_bytes / (bandwidth_gbs * 1e9)
@@ -115,8 +120,9 @@ def _hf_generation_config(model: Any, mode: str, backend: str, max_len: int) -> 
     return gc
 
 
-def make_runner(model: Any, mode: str, settings: Settings, max_batch: int,
-                dynamic: bool | None = None) -> Callable[[Any, int], Any]:
+def make_runner(
+    model: Any, mode: str, settings: Settings, max_batch: int, dynamic: bool | None = None
+) -> Callable[[Any, int], Any]:
     """A function (input_ids, n) -> output ids that generates exactly n new tokens greedily."""
     import torch
 
@@ -127,15 +133,24 @@ def make_runner(model: Any, mode: str, settings: Settings, max_batch: int,
             gc.max_new_tokens = n
             with torch.inference_mode():
                 return model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=gc)
+
         run_hf.short_warmup_ok = mode == "eager"  # type: ignore[attr-defined]  # compiled: same shapes as timed
         return run_hf
     from ...runtime.generate import FastGenerator
 
-    gen = FastGenerator(model, max_batch=max_batch, max_seq=settings.prompt + settings.new,
-                        compile=True, backend=settings.backend, fuse=(mode == "fused"), dynamic=dynamic)
+    gen = FastGenerator(
+        model,
+        max_batch=max_batch,
+        max_seq=settings.prompt + settings.new,
+        compile=True,
+        backend=settings.backend,
+        fuse=(mode == "fused"),
+        dynamic=dynamic,
+    )
 
     def run_fast(ids: Any, n: int) -> Any:
         return gen.generate(ids, n)
+
     run_fast.generator = gen  # type: ignore[attr-defined]  # for profile_decode
     run_fast.short_warmup_ok = True  # type: ignore[attr-defined]  # its cache is sized once, for prompt + new
     return run_fast
@@ -159,7 +174,7 @@ def profile_decode(generator: Any, ids: Any, steps: int = 16) -> dict[str, Any]:
     with torch.inference_mode():
         buf[:, :1] = generator.prefill(ids)
         for i in range(2):  # steps outside the trace: nothing left to record or compile
-            buf[:, i + 1:i + 2] = generator.step(buf[:, i:i + 1])
+            buf[:, i + 1 : i + 2] = generator.step(buf[:, i : i + 1])
         synchronize(device)
         # host time per step: the loop enqueues work without waiting for the device, so if this is
         # well under the step time the device, not Python, sets the pace
@@ -167,7 +182,7 @@ def profile_decode(generator: Any, ids: Any, steps: int = 16) -> dict[str, Any]:
         synchronize(device)
         start = time.perf_counter()
         for i in range(steps):
-            buf[:, i + 1:i + 2] = generator.step(buf[:, i:i + 1])
+            buf[:, i + 1 : i + 2] = generator.step(buf[:, i : i + 1])
         host = time.perf_counter() - start
         synchronize(device)
         unprofiled = time.perf_counter() - start
@@ -177,7 +192,7 @@ def profile_decode(generator: Any, ids: Any, steps: int = 16) -> dict[str, Any]:
         with profile(activities=activities) as prof:
             start = time.perf_counter()
             for i in range(steps):
-                buf[:, i + 1:i + 2] = generator.step(buf[:, i:i + 1])
+                buf[:, i + 1 : i + 2] = generator.step(buf[:, i : i + 1])
             synchronize(device)
             wall = time.perf_counter() - start
     kernels = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
@@ -193,11 +208,16 @@ def profile_decode(generator: Any, ids: Any, steps: int = 16) -> dict[str, Any]:
     total = sum(by_name.values()) or 1.0
     top = sorted(by_name.items(), key=lambda kv: -kv[1])[:8]
     step_us = 1e6 * wall / steps
-    return {"steps": steps, "step_us": step_us, "step_us_unprofiled": 1e6 * unprofiled / steps,
-            "host_us_per_step": 1e6 * host / steps, "kernels_per_step": len(kernels) / steps,
-            "device_busy_us_per_step": busy / steps, "idle_fraction": max(0.0, 1 - busy / steps / step_us)
-            if kernels else None,
-            "top_kernels": [{"name": n[:120], "us_per_step": t / steps, "share": t / total} for n, t in top]}
+    return {
+        "steps": steps,
+        "step_us": step_us,
+        "step_us_unprofiled": 1e6 * unprofiled / steps,
+        "host_us_per_step": 1e6 * host / steps,
+        "kernels_per_step": len(kernels) / steps,
+        "device_busy_us_per_step": busy / steps,
+        "idle_fraction": max(0.0, 1 - busy / steps / step_us) if kernels else None,
+        "top_kernels": [{"name": n[:120], "us_per_step": t / steps, "share": t / total} for n, t in top],
+    }
 
 
 def _checked(runner: Callable[[Any, int], Any], ids: Any, n: int) -> Any:
@@ -226,8 +246,9 @@ def measure_decode(runner: Callable[[Any, int], Any], ids: Any, settings: Settin
     return results[""]
 
 
-def measure_decode_interleaved(runners: dict[str, Callable[[Any, int], Any]], ids: Any, settings: Settings
-                               ) -> tuple[dict[str, dict[str, float]], dict[str, Exception]]:
+def measure_decode_interleaved(
+    runners: dict[str, Callable[[Any, int], Any]], ids: Any, settings: Settings
+) -> tuple[dict[str, dict[str, float]], dict[str, Exception]]:
     """`measure_decode` for several runners whose timed runs alternate (A B C A B C ...), so load
     that drifts during the run (a shared machine) affects them alike. A runner that raises is
     reported in the second dict and dropped; the others go on."""
@@ -264,9 +285,14 @@ def measure_decode_interleaved(runners: dict[str, Callable[[Any, int], Any]], id
             errors[label] = e
             continue
         step_s = (t_full - t_short) / (n - k)
-        results[label] = {"decode_tok_s": 1.0 / step_s, "decode_tok_s_total": ids.shape[0] / step_s,
-                          "step_ms": 1e3 * step_s, "generate_s": t_full,
-                          "call_overhead_ms": 1e3 * (t_short - (k - 1) * step_s), "warmup_s": warmup_s[label]}
+        results[label] = {
+            "decode_tok_s": 1.0 / step_s,
+            "decode_tok_s_total": ids.shape[0] / step_s,
+            "step_ms": 1e3 * step_s,
+            "generate_s": t_full,
+            "call_overhead_ms": 1e3 * (t_short - (k - 1) * step_s),
+            "warmup_s": warmup_s[label],
+        }
     return results, errors
 
 
@@ -284,7 +310,9 @@ def check_difference(full: list[float], short: list[float], settings: Settings) 
     raise MeasurementError(
         f"decode speed not measurable: {n} tokens took {1e3 * t_full:.2f} ms and {k} took {1e3 * t_short:.2f} ms; "
         f"their difference ({1e3 * diff:.2f} ms) is not above the timing noise ({1e3 * noise:.2f} ms, from the "
-        f"spread of the repeats). Raise --new (now {n}) so the decode dominates, and --repeats (now {settings.repeats}).")
+        f"spread of the repeats). Raise --new (now {n}) so the decode dominates, and --repeats "
+        f"(now {settings.repeats})."
+    )
 
 
 def median_deviation(times: list[float]) -> float:
@@ -297,8 +325,9 @@ def measure_prefill(model: Any, lengths: tuple[int, ...], settings: Settings) ->
     return measure_prefill_interleaved({"": model}, lengths, settings)[""]
 
 
-def measure_prefill_interleaved(models: dict[str, Any], lengths: tuple[int, ...], settings: Settings
-                                ) -> dict[str, dict[str, float]]:
+def measure_prefill_interleaved(
+    models: dict[str, Any], lengths: tuple[int, ...], settings: Settings
+) -> dict[str, dict[str, float]]:
     """Prefill latency of several models, their timed runs alternating (see measure_decode_interleaved)."""
     import torch
 
@@ -358,8 +387,12 @@ def allow_many_compiles() -> None:
     recompiles it would silently fall back to eager and the numbers would be wrong."""
     import torch._dynamo.config as dyn
 
-    for name, value in (("recompile_limit", 64), ("cache_size_limit", 64), ("accumulated_recompile_limit", 4096),
-                        ("accumulated_cache_size_limit", 4096)):
+    for name, value in (
+        ("recompile_limit", 64),
+        ("cache_size_limit", 64),
+        ("accumulated_recompile_limit", 4096),
+        ("accumulated_cache_size_limit", 4096),
+    ):
         if hasattr(dyn, name) and getattr(dyn, name) < value:
             setattr(dyn, name, value)
 
@@ -367,19 +400,34 @@ def allow_many_compiles() -> None:
 # ---------------------------------------------------------------------------------------------
 # Several models (base and plans), all modes and batches
 # ---------------------------------------------------------------------------------------------
-def bench_models(models: dict[str, Any], label: str, settings: Settings, bandwidth_gbs: float | None,
-                 on_record: Callable[[dict[str, Any]], None] | None = None,
-                 progress: Any = None) -> list[dict[str, Any]]:
+def bench_models(
+    models: dict[str, Any],
+    label: str,
+    settings: Settings,
+    bandwidth_gbs: float | None,
+    on_record: Callable[[dict[str, Any]], None] | None = None,
+    progress: Any = None,
+) -> list[dict[str, Any]]:
     """Records (one per plan, mode and batch) for loaded models keyed by plan; the plans' timed
     runs alternate. `fused` rewires the models while it runs (undone at the end)."""
     from ...core.arch import decoder_layers
 
     records = []
     prefill = measure_prefill_interleaved(models, settings.prefill, settings) if settings.prefill else {}
-    common = {plan: {"model": label, "plan": plan, "depth": len(decoder_layers(model)), "prompt": settings.prompt,
-                     "new": settings.new, "prefill_ms": prefill.get(plan, {}), "weight_bytes": weight_bytes_read(model),
-                     "kv_bytes_per_token": kv_bytes_per_token(model), "bandwidth_GBps": bandwidth_gbs}
-              for plan, model in models.items()}
+    common = {
+        plan: {
+            "model": label,
+            "plan": plan,
+            "depth": len(decoder_layers(model)),
+            "prompt": settings.prompt,
+            "new": settings.new,
+            "prefill_ms": prefill.get(plan, {}),
+            "weight_bytes": weight_bytes_read(model),
+            "kv_bytes_per_token": kv_bytes_per_token(model),
+            "bandwidth_GBps": bandwidth_gbs,
+        }
+        for plan, model in models.items()
+    }
     for mode in settings.modes:
         runners: dict[str, Any] = {}
         failed: dict[str, Exception] = {}
@@ -429,13 +477,20 @@ def add_bound(record: dict[str, Any]) -> None:
     if not record.get("bandwidth_GBps") or "step_ms" not in record:
         return
     context = record["prompt"] + (record["new"] - 1) / 2  # mean cache length over the decode
-    frac, bound = bound_fraction(record["weight_bytes"], record["kv_bytes_per_token"], record["batch"], context,
-                                 record["step_ms"] / 1e3, record["bandwidth_GBps"])
+    frac, bound = bound_fraction(
+        record["weight_bytes"],
+        record["kv_bytes_per_token"],
+        record["batch"],
+        context,
+        record["step_ms"] / 1e3,
+        record["bandwidth_GBps"],
+    )
     if frac > BOUND_TOLERANCE:
         raise MeasurementError(
             f"{record['plan']} {record['mode']}: a decode step of {record['step_ms']:.4f} ms would read the weights "
             f"and KV cache {frac:.1f}x faster than the measured bandwidth ({record['bandwidth_GBps']:.0f} GB/s) "
-            "allows, so the timing is wrong; raise --new and --repeats.")
+            "allows, so the timing is wrong; raise --new and --repeats."
+        )
     record["bound_fraction"], record["bound_tok_s"] = frac, bound
 
 
@@ -451,5 +506,3 @@ def add_ratios(records: list[dict[str, Any]]) -> None:
         r["speedup_vs_base_compiled"] = r["decode_tok_s"] / comp["decode_tok_s"] if comp else None
         pre = (same or next((b for (m, _, _), b in base.items() if m == r["model"]), None) or {}).get("prefill_ms", {})
         r["prefill_speedup"] = {k: pre[k] / v for k, v in r.get("prefill_ms", {}).items() if k in pre and v}
-
-

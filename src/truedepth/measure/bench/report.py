@@ -29,20 +29,57 @@ def step_gb(r: dict[str, Any]) -> float | None:
 
 def format_table(records: list[dict[str, Any]]) -> str:
     lengths = sorted({int(k) for r in records for k in r.get("prefill_ms", {})})
-    head = ["model", "plan", "depth", "mode", "batch", *[f"prefill {n} ms" for n in lengths], "tok/s/seq",
-            "tok/s total", "x base", "x HF comp.", "GB/step", "% bound"]
+    head = [
+        "model",
+        "plan",
+        "depth",
+        "mode",
+        "batch",
+        *[f"prefill {n} ms" for n in lengths],
+        "tok/s/seq",
+        "tok/s total",
+        "x base",
+        "x HF comp.",
+        "GB/step",
+        "% bound",
+    ]
     rows = [head]
     for r in records:
         if "error" in r:
-            rows.append([r["model"], r["plan"], str(r.get("depth", "-")), r["mode"], str(r["batch"]), *[""] * len(lengths),
-                         "error: " + r["error"][:60], "", "", "", "", ""])
+            rows.append(
+                [
+                    r["model"],
+                    r["plan"],
+                    str(r.get("depth", "-")),
+                    r["mode"],
+                    str(r["batch"]),
+                    *[""] * len(lengths),
+                    "error: " + r["error"][:60],
+                    "",
+                    "",
+                    "",
+                    "",
+                    "",
+                ]
+            )
             continue
         pre = r.get("prefill_ms", {})
-        rows.append([r["model"], r["plan"], str(r.get("depth", "-")), r["mode"], str(r["batch"]),
-                     *[_fmt(pre.get(str(n)), ".1f") for n in lengths],
-                     _fmt(r["decode_tok_s"], ".1f"), _fmt(r.get("decode_tok_s_total"), ".1f"),
-                     _fmt(r.get("speedup_vs_base"), ".2f"), _fmt(r.get("speedup_vs_base_compiled"), ".2f"),
-                     _fmt(step_gb(r), ".2f"), _fmt(100 * r["bound_fraction"] if r.get("bound_fraction") else None, ".0f")])
+        rows.append(
+            [
+                r["model"],
+                r["plan"],
+                str(r.get("depth", "-")),
+                r["mode"],
+                str(r["batch"]),
+                *[_fmt(pre.get(str(n)), ".1f") for n in lengths],
+                _fmt(r["decode_tok_s"], ".1f"),
+                _fmt(r.get("decode_tok_s_total"), ".1f"),
+                _fmt(r.get("speedup_vs_base"), ".2f"),
+                _fmt(r.get("speedup_vs_base_compiled"), ".2f"),
+                _fmt(step_gb(r), ".2f"),
+                _fmt(100 * r["bound_fraction"] if r.get("bound_fraction") else None, ".0f"),
+            ]
+        )
     widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
@@ -52,20 +89,44 @@ def format_table(records: list[dict[str, Any]]) -> str:
 def format_markdown(records: list[dict[str, Any]]) -> str:
     """The same table as GitHub markdown (for docs/BENCHMARKS.md)."""
     lengths = sorted({int(k) for r in records for k in r.get("prefill_ms", {})})
-    head = ["model", "plan", "depth", "mode", "batch", *[f"prefill {n} (ms)" for n in lengths], "decode tok/s/seq",
-            "tok/s total", "x base (same mode)", "x base HF compiled", "GB read/step", "% of bandwidth bound"]
+    head = [
+        "model",
+        "plan",
+        "depth",
+        "mode",
+        "batch",
+        *[f"prefill {n} (ms)" for n in lengths],
+        "decode tok/s/seq",
+        "tok/s total",
+        "x base (same mode)",
+        "x base HF compiled",
+        "GB read/step",
+        "% of bandwidth bound",
+    ]
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in records:
         if "error" in r:
-            out.append(f"| {r['model']} | {r['plan']} | {r.get('depth', '-')} | {r['mode']} | {r['batch']} | "
-                       + " | ".join([""] * len(lengths)) + f" | failed: {r['error'][:80]} | | | | | |")
+            out.append(
+                f"| {r['model']} | {r['plan']} | {r.get('depth', '-')} | {r['mode']} | {r['batch']} | "
+                + " | ".join([""] * len(lengths))
+                + f" | failed: {r['error'][:80]} | | | | | |"
+            )
             continue
         pre = r.get("prefill_ms", {})
-        cells = [r["model"], r["plan"], str(r.get("depth", "-")), r["mode"], str(r["batch"]),
-                 *[_fmt(pre.get(str(n)), ".1f") for n in lengths], _fmt(r["decode_tok_s"], ".1f"),
-                 _fmt(r.get("decode_tok_s_total"), ".1f"), _fmt(r.get("speedup_vs_base"), ".2f"),
-                 _fmt(r.get("speedup_vs_base_compiled"), ".2f"), _fmt(step_gb(r), ".2f"),
-                 _fmt(100 * r["bound_fraction"] if r.get("bound_fraction") else None, ".0f")]
+        cells = [
+            r["model"],
+            r["plan"],
+            str(r.get("depth", "-")),
+            r["mode"],
+            str(r["batch"]),
+            *[_fmt(pre.get(str(n)), ".1f") for n in lengths],
+            _fmt(r["decode_tok_s"], ".1f"),
+            _fmt(r.get("decode_tok_s_total"), ".1f"),
+            _fmt(r.get("speedup_vs_base"), ".2f"),
+            _fmt(r.get("speedup_vs_base_compiled"), ".2f"),
+            _fmt(step_gb(r), ".2f"),
+            _fmt(100 * r["bound_fraction"] if r.get("bound_fraction") else None, ".0f"),
+        ]
         out.append("| " + " | ".join(cells) + " |")
     return "\n".join(out)
 

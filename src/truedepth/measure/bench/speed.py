@@ -18,8 +18,10 @@ from ...utils.errors import UserError
 from .timing import synchronize
 
 # Ordinary English, repeated until the prompt is long enough; its content does not matter.
-PROMPT_TEXT = ("The old house stood at the end of the lane, and every evening the family gathered "
-               "in the parlour to read letters aloud and talk about the day. ")
+PROMPT_TEXT = (
+    "The old house stood at the end of the lane, and every evening the family gathered "
+    "in the parlour to read letters aloud and talk about the day. "
+)
 
 
 def prompt_ids(tokenizer: Any, prompt_tokens: int) -> torch.Tensor:
@@ -37,9 +39,14 @@ def _timed_generate(model: Any, ids: torch.Tensor, new_tokens: int, pad_id: int)
     device = ids.device
     synchronize(device)
     start = time.perf_counter()
-    out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=new_tokens,
-                         min_new_tokens=new_tokens,  # EOS must not cut a run short
-                         pad_token_id=pad_id)
+    out = model.generate(
+        ids,
+        attention_mask=torch.ones_like(ids),
+        do_sample=False,
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,  # EOS must not cut a run short
+        pad_token_id=pad_id,
+    )
     synchronize(device)
     seconds = time.perf_counter() - start
     if out.shape[1] != ids.shape[1] + new_tokens:  # the rate would be a lie
@@ -48,14 +55,21 @@ def _timed_generate(model: Any, ids: torch.Tensor, new_tokens: int, pad_id: int)
     return seconds
 
 
-def decode_tokens_per_second(model: Any, tokenizer: Any, prompt_tokens: int = 16, new_tokens: int = 32,
-                             repeats: int = 3, progress: bool = False) -> float:
+def decode_tokens_per_second(
+    model: Any, tokenizer: Any, prompt_tokens: int = 16, new_tokens: int = 32, repeats: int = 3, progress: bool = False
+) -> float:
     """Greedy decode speed of `model` at batch 1: new tokens per second (median of `repeats`)."""
     return interleaved_decode_rates({"model": model}, tokenizer, prompt_tokens, new_tokens, repeats, progress)["model"]
 
 
-def interleaved_decode_rates(models: dict[str, Any], tokenizer: Any, prompt_tokens: int = 16, new_tokens: int = 32,
-                             repeats: int = 3, progress: bool = False) -> dict[str, float]:
+def interleaved_decode_rates(
+    models: dict[str, Any],
+    tokenizer: Any,
+    prompt_tokens: int = 16,
+    new_tokens: int = 32,
+    repeats: int = 3,
+    progress: bool = False,
+) -> dict[str, float]:
     """Decode tokens/s of several models, timed in turns (round 1 of every model, then round 2, ...).
 
     Taking turns spreads any slow spell of a shared machine over all models alike, so their

@@ -6,8 +6,9 @@ from __future__ import annotations
 import functools
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from ...utils.options import option
 
@@ -54,7 +55,7 @@ def timed(fn: Callable[[], Any], device: Any) -> float:
     return time.perf_counter() - start
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def matmul_flops(device: Any, dtype: Any, n: int = 1024, repeats: int = 5) -> float:
     """Matrix-multiply speed of `device` in `dtype` (flop/s), from a fraction of a second of timing.
 
@@ -63,10 +64,10 @@ def matmul_flops(device: Any, dtype: Any, n: int = 1024, repeats: int = 5) -> fl
 
     a = torch.randn(n, n, device=device).to(dtype)
     best = min(timed(lambda: a @ a, a.device) for _ in range(repeats))
-    return 2 * n ** 3 / max(best, 1e-9)
+    return 2 * n**3 / max(best, 1e-9)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def bf16_is_faster(device: str) -> bool:
     """True where `device` multiplies bf16 matrices clearly (1.2x) faster than fp32: always on a GPU, and on
     a CPU as a fraction of a second of timing says. The avx512_bf16 flag is not enough: on an AMD EPYC with

@@ -17,13 +17,12 @@ import copy
 import gc
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
-
-from .timing import NewTokensOption, PromptTokensOption, WarmupRunsOption, synchronize
 
 from ...core.loading import ModelOptions, PlanList
 from ...runtime.distributed import tp
@@ -31,6 +30,7 @@ from ...runtime.distributed.errors import TPError
 from ...runtime.distributed.tp import TPOptions
 from ...utils.options import option, override
 from ...utils.plotting import pyplot, save_figure
+from .timing import NewTokensOption, PromptTokensOption, WarmupRunsOption, synchronize
 
 NOT_TAKEN = ("enabled", "impl")  # of the TP options: every run is sharded, --tp-impl takes several here
 
@@ -38,20 +38,27 @@ NOT_TAKEN = ("enabled", "impl")  # of the TP options: every run is sharded, --tp
 @dataclass  # bases in reverse order: --help lists the last base's options first
 class TPBenchOptions(WarmupRunsOption, NewTokensOption, PromptTokensOption, PlanList, ModelOptions):
     """What `run_tp_bench` measures (`torchrun ... -m truedepth.cli.tp_bench --help` explains each option)."""
-    model: str = override("default", help_note="Also a shape (llama-2-7b, llama-3.2-3b, qwen2.5-0.5b, tiny ...): "
-                                               "random weights.")
-    device: str | None = override(None, help_note="(under torchrun: cuda is each rank's LOCAL_RANK GPU, cpu uses "
-                                                  "gloo)")
-    plans: list[str] | None = override(None, default_help="base and 'auto' (a paper-like range of about 44% of the "
-                                                          "layers in pairs)")
+
+    model: str = override(
+        "default", help_note="Also a shape (llama-2-7b, llama-3.2-3b, qwen2.5-0.5b, tiny ...): random weights."
+    )
+    device: str | None = override(None, help_note="(under torchrun: cuda is each rank's LOCAL_RANK GPU, cpu uses gloo)")
+    plans: list[str] | None = override(
+        None, default_help="base and 'auto' (a paper-like range of about 44% of the layers in pairs)"
+    )
     new_tokens: int = override(32, help_note="(Decode steps, per plan.)")
     warmup_runs: int = override(4, help_note="(Here a run is one decode step.)")
     batch: int = option(1, "sequences decoded together.")
-    impls: list[str] = option(default_factory=lambda: [tp.DEFAULT_IMPL], flag="--tp-impl", nargs="+",
-                              choices=tp.IMPLEMENTATIONS, show_default=False,
-                              help="TP implementation(s) to measure: dtensor (PyTorch parallelize_module), local "
-                                   "(plain sharded weights + torch.distributed.all_reduce). "
-                                   f"Default: {tp.DEFAULT_IMPL}")
+    impls: list[str] = option(
+        default_factory=lambda: [tp.DEFAULT_IMPL],
+        flag="--tp-impl",
+        nargs="+",
+        choices=tp.IMPLEMENTATIONS,
+        show_default=False,
+        help="TP implementation(s) to measure: dtensor (PyTorch parallelize_module), local "
+        "(plain sharded weights + torch.distributed.all_reduce). "
+        f"Default: {tp.DEFAULT_IMPL}",
+    )
     tp: TPOptions = field(default_factory=TPOptions)  # its --tp-timeout; NOT_TAKEN: the rest
     seed: int = 0  # of the random weights and prompts
     progress: bool = True
@@ -59,9 +66,20 @@ class TPBenchOptions(WarmupRunsOption, NewTokensOption, PromptTokensOption, Plan
 
 def run_tp_bench(opts: TPBenchOptions) -> dict[str, Any]:
     """`tp_bench` with the options of the command line (plans None: base and 'auto')."""
-    return tp_bench(opts.model, opts.plans or ("base", "auto"), impls=opts.impls, prompt_tokens=opts.prompt_tokens,
-                    new_tokens=opts.new_tokens, warmup=opts.warmup_runs, batch=opts.batch, dtype=opts.dtype,
-                    device=opts.device, timeout_s=opts.tp.timeout_s, seed=opts.seed, progress=opts.progress)
+    return tp_bench(
+        opts.model,
+        opts.plans or ("base", "auto"),
+        impls=opts.impls,
+        prompt_tokens=opts.prompt_tokens,
+        new_tokens=opts.new_tokens,
+        warmup=opts.warmup_runs,
+        batch=opts.batch,
+        dtype=opts.dtype,
+        device=opts.device,
+        timeout_s=opts.tp.timeout_s,
+        seed=opts.seed,
+        progress=opts.progress,
+    )
 
 
 def default_lp_plan(num_layers: int) -> str:
@@ -106,6 +124,7 @@ def model_factory(model: Any, dtype: torch.dtype, device: torch.device, seed: in
             torch.manual_seed(seed)  # same seed, same device type: same weights on every rank
             with torch.device(device):  # a copy: apply_plan edits the model's config in place
                 return AutoModelForCausalLM.from_config(copy.deepcopy(config), dtype=dtype).eval()
+
         return build_random
     if name in SHAPES and name != "default":
         return lambda: build_shape(get_shape(name).name, dtype=dtype, device=device, seed=seed)
@@ -186,10 +205,21 @@ def all_reduce_latency(batch: int, hidden: int, dtype: torch.dtype, device: torc
 # ---------------------------------------------------------------------------------------------
 # The benchmark
 # ---------------------------------------------------------------------------------------------
-def tp_bench(model: Any = "default", plans: Any = ("base", "auto"), *, impls: Any = (tp.DEFAULT_IMPL,),
-             prompt_tokens: int = 32, new_tokens: int = 32, warmup: int = 4, batch: int = 1, dtype: Any = None,
-             device: Any = None, timeout_s: float = tp.DEFAULT_TIMEOUT_S, seed: int = 0,
-             progress: bool = True) -> dict[str, Any]:
+def tp_bench(
+    model: Any = "default",
+    plans: Any = ("base", "auto"),
+    *,
+    impls: Any = (tp.DEFAULT_IMPL,),
+    prompt_tokens: int = 32,
+    new_tokens: int = 32,
+    warmup: int = 4,
+    batch: int = 1,
+    dtype: Any = None,
+    device: Any = None,
+    timeout_s: float = tp.DEFAULT_TIMEOUT_S,
+    seed: int = 0,
+    progress: bool = True,
+) -> dict[str, Any]:
     """Decode latency and all-reduce share of `model` under every plan, sharded over all ranks.
 
     Run under torchrun (joins the process group if needed). `model`: a shape name from
@@ -201,12 +231,14 @@ def tp_bench(model: Any = "default", plans: Any = ("base", "auto"), *, impls: An
     """
     from tqdm.auto import tqdm
 
-    from ...utils.device import as_dtype
     from ...core.plan import as_plan
+    from ...utils.device import as_dtype
 
     if prompt_tokens < 1 or new_tokens < 1 or warmup < 0 or batch < 1:
-        raise TPError("prompt_tokens, new_tokens and batch must be at least 1, warmup at least 0 "
-                      f"(got {prompt_tokens}, {new_tokens}, {batch}, {warmup}).")
+        raise TPError(
+            "prompt_tokens, new_tokens and batch must be at least 1, warmup at least 0 "
+            f"(got {prompt_tokens}, {new_tokens}, {batch}, {warmup})."
+        )
     config = base_config(model)
     num_layers = config.num_hidden_layers
     plans = [default_lp_plan(num_layers) if str(p) == "auto" else str(as_plan(p)) for p in plans]
@@ -218,10 +250,16 @@ def tp_bench(model: Any = "default", plans: Any = ("base", "auto"), *, impls: An
     for plan in plans:  # every plan, before any weight is built or moved
         tp.validate_tp(config, world, plan)
     mesh = tp.init_distributed(timeout_s, device)
-    dev = torch.device(mesh.device_type, torch.cuda.current_device()) if mesh.device_type == "cuda" else torch.device("cpu")
+    dev = (
+        torch.device(mesh.device_type, torch.cuda.current_device())
+        if mesh.device_type == "cuda"
+        else torch.device("cpu")
+    )
     torch_dtype = as_dtype(dtype) or (torch.bfloat16 if dev.type == "cuda" else torch.float32)
     build = model_factory(model, torch_dtype, dev, seed)
-    ids = torch.randint(3, config.vocab_size, (batch, prompt_tokens), generator=torch.Generator().manual_seed(seed)).to(dev)
+    ids = torch.randint(3, config.vocab_size, (batch, prompt_tokens), generator=torch.Generator().manual_seed(seed)).to(
+        dev
+    )
 
     rows = []
     with tp.explain_rank_failures(timeout_s):
@@ -237,16 +275,34 @@ def tp_bench(model: Any = "default", plans: Any = ("base", "auto"), *, impls: An
         r["speedup_vs_base"] = round(base_ms / r["ms_per_token"], 3) if base_ms else None
     import torch.distributed as dist
 
-    return {"model": str(model) if not hasattr(model, "to_dict") else "config", "world_size": world,
-            "backend": dist.get_backend(), "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
-            "dtype": str(torch_dtype).replace("torch.", ""), "batch": batch, "prompt_tokens": prompt_tokens,
-            "new_tokens": new_tokens, "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-            "all_reduce_ms": round(latency * 1e3, 4), "all_reduce_bytes": batch * config.hidden_size * torch_dtype.itemsize,
-            "results": rows}
+    return {
+        "model": str(model) if not hasattr(model, "to_dict") else "config",
+        "world_size": world,
+        "backend": dist.get_backend(),
+        "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+        "dtype": str(torch_dtype).replace("torch.", ""),
+        "batch": batch,
+        "prompt_tokens": prompt_tokens,
+        "new_tokens": new_tokens,
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "all_reduce_ms": round(latency * 1e3, 4),
+        "all_reduce_bytes": batch * config.hidden_size * torch_dtype.itemsize,
+        "results": rows,
+    }
 
 
-def _bench_plan(build: Callable[[], Any], plan: str, impl: str, ids: torch.Tensor, new_tokens: int, warmup: int,
-                mesh: Any, num_layers: int, all_reduce_s: float) -> dict[str, Any]:
+def _bench_plan(
+    build: Callable[[], Any],
+    plan: str,
+    impl: str,
+    ids: torch.Tensor,
+    new_tokens: int,
+    warmup: int,
+    mesh: Any,
+    num_layers: int,
+    all_reduce_s: float,
+) -> dict[str, Any]:
     from ...core.plan import as_plan
     from ...core.transform import apply_plan
 
@@ -258,21 +314,37 @@ def _bench_plan(build: Callable[[], Any], plan: str, impl: str, ids: torch.Tenso
     seconds = decode_latency(model, ids, new_tokens, warmup)
     depth = len(model.model.layers)
     del model
-    return {"impl": impl, "plan": plan, "depth": depth, "original_layers": num_layers,
-            "all_reduces_per_token": step_count, "all_reduces_prefill": prefill_count,
-            "expected_all_reduces": tp.expected_all_reduces(depth),
-            "ms_per_token": round(seconds * 1e3, 3), "tokens_per_s": round(1.0 / seconds, 2),
-            "all_reduce_share": round(min(1.0, step_count * all_reduce_s / seconds), 4)}
+    return {
+        "impl": impl,
+        "plan": plan,
+        "depth": depth,
+        "original_layers": num_layers,
+        "all_reduces_per_token": step_count,
+        "all_reduces_prefill": prefill_count,
+        "expected_all_reduces": tp.expected_all_reduces(depth),
+        "ms_per_token": round(seconds * 1e3, 3),
+        "tokens_per_s": round(1.0 / seconds, 2),
+        "all_reduce_share": round(min(1.0, step_count * all_reduce_s / seconds), 4),
+    }
 
 
 def format_table(result: dict[str, Any]) -> str:
-    head = (f"TP{result['world_size']} decode ({result['backend']}, {result['device']}, {result['dtype']}, batch "
-            f"{result['batch']}, {result['prompt_tokens']}-token prompt, {result['new_tokens']} timed tokens); "
-            f"one all-reduce of {result['all_reduce_bytes']} bytes: {result['all_reduce_ms']:.3f} ms")
-    lines = [head, f"{'impl':<8} {'plan':<24} {'depth':>5} {'all-red/tok':>11} {'ms/token':>9} {'tok/s':>8} {'AR share':>8} {'speedup':>7}"]
+    head = (
+        f"TP{result['world_size']} decode ({result['backend']}, {result['device']}, {result['dtype']}, batch "
+        f"{result['batch']}, {result['prompt_tokens']}-token prompt, {result['new_tokens']} timed tokens); "
+        f"one all-reduce of {result['all_reduce_bytes']} bytes: {result['all_reduce_ms']:.3f} ms"
+    )
+    lines = [
+        head,
+        f"{'impl':<8} {'plan':<24} {'depth':>5} {'all-red/tok':>11} {'ms/token':>9} {'tok/s':>8} {'AR share':>8} "
+        f"{'speedup':>7}",
+    ]
     for r in result["results"]:
-        lines.append(f"{r['impl']:<8} {r['plan']:<24} {r['depth']:>5} {r['all_reduces_per_token']:>11} {r['ms_per_token']:>9.2f} "
-                     f"{r['tokens_per_s']:>8.1f} {r['all_reduce_share']:>8.1%} {r['speedup_vs_base'] or float('nan'):>6.2f}x")
+        lines.append(
+            f"{r['impl']:<8} {r['plan']:<24} {r['depth']:>5} {r['all_reduces_per_token']:>11} "
+            f"{r['ms_per_token']:>9.2f} {r['tokens_per_s']:>8.1f} {r['all_reduce_share']:>8.1%} "
+            f"{r['speedup_vs_base'] or float('nan'):>6.2f}x"
+        )
     return "\n".join(lines)
 
 

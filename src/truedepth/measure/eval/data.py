@@ -38,8 +38,8 @@ import subprocess
 import tempfile
 import warnings
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from ...utils.env import cache_dir  # noqa: F401  (re-exported: data.cache_dir)
 from ...utils.errors import InputPathError, MissingAssetError, UserError
@@ -105,8 +105,7 @@ def _apt_download(package: str, folder: Path) -> Path:
         )
 
     def run(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run(["apt-get", *args], cwd=folder, capture_output=True, text=True,
-                              timeout=600)
+        return subprocess.run(["apt-get", *args], cwd=folder, capture_output=True, text=True, timeout=600)
 
     res = run("download", package)  # never `apt-get update`: fetching a text must not change the system
     debs = sorted(folder.glob(f"{package}_*.deb"))
@@ -128,8 +127,7 @@ def _unpack_deb(package: str, dest: Path) -> Path:
     deb = local[-1] if local else _apt_download(package, dest)
     if shutil.which("dpkg-deb") is None:
         raise MissingAssetError("`dpkg-deb` is missing; install it with:  sudo apt-get install dpkg")
-    res = subprocess.run(["dpkg-deb", "-x", str(deb), str(dest / "root")], capture_output=True,
-                         text=True, timeout=600)
+    res = subprocess.run(["dpkg-deb", "-x", str(deb), str(dest / "root")], capture_output=True, text=True, timeout=600)
     if res.returncode != 0:
         raise MissingAssetError(f"dpkg-deb -x {deb} failed: {res.stderr.strip()}")
     return dest / "root"
@@ -175,7 +173,7 @@ def _read_janeaustenr(root: Path) -> dict[str, str]:
     novels = {}
     for name in AUSTEN_NOVELS:
         offset, length = (int(v) for v in index["variables"][name])
-        lines = _parse_r(_lazyload_payload(rdb[offset:offset + length]))
+        lines = _parse_r(_lazyload_payload(rdb[offset : offset + length]))
         # R's NA_character_ becomes None; treat it as an empty line.
         novels[name] = "\n".join("" if x is None else str(x) for x in lines)
     return novels
@@ -238,8 +236,12 @@ def _clean_jargon(raw: str) -> str:
             continue
         text = " ".join(lines)
         # Single short lines without sentence punctuation are TOC entries or headings.
-        if len(lines) == 1 and len(text) < 80 and not text.startswith(":") \
-                and not text.rstrip("\"”’)").endswith((".", "!", "?")):
+        if (
+            len(lines) == 1
+            and len(text) < 80
+            and not text.startswith(":")
+            and not text.rstrip('"”’)').endswith((".", "!", "?"))
+        ):
             continue
         text = _HEADWORD.sub(lambda m: m["word"] + ": ", text).rstrip()
         text = text.replace("{", "").replace("}", "")
@@ -339,8 +341,12 @@ def fetch_texts() -> list[Path]:
     fortunes_text.cache_clear()
     sotu.sotu_text.cache_clear()
     wordnet.wordnet_text.cache_clear()
-    return [_austen_path(n) for n in AUSTEN_NOVELS] + [_other_path(), _fortunes_path(), sotu.sotu_path(),
-                                                       wordnet.wordnet_path()]
+    return [_austen_path(n) for n in AUSTEN_NOVELS] + [
+        _other_path(),
+        _fortunes_path(),
+        sotu.sotu_path(),
+        wordnet.wordnet_path(),
+    ]
 
 
 # --------------------------------------------------------------------------------------------
@@ -375,9 +381,11 @@ def load_text(spec: str) -> str:
         return fortunes_text()
     if spec == "sotu":
         from .sotu import sotu_text
+
         return sotu_text()
     if spec == "wordnet":
         from .wordnet import wordnet_text
+
         return wordnet_text()
     if spec.startswith("austen:"):
         name = spec.split(":", 1)[1]
@@ -394,27 +402,31 @@ def load_text(spec: str) -> str:
     if looks_like_path(spec):
         raise InputPathError(f"text file {spec!r} does not exist; {TEXT_SPEC_HELP}.")
     if offline():
-        raise UserError(f"text {spec!r} is not a file, nor a known text, and HF_HUB_OFFLINE / HF_DATASETS_OFFLINE "
-                        "is set, so it cannot be a Hugging Face dataset; pass a file path (e.g. ./notes.txt) or "
-                        f"one of {TEXT_SPEC_HELP}.")
+        raise UserError(
+            f"text {spec!r} is not a file, nor a known text, and HF_HUB_OFFLINE / HF_DATASETS_OFFLINE "
+            "is set, so it cannot be a Hugging Face dataset; pass a file path (e.g. ./notes.txt) or "
+            f"one of {TEXT_SPEC_HELP}."
+        )
     try:
         import datasets  # optional and slow to import: only for hub specs
     except ImportError:
-        raise UserError(f"Unknown text spec {spec!r} (and `datasets` is not installed); "
-                        f"{TEXT_SPEC_HELP}.") from None
+        raise UserError(f"Unknown text spec {spec!r} (and `datasets` is not installed); {TEXT_SPEC_HELP}.") from None
     try:
         return _load_hf_text(datasets, spec)
     except Exception as exc:  # any datasets/hub failure means the spec was not usable
-        raise UserError(f"Could not load text spec {spec!r} as a Hugging Face dataset "
-                         f"({type(exc).__name__}: {exc}); {TEXT_SPEC_HELP}.") from exc
+        raise UserError(
+            f"Could not load text spec {spec!r} as a Hugging Face dataset "
+            f"({type(exc).__name__}: {exc}); {TEXT_SPEC_HELP}."
+        ) from exc
 
 
 def read_text_file(path: Path) -> str:
     try:
         return path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
-        raise InputPathError(f"text file {path} is not UTF-8 text (byte {e.start}: {e.reason}); give a plain "
-                             "text file.") from None
+        raise InputPathError(
+            f"text file {path} is not UTF-8 text (byte {e.start}: {e.reason}); give a plain text file."
+        ) from None
     except OSError as e:
         raise InputPathError(f"text file {path} cannot be read: {e.strerror}.") from None
 

@@ -1,14 +1,13 @@
 """Perplexity and lm-evaluation-harness tasks of a model and plan (the library behind `truedepth eval`)."""
 
-
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from ...runtime.distributed.tp import TPOptions
 from ...core.loading import ModelOptions, PlanOption
+from ...runtime.distributed.tp import TPOptions
 from ...utils.errors import UserError
 from ...utils.options import option, override
 from ...utils.shared_options import ProgressOption
@@ -17,23 +16,34 @@ from ...utils.shared_options import ProgressOption
 @dataclass
 class PerplexityText:
     """The text a perplexity is measured on, how much of it, in windows of how many tokens (eval, sweep, demo)."""
-    text: str | None = option("default", "text to score: 'default' (held-out Austen novel), 'austen:<novel>', "
-                              "'austen-train', 'other-domain', a UTF-8 file, or a datasets name.")
+
+    text: str | None = option(
+        "default",
+        "text to score: 'default' (held-out Austen novel), 'austen:<novel>', "
+        "'austen-train', 'other-domain', a UTF-8 file, or a datasets name.",
+    )
     tokens: int = option(16384, "score the first N tokens of the text (fewer if the text is shorter).")
     window: int = option(1024, "tokens per window.")
 
 
 @dataclass
 class PerplexityOptions(PerplexityText):
-    stride: int | None = option(None, "sliding windows: start a window every S tokens and score its last S tokens "
-                                "(1 <= S <= window). Default: the window (disjoint windows)")
+    stride: int | None = option(
+        None,
+        "sliding windows: start a window every S tokens and score its last S tokens "
+        "(1 <= S <= window). Default: the window (disjoint windows)",
+    )
 
 
 @dataclass
 class TaskOptions:
     """lm-evaluation-harness tasks to run as well (eval, sweep)."""
-    tasks: str | None = option(None, "comma-separated lm-evaluation-harness tasks to run as well, e.g. "
-                               "truedepth_austen_lastword,truedepth_mmlu (offline); see truedepth.measure.eval.icl")
+
+    tasks: str | None = option(
+        None,
+        "comma-separated lm-evaluation-harness tasks to run as well, e.g. "
+        "truedepth_austen_lastword,truedepth_mmlu (offline); see truedepth.measure.eval.icl",
+    )
     num_fewshot: int | None = option(None, "few-shot examples per task question")
     limit: int | None = option(None, "at most N examples per task (per MMLU subject; for quick checks)")
 
@@ -41,6 +51,7 @@ class TaskOptions:
 @dataclass  # bases in reverse order: --help lists the last base's options first
 class EvalOptions(ProgressOption, TaskOptions, PerplexityOptions, PlanOption, ModelOptions):
     """What `evaluate` measures: perplexity of `text` (None: only `tasks`) and/or lm-eval `tasks`."""
+
     text: str | None = override(None, default_help="'default', or no perplexity at all when only --tasks is given")
     batch_size: int | None = option(None, "windows per forward pass (default: about 2048 tokens per batch)")
     tp: TPOptions = field(default_factory=TPOptions)
@@ -76,8 +87,10 @@ def check_before_loading(args: EvalOptions) -> None:
     config = check_model_and_plan(args.model, args.plan)
     positions = getattr(config, "max_position_embeddings", None)
     if positions and (args.text is not None or not args.tasks) and args.window > positions:
-        raise UserError(f"--window {args.window} is longer than the model's {positions} positions "
-                        f"(max_position_embeddings); use --window {positions} or less.")
+        raise UserError(
+            f"--window {args.window} is longer than the model's {positions} positions "
+            f"(max_position_embeddings); use --window {positions} or less."
+        )
     if args.tasks:
         from .icl import check_tasks, task_manager
 
@@ -94,9 +107,11 @@ def model_facts(model: Any) -> dict[str, Any]:
 
     config = model.config
     plan = current_plan(config)
-    return {"depth": config.num_hidden_layers,
-            "original_depth": original_depth(config),
-            "plan": str(plan) if plan is not None else "base"}
+    return {
+        "depth": config.num_hidden_layers,
+        "original_depth": original_depth(config),
+        "plan": str(plan) if plan is not None else "base",
+    }
 
 
 def run_tasks(model: Any, tokenizer: Any, args: EvalOptions) -> dict:
@@ -104,18 +119,20 @@ def run_tasks(model: Any, tokenizer: Any, args: EvalOptions) -> dict:
         from .icl import evaluate_tasks
     except ModuleNotFoundError as e:
         if e.name and e.name.startswith("truedepth"):
-            raise UserError("--tasks needs truedepth.measure.eval.icl, which this installation lacks; "
-                            "update truedepth or drop --tasks.") from None
-        raise UserError(f"--tasks needs the package {e.name!r}; install it with "
-                        "`pip install 'truedepth[eval]'` or drop --tasks.") from None
-    return evaluate_tasks(model, tokenizer, tasks=task_list(args.tasks), num_fewshot=args.num_fewshot,
-                          limit=args.limit)
+            raise UserError(
+                "--tasks needs truedepth.measure.eval.icl, which this installation lacks; "
+                "update truedepth or drop --tasks."
+            ) from None
+        raise UserError(
+            f"--tasks needs the package {e.name!r}; install it with `pip install 'truedepth[eval]'` or drop --tasks."
+        ) from None
+    return evaluate_tasks(model, tokenizer, tasks=task_list(args.tasks), num_fewshot=args.num_fewshot, limit=args.limit)
 
 
 def text_token_ids(args: EvalOptions, text_spec: str) -> list[int]:
     """Load and tokenise the text, and check it fills a window, before the model is loaded."""
-    from .data import load_text
     from ...core.loading import load_tokenizer, resolve
+    from .data import load_text
     from .perplexity import make_windows, tokenize
 
     text = load_text(text_spec)
@@ -127,8 +144,11 @@ def text_token_ids(args: EvalOptions, text_spec: str) -> list[int]:
 
 def evaluate(args: EvalOptions) -> dict[str, Any]:
     """Load, transform and evaluate as the arguments say; return the result record."""
+    from ...runtime.distributed.tp import (
+        is_main,
+        load_model,
+    )  # the plain loader unless --tp: then each rank loads its shard
     from .perplexity import perplexity
-    from ...runtime.distributed.tp import is_main, load_model  # the plain loader unless --tp: then each rank loads its shard
 
     check_args(args)
     check_before_loading(args)
@@ -137,11 +157,23 @@ def evaluate(args: EvalOptions) -> dict[str, Any]:
     ids = text_token_ids(args, text_spec) if text_spec is not None else None
     model, tokenizer = load_model(args.model, args.plan, args.dtype, args.device, args.tp)
     param = next(model.parameters())
-    result: dict[str, Any] = {"model": args.model, **model_facts(model), "dtype": str(param.dtype).replace("torch.", ""),
-                              "device": str(param.device)}
+    result: dict[str, Any] = {
+        "model": args.model,
+        **model_facts(model),
+        "dtype": str(param.dtype).replace("torch.", ""),
+        "device": str(param.device),
+    }
     if ids is not None:
-        ppl = perplexity(model, tokenizer, ids, tokens=args.tokens, window=args.window, stride=args.stride,
-                         batch_size=args.batch_size, progress=not args.no_progress and is_main())
+        ppl = perplexity(
+            model,
+            tokenizer,
+            ids,
+            tokens=args.tokens,
+            window=args.window,
+            stride=args.stride,
+            batch_size=args.batch_size,
+            progress=not args.no_progress and is_main(),
+        )
         result.update({"text": text_spec, **ppl})
     if args.tasks:
         result["task_names"] = task_list(args.tasks)
@@ -155,10 +187,18 @@ def task_rows(results: dict[str, Any], tasks: list[str]) -> list[tuple[str, str]
     rows = []
     for task in tasks:
         metrics = results.get(task) or {}
-        numeric = [(k, v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
-                   and not k.endswith("_stderr") and k not in ("n_samples", "num_fewshot")]
-        main = next((kv for key in ("acc", "acc_norm", "exact_match") for kv in numeric if kv[0] == key),
-                    numeric[0] if numeric else None)
+        numeric = [
+            (k, v)
+            for k, v in metrics.items()
+            if isinstance(v, (int, float))
+            and not isinstance(v, bool)
+            and not k.endswith("_stderr")
+            and k not in ("n_samples", "num_fewshot")
+        ]
+        main = next(
+            (kv for key in ("acc", "acc_norm", "exact_match") for kv in numeric if kv[0] == key),
+            numeric[0] if numeric else None,
+        )
         if main is None:
             rows.append((task, "no result"))
             continue
@@ -172,16 +212,21 @@ def task_rows(results: dict[str, Any], tasks: list[str]) -> list[tuple[str, str]
 
 def format_table(result: dict[str, Any]) -> str:
     """A small aligned two-column table of the result."""
-    rows = [("model", result["model"]), ("plan", result["plan"]),
-            ("depth", f"{result['depth']} (original {result['original_depth']})"),
-            ("dtype / device", f"{result['dtype']} / {result['device']}")]
+    rows = [
+        ("model", result["model"]),
+        ("plan", result["plan"]),
+        ("depth", f"{result['depth']} (original {result['original_depth']})"),
+        ("dtype / device", f"{result['dtype']} / {result['device']}"),
+    ]
     if "perplexity" in result:
         kind = "disjoint" if result["stride"] == result["window"] else f"sliding, stride {result['stride']}"
-        rows += [("text", result["text"]),
-                 ("windows", f"{result['windows']} x {result['window']} tokens ({kind})"),
-                 ("tokens scored", str(result["tokens"])),
-                 ("nll / token", f"{result['nll']:.4f}"),
-                 ("perplexity", f"{result['perplexity']:.3f}")]
+        rows += [
+            ("text", result["text"]),
+            ("windows", f"{result['windows']} x {result['window']} tokens ({kind})"),
+            ("tokens scored", str(result["tokens"])),
+            ("nll / token", f"{result['nll']:.4f}"),
+            ("perplexity", f"{result['perplexity']:.3f}"),
+        ]
     if "tasks" in result:
         rows += task_rows(result["tasks"], result.get("task_names", list(result["tasks"])))
     rows.append(("seconds", f"{result['seconds']:.1f}"))

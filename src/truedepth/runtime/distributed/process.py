@@ -7,7 +7,8 @@ import contextlib
 import datetime
 import os
 import sys
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 
@@ -24,8 +25,10 @@ def under_torchrun() -> bool:
 def env_world_size() -> int:
     """World size announced by torchrun; a clear error when the command was not launched by it."""
     if not under_torchrun():
-        raise TPError("--tp needs one process per rank: launch with `torchrun --nproc_per_node=N -m truedepth "
-                      "COMMAND --tp ...` (N = number of GPUs, or CPU processes with gloo).")
+        raise TPError(
+            "--tp needs one process per rank: launch with `torchrun --nproc_per_node=N -m truedepth "
+            "COMMAND --tp ...` (N = number of GPUs, or CPU processes with gloo)."
+        )
     return int(os.environ["WORLD_SIZE"])
 
 
@@ -65,13 +68,17 @@ def rank_device(device: Any = None) -> torch.device:
     if wanted == "cpu":
         return torch.device("cpu")
     if wanted != "cuda":
-        raise TPError(f"--device {wanted} conflicts with --tp: every rank uses cuda:LOCAL_RANK. "
-                      "Pass --device cuda (or leave it out), or --device cpu for gloo on CPU.")
+        raise TPError(
+            f"--device {wanted} conflicts with --tp: every rank uses cuda:LOCAL_RANK. "
+            "Pass --device cuda (or leave it out), or --device cpu for gloo on CPU."
+        )
     if not torch.cuda.is_available():
         raise TPError("--device cuda was asked for, but no GPU is visible; use --device cpu (gloo).")
     if local >= torch.cuda.device_count():
-        raise TPError(f"LOCAL_RANK {local} has no GPU: only {torch.cuda.device_count()} are visible. "
-                      f"Use torchrun --nproc_per_node={torch.cuda.device_count()} or fewer.")
+        raise TPError(
+            f"LOCAL_RANK {local} has no GPU: only {torch.cuda.device_count()} are visible. "
+            f"Use torchrun --nproc_per_node={torch.cuda.device_count()} or fewer."
+        )
     return torch.device("cuda", local)
 
 
@@ -131,10 +138,14 @@ def explain_rank_failures(timeout_s: float | None = None) -> Iterator[None]:
         yield
     except (dist.DistError, RuntimeError) as e:
         text = str(e)
-        if isinstance(e, dist.DistError) or any(w in text for w in ("Timed out", "timed out", "Connection closed",
-                                                                     "Connection reset", "NCCL", "Gloo", "gloo")):
+        if isinstance(e, dist.DistError) or any(
+            w in text
+            for w in ("Timed out", "timed out", "Connection closed", "Connection reset", "NCCL", "Gloo", "gloo")
+        ):
             limit = f" within --tp-timeout {timeout_s:g} s" if timeout_s else ""
-            raise RankFailureError(f"rank {rank()}: a collective failed{limit}: another rank died or stopped "
-                                   f"responding ({text.splitlines()[0][:200]}). Check the other ranks' errors; "
-                                   "raise --tp-timeout if a rank is only slow (e.g. loading a large model).") from e
+            raise RankFailureError(
+                f"rank {rank()}: a collective failed{limit}: another rank died or stopped "
+                f"responding ({text.splitlines()[0][:200]}). Check the other ranks' errors; "
+                "raise --tp-timeout if a rank is only slow (e.g. loading a large model)."
+            ) from e
         raise

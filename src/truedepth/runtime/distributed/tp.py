@@ -33,13 +33,27 @@ from typing import Any
 import torch
 from torch import nn
 
-from ...core.arch import (COLUMN_SUMMED, HEAD_NORMS, ROW_STACKED, LayerWidths, current_plan, decoder_layers,
-                          layer_widths, measured_widths, transformed_record)
+from ...core.arch import (
+    COLUMN_SUMMED,
+    HEAD_NORMS,
+    ROW_STACKED,
+    LayerWidths,
+    current_plan,
+    decoder_layers,
+    layer_widths,
+    measured_widths,
+    transformed_record,
+)
 from ...core.plan import as_plan
 from ...utils.options import option
 from .errors import DEFAULT_TIMEOUT_S, TPError
-from .process import (env_world_size, explain_rank_failures, init_distributed, is_main, print0,  # noqa: F401
-                      quiet_other_ranks, rank, rank_device, sync_seed, under_torchrun)
+from .process import (
+    env_world_size,
+    init_distributed,
+    print0,  # noqa: F401
+    quiet_other_ranks,
+    sync_seed,
+)
 
 # The layer anatomy (core.arch): what a wide layer stacks by rows is split by rows (column-parallel),
 # what it places side by side by columns is split by columns (row-parallel, one all-reduce each).
@@ -52,17 +66,30 @@ DEFAULT_IMPL = "local"  # measured faster (module docstring)
 @dataclass(frozen=True)
 class TPOptions:
     """Tensor parallelism for one run: `enabled` under torchrun, collective `timeout_s`, implementation `impl`."""
+
     group_title = "tensor parallelism (launch with torchrun --nproc_per_node=N -m truedepth ...)"
-    enabled: bool = option(False, "shard every layer (wide or not) over the N torchrun processes: column-parallel "
-                           "q/k/v/gate/up, row-parallel o/down, 2 all-reduces per layer. NCCL on GPUs, gloo on CPU; "
-                           "only rank 0 prints results.", flag="--tp")
-    timeout_s: float = option(DEFAULT_TIMEOUT_S, "a collective that waits longer than this (a rank died or hangs) "
-                              "stops every rank with an error instead of hanging.", flag="--tp-timeout",
-                              metavar="SECONDS")
-    impl: str = option(DEFAULT_IMPL, "dtensor: PyTorch's tensor-parallel API (parallelize_module); local: plain "
-                       "sharded weights and one torch.distributed.all_reduce per row-parallel layer, the same "
-                       "collectives with less per-op overhead in eager mode.", flag="--tp-impl",
-                       choices=IMPLEMENTATIONS)
+    enabled: bool = option(
+        False,
+        "shard every layer (wide or not) over the N torchrun processes: column-parallel "
+        "q/k/v/gate/up, row-parallel o/down, 2 all-reduces per layer. NCCL on GPUs, gloo on CPU; "
+        "only rank 0 prints results.",
+        flag="--tp",
+    )
+    timeout_s: float = option(
+        DEFAULT_TIMEOUT_S,
+        "a collective that waits longer than this (a rank died or hangs) "
+        "stops every rank with an error instead of hanging.",
+        flag="--tp-timeout",
+        metavar="SECONDS",
+    )
+    impl: str = option(
+        DEFAULT_IMPL,
+        "dtensor: PyTorch's tensor-parallel API (parallelize_module); local: plain "
+        "sharded weights and one torch.distributed.all_reduce per row-parallel layer, the same "
+        "collectives with less per-op overhead in eager mode.",
+        flag="--tp-impl",
+        choices=IMPLEMENTATIONS,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -71,8 +98,10 @@ class TPOptions:
 def shapes_from_config(config: Any, plan: Any = None) -> list[LayerWidths]:
     """Layer widths of `config` after `plan`, without building or loading the model."""
     if plan is not None and not as_plan(plan).is_identity and transformed_record(config) is not None:
-        raise TPError(f"this model was already transformed with plan '{current_plan(config)}'; plans refer "
-                      "to the original layers: load the original model and apply one combined plan.")
+        raise TPError(
+            f"this model was already transformed with plan '{current_plan(config)}'; plans refer "
+            "to the original layers: load the original model and apply one combined plan."
+        )
     return layer_widths(config, plan)
 
 
@@ -80,11 +109,16 @@ def shapes_from_model(model: nn.Module) -> list[LayerWidths]:
     """Layer widths read from the modules themselves (the source of truth after a transform)."""
     for i, layer in enumerate(decoder_layers(model)):
         attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
-        missing = [n for n in COLUMN_PARALLEL + ROW_PARALLEL
-                   if not isinstance(getattr(getattr(layer, n.split(".")[0], None), n.split(".")[1], None), nn.Linear)]
+        missing = [
+            n
+            for n in COLUMN_PARALLEL + ROW_PARALLEL
+            if not isinstance(getattr(getattr(layer, n.split(".")[0], None), n.split(".")[1], None), nn.Linear)
+        ]
         if missing or attn is None or mlp is None:
-            raise TPError(f"layer {i} ({type(layer).__name__}) lacks the linear layers {', '.join(missing)}; --tp "
-                          "supports Llama-style layers (llama, mistral, qwen2, qwen3).")
+            raise TPError(
+                f"layer {i} ({type(layer).__name__}) lacks the linear layers {', '.join(missing)}; --tp "
+                "supports Llama-style layers (llama, mistral, qwen2, qwen3)."
+            )
     return measured_widths(model)
 
 
@@ -112,7 +146,8 @@ def check_world_size(shapes: list[LayerWidths], world_size: int) -> None:
     raise TPError(
         f"--tp over {world_size} ranks cannot split {first.describe()}: not divisible by {world_size}: {why}{more}. "
         f"Valid world sizes for this model and plan: {', '.join(map(str, valid))}. Launch with torchrun "
-        f"--nproc_per_node={lower}" + (f" (or {higher[0]})" if higher else "") + ".")
+        f"--nproc_per_node={lower}" + (f" (or {higher[0]})" if higher else "") + "."
+    )
 
 
 def validate_tp(model_or_config: Any, world_size: int, plan: Any = None) -> list[LayerWidths]:
@@ -149,7 +184,10 @@ def layer_tp_plan() -> dict[str, Any]:
     # Colwise outputs and Rowwise inputs stay local tensors (use_local_output), so the attention
     # code between them sees ordinary tensors with this rank's heads; its reshapes use -1 heads and
     # the q/kv head ratio it reads from the config is the same on every rank.
-    return {**{name: ColwiseParallel() for name in COLUMN_PARALLEL}, **{name: RowwiseParallel() for name in ROW_PARALLEL}}
+    return {
+        **{name: ColwiseParallel() for name in COLUMN_PARALLEL},
+        **{name: RowwiseParallel() for name in ROW_PARALLEL},
+    }
 
 
 def _shard_head_norms(layer: nn.Module, rank_index: int, world: int) -> None:
@@ -192,7 +230,11 @@ def parallelize_tp(model: nn.Module, mesh_or_world: Any = None, impl: str = DEFA
     mesh = _as_mesh(mesh_or_world)
     world = mesh.size()
     validate_tp(model, world)
-    device = torch.device(mesh.device_type, torch.cuda.current_device()) if mesh.device_type == "cuda" else torch.device("cpu")
+    device = (
+        torch.device(mesh.device_type, torch.cuda.current_device())
+        if mesh.device_type == "cuda"
+        else torch.device("cpu")
+    )
     for layer in decoder_layers(model):
         if impl == "dtensor":
             from torch.distributed.tensor.parallel import parallelize_module
@@ -214,7 +256,9 @@ def _as_mesh(mesh_or_world: Any) -> Any:
         mesh = mesh_or_world
     else:
         if not dist.is_initialized():
-            raise TPError("no process group: call truedepth.runtime.distributed.tp.init_distributed() under torchrun first.")
+            raise TPError(
+                "no process group: call truedepth.runtime.distributed.tp.init_distributed() under torchrun first."
+            )
         world = dist.get_world_size() if mesh_or_world is None else int(mesh_or_world)
         if world != dist.get_world_size():
             raise TPError(f"asked for {world} ranks but the process group has {dist.get_world_size()}.")
@@ -234,7 +278,11 @@ def shard_locally(layer: nn.Module, mesh: Any) -> None:
     import torch.distributed as dist
 
     rank_index, world, group = mesh.get_local_rank(), mesh.size(), mesh.get_group()
-    device = torch.device(mesh.device_type, torch.cuda.current_device()) if mesh.device_type == "cuda" else torch.device("cpu")
+    device = (
+        torch.device(mesh.device_type, torch.cuda.current_device())
+        if mesh.device_type == "cuda"
+        else torch.device("cpu")
+    )
 
     def keep(t: torch.Tensor, dim: int) -> nn.Parameter:
         # clone: the slice must not keep the full tensor's storage alive
@@ -280,8 +328,9 @@ def maybe_shard(model: nn.Module, tp: TPOptions | None, device: Any = None) -> n
     return model
 
 
-def load_model(model: Any, plan: Any = None, dtype: Any = None, device: Any = None,
-               tp: TPOptions | None = None) -> tuple[nn.Module, Any]:
+def load_model(
+    model: Any, plan: Any = None, dtype: Any = None, device: Any = None, tp: TPOptions | None = None
+) -> tuple[nn.Module, Any]:
     """`loading.load_for_device`, made TP-aware: with `tp.enabled`, the model + plan are checked against
     the world size from the config alone (no weight read), loaded on the host, transformed, and
     each rank's shard moved to its own device (never the whole model onto one GPU)."""
@@ -318,7 +367,7 @@ class AllReduceCounter:
     def total(self) -> int:
         return sum(self.counts.values())
 
-    def __enter__(self) -> "AllReduceCounter":
+    def __enter__(self) -> AllReduceCounter:
         from torch.distributed.tensor.debug import CommDebugMode
 
         self._mode = CommDebugMode()

