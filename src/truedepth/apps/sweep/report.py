@@ -13,6 +13,7 @@ from typing import Any
 
 from ...utils.env import machine
 from ...utils.errors import UserError
+from .markdown import fmt_number, md_table, metric_cell, task_columns
 from .plots import PAPER_CLAIMS, make_plots
 from .points import RESULTS_FILE, TRANSFORMS, Sweep, read_results
 from .tables import _at_chance, anchored, collect_rows, metric_columns, read_bench, write_tables
@@ -21,33 +22,6 @@ from .tables import _at_chance, anchored, collect_rows, metric_columns, read_ben
 # ---------------------------------------------------------------------------------------------
 # Markdown report
 # ---------------------------------------------------------------------------------------------
-def _f(x: Any, spec: str = ".2f") -> str:
-    return "–" if x is None else format(x, spec)
-
-
-def _pct(x: Any) -> str:
-    return "–" if x is None else f"{100 * x:.1f} %"
-
-
-def _md_table(head: Sequence[str], body: Sequence[Sequence[str]]) -> str:
-    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in body]
-    return "\n".join(lines)
-
-
-def _task_cols(rows: Sequence[dict[str, Any]]) -> list[str]:
-    return [c for c in metric_columns(rows) if c != "perplexity"]
-
-
-def _cell(r: dict[str, Any] | None, col: str) -> str:
-    """'value (kept %)' with ± stderr for tasks."""
-    if r is None or r.get(col) is None:
-        return "–"
-    v, rel = r[col], r.get(f"{col}_rel")
-    text = f"{v:.2f}" if col == "perplexity" else f"{v:.3f} ± {_f(r.get(col + '_stderr'), '.3f')}"
-    return text + (f" ({100 * rel:.0f} %)" if rel is not None else "")
-
-
 def delta_table(rows: Sequence[dict[str, Any]], rule: str, col: str) -> str:
     pts = {(r["transform"], r["delta"]): r for r in rows if anchored(r, rule) and r.get(col) is not None}
     transforms = [t for t in TRANSFORMS if any(k[0] == t for k in pts)]
@@ -57,11 +31,11 @@ def delta_table(rows: Sequence[dict[str, Any]], rule: str, col: str) -> str:
         body.append(
             [str(d)]
             + [
-                _cell(pts.get((t, d)), col) + (f" · d{pts[(t, d)]['depth']}" if (t, d) in pts else "")
+                metric_cell(pts.get((t, d)), col) + (f" · d{pts[(t, d)]['depth']}" if (t, d) in pts else "")
                 for t in transforms
             ]
         )
-    return _md_table(["Δ"] + transforms, body)
+    return md_table(["Δ"] + transforms, body)
 
 
 def equal_depth_table(rows: Sequence[dict[str, Any]], rule: str) -> str:
@@ -80,12 +54,12 @@ def equal_depth_table(rows: Sequence[dict[str, Any]], rule: str) -> str:
             continue
         cells = [str(par[d]["depth"]), f"`{par[d]['plan']}`", f"`{s['plan']}`"]
         for c in cols:
-            cells += [_cell(par[d], c), _cell(s, c)]
+            cells += [metric_cell(par[d], c), metric_cell(s, c)]
         body.append(cells)
     head = ["depth", "parallel", "skip"]
     for c in cols:
         head += [f"{c}: parallel", f"{c}: skip"]
-    return _md_table(head, body)
+    return md_table(head, body)
 
 
 def position_table(rows: Sequence[dict[str, Any]]) -> tuple[str, list[tuple[str, int]]]:
@@ -112,7 +86,7 @@ def position_table(rows: Sequence[dict[str, Any]]) -> tuple[str, list[tuple[str,
     head = ["start"] + [
         f"{t} Δ={d} (" + ("layer start)" if d == 1 else f"layers start..start+{d - 1})") for t, d in keys
     ]
-    return _md_table(head, body), keys
+    return md_table(head, body), keys
 
 
 def steepest_fall(
@@ -280,7 +254,7 @@ def paper_table(rows: Sequence[dict[str, Any]], rule: str) -> str:
             body.append([f"this run: default model ({L} layers)", what, "base at chance: no measure", "–"])
             continue
         body.append([f"this run: default model ({L} layers)", what, at(col, 0.95), at(col, 0.90)])
-    return _md_table(["model", "measure", "parallel: largest Δ keeping ≥95 %", "keeping ≥90 %"], body)
+    return md_table(["model", "measure", "parallel: largest Δ keeping ≥95 %", "keeping ≥90 %"], body)
 
 
 def paper_summary(rows: Sequence[dict[str, Any]], rule: str) -> list[str]:
@@ -316,13 +290,15 @@ def paper_summary(rows: Sequence[dict[str, Any]], rule: str) -> list[str]:
 
 
 def tasks_table(rows: Sequence[dict[str, Any]]) -> str:
-    cols = _task_cols(rows)
+    cols = task_columns(rows)
     body = []
     for r in rows:
         if any(r.get(c) is not None for c in cols):
-            body.append([f"`{r['plan']}`", str(r["depth"]), _cell(r, "perplexity")] + [_cell(r, c) for c in cols])
+            body.append(
+                [f"`{r['plan']}`", str(r["depth"]), metric_cell(r, "perplexity")] + [metric_cell(r, c) for c in cols]
+            )
     ns = {c: max((r.get(f"{c}_n") or 0) for r in rows) for c in cols}
-    return _md_table(["plan", "depth", "perplexity"] + [f"{c} (n={ns[c]})" for c in cols], body)
+    return md_table(["plan", "depth", "perplexity"] + [f"{c} (n={ns[c]})" for c in cols], body)
 
 
 def model_note(model: str) -> str:
@@ -357,7 +333,8 @@ def render_report(
         "## What was measured",
         "",
         f"- **Perplexity**: the first {p['tokens']} tokens of {text_note(p['text'])}, disjoint "
-        f"{p['window']}-token windows (`truedepth.measure.eval.perplexity`). Base model: {_f(base.get('perplexity'))}.",
+        f"{p['window']}-token windows (`truedepth.measure.eval.perplexity`). "
+        f"Base model: {fmt_number(base.get('perplexity'))}.",
         "- **In-context tasks** through lm-evaluation-harness (`truedepth.measure.eval.icl`, the harness scores): "
         "`truedepth_austen_lastword`, LAMBADA-style last-word prediction on the same held-out novel "
         "(built deterministically; the target word always occurs earlier in its ≥150-word context; chance: "
@@ -391,7 +368,7 @@ def render_report(
         delta_table(rows, rule, "perplexity"),
         "",
     ]
-    for c in _task_cols(rows):
+    for c in task_columns(rows):
         if any(anchored(r, rule) and r.get(c) is not None for r in rows if r["transform"] != "base"):
             lines += [f"`{c}` accuracy (kept %):", "", delta_table(rows, rule, c), ""]
     lines += [
@@ -417,7 +394,7 @@ def render_report(
         ]
         if "start" in images:
             lines += [f"![quality against position]({images['start']})", ""]
-    if _task_cols(rows):
+    if task_columns(rows):
         lines += ["## In-context learning (lm-evaluation-harness)", "", tasks_table(rows), ""]
     lines += ["## Against the paper", "", paper_table(rows, rule), "", *paper_summary(rows, rule), ""]
     if "relative" in images:
@@ -430,7 +407,7 @@ def render_report(
         + (
             "".join(
                 f" `{c}` is at chance for this model, so it cannot show a loss."
-                for c in _task_cols(rows)
+                for c in task_columns(rows)
                 if _at_chance(rows, c)
             )
         ),
