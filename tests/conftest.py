@@ -26,8 +26,9 @@ def pytest_collection_modifyitems(config, items):
 
 
 def save_tiny(folder: Path, layers: int, seed: int) -> Path:
-    import truedepth
     from helpers.tiny import char_tokenizer, tiny_model
+
+    import truedepth
 
     truedepth.save(tiny_model("llama", layers=layers, seed=seed), char_tokenizer(), folder)
     return folder

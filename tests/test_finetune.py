@@ -77,8 +77,9 @@ def test_only_wide_layers_train_and_neighbours_add_the_adjacent_layers():
     assert layers == [2, 3] == ft_model.wide_layer_indices(student)
     names = ft_model.freeze_all_but(student, layers)
     assert names and all(n.split(".")[2] in ("2", "3") for n in names)
-    assert sum(p.numel() for n, p in student.named_parameters() if p.requires_grad) == \
-        sum(p.numel() for i in (2, 3) for p in student.model.layers[i].parameters())
+    assert sum(p.numel() for n, p in student.named_parameters() if p.requires_grad) == sum(
+        p.numel() for i in (2, 3) for p in student.model.layers[i].parameters()
+    )
     assert ft_model.trainable_layer_indices(student.config.truedepth["layer_widths"], 1) == [1, 2, 3, 4]
     assert ft_model.trainable_layer_indices([1, 1, 2, 1, 3, 1, 1], 2) == [0, 1, 2, 3, 4, 5, 6]
 
@@ -167,8 +168,17 @@ def fresh(loss, lora):
 
 @pytest.mark.parametrize("loss,lora", [("lm", False), ("distill", False), ("lm", True), ("blocks", False)])
 def test_killed_and_resumed_run_ends_with_the_same_weights(tmp_path, monkeypatch, loss, lora):
-    cfg = ft_config.TrainConfig(loss=loss, seq_len=16, batch_size=4, tokens=16 * 4 * 12, lr=3e-3, checkpoint_every=5,
-                         lora=lora, lora_rank=4, lora_alpha=8)
+    cfg = ft_config.TrainConfig(
+        loss=loss,
+        seq_len=16,
+        batch_size=4,
+        tokens=16 * 4 * 12,
+        lr=3e-3,
+        checkpoint_every=5,
+        lora=lora,
+        lora_rank=4,
+        lora_alpha=8,
+    )
     data = ft_train.TokenBatches(random_ids(), cfg.seq_len, cfg.batch_size)
     model, teacher = fresh(loss, lora)
     start = trained(model)
@@ -226,7 +236,9 @@ def test_kill_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, monkey
 
 
 def test_checkpoints_hold_only_safetensors_and_json(tmp_path):
-    cfg = ft_config.TrainConfig(loss="lm", seq_len=16, batch_size=2, tokens=16 * 2 * 7, checkpoint_every=2, keep_checkpoints=2)
+    cfg = ft_config.TrainConfig(
+        loss="lm", seq_len=16, batch_size=2, tokens=16 * 2 * 7, checkpoint_every=2, keep_checkpoints=2
+    )
     data = ft_train.TokenBatches(random_ids(), cfg.seq_len, cfg.batch_size)
     model, _ = fresh("lm", False)
     ft_train.train(model, None, data, cfg, tmp_path, progress=False, stop_after=5)
@@ -247,10 +259,19 @@ def test_resume_refuses_a_different_trajectory(tmp_path):
     ft_train.train(model, None, data, cfg, tmp_path, progress=False, stop_after=2)
     model, _ = fresh("lm", False)
     with pytest.raises(ValueError, match=rf"--lr {cfg.lr} \(now 0.001\)"):
-        ft_train.train(model, None, data, ft_config.TrainConfig(**{**cfg.__dict__, "lr": 1e-3}), tmp_path, resume=True,
-                 progress=False)
+        ft_train.train(
+            model,
+            None,
+            data,
+            ft_config.TrainConfig(**{**cfg.__dict__, "lr": 1e-3}),
+            tmp_path,
+            resume=True,
+            progress=False,
+        )
     with pytest.raises(ValueError, match="training data differs"):
-        ft_train.train(model, None, ft_train.TokenBatches(random_ids(seed=5), 16, 2), cfg, tmp_path, resume=True, progress=False)
+        ft_train.train(
+            model, None, ft_train.TokenBatches(random_ids(seed=5), 16, 2), cfg, tmp_path, resume=True, progress=False
+        )
     with pytest.raises(InputPathError, match="no checkpoint"):
         ft_train.train(model, None, data, cfg, tmp_path / "empty", resume=True, progress=False)
 
@@ -265,8 +286,9 @@ def test_plan_without_parallel_groups_is_refused():
 
 
 def test_cli_refuses_bad_plan_before_loading_anything(tmp_path, capsys):
-    rc = cli.main(["finetune", "--model", str(tmp_path / "missing"), "--plan", "merge=2:6", "--out",
-                   str(tmp_path / "o")])
+    rc = cli.main(
+        ["finetune", "--model", str(tmp_path / "missing"), "--plan", "merge=2:6", "--out", str(tmp_path / "o")]
+    )
     assert rc == 2
     assert "no parallel groups" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
@@ -280,8 +302,20 @@ def test_cli_refuses_blocks_loss_on_mixed_attention_before_loading_weights(tmp_p
     char_tokenizer().save_pretrained(path)
     monkeypatch.setattr(loading, "load", lambda *a, **k: pytest.fail("weights loaded"))
     for extra in (["--loss", "blocks"], ["--loss", "distill", "--block-weight", "1"]):
-        rc = cli.main(["finetune", "--model", str(path), "--plan", "parallel=0:2", "--data", "austen-train",
-                       "--out", str(tmp_path / "o"), *extra])
+        rc = cli.main(
+            [
+                "finetune",
+                "--model",
+                str(path),
+                "--plan",
+                "parallel=0:2",
+                "--data",
+                "austen-train",
+                "--out",
+                str(tmp_path / "o"),
+                *extra,
+            ]
+        )
         err = capsys.readouterr().err
         assert rc == 2 and "mixes full_attention, sliding_attention" in err and "Traceback" not in err
         assert not (tmp_path / "o").exists()
@@ -310,8 +344,21 @@ def test_batch_too_large_for_memory_is_refused(monkeypatch):
 def test_cli_refuses_oversized_batch_before_training(tiny_dir, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(ft_model, "available_memory", lambda device: 1000)
     monkeypatch.setattr(ft_run, "train", lambda *a, **k: pytest.fail("training started"))
-    rc = cli.main(["finetune", "--model", str(tiny_dir), "--plan", PLAN, "--data", str(text_file(tmp_path / "t.txt", 0)),
-                   "--no-eval", "--out", str(tmp_path / "o"), "--quiet"])
+    rc = cli.main(
+        [
+            "finetune",
+            "--model",
+            str(tiny_dir),
+            "--plan",
+            PLAN,
+            "--data",
+            str(text_file(tmp_path / "t.txt", 0)),
+            "--no-eval",
+            "--out",
+            str(tmp_path / "o"),
+            "--quiet",
+        ]
+    )
     assert rc == 2
     assert "GiB is free on cpu; lower --batch-size" in capsys.readouterr().err
 
@@ -321,10 +368,39 @@ def test_cli_refuses_oversized_batch_before_training(tiny_dir, tmp_path, monkeyp
 # ---------------------------------------------------------------------------------------------
 def finetune_args(tiny_dir, tmp_path, out, *extra):
     train, held, other = (text_file(tmp_path / f"{n}.txt", i) for i, n in enumerate(("train", "held", "other")))
-    return ["finetune", "--model", str(tiny_dir), "--plan", PLAN, "--data", str(train), "--eval-text", str(held),
-            "--other-text", str(other), "--eval-tokens", "256", "--eval-window", "32", "--seq-len", "32",
-            "--batch-size", "4", "--tokens", str(32 * 4 * 10), "--lr", "3e-3", "--checkpoint-every", "3",
-            "--train-dtype", "fp32", "--out", str(out), "--quiet", *extra]
+    return [
+        "finetune",
+        "--model",
+        str(tiny_dir),
+        "--plan",
+        PLAN,
+        "--data",
+        str(train),
+        "--eval-text",
+        str(held),
+        "--other-text",
+        str(other),
+        "--eval-tokens",
+        "256",
+        "--eval-window",
+        "32",
+        "--seq-len",
+        "32",
+        "--batch-size",
+        "4",
+        "--tokens",
+        str(32 * 4 * 10),
+        "--lr",
+        "3e-3",
+        "--checkpoint-every",
+        "3",
+        "--train-dtype",
+        "fp32",
+        "--out",
+        str(out),
+        "--quiet",
+        *extra,
+    ]
 
 
 def saved_logits(folder, ids):
@@ -351,8 +427,10 @@ def test_cli_trains_saves_summarises_and_resumes_identically(tiny_dir, tmp_path,
     model, tok = truedepth.load(out)
     held = (tmp_path / "held.txt").read_text()
     from truedepth.measure.eval.perplexity import perplexity
-    assert perplexity(model, tok, held, tokens=256, window=32, progress=False)["perplexity"] == \
-        pytest.approx(summary["perplexity"]["held_out"]["ft"], rel=1e-6)
+
+    assert perplexity(model, tok, held, tokens=256, window=32, progress=False)["perplexity"] == pytest.approx(
+        summary["perplexity"]["held_out"]["ft"], rel=1e-6
+    )
 
     killed = tmp_path / "killed"
     kill_at(monkeypatch, 5)
@@ -369,8 +447,14 @@ def test_cli_trains_saves_summarises_and_resumes_identically(tiny_dir, tmp_path,
 
 def test_cli_lora_merges_into_a_loadable_model(tiny_dir, tmp_path):
     out = tmp_path / "lora"
-    assert cli.main(finetune_args(tiny_dir, tmp_path, out, "--lora", "--lora-rank", "4", "--loss", "distill",
-                                  "--train-dtype", "bf16")) == 0
+    assert (
+        cli.main(
+            finetune_args(
+                tiny_dir, tmp_path, out, "--lora", "--lora-rank", "4", "--loss", "distill", "--train-dtype", "bf16"
+            )
+        )
+        == 0
+    )
     summary = json.loads((out / ft_config.SUMMARY_FILE).read_text())
     assert summary["lora"] and summary["train_dtype"] == "bfloat16" and summary["dtype"] == "float32"
     model, _ = truedepth.load(out)
@@ -398,8 +482,10 @@ def test_already_transformed_model_keeps_training_with_lm_only(tiny_dir, tmp_pat
 
 
 def test_block_weight_is_refused_without_distill_or_teacher(tiny_dir, tmp_path, capsys):
-    for extra, message in [(["--loss", "lm", "--block-weight", "1"], "adds the blocks loss to --loss distill"),
-                           (["--block-weight", "-1"], "--block-weight must be >= 0")]:
+    for extra, message in [
+        (["--loss", "lm", "--block-weight", "1"], "adds the blocks loss to --loss distill"),
+        (["--block-weight", "-1"], "--block-weight must be >= 0"),
+    ]:
         assert cli.main(finetune_args(tiny_dir, tmp_path, tmp_path / "o", "--no-eval", *extra)) == 2
         err = capsys.readouterr().err
         assert message in err and len(err.strip().splitlines()) == 1
@@ -418,7 +504,9 @@ def test_cli_trains_with_the_blocks_loss_and_reduces_it(tiny_dir, tmp_path, extr
     assert cli.main(finetune_args(tiny_dir, tmp_path, out, "--no-eval", *extra)) == 0
     summary = json.loads((out / ft_config.SUMMARY_FILE).read_text())
     config = summary["config"]
-    assert (config["loss"], config["block_weight"]) == {"--loss": ("blocks", 0.0), "--block-weight": ("distill", 0.5)}[extra[0]]
+    assert (config["loss"], config["block_weight"]) == {"--loss": ("blocks", 0.0), "--block-weight": ("distill", 0.5)}[
+        extra[0]
+    ]
     losses = [h["loss"] for h in summary["history"]]
     assert sum(losses[-3:]) < sum(losses[:3])
 
@@ -428,8 +516,25 @@ def test_default_model_short_finetune(tmp_path):
     """A few steps on the real default model and training text: runs, saves, reloads."""
     torch.set_num_threads(1)
     out = tmp_path / "ft"
-    rc = cli.main(["finetune", "--plan", "parallel=20:28", "--tokens", "512", "--seq-len", "128", "--batch-size", "2",
-                   "--loss", "distill", "--no-eval", "--out", str(out), "--quiet"])
+    rc = cli.main(
+        [
+            "finetune",
+            "--plan",
+            "parallel=20:28",
+            "--tokens",
+            "512",
+            "--seq-len",
+            "128",
+            "--batch-size",
+            "2",
+            "--loss",
+            "distill",
+            "--no-eval",
+            "--out",
+            str(out),
+            "--quiet",
+        ]
+    )
     assert rc == 0
     summary = json.loads((out / ft_config.SUMMARY_FILE).read_text())
     assert summary["steps"] == 2 and all(h["loss"] > 0 for h in summary["history"])
@@ -455,9 +560,14 @@ def test_base_and_lp_perplexities_are_measured_once_per_model_and_texts(tiny_dir
     assert a["held_out"]["lp"] == b["held_out"]["lp"] != c["held_out"]["lp"]
 
 
-@pytest.mark.parametrize("bf16, fp32, want", [(300e9, 160e9, torch.bfloat16),  # e.g. an AMD EPYC with AVX512-BF16
-                                              (160e9, 276e9, torch.float32),  # an Intel Xeon VM with the same flag
-                                              (110e9, 100e9, torch.float32)])  # within 1.2x: not worth bf16
+@pytest.mark.parametrize(
+    "bf16, fp32, want",
+    [
+        (300e9, 160e9, torch.bfloat16),  # e.g. an AMD EPYC with AVX512-BF16
+        (160e9, 276e9, torch.float32),  # an Intel Xeon VM with the same flag
+        (110e9, 100e9, torch.float32),
+    ],
+)  # within 1.2x: not worth bf16
 def test_auto_train_dtype_is_bf16_only_where_a_timing_finds_it_faster(monkeypatch, bf16, fp32, want):
     from truedepth.measure.bench import timing
     from truedepth.measure.bench.precision import training_precision

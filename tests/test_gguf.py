@@ -25,8 +25,8 @@ from helpers.tiny import tiny_model
 
 import truedepth
 from truedepth import cli
-from truedepth.deploy.gguf import GGUFExportError, export_gguf
 from truedepth.core.loading import default_gguf
+from truedepth.deploy.gguf import GGUFExportError, export_gguf
 
 pytest.importorskip("llama_cpp")  # a dev requirement; skipped where llama-cpp-python is not built
 from truedepth.deploy import llamacpp  # noqa: E402
@@ -68,16 +68,25 @@ def files_in(folder) -> list[str]:
 # ---------------------------------------------------------------------------------------------
 # Tiny random models
 # ---------------------------------------------------------------------------------------------
-LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
-               "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "rope_theta": 10000.0,
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 64,
+}
 
 
-@pytest.mark.parametrize("arch, plan, extra", [
-    ("llama", "parallel=0:2,parallel=3:6/3", {}),
-    ("qwen2", "parallel=1:3,skip=5", {}),
-    ("llama", "parallel=2:4,merge=4:6", {"rope_parameters": LLAMA3_ROPE, "tie_word_embeddings": True}),
-    ("mistral", "parallel=0:3/3", {"rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 5e4}}),
-])
+@pytest.mark.parametrize(
+    "arch, plan, extra",
+    [
+        ("llama", "parallel=0:2,parallel=3:6/3", {}),
+        ("qwen2", "parallel=1:3,skip=5", {}),
+        ("llama", "parallel=2:4,merge=4:6", {"rope_parameters": LLAMA3_ROPE, "tie_word_embeddings": True}),
+        ("mistral", "parallel=0:3/3", {"rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 5e4}}),
+    ],
+)
 def test_tiny_model_with_wide_layers_matches_transformers(tmp_path, arch, plan, extra):
     # a wide FIRST layer: llama.cpp must read the head size from the file, not derive it from
     # hidden_size / (first layer's heads); qwen2 adds q/k/v biases, permuted with their rows;
@@ -124,11 +133,14 @@ def test_a_failure_while_writing_leaves_no_file(tmp_path):
     assert files_in(tmp_path) == []  # neither the file nor its temporary
 
 
-@pytest.mark.parametrize("type, matrices, file_type, tol", [
-    ("f16", gguf.GGMLQuantizationType.F16, 1, 2e-3),
-    ("bf16", gguf.GGMLQuantizationType.BF16, 32, 2e-2),
-    ("q8_0", gguf.GGMLQuantizationType.Q8_0, 7, 2e-2),
-])
+@pytest.mark.parametrize(
+    "type, matrices, file_type, tol",
+    [
+        ("f16", gguf.GGMLQuantizationType.F16, 1, 2e-3),
+        ("bf16", gguf.GGMLQuantizationType.BF16, 32, 2e-2),
+        ("q8_0", gguf.GGMLQuantizationType.Q8_0, 7, 2e-2),
+    ],
+)
 def test_gguf_py_types_hold_matrices_in_the_type_and_norms_in_f32(tmp_path, type, matrices, file_type, tol):
     model = tiny_model("llama", layers=2, vocab_size=DEFAULT_VOCAB)
     path = export_gguf(model, None, tmp_path / "m.gguf", type=type, tokenizer_gguf=default_gguf())
@@ -142,8 +154,7 @@ def test_gguf_py_types_hold_matrices_in_the_type_and_norms_in_f32(tmp_path, type
 
 
 def test_llama_cpp_quantizer_makes_k_quants(tmp_path):
-    model = tiny_model("llama", layers=2, vocab_size=DEFAULT_VOCAB, hidden_size=256, intermediate_size=512,
-                       head_dim=64)
+    model = tiny_model("llama", layers=2, vocab_size=DEFAULT_VOCAB, hidden_size=256, intermediate_size=512, head_dim=64)
     path = export_gguf(model, None, tmp_path / "q4km.gguf", type="q4_k_m", tokenizer_gguf=default_gguf())
     reader = gguf.GGUFReader(path)
     assert reader.fields["general.file_type"].contents() == 15  # LLAMA_FTYPE_MOSTLY_Q4_K_M
@@ -161,8 +172,8 @@ def test_hf_tokenizer_metadata_tokenizes_like_transformers(tmp_path):
     from llama_cpp import Llama
     from transformers import AutoTokenizer
 
-    from truedepth.measure.eval.data import held_out_text
     from truedepth.core.loading import default_model_dir
+    from truedepth.measure.eval.data import held_out_text
 
     tok = AutoTokenizer.from_pretrained(default_model_dir())
     model = tiny_model("llama", layers=2, vocab_size=DEFAULT_VOCAB)
@@ -197,11 +208,14 @@ def test_unknown_tokenizer_is_refused(tmp_path):
 # ---------------------------------------------------------------------------------------------
 # The command
 # ---------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("argv, words", [
-    (["--type", "q3_x"], "unknown GGUF type 'q3_x'"),
-    (["--plan", "parallel=20:29"], "do not split into groups"),
-    (["--dtype", "bf16"], "drop --dtype"),
-])
+@pytest.mark.parametrize(
+    "argv, words",
+    [
+        (["--type", "q3_x"], "unknown GGUF type 'q3_x'"),
+        (["--plan", "parallel=20:29"], "do not split into groups"),
+        (["--dtype", "bf16"], "drop --dtype"),
+    ],
+)
 def test_export_command_refuses_bad_input_with_one_line(tmp_path, capsys, argv, words):
     assert cli.main(["export", "--gguf", str(tmp_path / "m.gguf"), *argv]) == 2
     err = capsys.readouterr().err.strip()
@@ -226,8 +240,12 @@ def test_export_command_refuses_a_missing_folder(tmp_path, capsys):
 # ---------------------------------------------------------------------------------------------
 # The real default model (integration)
 # ---------------------------------------------------------------------------------------------
-PROMPTS = ["The capital of France is", "It is a truth universally acknowledged, that",
-           "def fibonacci(n):", "Once upon a time, in a small village,"]
+PROMPTS = [
+    "The capital of France is",
+    "It is a truth universally acknowledged, that",
+    "def fibonacci(n):",
+    "Once upon a time, in a small village,",
+]
 
 
 @pytest.fixture(scope="module")
@@ -247,7 +265,7 @@ def first_disagreement(model, prompt_ids, continuation) -> tuple[int | None, flo
     """Where transformers' greedy choice first differs from `continuation` (llama.cpp's greedy
     tokens, scored by teacher forcing), and the top-2 log-prob gap of transformers there."""
     ids = list(prompt_ids) + list(continuation)
-    logp = torch.log_softmax(hf_logits(model, ids)[len(prompt_ids) - 1: -1].float(), -1)
+    logp = torch.log_softmax(hf_logits(model, ids)[len(prompt_ids) - 1 : -1].float(), -1)
     for pos, token in enumerate(continuation):
         if int(logp[pos].argmax()) != token:
             top = logp[pos].topk(2).values

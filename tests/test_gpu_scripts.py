@@ -21,8 +21,9 @@ ROOT = Path(__file__).resolve().parent.parent
 @pytest.mark.slow  # about 2.5 min on 2 CPU cores
 def test_every_gpu_check_runs_in_smoke_mode(tmp_path):
     env = dict(os.environ, OUT=str(tmp_path), SMOKE="--smoke", PYTHON=sys.executable)
-    done = subprocess.run(["bash", "scripts/gpu/run_all.sh"], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=900)
+    done = subprocess.run(
+        ["bash", "scripts/gpu/run_all.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900
+    )
     log = (tmp_path / "all.log").read_text()
     for step in ("core", "bench", "finetune", "tp"):
         assert f"=== {step} rc=0 " in log, f"{step} failed:\n{log[-4000:]}\n{done.stderr[-2000:]}"
@@ -41,8 +42,14 @@ def test_core_transform_on_cuda(tmp_path):
     equals the layer-by-layer reference in fp32, bf16 stays in its rounding band, and the static
     cache (which generate compiles on GPU) gives the dynamic cache's tokens. docs/research/gpu-core.md."""
     env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
-    done = subprocess.run([sys.executable, "tests/helpers/gpu_core.py", "--out", str(tmp_path)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "tests/helpers/gpu_core.py", "--out", str(tmp_path)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-4000:]
     core = json.loads((tmp_path / "core.json").read_text())
     assert core["device"] != "cpu" and len(core["rows"]) == 8

@@ -28,8 +28,13 @@ def write_tiny_tasks(folder):
     mc, lw = [], []
     for i in range(12):
         choices = rng.sample(words, 4)
-        mc.append({"question": f"Q{i}: which {rng.choice(words)} is {rng.choice(words)}?",
-                   "choices": choices, "answer": rng.randrange(4)})
+        mc.append(
+            {
+                "question": f"Q{i}: which {rng.choice(words)} is {rng.choice(words)}?",
+                "choices": choices,
+                "answer": rng.randrange(4),
+            }
+        )
         lw.append({"context": " ".join(rng.choice(words) for _ in range(6)), "target": rng.choice(words)})
     for name, rows in (("mc", mc), ("lw", lw)):
         with open(folder / f"{name}.jsonl", "w") as f:
@@ -37,16 +42,18 @@ def write_tiny_tasks(folder):
     (folder / "tiny_mc.yaml").write_text(
         "task: tiny_mc\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
         f"    test: {folder / 'mc.jsonl'}\n"
-        "test_split: test\noutput_type: multiple_choice\ndoc_to_text: \"{{question}}\"\n"
-        "doc_to_choice: \"{{choices}}\"\ndoc_to_target: answer\n"
-        "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n")
+        'test_split: test\noutput_type: multiple_choice\ndoc_to_text: "{{question}}"\n'
+        'doc_to_choice: "{{choices}}"\ndoc_to_target: answer\n'
+        "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n"
+    )
     (folder / "tiny_lastword.yaml").write_text(
         "task: tiny_lastword\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
         f"    test: {folder / 'lw.jsonl'}\n"
-        "test_split: test\noutput_type: loglikelihood\ndoc_to_text: \"{{context}}\"\n"
-        "doc_to_target: \"{{' ' + target}}\"\ntarget_delimiter: \"\"\n"
+        'test_split: test\noutput_type: loglikelihood\ndoc_to_text: "{{context}}"\n'
+        'doc_to_target: "{{\' \' + target}}"\ntarget_delimiter: ""\n'
         "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n"
-        "  - metric: perplexity\n    aggregation: perplexity\n    higher_is_better: false\n")
+        "  - metric: perplexity\n    aggregation: perplexity\n    higher_is_better: false\n"
+    )
     return mc, lw
 
 
@@ -55,7 +62,7 @@ def continuation_logprob(model, tokenizer, context, continuation):
     """log p(continuation | context) and whether every continuation token is the arg-max."""
     ctx, cont = encode(tokenizer, context), encode(tokenizer, continuation)
     ids = torch.tensor([ctx + cont])
-    logp = torch.log_softmax(model(ids).logits[0, len(ctx) - 1:-1].double(), -1)
+    logp = torch.log_softmax(model(ids).logits[0, len(ctx) - 1 : -1].double(), -1)
     target = torch.tensor(cont)
     picked = logp[torch.arange(len(cont)), target]
     return picked.sum().item(), bool((logp.argmax(-1) == target).all())
@@ -108,13 +115,21 @@ def test_bad_input_fails_before_any_model_work(tmp_path):
 
 
 def test_clean_results_flattens_lm_eval_keys():
-    raw = {"results": {"g": {"alias": "g", "acc,none": 0.5, "acc_stderr,none": "N/A", "sample_count": None},
-                       "t": {"alias": " - t", "acc,none": 0.25, "exact_match,strict": 1.0}},
-           "groups": {"g": {}}, "group_subtasks": {"g": ["t"]},
-           "n-samples": {"t": {"original": 10, "effective": 4}}, "n-shot": {"t": 5}}
+    raw = {
+        "results": {
+            "g": {"alias": "g", "acc,none": 0.5, "acc_stderr,none": "N/A", "sample_count": None},
+            "t": {"alias": " - t", "acc,none": 0.25, "exact_match,strict": 1.0},
+        },
+        "groups": {"g": {}},
+        "group_subtasks": {"g": ["t"]},
+        "n-samples": {"t": {"original": 10, "effective": 4}},
+        "n-shot": {"t": 5},
+    }
     out = icl.clean_results(raw)
-    assert out == {"g": {"acc": 0.5, "acc_stderr": None, "n_samples": 4},
-                   "t": {"acc": 0.25, "exact_match,strict": 1.0, "n_samples": 4, "num_fewshot": 5}}
+    assert out == {
+        "g": {"acc": 0.5, "acc_stderr": None, "n_samples": 4},
+        "t": {"acc": 0.25, "exact_match,strict": 1.0, "n_samples": 4, "num_fewshot": 5},
+    }
     assert icl.headline(out, "t") == ("acc", 0.25)
 
 
@@ -123,7 +138,9 @@ def test_clean_results_flattens_lm_eval_keys():
 # ---------------------------------------------------------------------------------------------
 def test_shipped_mmlu_yaml_files_are_up_to_date():
     for rel, text in tasks.mmlu_yaml_files().items():
-        assert (tasks.TASKS_DIR / rel).read_text() == text, f"regenerate with truedepth.measure.eval.tasks.write_yaml_files(): {rel}"
+        assert (tasks.TASKS_DIR / rel).read_text() == text, (
+            f"regenerate with truedepth.measure.eval.tasks.write_yaml_files(): {rel}"
+        )
 
 
 def test_mmlu_splits_cover_every_question_once():
@@ -138,14 +155,17 @@ def test_mmlu_splits_cover_every_question_once():
     assert dev + test == len(rows) and dev == 5 * 57
     first = next(r for r in rows if r["topic"] == "anatomy")
     doc = tasks.mmlu_splits("anatomy")[0][0]
-    assert doc["question"] == first["question"] and doc["choices"][doc["answer"]] == \
-        first["answer_" + first["correct_answer"].lower()]
+    assert (
+        doc["question"] == first["question"]
+        and doc["choices"][doc["answer"]] == first["answer_" + first["correct_answer"].lower()]
+    )
 
 
 def test_mmlu_task_through_the_harness_uses_dev_questions_as_shots():
     manager = icl.task_manager(["truedepth_mmlu"])
-    assert {"truedepth_mmlu", "truedepth_mmlu_stem", "truedepth_mmlu_anatomy",
-            "truedepth_austen_lastword"} <= set(manager.all_tasks)
+    assert {"truedepth_mmlu", "truedepth_mmlu_stem", "truedepth_mmlu_anatomy", "truedepth_austen_lastword"} <= set(
+        manager.all_tasks
+    )
     task = manager.load(["truedepth_mmlu_anatomy"])["tasks"]["truedepth_mmlu_anatomy"]
     dev, test = tasks.mmlu_splits("anatomy")
     docs = list(task.test_docs())
@@ -160,10 +180,15 @@ def test_mmlu_task_through_the_harness_uses_dev_questions_as_shots():
 
 def chapter(n):
     filler = "Every morning the light came early over the hills and the fields. " * 14
-    return (f"Chapter {n}\n\n" + "The garden was quiet and the old gardener walked past the roses. " * 3
-            + "He liked the garden more than the house.\n\nShe said nothing, but she thought of the garden. "
-            + filler + "In the evening she went back to the garden.\n\n" + filler
-            + "Nobody had ever seen such hills.\n\n")
+    return (
+        f"Chapter {n}\n\n"
+        + "The garden was quiet and the old gardener walked past the roses. " * 3
+        + "He liked the garden more than the house.\n\nShe said nothing, but she thought of the garden. "
+        + filler
+        + "In the evening she went back to the garden.\n\n"
+        + filler
+        + "Nobody had ever seen such hills.\n\n"
+    )
 
 
 NOVEL = chapter(1) + chapter(2) + chapter(3)
@@ -188,8 +213,9 @@ def test_lastword_on_the_default_model_is_far_above_chance_with_and_without_a_pl
     model, tokenizer = truedepth.load("default")
     chance = tasks.lastword_chance(tasks.lastword_items())["random_context_word"]
     base = icl.evaluate_tasks(model, tokenizer, ["truedepth_austen_lastword"], limit=20)
-    planned = icl.evaluate_tasks(truedepth.apply_plan(model, "parallel=24:28"), tokenizer,
-                                 ["truedepth_austen_lastword"], limit=20)
+    planned = icl.evaluate_tasks(
+        truedepth.apply_plan(model, "parallel=24:28"), tokenizer, ["truedepth_austen_lastword"], limit=20
+    )
     assert base["truedepth_austen_lastword"]["acc"] > 5 * chance
     assert planned["truedepth_austen_lastword"]["acc"] > 5 * chance
     assert base["truedepth_austen_lastword"]["n_samples"] == 20

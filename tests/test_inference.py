@@ -69,8 +69,15 @@ def test_sampled_first_token_follows_the_lp_models_filtered_distribution():
     want = logits.masked_fill(logits < kth, float("-inf")).softmax(-1)
     assert want.max() < 0.6  # several likely tokens: greedy could not match this distribution
     torch.manual_seed(0)
-    out = model.generate(ids.expand(n, -1), max_new_tokens=1, do_sample=True, temperature=temperature,
-                         top_k=top_k, top_p=None, pad_token_id=0)
+    out = model.generate(
+        ids.expand(n, -1),
+        max_new_tokens=1,
+        do_sample=True,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=None,
+        pad_token_id=0,
+    )
     freq = torch.bincount(out[:, -1], minlength=want.numel()).float() / n
     assert freq[want == 0].sum() == 0
     torch.testing.assert_close(freq, want, atol=0.03, rtol=0)  # ~4 standard deviations at n=4000

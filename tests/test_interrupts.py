@@ -22,20 +22,29 @@ SRC = Path(__file__).resolve().parent.parent / "src"
 # background job of a non-interactive shell (`pytest ... &` in a script) starts with SIGINT ignored,
 # every child inherits that, and a command that ignores Ctrl-C (rightly, as under nohup) would never
 # see the test's. (A launcher rather than preexec_fn, which is not safe in a process with threads.)
-LAUNCH = ("import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
-          "os.execv(sys.executable, [sys.executable, '-m', 'truedepth', *sys.argv[1:]])")
+LAUNCH = (
+    "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
+    "os.execv(sys.executable, [sys.executable, '-m', 'truedepth', *sys.argv[1:]])"
+)
 
 
 def interrupt(argv: list[str], started, cwd: Path, limit: float = 240) -> tuple[int, str]:
     """Run `truedepth argv`, send SIGINT once `started(output so far)` is true, return (code, stderr)."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")]),
-               HF_HUB_OFFLINE="1")
-    proc = subprocess.Popen([sys.executable, "-c", LAUNCH, *argv], cwd=cwd, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")]), HF_HUB_OFFLINE="1")
+    proc = subprocess.Popen(
+        [sys.executable, "-c", LAUNCH, *argv],
+        cwd=cwd,
+        env=env,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     out: list[str] = []
     err: list[str] = []
-    readers = [threading.Thread(target=lambda s=s, b=b: b.extend(iter(lambda: s.read(1), "")), daemon=True)
-               for s, b in ((proc.stdout, out), (proc.stderr, err))]
+    readers = [
+        threading.Thread(target=lambda s=s, b=b: b.extend(iter(lambda: s.read(1), "")), daemon=True)
+        for s, b in ((proc.stdout, out), (proc.stderr, err))
+    ]
     for r in readers:
         r.start()
     deadline = time.monotonic() + limit
@@ -56,17 +65,41 @@ def last_line(err: str) -> str:
 
 
 def test_eval(tiny_dir, tmp_path):
-    code, err = interrupt(["eval", "--model", str(tiny_dir), "--text", "austen-train", "--tokens", "2000000",
-                           "--window", "64"], lambda s: "perplexity:" in s, tmp_path)
+    code, err = interrupt(
+        ["eval", "--model", str(tiny_dir), "--text", "austen-train", "--tokens", "2000000", "--window", "64"],
+        lambda s: "perplexity:" in s,
+        tmp_path,
+    )
     assert code == 130
-    assert last_line(err) == "truedepth eval: interrupted. Nothing was saved; run it again (fewer --tokens or a --limit make it shorter)."
+    assert (
+        last_line(err)
+        == "truedepth eval: interrupted. Nothing was saved; run it again (fewer --tokens or a --limit make it shorter)."
+    )
 
 
 def test_sweep(tiny_dir, tmp_path):
     out = tmp_path / "sweep"
-    code, err = interrupt(["sweep", "--model", str(tiny_dir), "--transforms", "parallel,skip,merge", "--delta", "2",
-                           "--start", "0:7", "--tokens", "16384", "--window", "64", "--out", str(out)],
-                          lambda s: (out / "results.jsonl").is_file(), tmp_path)
+    code, err = interrupt(
+        [
+            "sweep",
+            "--model",
+            str(tiny_dir),
+            "--transforms",
+            "parallel,skip,merge",
+            "--delta",
+            "2",
+            "--start",
+            "0:7",
+            "--tokens",
+            "16384",
+            "--window",
+            "64",
+            "--out",
+            str(out),
+        ],
+        lambda s: (out / "results.jsonl").is_file(),
+        tmp_path,
+    )
     assert code == 130
     assert f"{out}/results.jsonl; run the same command again" in last_line(err)
     assert (out / "results.jsonl").read_text().strip()  # what was finished is kept
@@ -74,18 +107,57 @@ def test_sweep(tiny_dir, tmp_path):
 
 def test_finetune(tiny_dir, tmp_path):
     out = tmp_path / "ft"
-    code, err = interrupt(["finetune", "--model", str(tiny_dir), "--plan", "parallel=2:6", "--tokens", "50000000",
-                           "--seq-len", "32", "--batch-size", "2", "--checkpoint-every", "1", "--no-eval", "--out",
-                           str(out)], lambda s: any((out / "checkpoints").glob("*/state.json")), tmp_path)
+    code, err = interrupt(
+        [
+            "finetune",
+            "--model",
+            str(tiny_dir),
+            "--plan",
+            "parallel=2:6",
+            "--tokens",
+            "50000000",
+            "--seq-len",
+            "32",
+            "--batch-size",
+            "2",
+            "--checkpoint-every",
+            "1",
+            "--no-eval",
+            "--out",
+            str(out),
+        ],
+        lambda s: any((out / "checkpoints").glob("*/state.json")),
+        tmp_path,
+    )
     assert code == 130
     line = last_line(err)
     assert line.startswith("truedepth finetune: interrupted. The latest checkpoint is ") and "--resume" in line
 
 
 def test_search(tiny_dir, tmp_path):
-    code, err = interrupt(["search", "--model", str(tiny_dir), "--target-depth", "4:8", "--calib", "austen-train",
-                           "--calib-windows", "256", "--calib-length", "256", "--select-windows", "0", "--report",
-                           "none", "--out", str(tmp_path / "s.json")], lambda s: "original model" in s, tmp_path)
+    code, err = interrupt(
+        [
+            "search",
+            "--model",
+            str(tiny_dir),
+            "--target-depth",
+            "4:8",
+            "--calib",
+            "austen-train",
+            "--calib-windows",
+            "256",
+            "--calib-length",
+            "256",
+            "--select-windows",
+            "0",
+            "--report",
+            "none",
+            "--out",
+            str(tmp_path / "s.json"),
+        ],
+        lambda s: "original model" in s,
+        tmp_path,
+    )
     assert code == 130
     assert last_line(err).startswith("truedepth search: interrupted. Nothing was saved")
     assert not (tmp_path / "s.json").exists()

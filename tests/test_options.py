@@ -139,10 +139,12 @@ def test_exclude_leaves_options_out():
 class Extras:
     mutually_exclusive = (("model", "shape"),)
     model: str | None = option(None, "a model")
-    plans: list[str] | None = option(None, "a plan (repeat for several)", flag="--plan", action="append",
-                                     metavar="PLAN")
-    impls: list[str] = option(default_factory=lambda: ["local"], help="implementations", nargs="+",
-                              choices=("local", "dtensor"))
+    plans: list[str] | None = option(
+        None, "a plan (repeat for several)", flag="--plan", action="append", metavar="PLAN"
+    )
+    impls: list[str] = option(
+        default_factory=lambda: ["local"], help="implementations", nargs="+", choices=("local", "dtensor")
+    )
     shape: str | None = option(None, "a shape")
     prompt: str | None = option(None, "text to continue", positional=True)
 

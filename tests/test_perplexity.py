@@ -23,12 +23,14 @@ def char_tokenizer():
     vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "\n": 3, **{c: i + 4 for i, c in enumerate(chars)}}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
-                                   pad_token="<unk>")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<unk>"
+    )
 
 
-TEXT = ("It was a truth universally acknowledged, that a tiny model in want of a test must be "
-        "scored on some text.\n") * 4
+TEXT = (
+    "It was a truth universally acknowledged, that a tiny model in want of a test must be scored on some text.\n"
+) * 4
 
 
 def reference_perplexity(model, ids, window, stride):
@@ -57,11 +59,11 @@ def ids():
     return torch.randint(3, 128, (101,)).tolist()
 
 
-@pytest.mark.parametrize("window,stride,batch_size", [(16, None, 4), (16, None, None), (16, 5, 3), (16, 1, 8),
-                                                      (7, 6, 2)])
+@pytest.mark.parametrize(
+    "window,stride,batch_size", [(16, None, 4), (16, None, None), (16, 5, 3), (16, 1, 8), (7, 6, 2)]
+)
 def test_matches_definition(model, ids, window, stride, batch_size):
-    got = perplexity(model, None, ids, tokens=None, window=window, stride=stride, batch_size=batch_size,
-                     progress=False)
+    got = perplexity(model, None, ids, tokens=None, window=window, stride=stride, batch_size=batch_size, progress=False)
     want, count = reference_perplexity(model, ids, window, stride or window)
     assert got["tokens"] == count
     assert got["perplexity"] == pytest.approx(want, rel=1e-6)
@@ -96,14 +98,17 @@ def test_text_is_tokenised_once_and_truncated(model):
     assert perplexity(model, tok, TEXT, tokens=10_000, window=50, progress=False)["used_tokens"] == len(ids) // 50 * 50
 
 
-@pytest.mark.parametrize("kwargs,message", [
-    (dict(window=0), "window must be an integer of at least 2"),
-    (dict(window=16, stride=17), "stride must be between 1 and the window (16)"),
-    (dict(window=16, stride=0), "stride must be between 1 and the window"),
-    (dict(window=16, tokens=8), "tokens (8) must be at least one window (16)"),
-    (dict(window=200, tokens=None), "the text has only 101 tokens, fewer than one window of 200"),
-    (dict(window=16, batch_size=0), "batch_size must be a positive integer"),
-])
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        (dict(window=0), "window must be an integer of at least 2"),
+        (dict(window=16, stride=17), "stride must be between 1 and the window (16)"),
+        (dict(window=16, stride=0), "stride must be between 1 and the window"),
+        (dict(window=16, tokens=8), "tokens (8) must be at least one window (16)"),
+        (dict(window=200, tokens=None), "the text has only 101 tokens, fewer than one window of 200"),
+        (dict(window=16, batch_size=0), "batch_size must be a positive integer"),
+    ],
+)
 def test_bad_settings_are_refused(model, ids, kwargs, message):
     with pytest.raises(ValueError) as err:
         perplexity(model, None, ids, progress=False, **kwargs)
@@ -130,8 +135,21 @@ def run_cli(argv, capsys):
 
 
 def test_eval_json(saved, capsys):
-    argv = ["eval", "--model", str(saved / "model"), "--plan", "parallel=2:6", "--text", str(saved / "text.txt"),
-            "--tokens", "300", "--window", "64", "--json", "--no-progress"]
+    argv = [
+        "eval",
+        "--model",
+        str(saved / "model"),
+        "--plan",
+        "parallel=2:6",
+        "--text",
+        str(saved / "text.txt"),
+        "--tokens",
+        "300",
+        "--window",
+        "64",
+        "--json",
+        "--no-progress",
+    ]
     code, out, _ = run_cli(argv, capsys)
     assert code == 0
     result = json.loads(out)
@@ -146,8 +164,20 @@ def test_eval_json(saved, capsys):
 
 
 def test_eval_table_and_stride(saved, capsys):
-    argv = ["eval", "--model", str(saved / "model"), "--text", str(saved / "text.txt"), "--tokens", "128",
-            "--window", "64", "--stride", "32", "--no-progress"]
+    argv = [
+        "eval",
+        "--model",
+        str(saved / "model"),
+        "--text",
+        str(saved / "text.txt"),
+        "--tokens",
+        "128",
+        "--window",
+        "64",
+        "--stride",
+        "32",
+        "--no-progress",
+    ]
     code, out, _ = run_cli(argv, capsys)
     assert code == 0
     lines = dict(line.split(None, 1) if " " in line else (line, "") for line in out.splitlines())
@@ -155,12 +185,15 @@ def test_eval_table_and_stride(saved, capsys):
     assert lines["plan"].strip() == "base" and lines["depth"].startswith("8 (original 8)")
 
 
-@pytest.mark.parametrize("extra,message", [
-    (["--window", "0"], "window must be an integer of at least 2"),
-    (["--window", "64", "--stride", "65"], "stride must be between 1 and the window (64)"),
-    (["--tokens", "10", "--window", "64"], "tokens (10) must be at least one window (64)"),
-    (["--text", "/no/such/file.txt"], "does not exist"),
-])
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["--window", "0"], "window must be an integer of at least 2"),
+        (["--window", "64", "--stride", "65"], "stride must be between 1 and the window (64)"),
+        (["--tokens", "10", "--window", "64"], "tokens (10) must be at least one window (64)"),
+        (["--text", "/no/such/file.txt"], "does not exist"),
+    ],
+)
 def test_eval_rejects_bad_input_before_loading(extra, message, capsys):
     # the model folder does not exist either: the argument error must come first
     code, _, err = run_cli(["eval", "--model", "/no/such/model", *extra], capsys)
@@ -181,13 +214,31 @@ def test_eval_tasks_only_skips_perplexity(saved, capsys, monkeypatch):
 
     def evaluate_tasks(model, tokenizer, tasks, num_fewshot=None, limit=None):
         calls.append((tasks, num_fewshot, limit))
-        return {"fake": {"acc": 0.5, "acc_stderr": 0.1, "n_samples": 3}, "other": {"exact_match": 0.25},
-                "fake_subtask": {"acc": 1.0}}
+        return {
+            "fake": {"acc": 0.5, "acc_stderr": 0.1, "n_samples": 3},
+            "other": {"exact_match": 0.25},
+            "fake_subtask": {"acc": 1.0},
+        }
 
-    monkeypatch.setitem(sys.modules, "truedepth.measure.eval.icl", types.SimpleNamespace(
-        evaluate_tasks=evaluate_tasks, task_manager=lambda tasks: None, check_tasks=lambda tasks, manager: None))
-    argv = ["eval", "--model", str(saved / "model"), "--tasks", "fake, other", "--num-fewshot", "2",
-            "--limit", "3", "--json"]
+    monkeypatch.setitem(
+        sys.modules,
+        "truedepth.measure.eval.icl",
+        types.SimpleNamespace(
+            evaluate_tasks=evaluate_tasks, task_manager=lambda tasks: None, check_tasks=lambda tasks, manager: None
+        ),
+    )
+    argv = [
+        "eval",
+        "--model",
+        str(saved / "model"),
+        "--tasks",
+        "fake, other",
+        "--num-fewshot",
+        "2",
+        "--limit",
+        "3",
+        "--json",
+    ]
     code, out, _ = run_cli(argv, capsys)
     assert code == 0
     result = json.loads(out)
@@ -195,8 +246,9 @@ def test_eval_tasks_only_skips_perplexity(saved, capsys, monkeypatch):
     assert result["tasks"]["fake"]["acc"] == 0.5 and "fake_subtask" in result["tasks"]
     assert "perplexity" not in result
     # with --text as well, both are run; the table shows the task rows
-    code, out, _ = run_cli(argv[:-1] + ["--text", str(saved / "text.txt"), "--tokens", "64", "--window", "64",
-                                        "--no-progress"], capsys)
+    code, out, _ = run_cli(
+        argv[:-1] + ["--text", str(saved / "text.txt"), "--tokens", "64", "--window", "64", "--no-progress"], capsys
+    )
     assert code == 0 and "perplexity" in out
     assert "acc 0.5000 ± 0.1000 (n=3)" in out and "exact_match 0.2500" in out and "fake_subtask" not in out
 
@@ -205,8 +257,8 @@ def test_eval_tasks_only_skips_perplexity(saved, capsys, monkeypatch):
 def test_prefix_tokenisation_matches_whole_text_on_real_tokenizer():
     from transformers import AutoTokenizer
 
-    from truedepth.measure.eval.data import held_out_text
     from truedepth.core.loading import resolve
+    from truedepth.measure.eval.data import held_out_text
 
     tok = AutoTokenizer.from_pretrained(resolve("default"))
     text = held_out_text()[:200_000]

@@ -12,10 +12,10 @@ import os
 
 import pytest
 import torch
-from hypothesis import HealthCheck, example, given, settings
-from hypothesis import strategies as st
 from helpers.reference import reference_logits
 from helpers.tiny import ARCHS, tiny_model
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
 
 import truedepth
 from truedepth import Plan, PlanError, as_plan
@@ -48,8 +48,16 @@ numbers = st.one_of(st.integers(0, 12).map(str), st.sampled_from(["-1", "00", "1
 words = st.sampled_from([*STEP_KINDS, "PARALLEL", "par", "base", "none", "", " "])
 step_texts = st.builds(
     lambda kind, eq, a, colon, b, slash, g, at, s: f"{kind}{eq}{a}{colon}{b}{slash}{g}{at}{s}",
-    words, st.sampled_from(["=", "", "==", ":"]), numbers, st.sampled_from([":", "", "-", "::"]), numbers,
-    st.sampled_from(["/", "", "//"]), numbers, st.sampled_from(["@", ""]), numbers)
+    words,
+    st.sampled_from(["=", "", "==", ":"]),
+    numbers,
+    st.sampled_from([":", "", "-", "::"]),
+    numbers,
+    st.sampled_from(["/", "", "//"]),
+    numbers,
+    st.sampled_from(["@", ""]),
+    numbers,
+)
 plan_texts = st.lists(step_texts, max_size=4).map(",".join)
 
 
@@ -66,17 +74,36 @@ def test_any_text_parses_or_raises_plan_error(text):
 
 
 # ---- JSON -------------------------------------------------------------------------------------
-scalars = st.one_of(st.none(), st.booleans(), st.integers(-3, 12), st.floats(allow_nan=True),
-                    st.text(max_size=6), st.sampled_from(STEP_KINDS))
-any_json = st.recursive(scalars, lambda inner: st.one_of(st.lists(inner, max_size=4),
-                                                         st.dictionaries(st.text(max_size=6), inner, max_size=4)),
-                        max_leaves=12)
-field_values = st.one_of(st.integers(-2, 12), st.integers(-2, 12).map(float), scalars,
-                         st.lists(st.integers(-1, 12), max_size=4), st.just(2.5), st.just(10 ** 30))
-step_dicts = st.dictionaries(st.sampled_from(["kind", "start", "end", "group", "seed", "layers", "other"]),
-                             field_values, max_size=5)
-near_plans = st.one_of(st.lists(step_dicts, max_size=3), st.lists(step_dicts, max_size=3).map(lambda s: {"steps": s}),
-                       st.fixed_dictionaries({"steps": any_json}), st.fixed_dictionaries({"plan": scalars}))
+scalars = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-3, 12),
+    st.floats(allow_nan=True),
+    st.text(max_size=6),
+    st.sampled_from(STEP_KINDS),
+)
+any_json = st.recursive(
+    scalars,
+    lambda inner: st.one_of(st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=6), inner, max_size=4)),
+    max_leaves=12,
+)
+field_values = st.one_of(
+    st.integers(-2, 12),
+    st.integers(-2, 12).map(float),
+    scalars,
+    st.lists(st.integers(-1, 12), max_size=4),
+    st.just(2.5),
+    st.just(10**30),
+)
+step_dicts = st.dictionaries(
+    st.sampled_from(["kind", "start", "end", "group", "seed", "layers", "other"]), field_values, max_size=5
+)
+near_plans = st.one_of(
+    st.lists(step_dicts, max_size=3),
+    st.lists(step_dicts, max_size=3).map(lambda s: {"steps": s}),
+    st.fixed_dictionaries({"steps": any_json}),
+    st.fixed_dictionaries({"plan": scalars}),
+)
 
 
 @FAST
@@ -103,15 +130,18 @@ def test_a_plan_dict_without_steps_is_not_the_identity():
         as_plan({"kind": "parallel", "start": 2, "end": 4})
 
 
-@pytest.mark.parametrize("value, words", [
-    ([{"kind": "skip", "start": 1.5}], ["start", "1.5", "integer"]),
-    ([{"kind": "skip", "start": True}], ["start", "integer"]),
-    ([{"kind": "skip"}], ["start"]),
-    ([{"kind": "parallel", "start": "two", "end": 4}], ["start", "'two'"]),
-    ([5], ["step", "5"]),
-    ({"steps": 3}, ["steps", "list"]),
-    ('{"steps": [', ["JSON"]),
-])
+@pytest.mark.parametrize(
+    "value, words",
+    [
+        ([{"kind": "skip", "start": 1.5}], ["start", "1.5", "integer"]),
+        ([{"kind": "skip", "start": True}], ["start", "integer"]),
+        ([{"kind": "skip"}], ["start"]),
+        ([{"kind": "parallel", "start": "two", "end": 4}], ["start", "'two'"]),
+        ([5], ["step", "5"]),
+        ({"steps": 3}, ["steps", "list"]),
+        ('{"steps": [', ["JSON"]),
+    ],
+)
 def test_malformed_json_plans_name_the_field(value, words):
     with pytest.raises(PlanError) as err:
         Plan.parse(value) if isinstance(value, str) else as_plan(value)
@@ -136,11 +166,20 @@ def assert_same_model(model, base):
         assert torch.equal(got, want), k
 
 
-steps = st.builds(lambda kind, start, length, group, seed: {"kind": kind, "start": start, "end": start + length,
-                                                            **({"group": group} if group else {}),
-                                                            **({"seed": seed} if kind == "shuffle" else {})},
-                  st.sampled_from(STEP_KINDS), st.integers(0, LAYERS), st.integers(0, 4),
-                  st.sampled_from([None, 0, 1, 2, 3]), st.integers(0, 9))
+steps = st.builds(
+    lambda kind, start, length, group, seed: {
+        "kind": kind,
+        "start": start,
+        "end": start + length,
+        **({"group": group} if group else {}),
+        **({"seed": seed} if kind == "shuffle" else {}),
+    },
+    st.sampled_from(STEP_KINDS),
+    st.integers(0, LAYERS),
+    st.integers(0, 4),
+    st.sampled_from([None, 0, 1, 2, 3]),
+    st.integers(0, 9),
+)
 
 
 @st.composite
@@ -154,9 +193,15 @@ def fitting_plans(draw):
         if i + length > LAYERS:
             break
         if kind != "unmentioned":
-            out.append({"kind": kind, "start": i, "end": i + length, **({"group": group} if kind in ("parallel", "merge")
-                                                                          else {}),
-                        **({"seed": draw(st.integers(0, 99))} if kind == "shuffle" else {})})
+            out.append(
+                {
+                    "kind": kind,
+                    "start": i,
+                    "end": i + length,
+                    **({"group": group} if kind in ("parallel", "merge") else {}),
+                    **({"seed": draw(st.integers(0, 99))} if kind == "shuffle" else {}),
+                }
+            )
         i += length
     return out
 
@@ -201,8 +246,9 @@ def test_any_plan_text_applies_or_raises_plan_error(arch, text):
         assert ((model(ids).logits - want).norm() / want.norm()).item() <= 1e-5
 
 
-@pytest.mark.parametrize("plan, words", [("keep=3:7", ["out of range", "6 layers"]),
-                                         ("keep=0,keep=0", ["both use layer 0"])])
+@pytest.mark.parametrize(
+    "plan, words", [("keep=3:7", ["out of range", "6 layers"]), ("keep=0,keep=0", ["both use layer 0"])]
+)
 def test_a_plan_of_keep_steps_is_checked_too(plan, words):
     """A plan of only `keep` steps changes nothing, but was accepted even when it did not fit."""
     model = copy.deepcopy(original("llama")[0])

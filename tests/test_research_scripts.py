@@ -42,8 +42,9 @@ def texts(tmp_path):
 
 def lsq_repair(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, TRUEDEPTH_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="1")
-    return subprocess.run([sys.executable, str(LSQ), *args], cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=300)
+    return subprocess.run(
+        [sys.executable, str(LSQ), *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
 
 
 def test_lsq_repair_lowers_the_error_of_the_first_wide_layer_on_its_calibration_text(tiny_dir, texts, tmp_path):
@@ -52,9 +53,27 @@ def test_lsq_repair_lowers_the_error_of_the_first_wide_layer_on_its_calibration_
     from truedepth.measure.eval.perplexity import tokenize
 
     out = tmp_path / "repaired"
-    res = lsq_repair(tmp_path, "--model", str(tiny_dir), "--plan", PLAN, "--data", str(texts["train"]),
-                     "--tokens", "1024", "--eval-tokens", "512", "--eval-text", str(texts["held"]),
-                     "--other-text", str(texts["other"]), "--threads", "1", "--out", str(out))
+    res = lsq_repair(
+        tmp_path,
+        "--model",
+        str(tiny_dir),
+        "--plan",
+        PLAN,
+        "--data",
+        str(texts["train"]),
+        "--tokens",
+        "1024",
+        "--eval-tokens",
+        "512",
+        "--eval-text",
+        str(texts["held"]),
+        "--other-text",
+        str(texts["other"]),
+        "--threads",
+        "1",
+        "--out",
+        str(out),
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     assert "least-squares repair of 2 wide layers on 1,024 tokens" in res.stderr
     result = json.loads(res.stdout.strip().splitlines()[-1])
@@ -72,17 +91,42 @@ def test_lsq_repair_lowers_the_error_of_the_first_wide_layer_on_its_calibration_
     ids = torch.tensor(tokenize(tok, load_text(str(texts["train"])), 1024)[:1024]).view(-1, 512)
     with torch.no_grad():
         target = base(ids, output_hidden_states=True).hidden_states[4]
-        errors = {name: (m(ids, output_hidden_states=True).hidden_states[3] - target).pow(2).sum().item()
-                  for name, m in (("lp", lp), ("repaired", repaired))}
+        errors = {
+            name: (m(ids, output_hidden_states=True).hidden_states[3] - target).pow(2).sum().item()
+            for name, m in (("lp", lp), ("repaired", repaired))
+        }
     assert errors["repaired"] < errors["lp"], errors
 
 
 def test_lsq_repair_finetunes_from_the_repaired_weights(tiny_dir, texts, tmp_path):
     out = tmp_path / "ft"
-    res = lsq_repair(tmp_path, "--model", str(tiny_dir), "--plan", PLAN, "--data", str(texts["train"]),
-                     "--tokens", "1024", "--threads", "1", "--finetune", "--",
-                     "--seq-len", "32", "--batch-size", "2", "--tokens", "128", "--train-dtype", "fp32", "--no-eval",
-                     "--out", str(out), "--quiet")
+    res = lsq_repair(
+        tmp_path,
+        "--model",
+        str(tiny_dir),
+        "--plan",
+        PLAN,
+        "--data",
+        str(texts["train"]),
+        "--tokens",
+        "1024",
+        "--threads",
+        "1",
+        "--finetune",
+        "--",
+        "--seq-len",
+        "32",
+        "--batch-size",
+        "2",
+        "--tokens",
+        "128",
+        "--train-dtype",
+        "fp32",
+        "--no-eval",
+        "--out",
+        str(out),
+        "--quiet",
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     assert "least-squares repair of 2 wide layers" in res.stderr  # the fine-tune's student was repaired first
     assert (out / "config.json").is_file()

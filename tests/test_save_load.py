@@ -4,8 +4,8 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
 from helpers.tiny import ARCHS, tiny_model
+from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 import truedepth
@@ -56,12 +56,19 @@ def edit_checkpoint(folder, edit):
     save_file(tensors, path, metadata={"format": "pt"})
 
 
-@pytest.mark.parametrize("edit, words", [
-    (lambda t: t.pop("model.layers.2.self_attn.q_proj.weight"), ["missing", "q_proj"]),
-    (lambda t: t.__setitem__("model.layers.9.mlp.up_proj.weight", torch.zeros(3, 3)), ["unexpected", "layers.9"]),
-    (lambda t: t.__setitem__("model.layers.2.mlp.down_proj.weight",
-                             t["model.layers.2.mlp.down_proj.weight"][:, :96].clone()), ["down_proj"]),
-])
+@pytest.mark.parametrize(
+    "edit, words",
+    [
+        (lambda t: t.pop("model.layers.2.self_attn.q_proj.weight"), ["missing", "q_proj"]),
+        (lambda t: t.__setitem__("model.layers.9.mlp.up_proj.weight", torch.zeros(3, 3)), ["unexpected", "layers.9"]),
+        (
+            lambda t: t.__setitem__(
+                "model.layers.2.mlp.down_proj.weight", t["model.layers.2.mlp.down_proj.weight"][:, :96].clone()
+            ),
+            ["down_proj"],
+        ),
+    ],
+)
 def test_damaged_checkpoint_gives_a_clear_error(tmp_path, edit, words):
     saved(tmp_path)
     edit_checkpoint(tmp_path, edit)
@@ -72,8 +79,8 @@ def test_damaged_checkpoint_gives_a_clear_error(tmp_path, edit, words):
 
 
 def test_plain_model_folder_loads_and_transforms_through_truedepth_load(tmp_path):
-    from transformers import PreTrainedTokenizerFast
     from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
 
     base = tiny_model("llama", layers=4)
     base.save_pretrained(tmp_path)
@@ -82,16 +89,17 @@ def test_plain_model_folder_loads_and_transforms_through_truedepth_load(tmp_path
     model, tokenizer = truedepth.load(tmp_path, plan="parallel=0:2")
     ids = torch.randint(3, 128, (1, 6))
     from helpers.reference import reference_logits
-    assert ((model(ids).logits - reference_logits(base, "parallel=0:2", ids)).norm()
-            / model(ids).logits.norm()) < 1e-5
+
+    assert ((model(ids).logits - reference_logits(base, "parallel=0:2", ids)).norm() / model(ids).logits.norm()) < 1e-5
     assert tokenizer.convert_tokens_to_ids("a") == 1  # the folder's own tokenizer
 
 
 def test_base_plan_on_a_saved_transformed_model_is_a_no_op(tmp_path):
     """Commands apply their default plan ('base') to a saved LP model: that must change nothing."""
     model = saved(tmp_path / "lp")
-    reloaded = truedepth.apply_plan(AutoModelForCausalLM.from_pretrained(tmp_path / "lp", attn_implementation="eager"),
-                                    "base")
+    reloaded = truedepth.apply_plan(
+        AutoModelForCausalLM.from_pretrained(tmp_path / "lp", attn_implementation="eager"), "base"
+    )
     assert reloaded.config.truedepth == model.config.truedepth
     assert len(reloaded.model.layers) == len(model.model.layers)
     ids = torch.randint(3, 128, (1, 6))

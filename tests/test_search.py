@@ -14,8 +14,8 @@ from truedepth.apps.search import beam as search_beam
 from truedepth.apps.search import pipeline as search_run
 from truedepth.apps.search import scoring as search_scoring
 from truedepth.apps.search import space as search_space
-from truedepth.core.plan import parse_int_ranges
 from truedepth.cli import main
+from truedepth.core.plan import parse_int_ranges
 
 
 def fused_objective(model, plan, ids, objective):
@@ -88,8 +88,16 @@ def test_kept_plan_gives_the_same_scores_from_fewer_layers():
     assert (kept.evals, kept.layer_runs) == (1, 8 + 7)  # a kept plan is not an evaluation; layers 1..7 ran
     kept.score("parallel=1:3,parallel=5:7")
     assert kept.layer_runs == 15 + 3  # from the kept input of layer 5: the pair and layer 7 (plainly: 7)
-    plans = ["parallel=1:3,parallel=5:7", "parallel=1:3,skip=6", "parallel=1:3", "parallel=1:4/3", "skip=1",
-             "parallel=0:2", "parallel=6:8", "parallel=1:3,parallel=4:6,skip=7"]
+    plans = [
+        "parallel=1:3,parallel=5:7",
+        "parallel=1:3,skip=6",
+        "parallel=1:3",
+        "parallel=1:4/3",
+        "skip=1",
+        "parallel=0:2",
+        "parallel=6:8",
+        "parallel=1:3,parallel=4:6,skip=7",
+    ]
     for plan in plans:
         assert kept.score(plan) == pytest.approx(plain.score(plan), rel=1e-6), plan
     kept.keep_states("skip=2,parallel=4:6")  # replaces the kept plan; positions shift after a skip
@@ -132,8 +140,10 @@ def test_candidates_and_reach():
     assert search_space.max_reduction(8, 3, False) == 5 and search_space.max_reduction(8, 2, True) == 7
 
 
-@pytest.mark.parametrize("text,want", [("26", [26]), ("22:29", [22, 23, 24, 25, 26, 27, 28]),
-                                       ("22:25", [22, 23, 24]), ("28, 26,24", [24, 26, 28])])
+@pytest.mark.parametrize(
+    "text,want",
+    [("26", [26]), ("22:29", [22, 23, 24, 25, 26, 27, 28]), ("22:25", [22, 23, 24]), ("28, 26,24", [24, 26, 28])],
+)
 def test_parse_targets(text, want):
     assert parse_int_ranges(text, "--target-depth") == want
 
@@ -202,7 +212,9 @@ def test_cosine_proxy_is_zero_where_a_layer_does_nothing():
     assert all(proxy[f] < 1e-6 for f in free)
     assert min(v for k, v in proxy.items() if k not in free) > 1e-4
     # --screen keeps the best candidates by this proxy and still finds the free plan
-    found = search_beam.search(scorer, [1], search_beam.Options(allow_skip=True, screen=3, beam=1, shortlist=2, **QUIET)).found[1]
+    found = search_beam.search(
+        scorer, [1], search_beam.Options(allow_skip=True, screen=3, beam=1, shortlist=2, **QUIET)
+    ).found[1]
     assert found.objective == scorer.base
 
 
@@ -212,8 +224,17 @@ def test_search_copy_in_bf16_ranks_like_fp32():
     low = search_run.search_copy(model, "bf16")
     assert next(low.parameters()).dtype == torch.bfloat16 and next(model.parameters()).dtype == torch.float32
     full, half = search_scoring.PlanScorer(model, ids, "kl"), search_scoring.PlanScorer(low, ids, "kl")
-    plans = ["parallel=0:2", "parallel=2:4", "parallel=4:6", "parallel=6:8", "skip=3", "parallel=1:4/3", "skip=0",
-             "skip=7", "parallel=3:5"]
+    plans = [
+        "parallel=0:2",
+        "parallel=2:4",
+        "parallel=4:6",
+        "parallel=6:8",
+        "skip=3",
+        "parallel=1:4/3",
+        "skip=0",
+        "skip=7",
+        "parallel=3:5",
+    ]
     exact = sorted((full.score(p), p) for p in plans)
     # the test means something only if neighbours in the fp32 ranking differ by more than bf16's error
     assert all(b[0] > 1.1 * a[0] for a, b in zip(exact, exact[1:])), exact
@@ -226,8 +247,9 @@ def test_search_copy_in_bf16_ranks_like_fp32():
 def test_auto_search_dtype_copies_to_bf16_only_where_timing_finds_it_faster(monkeypatch, bf16_flops, want):
     from truedepth.measure.bench import timing
 
-    monkeypatch.setattr(timing, "matmul_flops", lambda device, dtype, **k: bf16_flops if dtype == torch.bfloat16
-                        else 200e9)
+    monkeypatch.setattr(
+        timing, "matmul_flops", lambda device, dtype, **k: bf16_flops if dtype == torch.bfloat16 else 200e9
+    )
     timing.bf16_is_faster.cache_clear()
     try:
         model = tiny_model("llama", layers=2)
@@ -316,15 +338,19 @@ def test_selection_windows_are_disjoint_from_the_search_windows():
 
 def test_final_choice_is_the_best_finalist_on_fresh_windows():
     model = tiny_model("llama", layers=8, seed=8)
-    scorer, selector = search_scoring.PlanScorer(model, calib(8), "kl"), search_scoring.PlanScorer(model, calib(9), "kl")
+    scorer, selector = (
+        search_scoring.PlanScorer(model, calib(8), "kl"),
+        search_scoring.PlanScorer(model, calib(9), "kl"),
+    )
     result = search_beam.search(scorer, [2, 3], search_beam.Options(beam=2, shortlist=4, **QUIET))
     picked = {k: f.plan for k, f in result.found.items()}
     search_beam.contiguous_baseline(scorer, [2, 3], progress=False)  # contiguous ranges join the pool
     search_beam.select_on_fresh_windows(scorer, selector, result.found, finalists=4, progress=False)
     for k, f in result.found.items():
         # independent reference: every plan of this reduction the scorer saw, fused for real
-        pool = sorted((fused_objective(model, p, calib(8), "kl"), p) for p in scorer.scored()
-                      if Plan.parse(p).depth(8) == 8 - k)
+        pool = sorted(
+            (fused_objective(model, p, calib(8), "kl"), p) for p in scorer.scored() if Plan.parse(p).depth(8) == 8 - k
+        )
         finalists = [p for _, p in pool[:4]]
         assert [r["plan"] for r in f.finalists] == finalists
         fresh = {p: fused_objective(model, p, calib(9), "kl") for p in finalists}
@@ -348,21 +374,43 @@ class CharTokenizer:
 @pytest.fixture
 def tiny_cli(monkeypatch):
     model = tiny_model("llama", layers=6, seed=6)
-    import truedepth.measure.eval.data
     import truedepth.core.loading
+    import truedepth.measure.eval.data
 
     monkeypatch.setattr(truedepth.core.loading, "load_for_device", lambda *a, **k: (model, CharTokenizer()))
-    texts = {"austen-train": "".join(f"calibration {i} " for i in range(800)),
-             "default": "".join(f"held out {i} " for i in range(800))}
+    texts = {
+        "austen-train": "".join(f"calibration {i} " for i in range(800)),
+        "default": "".join(f"held out {i} " for i in range(800)),
+    }
     monkeypatch.setattr(truedepth.measure.eval.data, "load_text", lambda spec: texts[spec])
     return model
 
 
 def test_cli_search_writes_plans_json_and_plot(tiny_cli, tmp_path, capsys):
     out, png = tmp_path / "s.json", tmp_path / "s.png"
-    rc = main(["search", "--target-depth", "4:6", "--calib-windows", "2", "--calib-length", "32", "--baseline",
-               "--report-tokens", "256", "--report-window", "64", "--shortlist", "3", "--quiet",
-               "--out", str(out), "--plot", str(png)])
+    rc = main(
+        [
+            "search",
+            "--target-depth",
+            "4:6",
+            "--calib-windows",
+            "2",
+            "--calib-length",
+            "32",
+            "--baseline",
+            "--report-tokens",
+            "256",
+            "--report-window",
+            "64",
+            "--shortlist",
+            "3",
+            "--quiet",
+            "--out",
+            str(out),
+            "--plot",
+            str(png),
+        ]
+    )
     assert rc == 0
     summary = json.loads(out.read_text())
     assert [f["depth"] for f in summary["found"]] == [5, 4]
@@ -374,8 +422,9 @@ def test_cli_search_writes_plans_json_and_plot(tiny_cli, tmp_path, capsys):
         fused = apply_plan(copy.deepcopy(tiny_cli), plan)
         from truedepth.measure.eval.perplexity import perplexity
 
-        want = perplexity(fused, CharTokenizer(), "".join(f"held out {i} " for i in range(800)), tokens=256,
-                          window=64, progress=False)["perplexity"]
+        want = perplexity(
+            fused, CharTokenizer(), "".join(f"held out {i} " for i in range(800)), tokens=256, window=64, progress=False
+        )["perplexity"]
         assert row["heldout_ppl"] == pytest.approx(want, rel=1e-6)
     assert summary["base_heldout_ppl"] > 0 and summary["forward_passes"] > 1
     for row in summary["found"]:  # the final choice on fresh windows is recorded with its finalists
@@ -388,8 +437,25 @@ def test_cli_search_writes_plans_json_and_plot(tiny_cli, tmp_path, capsys):
 
 
 def test_cli_single_target_prints_plan_and_json(tiny_cli, capsys):
-    rc = main(["search", "--reduce", "2", "--calib-windows", "2", "--calib-length", "32", "--report", "none",
-               "--quiet", "--max-group", "2", "--allow-skip", "--select-windows", "0"])
+    rc = main(
+        [
+            "search",
+            "--reduce",
+            "2",
+            "--calib-windows",
+            "2",
+            "--calib-length",
+            "32",
+            "--report",
+            "none",
+            "--quiet",
+            "--max-group",
+            "2",
+            "--allow-skip",
+            "--select-windows",
+            "0",
+        ]
+    )
     assert rc == 0
     lines = capsys.readouterr().out.splitlines()
     plan = Plan.parse(next(x for x in lines if x.startswith("plan: "))[6:])
@@ -397,18 +463,21 @@ def test_cli_single_target_prints_plan_and_json(tiny_cli, capsys):
     assert plan.depth(6) == 4
 
 
-@pytest.mark.parametrize("argv,message", [
-    ([], "exactly one of --target-depth"),
-    (["--target-depth", "5", "--reduce", "1"], "exactly one of --target-depth"),
-    (["--target-depth", "6"], "outside 1..5"),
-    (["--target-depth", "1", "--max-group", "2"], "lowest reachable: 3"),
-    (["--target-depth", "five"], "cannot read --target-depth"),
-    (["--target-depth", "4", "--report", "austen-train"], "same text"),
-    (["--target-depth", "4", "--beam", "0"], "--beam must be at least 1"),
-    (["--target-depth", "4", "--finalists", "0"], "--finalists must be at least 1"),
-    (["--target-depth", "4", "--select-windows", "-1"], "--select-windows must be 0 or more"),
-    (["--target-depth", "4", "--search-dtype", "int8"], "unknown dtype 'int8'"),
-])
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        ([], "exactly one of --target-depth"),
+        (["--target-depth", "5", "--reduce", "1"], "exactly one of --target-depth"),
+        (["--target-depth", "6"], "outside 1..5"),
+        (["--target-depth", "1", "--max-group", "2"], "lowest reachable: 3"),
+        (["--target-depth", "five"], "cannot read --target-depth"),
+        (["--target-depth", "4", "--report", "austen-train"], "same text"),
+        (["--target-depth", "4", "--beam", "0"], "--beam must be at least 1"),
+        (["--target-depth", "4", "--finalists", "0"], "--finalists must be at least 1"),
+        (["--target-depth", "4", "--select-windows", "-1"], "--select-windows must be 0 or more"),
+        (["--target-depth", "4", "--search-dtype", "int8"], "unknown dtype 'int8'"),
+    ],
+)
 def test_cli_errors_name_the_problem(tiny_cli, capsys, argv, message):
     assert main(["search", *argv, "--quiet"]) == 2
     err = capsys.readouterr().err
@@ -419,8 +488,20 @@ def test_cli_help_describes_the_algorithm(capsys):
     with pytest.raises(SystemExit):
         main(["search", "--help"])
     text = capsys.readouterr().out
-    for word in ("--target-depth", "--reduce", "--objective", "--max-group", "--allow-skip", "--budget",
-                 "--calib", "--baseline", "beam", "forward", "--select-windows", "--finalists"):
+    for word in (
+        "--target-depth",
+        "--reduce",
+        "--objective",
+        "--max-group",
+        "--allow-skip",
+        "--budget",
+        "--calib",
+        "--baseline",
+        "beam",
+        "forward",
+        "--select-windows",
+        "--finalists",
+    ):
         assert word in text
 
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_finetune import student_and_base
 from helpers.tiny import char_tokenizer, tiny_model
+from test_finetune import student_and_base
 
 from truedepth.apps.finetune import pipeline as ft_run
 from truedepth.apps.finetune import selfdata
@@ -17,8 +17,9 @@ from truedepth.utils.errors import InputPathError
 
 def test_generation_is_seeded_resumable_and_starts_from_bos(tmp_path):
     model, tok = tiny_model("llama", layers=2, seed=3), char_tokenizer()
-    first = selfdata.generate_text(model, tok, tmp_path / "a", tokens=3 * 4 * 16, batch_size=4, length=16,
-                                   progress=False)
+    first = selfdata.generate_text(
+        model, tok, tmp_path / "a", tokens=3 * 4 * 16, batch_size=4, length=16, progress=False
+    )
     assert first["parts"] == 3 and first["tokens"] == 192
     # an interrupted run keeps its finished parts: delete the last one and only it is made again
     parts = selfdata.finished_parts(tmp_path / "a")
@@ -30,8 +31,15 @@ def test_generation_is_seeded_resumable_and_starts_from_bos(tmp_path):
     torch.manual_seed(selfdata.part_seed(0, 1))
     ids = torch.full((4, 1), tok.bos_token_id)
     with torch.no_grad():
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, top_k=0, max_new_tokens=16,
-                             min_new_tokens=16, pad_token_id=tok.eos_token_id)
+        out = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            do_sample=True,
+            top_k=0,
+            max_new_tokens=16,
+            min_new_tokens=16,
+            pad_token_id=tok.eos_token_id,
+        )
     expected = selfdata.SEPARATOR.join(tok.batch_decode(out[:, 1:], skip_special_tokens=True)) + selfdata.SEPARATOR
     assert kept[1] == expected
     assert selfdata.read_generated(tmp_path / "a") == "".join(kept)
@@ -39,8 +47,9 @@ def test_generation_is_seeded_resumable_and_starts_from_bos(tmp_path):
 
 def test_generation_stops_at_its_time_limit_keeping_what_it_wrote(tmp_path):
     model, tok = tiny_model("llama", layers=2, seed=3), char_tokenizer()
-    done = selfdata.generate_text(model, tok, tmp_path, tokens=10 ** 6, batch_size=2, length=8, max_seconds=0,
-                                  progress=False)
+    done = selfdata.generate_text(
+        model, tok, tmp_path, tokens=10**6, batch_size=2, length=8, max_seconds=0, progress=False
+    )
     assert done["stopped_by"] == "time" and done["parts"] == 0
     with pytest.raises(InputPathError, match="holds no generated text"):
         selfdata.read_generated(tmp_path)
@@ -58,7 +67,8 @@ def test_mix_holds_the_asked_share_of_the_corpus_in_evenly_spread_chunks(share):
     assert selfdata.mix_texts(generated, corpus, 0) == generated
     short = selfdata.mix_texts(generated, "abcdef" * 100, share, chunk_chars=1000)  # a short corpus wraps around
     assert (len(short) - short.count("g") - short.count("\n")) / len(generated) == pytest.approx(
-        share / (1 - share), abs=0.05)
+        share / (1 - share), abs=0.05
+    )
     with pytest.raises(ValueError, match="share"):
         selfdata.mix_texts(generated, corpus, 1.0)
 

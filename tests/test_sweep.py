@@ -22,8 +22,14 @@ def test_int_ranges_follow_the_plan_grammar_end_exclusive():
     assert parse_int_ranges("2:17:2", "--delta") == [2, 4, 6, 8, 10, 12, 14, 16]
     assert parse_int_ranges("1:3", "--delta") == [1, 2] == list(Plan.parse("skip=1:3").steps[0].layers)
     assert parse_int_ranges("8, 2,8", "--delta") == [2, 8]
-    for bad, msg in (("a", "cannot read --delta 'a'"), ("5:2", "is empty"), ("2:2", "is empty"), ("1:2:0", "is empty"),
-                     (",", "no --delta"), ("0,4", ">= 1")):
+    for bad, msg in (
+        ("a", "cannot read --delta 'a'"),
+        ("5:2", "is empty"),
+        ("2:2", "is empty"),
+        ("1:2:0", "is empty"),
+        (",", "no --delta"),
+        ("0,4", ">= 1"),
+    ):
         with pytest.raises(ValueError, match=msg):
             parse_int_ranges(bad, "--delta", minimum=1)
 
@@ -31,14 +37,19 @@ def test_int_ranges_follow_the_plan_grammar_end_exclusive():
 def test_old_inclusive_ranges_that_would_change_meaning_are_explained():
     with pytest.raises(ValueError) as e:  # the old default: 2..16 inclusive would silently lose 16
         parse_int_ranges("2:16:2", "--delta", was_inclusive=True)
-    assert str(e.value) == ("--delta 2:16:2: ranges now exclude their end, as in plans, so this no longer includes 16 "
-                            "(it meant 2, 4, ..., 16; now 2, 4, ..., 14). Write 2:17:2 for 2, 4, ..., 16, "
-                            "or 2:15:2 for 2, 4, ..., 14.")
+    assert str(e.value) == (
+        "--delta 2:16:2: ranges now exclude their end, as in plans, so this no longer includes 16 "
+        "(it meant 2, 4, ..., 16; now 2, 4, ..., 14). Write 2:17:2 for 2, 4, ..., 16, "
+        "or 2:15:2 for 2, 4, ..., 14."
+    )
     assert parse_int_ranges("2:15:2", "--delta", was_inclusive=True) == [2, 4, 6, 8, 10, 12, 14]  # unambiguous
     with pytest.warns(RangeChangeWarning, match=r"--start 0:3 means 0, 1, 2: .*write 0:4 for that"):
         assert parse_int_ranges("0:3", "--start", was_inclusive=True) == [0, 1, 2]
-    with pytest.raises(ValueError, match=r"--target-depth 28..22: write ranges as A:B, end exclusive as in plans "
-                                         r"\(22:29 for 22..28\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"--target-depth 28..22: write ranges as A:B, end exclusive as in plans "
+        r"\(22:29 for 22..28\)",
+    ):
         parse_int_ranges("28..22", "--target-depth")
 
 
@@ -109,8 +120,16 @@ def test_plan_copy_shares_untouched_weights_and_leaves_the_base_intact(plan):
 # Running: resumable
 # ---------------------------------------------------------------------------------------------
 def make_sweep(tmp_path, **kw):
-    args = dict(out=tmp_path, transforms=["parallel", "skip"], deltas=[2, 4], tokens=64, window=32,
-                model="tiny", dtype="fp32", progress=False)
+    args = dict(
+        out=tmp_path,
+        transforms=["parallel", "skip"],
+        deltas=[2, 4],
+        tokens=64,
+        window=32,
+        model="tiny",
+        dtype="fp32",
+        progress=False,
+    )
     args.update(kw)
     return pts.Sweep(**args)
 
@@ -147,8 +166,9 @@ def test_run_sweep_measures_each_point_once_and_resumes(tmp_path, monkeypatch):
     rows = tables.collect_rows(pts.read_results(tmp_path / pts.RESULTS_FILE).values(), sweep.settings())
     assert [r["plan"] for r in rows] == ["base", "parallel=4:6", "parallel=2:6", "skip=4:6", "skip=2:6"]
     # the stored numbers are the perplexity of the transformed model, computed independently here
-    want = perplexity(truedepth.apply_plan(copy.deepcopy(model), "parallel=2:6"), None, ids, tokens=64,
-                      window=32, progress=False)["perplexity"]
+    want = perplexity(
+        truedepth.apply_plan(copy.deepcopy(model), "parallel=2:6"), None, ids, tokens=64, window=32, progress=False
+    )["perplexity"]
     assert rows[2]["perplexity"] == pytest.approx(want, rel=1e-6)
     assert rows[0]["perplexity_rel"] == 1.0 and rows[2]["perplexity_rel"] == pytest.approx(rows[0]["perplexity"] / want)
 
@@ -174,15 +194,27 @@ def synthetic_records(sweep, L=30):
     for p in points + scan:
         plan = p.plan()
         ppl = 20.0 * (1.03 if p.transform == "parallel" else 1.2) ** p.delta
-        rec = {"measure": "perplexity", **pts.point_record(p, plan, L), "settings": settings, "perplexity": ppl,
-               "date": "2026-11-26T10:00:00", "machine": "test machine"}
+        rec = {
+            "measure": "perplexity",
+            **pts.point_record(p, plan, L),
+            "settings": settings,
+            "perplexity": ppl,
+            "date": "2026-11-26T10:00:00",
+            "machine": "test machine",
+        }
         rec["key"] = pts.measurement_keys(settings, str(plan))["perplexity"]
         recs.append(rec)
         if p.transform == "base" or (p.transform == "parallel" and p.delta % 4 == 0 and p.start == L - 2 - p.delta):
             tsettings = dict(settings, tasks={"tasks": ["lw"], "num_fewshot": None, "limit": 10})
-            recs.append({"measure": "tasks", **pts.point_record(p, plan, L), "settings": tsettings,
-                         "key": f"t{plan}", "tasks": {"lw": {"acc": 0.5 - 0.001 * p.delta ** 2, "acc_stderr": 0.05,
-                                                             "n_samples": 10}}})
+            recs.append(
+                {
+                    "measure": "tasks",
+                    **pts.point_record(p, plan, L),
+                    "settings": tsettings,
+                    "key": f"t{plan}",
+                    "tasks": {"lw": {"acc": 0.5 - 0.001 * p.delta**2, "acc_stderr": 0.05, "n_samples": 10}},
+                }
+            )
     return recs
 
 
@@ -211,36 +243,64 @@ def test_findings_and_report(tmp_path):
     assert report.largest_kept(rows, "end", "skip", "perplexity", 0.95) is None
     a, b, ka, kb = report.steepest_fall(rows, "end", "parallel", "lw")
     assert (a, b) == (12, 16) and (ka, kb) == pytest.approx((0.356 / 0.5, 0.244 / 0.5))  # acc 0.5 - 0.001 Δ²
-    meta = {"settings": sweep.settings(), "machine": "test machine", "first_date": "2026-11-26",
-            "last_date": "2026-11-26", "results": "runs/x/results.jsonl"}
-    md = report.write_report(sweep, rows, meta, tmp_path / "docs" / "RESULTS.md", tmp_path / "docs" / "img",
-                         "scripts/results.sh", "end", None)
+    meta = {
+        "settings": sweep.settings(),
+        "machine": "test machine",
+        "first_date": "2026-11-26",
+        "last_date": "2026-11-26",
+        "results": "runs/x/results.jsonl",
+    }
+    md = report.write_report(
+        sweep,
+        rows,
+        meta,
+        tmp_path / "docs" / "RESULTS.md",
+        tmp_path / "docs" / "img",
+        "scripts/results.sh",
+        "end",
+        None,
+    )
     text = md.read_text()
-    for needle in ("## Parallel against skip at equal depth", "| 26 | `parallel=20:28` | `skip=24:28` |",
-                   "## Which positions tolerate pairing", "paper: Llama 2 7B (32 layers)", "test machine",
-                   "![quality against Δ](img/sweep_delta.png)", "scripts/results.sh"):
+    for needle in (
+        "## Parallel against skip at equal depth",
+        "| 26 | `parallel=20:28` | `skip=24:28` |",
+        "## Which positions tolerate pairing",
+        "paper: Llama 2 7B (32 layers)",
+        "test machine",
+        "![quality against Δ](img/sweep_delta.png)",
+        "scripts/results.sh",
+    ):
         assert needle in text, needle
     assert (tmp_path / "docs" / "img" / "sweep_relative.png").is_file()
 
 
 def test_pareto_front():
     pts = [(30, 10.0), (29, 10.5), (28, 10.2), (26, 30.0), (27, 12.0)]
-    assert plots.pareto_front(pts, lower_x_better=True, lower_y_better=True) == [(26, 30.0), (27, 12.0), (28, 10.2),
-                                                                              (30, 10.0)]
+    assert plots.pareto_front(pts, lower_x_better=True, lower_y_better=True) == [
+        (26, 30.0),
+        (27, 12.0),
+        (28, 10.2),
+        (30, 10.0),
+    ]
 
 
 def test_read_bench_is_lenient(tmp_path):
-    records = [{"plan": "base", "mode": "eager", "batch": 1, "decode_tok_s": 20.0},
-               {"plan": "parallel=20:28", "mode": "eager", "batch": 1, "decode_tok_s": 25.0},
-               {"plan": "parallel=20:28", "mode": "eager", "batch": 8, "decode_tok_s": 99.0},
-               {"plan": "parallel=20:28", "mode": "fast", "batch": 1, "decode_tok_s": 50.0},
-               {"plan": "skip=1", "mode": "eager", "batch": 1, "error": "boom"}]
+    records = [
+        {"plan": "base", "mode": "eager", "batch": 1, "decode_tok_s": 20.0},
+        {"plan": "parallel=20:28", "mode": "eager", "batch": 1, "decode_tok_s": 25.0},
+        {"plan": "parallel=20:28", "mode": "eager", "batch": 8, "decode_tok_s": 99.0},
+        {"plan": "parallel=20:28", "mode": "fast", "batch": 1, "decode_tok_s": 50.0},
+        {"plan": "skip=1", "mode": "eager", "batch": 1, "error": "boom"},
+    ]
     (tmp_path / "a.json").write_text(json.dumps({"meta": {}, "records": records}))
     assert tables.read_bench(tmp_path / "a.json") == {"base": 50.0, "parallel=20:28": 40.0}
     assert tables.read_bench(tmp_path / "a.json", mode="fast") == {"parallel=20:28": 20.0}
-    (tmp_path / "b.jsonl").write_text("\n".join(json.dumps(
-        {"plan": {"steps": [{"kind": "parallel", "start": 20, "end": 28}]}, "decode_tokens_per_s": 10.0})
-        for _ in range(2)))
+    (tmp_path / "b.jsonl").write_text(
+        "\n".join(
+            json.dumps({"plan": {"steps": [{"kind": "parallel", "start": 20, "end": 28}]}, "decode_tokens_per_s": 10.0})
+            for _ in range(2)
+        )
+    )
     assert tables.read_bench(tmp_path / "b.jsonl") == {"parallel=20:28": 100.0}
     (tmp_path / "c.json").write_text(json.dumps([{"plan": "base"}]))
     with pytest.raises(ValueError, match="no bench record with a plan and a decode speed"):
@@ -250,14 +310,17 @@ def test_read_bench_is_lenient(tmp_path):
 # ---------------------------------------------------------------------------------------------
 # CLI: errors before any work
 # ---------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("argv, message", [
-    (["--transforms", "parallel", "--delta", "3"], "no parallel point fits"),
-    (["--transforms", "twist"], "unknown transform 'twist'"),
-    (["--limit", "5"], "--num-fewshot and --limit apply to --tasks"),
-    (["--window", "1"], "window must be an integer of at least 2"),
-    (["--bench", "missing.json"], "--bench missing.json: no such file"),
-    (["--tasks", "truedepth_mmlu_anatomyy"], "did you mean truedepth_mmlu_anatomy"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--transforms", "parallel", "--delta", "3"], "no parallel point fits"),
+        (["--transforms", "twist"], "unknown transform 'twist'"),
+        (["--limit", "5"], "--num-fewshot and --limit apply to --tasks"),
+        (["--window", "1"], "window must be an integer of at least 2"),
+        (["--bench", "missing.json"], "--bench missing.json: no such file"),
+        (["--tasks", "truedepth_mmlu_anatomyy"], "did you mean truedepth_mmlu_anatomy"),
+    ],
+)
 def test_cli_errors(argv, message, capsys, tmp_path):
     from truedepth.cli import main
 
@@ -269,7 +332,7 @@ def test_cli_errors(argv, message, capsys, tmp_path):
 def test_cli_list(capsys):
     from truedepth.cli import main
 
-    pytest.importorskip("truedepth.core.loading").default_model_dir  # the default model's config is read, not its weights
+    pytest.importorskip("truedepth.core.loading")  # the default model's config is read, not its weights
     try:
         code = main(["sweep", "--list", "--transforms", "parallel", "--delta", "2:5:2", "--debug"])  # --debug: raise
     except MissingAssetError:

@@ -59,8 +59,15 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 # Workers (run in the spawned processes)
 # =============================================================================================
 def greedy(model, ids, **kw):
-    return model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=8,
-                          min_new_tokens=8, pad_token_id=0, **kw)
+    return model.generate(
+        ids,
+        attention_mask=torch.ones_like(ids),
+        do_sample=False,
+        max_new_tokens=8,
+        min_new_tokens=8,
+        pad_token_id=0,
+        **kw,
+    )
 
 
 def shard_report(model, ref) -> dict:
@@ -71,11 +78,16 @@ def shard_report(model, ref) -> dict:
     def local(p):
         return p.to_local() if isinstance(p, DTensor) else p
 
-    hidden_full = [name for name, p in model.named_parameters()
-                   if local(p).untyped_storage().nbytes() != local(p).numel() * local(p).element_size()]
-    return {"q_rows": local(model.model.layers[0].self_attn.q_proj.weight).shape[0],
-            "q_rows_full": ref.model.layers[0].self_attn.q_proj.weight.shape[0],
-            "storage_larger_than_shard": hidden_full}
+    hidden_full = [
+        name
+        for name, p in model.named_parameters()
+        if local(p).untyped_storage().nbytes() != local(p).numel() * local(p).element_size()
+    ]
+    return {
+        "q_rows": local(model.model.layers[0].self_attn.q_proj.weight).shape[0],
+        "q_rows_full": ref.model.layers[0].self_attn.q_proj.weight.shape[0],
+        "storage_larger_than_shard": hidden_full,
+    }
 
 
 @torch.no_grad()
@@ -98,15 +110,28 @@ def equivalence_worker(out_dir: str, timeout_s: float) -> None:
             got = model(ids).logits
         prefill, step = count_decode_all_reduces(model, ids)
         results[f"{name}/{impl}"] = {
-            "rel_err": rel_err(got, want), "max_abs": (got - want).abs().max().item(),
+            "rel_err": rel_err(got, want),
+            "max_abs": (got - want).abs().max().item(),
             "tokens_equal": bool(torch.equal(greedy(model, ids), want_tokens)),
             "static_tokens_equal": bool(torch.equal(greedy(model, ids, cache_implementation="static"), want_tokens)),
-            "all_reduces_forward": counter.all_reduces, "other_collectives": counter.total - counter.all_reduces,
-            "all_reduces_prefill": prefill, "all_reduces_decode_step": step,
-            "depth": len(model.model.layers), "tied": model.lm_head.weight is model.model.embed_tokens.weight,
-            **shard_report(model, ref)}
-    bench = tp_bench(_bench_config(), ["base", "parallel=2:6"], impls=tp.IMPLEMENTATIONS, prompt_tokens=6, new_tokens=3, warmup=1,
-                     timeout_s=timeout_s, progress=False)
+            "all_reduces_forward": counter.all_reduces,
+            "other_collectives": counter.total - counter.all_reduces,
+            "all_reduces_prefill": prefill,
+            "all_reduces_decode_step": step,
+            "depth": len(model.model.layers),
+            "tied": model.lm_head.weight is model.model.embed_tokens.weight,
+            **shard_report(model, ref),
+        }
+    bench = tp_bench(
+        _bench_config(),
+        ["base", "parallel=2:6"],
+        impls=tp.IMPLEMENTATIONS,
+        prompt_tokens=6,
+        new_tokens=3,
+        warmup=1,
+        timeout_s=timeout_s,
+        progress=False,
+    )
     (Path(out_dir) / f"rank{tp.rank()}.json").write_text(json.dumps({"cases": results, "bench": bench}))
     tp.quiet_other_ranks()
     print(f"printed by rank {tp.rank()}", flush=True)
@@ -156,8 +181,11 @@ def free_port() -> int:
 
 
 def child_env(**extra: str) -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(
-        [str(REPO / "src"), str(HERE.parent), os.environ.get("PYTHONPATH", "")]))
+    env = dict(
+        os.environ,
+        OMP_NUM_THREADS="1",
+        PYTHONPATH=os.pathsep.join([str(REPO / "src"), str(HERE.parent), os.environ.get("PYTHONPATH", "")]),
+    )
     env.update(extra)
     return env
 
@@ -166,10 +194,25 @@ def start_ranks(*worker_args: str) -> list[subprocess.Popen]:
     port = str(free_port())
     procs = []
     for r in range(WORLD):
-        env = child_env(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(WORLD), LOCAL_WORLD_SIZE=str(WORLD),
-                        MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
-        procs.append(subprocess.Popen([sys.executable, str(HERE), *worker_args], cwd=REPO, env=env, text=True,
-                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+        env = child_env(
+            RANK=str(r),
+            LOCAL_RANK=str(r),
+            WORLD_SIZE=str(WORLD),
+            LOCAL_WORLD_SIZE=str(WORLD),
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=port,
+        )
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, str(HERE), *worker_args],
+                cwd=REPO,
+                env=env,
+                text=True,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+            )
+        )
     return procs
 
 
@@ -180,8 +223,9 @@ def read_until_ready(proc: subprocess.Popen) -> str:
         if line.strip() == "ready":
             return "".join(lines)
         lines.append(line)
-    raise AssertionError(f"rank exited with {proc.wait()} before it was ready:\n{''.join(lines)[-2000:]}\n"
-                         f"{proc.stderr.read()[-6000:]}")
+    raise AssertionError(
+        f"rank exited with {proc.wait()} before it was ready:\n{''.join(lines)[-2000:]}\n{proc.stderr.read()[-6000:]}"
+    )
 
 
 def fail_one_rank(procs: list[subprocess.Popen], how: str, limit_s: float) -> dict:
@@ -197,8 +241,12 @@ def fail_one_rank(procs: list[subprocess.Popen], how: str, limit_s: float) -> di
             _, err = procs[0].communicate(timeout=limit_s)
         except subprocess.TimeoutExpired:
             pytest.fail(f"rank 0 still waiting {limit_s:.0f} s after rank 1 was {how}")
-        return {"stdout": outputs, "stderr": err, "returncode": procs[0].returncode,
-                "waited": time.monotonic() - started}
+        return {
+            "stdout": outputs,
+            "stderr": err,
+            "returncode": procs[0].returncode,
+            "waited": time.monotonic() - started,
+        }
     finally:
         for p in procs:
             if p.poll() is None:
@@ -250,8 +298,9 @@ def test_all_reduces_per_forward_are_two_per_layer(tp_run, case):
 
 def test_all_reduce_count_follows_paper_formula_for_pairs(tp_run):
     """L layers, a parallel range of delta layers in pairs: 2·(L − delta/2) all-reduces."""
-    for (case, delta), impl in itertools.product((("llama-base", 0), ("llama-pairs", 4), ("llama-tied-pairs", 8)),
-                                                 tp.IMPLEMENTATIONS):
+    for (case, delta), impl in itertools.product(
+        (("llama-base", 0), ("llama-pairs", 4), ("llama-tied-pairs", 8)), tp.IMPLEMENTATIONS
+    ):
         assert tp_run["ranks"][0]["cases"][f"{case}/{impl}"]["all_reduces_forward"] == 2 * (LAYERS - delta // 2)
 
 
@@ -260,7 +309,9 @@ def test_each_rank_holds_only_its_slice(tp_run):
         for case, r in rank["cases"].items():
             assert r["q_rows"] * WORLD == r["q_rows_full"], case
             assert r["storage_larger_than_shard"] == [], case  # no hidden full copy behind a shard
-        assert rank["cases"]["llama-tied-pairs/dtensor"]["tied"] and rank["cases"]["llama-tied-pairs/local"]["tied"]  # moving to the device kept the tie
+        assert (
+            rank["cases"]["llama-tied-pairs/dtensor"]["tied"] and rank["cases"]["llama-tied-pairs/local"]["tied"]
+        )  # moving to the device kept the tie
 
 
 def test_tp_bench_reports_latency_counts_and_share(tp_run):
@@ -323,8 +374,11 @@ def test_validation_depends_on_the_plan():
     config = dict(hidden_size=48, num_attention_heads=3, num_key_value_heads=1)
     model = tiny_model("llama", layers=8, **config)
     truedepth.apply_plan(model, "parallel=0:6")
-    with pytest.raises(tp.TPError, match=r"cannot split layer 3 \(original layer 6\).*Valid world sizes for this "
-                                         r"model and plan: 1\."):
+    with pytest.raises(
+        tp.TPError,
+        match=r"cannot split layer 3 \(original layer 6\).*Valid world sizes for this "
+        r"model and plan: 1\.",
+    ):
         tp.validate_tp(model, 2)
     all_wide = tiny_model("llama", layers=8, **config)
     truedepth.apply_plan(all_wide, "parallel=0:8")
@@ -425,8 +479,14 @@ def test_default_model_sharded_over_3_ranks_generates_the_same_tokens(tmp_path):
     with torch.no_grad():
         want = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False)[0].tolist()
     out = tmp_path / "tokens.json"
-    cmd = [str(Path(sys.executable).with_name("torchrun")), "--standalone", "--nproc_per_node=3", str(HERE),
-           "default-model", str(out)]
+    cmd = [
+        str(Path(sys.executable).with_name("torchrun")),
+        "--standalone",
+        "--nproc_per_node=3",
+        str(HERE),
+        "default-model",
+        str(out),
+    ]
     proc = subprocess.run(cmd, cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-6000:]
     assert json.loads(out.read_text()) == want

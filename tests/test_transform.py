@@ -1,9 +1,7 @@
-import copy
-
 import pytest
 import torch
-from helpers.tiny import ARCHS, tiny_model
 from helpers.reference import reference_logits
+from helpers.tiny import ARCHS, tiny_model
 
 import truedepth
 from truedepth import PlanError
@@ -17,8 +15,14 @@ def full_snapshot(model):
     """Everything a failed transform must leave unchanged: module tree, every tensor (value, dtype,
     device), the config (layer_types and num_hidden_layers included) and the model's class."""
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    return {"tree": str(model), "class": type(model), "config": model.config.to_dict(), "state": state,
-            "params": [id(p) for p in model.parameters()], "bytes": storage_bytes(model.parameters())}
+    return {
+        "tree": str(model),
+        "class": type(model),
+        "config": model.config.to_dict(),
+        "state": state,
+        "params": [id(p) for p in model.parameters()],
+        "bytes": storage_bytes(model.parameters()),
+    }
 
 
 def assert_unchanged(model, before):
@@ -67,8 +71,17 @@ def test_parallel_is_not_the_sequential_model():
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])
-@pytest.mark.parametrize("plan", ["skip=3", "skip=2:4,parallel=5:7", "shuffle=1:7@5", "merge=2:6/2",
-                                  "merge=1:4/3,parallel=5:7", "parallel=0:2,parallel=4:7/3"])
+@pytest.mark.parametrize(
+    "plan",
+    [
+        "skip=3",
+        "skip=2:4,parallel=5:7",
+        "shuffle=1:7@5",
+        "merge=2:6/2",
+        "merge=1:4/3,parallel=5:7",
+        "parallel=0:2,parallel=4:7/3",
+    ],
+)
 def test_every_step_kind_matches_reference(arch, plan):
     model = tiny_model(arch, layers=8)
     ids = torch.randint(3, 128, (2, 10))
@@ -84,19 +97,22 @@ def test_parallelize_shortcut_and_config_record():
     info = model.config.truedepth
     assert info["original_num_hidden_layers"] == 8
     assert truedepth.Plan.from_dict(info["plan"]) == truedepth.Plan.parse("parallel=2:8/3")
-    assert [l.self_attn.layer_idx for l in model.model.layers] == list(range(4))
+    assert [layer.self_attn.layer_idx for layer in model.model.layers] == list(range(4))
 
 
-@pytest.mark.parametrize("plan, words", [
-    ("parallel=6:10", ["out of range", "8 layers"]),
-    ("parallel=2:6,skip=5", ["both use layer 5"]),
-    ("parallel=2:6/1", ["at least 2"]),
-    ("parallel=2:5", ["do not split", "2:6"]),
-    ('{"steps": [{"kind": "parallel", "layers": [2, 4]}]}', ["consecutive"]),
-    ("skip=0:8", ["removes every layer"]),
-    ("frobnicate=1:3", ["unknown step kind", "parallel=A:B"]),
-    ("parallel=3", ["needs a range"]),
-])
+@pytest.mark.parametrize(
+    "plan, words",
+    [
+        ("parallel=6:10", ["out of range", "8 layers"]),
+        ("parallel=2:6,skip=5", ["both use layer 5"]),
+        ("parallel=2:6/1", ["at least 2"]),
+        ("parallel=2:5", ["do not split", "2:6"]),
+        ('{"steps": [{"kind": "parallel", "layers": [2, 4]}]}', ["consecutive"]),
+        ("skip=0:8", ["removes every layer"]),
+        ("frobnicate=1:3", ["unknown step kind", "parallel=A:B"]),
+        ("parallel=3", ["needs a range"]),
+    ],
+)
 def test_bad_plan_raises_and_leaves_model_unchanged(plan, words):
     model = tiny_model("llama", layers=8)
     before = full_snapshot(model)
@@ -160,7 +176,7 @@ def test_attention_backend_change_after_transform_reaches_wide_layers():
     want = reference_logits(model, "parallel=2:6", ids)
     truedepth.apply_plan(model, "parallel=2:6")
     model.set_attn_implementation("sdpa")
-    assert all(l.self_attn.config._attn_implementation == "sdpa" for l in model.model.layers)
+    assert all(layer.self_attn.config._attn_implementation == "sdpa" for layer in model.model.layers)
     assert rel_err(model(ids).logits, want) <= 1e-5
 
 
@@ -192,7 +208,7 @@ def test_failure_while_building_any_group_leaves_the_model_unchanged(arch, plan,
         before = full_snapshot(model)
         calls = []
 
-        def failing_build(model, block, *args, **kw):
+        def failing_build(model, block, *args, calls=calls, k=k, **kw):
             if block.kind != "keep":
                 calls.append(block)
                 if len(calls) == k + 1 and when == "before":
@@ -257,8 +273,10 @@ def test_staged_layers_share_memory_with_the_model(arch, monkeypatch):
     monkeypatch.setattr(T, "_build", recording_build)
     truedepth.apply_plan(model, "parallel=0:6/3,merge=6:8")
     # per group at most: two ones-norms of `hidden`, and the Qwen3 per-head norms
-    small = 4 * (2 * hidden + 2 * 3 * (model.config.num_attention_heads + model.config.num_key_value_heads)
-                 * model.config.head_dim)
+    small = 4 * (
+        2 * hidden
+        + 2 * 3 * (model.config.num_attention_heads + model.config.num_key_value_heads) * model.config.head_dim
+    )
     assert peaks and max(peaks) <= 3 * small, peaks
 
 
@@ -289,9 +307,8 @@ def test_failure_on_a_model_with_fused_projections_restores_the_views(monkeypatc
 def test_a_model_class_without_a_truedepth_class_is_refused_before_any_change():
     """A supported architecture in another head class (here: sequence classification) used to be
     transformed and then fail in `adopt`, half converted."""
-    from transformers import AutoModelForSequenceClassification
-
     from helpers.tiny import tiny_config
+    from transformers import AutoModelForSequenceClassification
 
     model = AutoModelForSequenceClassification.from_config(tiny_config("llama", 4), dtype=torch.float32).eval()
     before = full_snapshot(model)

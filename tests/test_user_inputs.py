@@ -8,8 +8,8 @@ import sys
 import time
 
 import pytest
-
 from helpers.cli import assert_user_error
+
 from truedepth.core.loading import resolve
 from truedepth.measure.eval import data, sotu, wordnet
 from truedepth.utils.errors import InputPathError, MissingAssetError, UserError
@@ -55,8 +55,7 @@ def test_missing_texts_name_the_fetch_command(monkeypatch, tmp_path):
     sotu.sotu_text.cache_clear()
     wordnet.wordnet_text.cache_clear()
     try:
-        for text in ("default", "austen-train", "other-domain", "fortunes", "sotu", "wordnet",
-                     "austen-train+fortunes"):
+        for text in ("default", "austen-train", "other-domain", "fortunes", "sotu", "wordnet", "austen-train+fortunes"):
             with pytest.raises(MissingAssetError, match="truedepth fetch-assets"):
                 data.load_text(text)
     finally:
@@ -73,6 +72,7 @@ def test_fetch_never_updates_the_package_index(monkeypatch, tmp_path):
     def fake_run(cmd, **kw):
         calls.append(cmd)
         return subprocess.CompletedProcess(cmd, 100, "", "E: Unable to locate package")
+
     monkeypatch.setattr(data.shutil, "which", lambda name: "/usr/bin/" + name)
     monkeypatch.setattr(data.subprocess, "run", fake_run)
     with pytest.raises(MissingAssetError, match="sudo apt-get update.*truedepth fetch-assets"):
@@ -80,12 +80,20 @@ def test_fetch_never_updates_the_package_index(monkeypatch, tmp_path):
     assert calls == [["apt-get", "download", data.AUSTEN_PACKAGE]]
 
 
-@pytest.mark.parametrize("name, words", [("./missing-model", "does not exist"), ("/abs/missing", "does not exist"),
-                                         ("model.safetensors", "does not exist"), ("defualt", "owner/name"),
-                                         ("a b/c", "owner/name")])
+@pytest.mark.parametrize(
+    "name, words",
+    [
+        ("./missing-model", "does not exist"),
+        ("/abs/missing", "does not exist"),
+        ("model.safetensors", "does not exist"),
+        ("defualt", "owner/name"),
+        ("a b/c", "owner/name"),
+    ],
+)
 def test_model_names_fail_fast_without_network(monkeypatch, name, words):
-    monkeypatch.setattr("huggingface_hub.file_download.hf_hub_download",
-                        lambda *a, **k: pytest.fail("the hub was asked"))
+    monkeypatch.setattr(
+        "huggingface_hub.file_download.hf_hub_download", lambda *a, **k: pytest.fail("the hub was asked")
+    )
     start = time.monotonic()
     with pytest.raises(UserError, match=words):
         resolve(name)
@@ -101,7 +109,12 @@ def test_model_file_and_folder_without_config(tmp_path):
 
 
 def test_hub_id_offline_names_hf_hub_offline(capsys, monkeypatch):
+    import huggingface_hub.constants
+
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    # huggingface_hub reads the variable once, at import (as in a user's fresh process, where it is set
+    # before): without this, the hub is asked and the test waits out its network timeouts (23 s)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     assert_user_error(capsys, "plan", "parallel=0:2", "--model", "nobody-here/no-such-model", words="HF_HUB_OFFLINE")
 
 
@@ -113,8 +126,9 @@ def test_plan_layers_must_be_positive(capsys, layers):
 def test_text_errors_on_the_command_line(capsys, tmp_path):
     (tmp_path / "bin.txt").write_bytes(b"\xff\xfe\x00")
     assert_user_error(capsys, "eval", "--text", str(tmp_path), "--tokens", "64", "--window", "32", words="folder")
-    assert_user_error(capsys, "eval", "--text", str(tmp_path / "bin.txt"), "--tokens", "64", "--window", "32",
-                      words="not UTF-8")
+    assert_user_error(
+        capsys, "eval", "--text", str(tmp_path / "bin.txt"), "--tokens", "64", "--window", "32", words="not UTF-8"
+    )
 
 
 # ---- found by trying the CLI as a new user (each used to run for minutes, or end in a traceback) ----
@@ -124,18 +138,21 @@ def workdir(tmp_path):
     return tmp_path
 
 
-@pytest.mark.parametrize("argv, words", [
-    (["eval", "--model", "{m}", "--window", "100000", "--tokens", "200000"], "256 positions"),  # ran 4 minutes
-    (["eval", "--model", "{m}", "--text", "", "--tokens", "64", "--window", "32"], "text spec is empty"),
-    (["eval", "--model", "", "--tokens", "64", "--window", "32"], "model name is empty"),
-    (["generate", "--model", "{m}", "hi", "--sample", "--temperature", "-1"], "--temperature"),
-    (["generate", "--model", "{m}", "hi", "--sample", "--top-k", "-3"], "--top-k"),
-    (["generate", "--model", "{m}", "hi", "--sample", "--top-p", "2"], "--top-p"),  # was silently accepted
-    (["generate", "--model", "{m}", "hi", "--chat"], "no chat template"),
-    (["sweep", "--model", "{m}", "--bench", "{d}/notjson.txt", "--out", "{d}/sw"], "not the JSON"),
-    (["finetune", "--model", "{m}", "--plan", "parallel=0:2", "--threads", "0", "--out", "{d}/ft"], "--threads"),
-    (["search", "--model", "{m}", "--target-depth", "3", "--threads", "0"], "--threads"),
-])
+@pytest.mark.parametrize(
+    "argv, words",
+    [
+        (["eval", "--model", "{m}", "--window", "100000", "--tokens", "200000"], "256 positions"),  # ran 4 minutes
+        (["eval", "--model", "{m}", "--text", "", "--tokens", "64", "--window", "32"], "text spec is empty"),
+        (["eval", "--model", "", "--tokens", "64", "--window", "32"], "model name is empty"),
+        (["generate", "--model", "{m}", "hi", "--sample", "--temperature", "-1"], "--temperature"),
+        (["generate", "--model", "{m}", "hi", "--sample", "--top-k", "-3"], "--top-k"),
+        (["generate", "--model", "{m}", "hi", "--sample", "--top-p", "2"], "--top-p"),  # was silently accepted
+        (["generate", "--model", "{m}", "hi", "--chat"], "no chat template"),
+        (["sweep", "--model", "{m}", "--bench", "{d}/notjson.txt", "--out", "{d}/sw"], "not the JSON"),
+        (["finetune", "--model", "{m}", "--plan", "parallel=0:2", "--threads", "0", "--out", "{d}/ft"], "--threads"),
+        (["search", "--model", "{m}", "--target-depth", "3", "--threads", "0"], "--threads"),
+    ],
+)
 def test_new_user_mistakes(capsys, tiny4_dir, workdir, argv, words):
     argv = [a.format(m=tiny4_dir, d=workdir) for a in argv]
     capsys.readouterr()  # the model's save (a session fixture) is not the command's output
@@ -151,6 +168,10 @@ def test_fetch_assets_is_a_no_op_when_everything_is_there(capsys, monkeypatch):
     monkeypatch.setattr(subprocess, "run", lambda *a, **k: pytest.fail(f"ran {a}"))
     assert main(["fetch-assets", "--texts-only"]) == 0
     printed = capsys.readouterr().out.split()
-    assert {str(data._other_path()), str(data._fortunes_path()), str(sotu.sotu_path()),
-            str(wordnet.wordnet_path())} <= set(printed)
+    assert {
+        str(data._other_path()),
+        str(data._fortunes_path()),
+        str(sotu.sotu_path()),
+        str(wordnet.wordnet_path()),
+    } <= set(printed)
     assert len(printed) == len(data.AUSTEN_NOVELS) + 4

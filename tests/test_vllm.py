@@ -2,7 +2,11 @@
 
 vLLM runs in subprocesses (tests/helpers/vllm_worker.py, `vllm serve`): its engine starts worker processes
 with `spawn`. Engines run in eager mode with a 1 GiB KV cache; tensor parallelism binds one core
-per rank. The reference is the transformed transformers model, teacher-forced on vLLM's tokens:
+per rank. The worker runs the engine core in its own process (VLLM_ENABLE_V1_MULTIPROCESSING=0) and
+single-rank engines with the "uni" executor, so no engine costs two spawned processes that each
+import vLLM again (about 15 s of the 20 s an engine took); `vllm serve` runs vLLM's own process
+layout, and tensor parallelism keeps one spawned worker per rank. The reference is the transformed
+transformers model, teacher-forced on vLLM's tokens:
 up to the first position where either side's top two log-probabilities differ by less than
 NEAR_TIE, greedy tokens must be equal and the chosen tokens' log-probabilities within LOGPROB_TOL.
 """
@@ -35,8 +39,13 @@ LOGPROB_TOL = 1e-3
 NEW_TOKENS = 32
 WORKER = Path(__file__).parent / "helpers" / "vllm_worker.py"
 TINY_PROMPTS = [[1, 5, 9, 20, 33, 7], [1, 90, 4, 61], [1, 17, 17, 100, 3, 45, 12, 8]]
-DEFAULT_PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village,",
-                   "The three primary colors are", "Water boils at a temperature of"]
+DEFAULT_PROMPTS = [
+    "The capital of France is",
+    "def fibonacci(n):",
+    "Once upon a time, in a small village,",
+    "The three primary colors are",
+    "Water boils at a temperature of",
+]
 # Tiny models whose heads, KV heads and MLP (4, 2, 96) and wide layers divide by 2; head_dim 32
 # because vLLM's CPU attention has no kernel for 16. Every plan kind appears at least once.
 TINY = {
@@ -50,23 +59,33 @@ TINY = {
 TP2 = ("llama", "qwen3")
 
 
-def vllm_env(tensor_parallel_size: int = 1) -> dict[str, str]:
+def vllm_env(tensor_parallel_size: int = 1, in_process: bool = False) -> dict[str, str]:
     env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", VLLM_LOGGING_LEVEL="WARNING", TOKENIZERS_PARALLELISM="false")
+    if in_process:  # the engine core in the worker process itself, not in a spawned one
+        env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     if tensor_parallel_size > 1:  # one core per rank: the CPU build cannot bind 2 ranks to 1 NUMA node otherwise
         env["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(str(i) for i in range(tensor_parallel_size))
     return env
 
 
 def run_engines(specs: list[dict], workdir: Path, tensor_parallel_size: int = 1, timeout: float = 420) -> list[dict]:
-    """Run the specs in one worker process; one result (or error) per spec."""
+    """Run the specs in one worker process; one result (or error) per spec. The engine core runs in
+    that process; a single-rank engine's model too (executor "uni"), unless a spec names another."""
     workdir.mkdir(parents=True, exist_ok=True)
     for spec in specs:
         spec.setdefault("tensor_parallel_size", tensor_parallel_size)
+        if spec["tensor_parallel_size"] == 1:
+            spec.setdefault("executor", "uni")
     spec_path, out_path, log_path = workdir / "specs.json", workdir / "out.json", workdir / "log.txt"
     spec_path.write_text(json.dumps(specs))
     with open(log_path, "w") as log:
-        proc = subprocess.run([sys.executable, str(WORKER), str(spec_path), str(out_path)], stdout=log,
-                              stderr=subprocess.STDOUT, env=vllm_env(tensor_parallel_size), timeout=timeout)
+        proc = subprocess.run(
+            [sys.executable, str(WORKER), str(spec_path), str(out_path)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=vllm_env(tensor_parallel_size, in_process=True),
+            timeout=timeout,
+        )
     if proc.returncode != 0 or not out_path.exists():
         raise AssertionError(f"vLLM worker failed ({proc.returncode}):\n{log_path.read_text()[-4000:]}")
     return json.loads(out_path.read_text())
@@ -82,10 +101,13 @@ def reference(model, prompt: list[int], tokens: list[int]) -> dict:
     """transformers teacher-forced on vLLM's continuation: its greedy choice, the log-probability
     of vLLM's token and its top-2 gap, at every generated position."""
     ids = torch.tensor([prompt + tokens])
-    logprobs = model(ids).logits[0, len(prompt) - 1:-1].float().log_softmax(-1)
+    logprobs = model(ids).logits[0, len(prompt) - 1 : -1].float().log_softmax(-1)
     top2 = logprobs.topk(2, dim=-1).values
-    return {"tokens": logprobs.argmax(-1).tolist(), "logprobs": logprobs[range(len(tokens)), tokens].tolist(),
-            "gaps": (top2[:, 0] - top2[:, 1]).tolist()}
+    return {
+        "tokens": logprobs.argmax(-1).tolist(),
+        "logprobs": logprobs[range(len(tokens)), tokens].tolist(),
+        "gaps": (top2[:, 0] - top2[:, 1]).tolist(),
+    }
 
 
 def agreement(ours: dict, theirs: dict) -> dict:
@@ -94,9 +116,13 @@ def agreement(ours: dict, theirs: dict) -> dict:
     cut = next((i for i in range(n) if min(ours["gaps"][i], theirs["gaps"][i]) < NEAR_TIE), n)
     diffs = [abs(a - b) for a, b in zip(ours["logprobs"][:cut], theirs["logprobs"][:cut])]
     first_diff = next((i for i in range(n) if ours["tokens"][i] != theirs["tokens"][i]), None)
-    return {"near_tie": cut if cut < n else None, "gap": min(ours["gaps"][cut], theirs["gaps"][cut]) if cut < n else None,
-            "first_token_difference": first_diff, "max_logprob_diff": max(diffs, default=0.0),
-            "equal_before_tie": ours["tokens"][:cut] == theirs["tokens"][:cut]}
+    return {
+        "near_tie": cut if cut < n else None,
+        "gap": min(ours["gaps"][cut], theirs["gaps"][cut]) if cut < n else None,
+        "first_token_difference": first_diff,
+        "max_logprob_diff": max(diffs, default=0.0),
+        "equal_before_tie": ours["tokens"][:cut] == theirs["tokens"][:cut],
+    }
 
 
 def assert_agree(label: str, ours: dict, theirs: dict) -> dict:
@@ -125,29 +151,36 @@ def tiny_models(tmp_path_factory):
 
 
 def tiny_specs(root: Path, names) -> list[dict]:
-    return [{"model": str(root / n), "prompts": TINY_PROMPTS, "max_tokens": NEW_TOKENS, "tokenizer": False}
-            for n in names]
+    return [
+        {"model": str(root / n), "prompts": TINY_PROMPTS, "max_tokens": NEW_TOKENS, "tokenizer": False} for n in names
+    ]
 
 
 @pytest.fixture(scope="module")
-def tiny_runs(tiny_models, tmp_path_factory):
+def one_rank_runs(tiny_models, bad_folders, tmp_path_factory):
+    """Every single-rank engine of the module's tiny models, then the folders vLLM must refuse, in one
+    worker process: ({name: result}, [results of bad_specs])."""
     root, _ = tiny_models
-    work = tmp_path_factory.mktemp("tiny-runs")
-    tp1 = run_engines(tiny_specs(root, TINY), work / "tp1")
-    tp2 = run_engines(tiny_specs(root, TP2), work / "tp2", tensor_parallel_size=2)
-    return dict(zip(TINY, tp1)), dict(zip(TP2, tp2))
+    results = run_engines(tiny_specs(root, TINY) + bad_specs(bad_folders), tmp_path_factory.mktemp("one-rank"))
+    return dict(zip(TINY, results)), results[len(TINY) :]
+
+
+@pytest.fixture(scope="module")
+def tp2_runs(tiny_models, tmp_path_factory):
+    root, _ = tiny_models
+    return dict(zip(TP2, run_engines(tiny_specs(root, TP2), tmp_path_factory.mktemp("tp2"), tensor_parallel_size=2)))
 
 
 @pytest.mark.parametrize("name", [n for n in TINY if n != "plain"])
-def test_any_plan_serves_like_transformers(tiny_models, tiny_runs, name):
+def test_any_plan_serves_like_transformers(tiny_models, one_rank_runs, name):
     _, models = tiny_models
-    for k, (prompt, out) in enumerate(zip(TINY_PROMPTS, outputs(tiny_runs[0][name]))):
+    for k, (prompt, out) in enumerate(zip(TINY_PROMPTS, outputs(one_rank_runs[0][name]))):
         assert len(out["tokens"]) == NEW_TOKENS
         assert_agree(f"{name} {TINY[name][1]} prompt {k}", out, reference(models[name], prompt, out["tokens"]))
 
 
-def test_identity_plan_through_plugin_equals_vllms_own_llama(tiny_models, tiny_runs):
-    ours, own = outputs(tiny_runs[0]["identity"]), outputs(tiny_runs[0]["plain"])
+def test_identity_plan_through_plugin_equals_vllms_own_llama(tiny_models, one_rank_runs):
+    ours, own = outputs(one_rank_runs[0]["identity"]), outputs(one_rank_runs[0]["plain"])
     assert json.loads((tiny_models[0] / "plain/config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
     for a, b in zip(ours, own):
         assert a["tokens"] == b["tokens"]
@@ -155,8 +188,8 @@ def test_identity_plan_through_plugin_equals_vllms_own_llama(tiny_models, tiny_r
 
 
 @pytest.mark.parametrize("name", TP2)
-def test_tensor_parallel_2_equals_1(tiny_runs, name):
-    for k, (one, two) in enumerate(zip(outputs(tiny_runs[0][name]), outputs(tiny_runs[1][name]))):
+def test_tensor_parallel_2_equals_1(one_rank_runs, tp2_runs, name):
+    for k, (one, two) in enumerate(zip(outputs(one_rank_runs[0][name]), outputs(tp2_runs[name]))):
         assert_agree(f"{name} TP2 vs TP1 prompt {k}", two, one)
 
 
@@ -184,18 +217,29 @@ def bad_folders(tmp_path_factory):
     root = tmp_path_factory.mktemp("bad")
     model = truedepth.apply_plan(tiny_model("llama", layers=4, head_dim=32), "parallel=1:4/3")
     model.save_pretrained(root / "lp")  # its wide layer: 12 heads, 6 KV heads, MLP 288
-    return {"lp": root / "lp",
-            "not_truedepth": edited_copy(root / "lp", root / "not_truedepth",
-                                         lambda c: (c.pop("truedepth"), c.update(model_type="llama"))),
-            "unsupported": edited_copy(root / "lp", root / "unsupported", lambda c: c.update(
-                model_type="truedepth_gemma2", architectures=["TrueDepthGemma2ForCausalLM"]))}
+    return {
+        "lp": root / "lp",
+        "not_truedepth": edited_copy(
+            root / "lp", root / "not_truedepth", lambda c: (c.pop("truedepth"), c.update(model_type="llama"))
+        ),
+        "unsupported": edited_copy(
+            root / "lp",
+            root / "unsupported",
+            lambda c: c.update(model_type="truedepth_gemma2", architectures=["TrueDepthGemma2ForCausalLM"]),
+        ),
+    }
 
 
-def test_vllm_refuses_bad_input_before_loading(bad_folders, tmp_path):
-    specs = [{"model": str(bad_folders["lp"]), "tensor_parallel_size": 4, "prompts": [[1]], "tokenizer": False},
-             {"model": str(bad_folders["not_truedepth"]), "prompts": [[1]], "tokenizer": False},
-             {"model": str(bad_folders["unsupported"]), "prompts": [[1]], "tokenizer": False}]
-    world, plain, unsupported = (r.get("error", "") for r in run_engines(specs, tmp_path, timeout=300))
+def bad_specs(bad_folders) -> list[dict]:
+    return [
+        {"model": str(bad_folders["lp"]), "tensor_parallel_size": 4, "prompts": [[1]], "tokenizer": False},
+        {"model": str(bad_folders["not_truedepth"]), "prompts": [[1]], "tokenizer": False},
+        {"model": str(bad_folders["unsupported"]), "prompts": [[1]], "tokenizer": False},
+    ]
+
+
+def test_vllm_refuses_bad_input_before_loading(one_rank_runs):
+    world, plain, unsupported = (r.get("error", "") for r in one_rank_runs[1])  # run after the tiny engines
     assert "tensor-parallel size 4 does not divide layer 1" in world and "valid sizes for this model: 1, 2." in world
     assert "12 heads, 6 KV heads, MLP size 288" in world
     assert "is not a truedepth model" in plain and "truedepth.save" in plain
@@ -216,10 +260,17 @@ def test_check_servable_names_the_problem(bad_folders, tmp_path):
 
 
 def test_default_model_shape_lists_the_sizes_that_divide_every_layer():
-    config = {"model_type": "truedepth_llama", "num_hidden_layers": 26, "num_attention_heads": 9,
-              "num_key_value_heads": 3, "intermediate_size": 1536,
-              "truedepth": {"layer_widths": [1] * 20 + [2] * 4 + [1] * 2}}
-    with pytest.raises(ServingError, match=r"size 2 does not divide layer 0 .*9 heads, 3 KV heads.*sizes for this model: 1, 3\."):
+    config = {
+        "model_type": "truedepth_llama",
+        "num_hidden_layers": 26,
+        "num_attention_heads": 9,
+        "num_key_value_heads": 3,
+        "intermediate_size": 1536,
+        "truedepth": {"layer_widths": [1] * 20 + [2] * 4 + [1] * 2},
+    }
+    with pytest.raises(
+        ServingError, match=r"size 2 does not divide layer 0 .*9 heads, 3 KV heads.*sizes for this model: 1, 3\."
+    ):
         check_config(config, 2)
     assert len(check_config(config, 3)) == 26
 
@@ -293,18 +344,39 @@ def test_openai_server_answers_a_completion(default_lp, tmp_path):
     prompt = "The capital of France is"
     ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
     with torch.no_grad():
-        expected = tokenizer.decode(model.generate(ids, max_new_tokens=8, do_sample=False)[0, ids.shape[1]:])
+        expected = tokenizer.decode(model.generate(ids, max_new_tokens=8, do_sample=False)[0, ids.shape[1] :])
     vllm = Path(sys.executable).with_name("vllm")
     port = free_port()
     with open(tmp_path / "serve.log", "w") as log:
-        proc = subprocess.Popen([str(vllm), "serve", str(folder), "--host", "127.0.0.1", "--port", str(port),
-                                 "--served-model-name", "lp", "--dtype", "float32", "--enforce-eager",
-                                 "--max-model-len", "512"],
-                                stdout=log, stderr=subprocess.STDOUT, env=vllm_env(), start_new_session=True)
+        proc = subprocess.Popen(
+            [
+                str(vllm),
+                "serve",
+                str(folder),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--served-model-name",
+                "lp",
+                "--dtype",
+                "float32",
+                "--enforce-eager",
+                "--max-model-len",
+                "512",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=vllm_env(),
+            start_new_session=True,
+        )
     try:
         wait_until_ready(f"http://127.0.0.1:{port}/health", proc, time.monotonic() + 360)
-        answer = post_json(f"http://127.0.0.1:{port}/v1/completions",
-                           {"model": "lp", "prompt": prompt, "max_tokens": 8, "temperature": 0}, timeout=120)
+        answer = post_json(
+            f"http://127.0.0.1:{port}/v1/completions",
+            {"model": "lp", "prompt": prompt, "max_tokens": 8, "temperature": 0},
+            timeout=120,
+        )
     except AssertionError as exc:
         raise AssertionError(f"{exc}\n{(tmp_path / 'serve.log').read_text()[-4000:]}") from None
     finally:

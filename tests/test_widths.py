@@ -11,15 +11,23 @@ import pytest
 from helpers.tiny import tiny_config, tiny_model
 
 import truedepth
-from truedepth.core.arch import (LayerWidths, layer_widths, measured_widths, original_depth, recorded_widths,
-                                 transformed_record)
+from truedepth.core.arch import (
+    LayerWidths,
+    layer_widths,
+    measured_widths,
+    original_depth,
+    recorded_widths,
+    transformed_record,
+)
 from truedepth.core.plan import PlanError
 
 # (plan, the original layers of each layer of the transformed model, the kind of each) on 8 layers
 PLANS = {
     "base": ([(i,) for i in range(8)], ["keep"] * 8),
-    "parallel=2:6": ([(0,), (1,), (2, 3), (4, 5), (6,), (7,)],
-                     ["keep", "keep", "parallel", "parallel", "keep", "keep"]),
+    "parallel=2:6": (
+        [(0,), (1,), (2, 3), (4, 5), (6,), (7,)],
+        ["keep", "keep", "parallel", "parallel", "keep", "keep"],
+    ),
     "parallel=1:7/3": ([(0,), (1, 2, 3), (4, 5, 6), (7,)], ["keep", "parallel", "parallel", "keep"]),
     "skip=3:5": ([(0,), (1,), (2,), (5,), (6,), (7,)], ["keep"] * 6),
     "parallel=0:3/3,skip=5,merge=6:8": ([(0, 1, 2), (3,), (4,), (6, 7)], ["parallel", "keep", "keep", "merge"]),
@@ -74,8 +82,15 @@ def test_transformed_config_records_the_same_widths_as_its_modules(shape, plan):
     assert recorded_widths(model.config) == [w[3] for w in want] and original_depth(model.config) == 8
     hidden = model.config.hidden_size
     for w, layer in zip(layer_widths(model.config), model.model.layers, strict=True):
-        matrices = [layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj, layer.self_attn.o_proj,
-                    layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj]
+        matrices = [
+            layer.self_attn.q_proj,
+            layer.self_attn.k_proj,
+            layer.self_attn.v_proj,
+            layer.self_attn.o_proj,
+            layer.mlp.gate_proj,
+            layer.mlp.up_proj,
+            layer.mlp.down_proj,
+        ]
         assert w.matrix_weights(hidden) == sum(m.weight.numel() for m in matrices)
         attn = layer.self_attn
         assert attn.q_proj.out_features == w.heads * hd and attn.k_proj.out_features == w.kv_heads * hd
@@ -93,27 +108,44 @@ def test_original_model_record_accessors():
 
 def test_head_size_is_derived_when_the_config_names_none():
     """A config.json without head_dim (older Llama files): hidden size / heads."""
-    config = {"model_type": "llama", "num_hidden_layers": 3, "hidden_size": 96, "num_attention_heads": 6,
-              "num_key_value_heads": 2, "intermediate_size": 64}
-    assert [(w.heads, w.kv_heads, w.head_dim, w.intermediate) for w in layer_widths(config, "parallel=0:2")] == \
-        [(12, 4, 16, 128), (6, 2, 16, 64)]
+    config = {
+        "model_type": "llama",
+        "num_hidden_layers": 3,
+        "hidden_size": 96,
+        "num_attention_heads": 6,
+        "num_key_value_heads": 2,
+        "intermediate_size": 64,
+    }
+    assert [(w.heads, w.kv_heads, w.head_dim, w.intermediate) for w in layer_widths(config, "parallel=0:2")] == [
+        (12, 4, 16, 128),
+        (6, 2, 16, 64),
+    ]
     del config["num_key_value_heads"]  # no KV heads named: one per head
     assert [w.kv_heads for w in layer_widths(config)] == [6, 6, 6]
 
 
 def test_a_record_without_a_plan_still_gives_widths():
     """vLLM's checks read a config.json that may record only the widths."""
-    config = {"model_type": "truedepth_llama", "num_hidden_layers": 3, "num_attention_heads": 9,
-              "num_key_value_heads": 3, "intermediate_size": 10, "truedepth": {"layer_widths": [1, 2, 1]}}
-    assert [(w.kind, w.originals, w.width, w.heads, w.kv_heads, w.head_dim, w.intermediate)
-            for w in layer_widths(config)] == [("keep", (), 1, 9, 3, None, 10), ("parallel", (), 2, 18, 6, None, 20),
-                                               ("keep", (), 1, 9, 3, None, 10)]
+    config = {
+        "model_type": "truedepth_llama",
+        "num_hidden_layers": 3,
+        "num_attention_heads": 9,
+        "num_key_value_heads": 3,
+        "intermediate_size": 10,
+        "truedepth": {"layer_widths": [1, 2, 1]},
+    }
+    assert [
+        (w.kind, w.originals, w.width, w.heads, w.kv_heads, w.head_dim, w.intermediate) for w in layer_widths(config)
+    ] == [("keep", (), 1, 9, 3, None, 10), ("parallel", (), 2, 18, 6, None, 20), ("keep", (), 1, 9, 3, None, 10)]
     assert layer_widths(config)[1].describe() == "layer 1 (wide: 2 original layers in parallel)"
 
 
 def test_describe_names_the_original_layers():
     ws = layer_widths(config_of("llama"), "parallel=0:3/3,skip=5,merge=6:8")
-    assert [w.describe() for w in ws] == ["layer 0 (wide: original layers 0, 1, 2 in parallel)",
-                                         "layer 1 (original layer 3)", "layer 2 (original layer 4)",
-                                         "layer 3 (merge of original layers 6, 7)"]
+    assert [w.describe() for w in ws] == [
+        "layer 0 (wide: original layers 0, 1, 2 in parallel)",
+        "layer 1 (original layer 3)",
+        "layer 2 (original layer 4)",
+        "layer 3 (merge of original layers 6, 7)",
+    ]
     assert layer_widths(config_of("llama"))[2].describe() == "layer 2"

@@ -26,5 +26,8 @@ def assert_user_error(capsys, *argv: str, words: str = "") -> str:
 
 def digest(folder: Path) -> dict[str, str]:
     """Every file under `folder` with its SHA-256: equal before and after means nothing changed."""
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }

@@ -30,8 +30,15 @@ def main() -> None:
     rows = []
     for arch in ARCHS:
         for dtype in (torch.float32, torch.bfloat16):
-            m = tiny_model(arch, layers=8, hidden_size=256, intermediate_size=512, num_attention_heads=8,
-                           num_key_value_heads=4, head_dim=32).to(dev, dtype)
+            m = tiny_model(
+                arch,
+                layers=8,
+                hidden_size=256,
+                intermediate_size=512,
+                num_attention_heads=8,
+                num_key_value_heads=4,
+                head_dim=32,
+            ).to(dev, dtype)
             m.config._attn_implementation = "sdpa"
             ids = torch.randint(3, 128, (2, 33), device=dev)
             want = reference_logits(m, "parallel=2:8/3", ids)
@@ -41,13 +48,27 @@ def main() -> None:
             kw = dict(max_new_tokens=16, min_new_tokens=16, do_sample=False, pad_token_id=0)
             dyn = m.generate(ids, **kw)
             static = m.generate(ids, cache_implementation="static", **kw)
-            rows.append({"arch": arch, "dtype": str(dtype).split(".")[-1], "rel_err_vs_reference": rel(got, want),
-                         "static_equals_dynamic": bool(torch.equal(dyn, static))})
+            rows.append(
+                {
+                    "arch": arch,
+                    "dtype": str(dtype).split(".")[-1],
+                    "rel_err_vs_reference": rel(got, want),
+                    "static_equals_dynamic": bool(torch.equal(dyn, static)),
+                }
+            )
             print(rows[-1], flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "core.json").write_text(json.dumps({"device": torch.cuda.get_device_name() if dev == "cuda" else "cpu",
-                                               "torch": torch.__version__, "rows": rows}, indent=1))
+    (out / "core.json").write_text(
+        json.dumps(
+            {
+                "device": torch.cuda.get_device_name() if dev == "cuda" else "cpu",
+                "torch": torch.__version__,
+                "rows": rows,
+            },
+            indent=1,
+        )
+    )
 
 
 if __name__ == "__main__":
