@@ -47,12 +47,19 @@ from ...core.arch import (
 from ...core.plan import as_plan
 from ...utils.options import option
 from .errors import DEFAULT_TIMEOUT_S, TPError
-from .process import (
+
+# re-exported: callers use tp.is_main(), tp.rank(), tp.explain_rank_failures(...) next to tp's own functions
+from .process import (  # noqa: F401
     env_world_size,
+    explain_rank_failures,
     init_distributed,
-    print0,  # noqa: F401
+    is_main,
+    print0,
     quiet_other_ranks,
+    rank,
+    rank_device,
     sync_seed,
+    under_torchrun,
 )
 
 # The layer anatomy (core.arch): what a wide layer stacks by rows is split by rows (column-parallel),
