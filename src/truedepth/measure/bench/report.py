@@ -63,27 +63,30 @@ def format_table(records: list[dict[str, Any]]) -> str:
                 ]
             )
             continue
-        pre = r.get("prefill_ms", {})
-        rows.append(
-            [
-                r["model"],
-                r["plan"],
-                str(r.get("depth", "-")),
-                r["mode"],
-                str(r["batch"]),
-                *[_fmt(pre.get(str(n)), ".1f") for n in lengths],
-                _fmt(r["decode_tok_s"], ".1f"),
-                _fmt(r.get("decode_tok_s_total"), ".1f"),
-                _fmt(r.get("speedup_vs_base"), ".2f"),
-                _fmt(r.get("speedup_vs_base_compiled"), ".2f"),
-                _fmt(step_gb(r), ".2f"),
-                _fmt(100 * r["bound_fraction"] if r.get("bound_fraction") else None, ".0f"),
-            ]
-        )
+        rows.append(measured_cells(r, lengths))
     widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+def measured_cells(r: dict[str, Any], lengths: list[int]) -> list[str]:
+    """One measured record's cells, in the column order of the text and Markdown tables."""
+    pre = r.get("prefill_ms", {})
+    return [
+        r["model"],
+        r["plan"],
+        str(r.get("depth", "-")),
+        r["mode"],
+        str(r["batch"]),
+        *[_fmt(pre.get(str(n)), ".1f") for n in lengths],
+        _fmt(r["decode_tok_s"], ".1f"),
+        _fmt(r.get("decode_tok_s_total"), ".1f"),
+        _fmt(r.get("speedup_vs_base"), ".2f"),
+        _fmt(r.get("speedup_vs_base_compiled"), ".2f"),
+        _fmt(step_gb(r), ".2f"),
+        _fmt(100 * r["bound_fraction"] if r.get("bound_fraction") else None, ".0f"),
+    ]
 
 
 def format_markdown(records: list[dict[str, Any]]) -> str:
@@ -112,22 +115,7 @@ def format_markdown(records: list[dict[str, Any]]) -> str:
                 + f" | failed: {r['error'][:80]} | | | | | |"
             )
             continue
-        pre = r.get("prefill_ms", {})
-        cells = [
-            r["model"],
-            r["plan"],
-            str(r.get("depth", "-")),
-            r["mode"],
-            str(r["batch"]),
-            *[_fmt(pre.get(str(n)), ".1f") for n in lengths],
-            _fmt(r["decode_tok_s"], ".1f"),
-            _fmt(r.get("decode_tok_s_total"), ".1f"),
-            _fmt(r.get("speedup_vs_base"), ".2f"),
-            _fmt(r.get("speedup_vs_base_compiled"), ".2f"),
-            _fmt(step_gb(r), ".2f"),
-            _fmt(100 * r["bound_fraction"] if r.get("bound_fraction") else None, ".0f"),
-        ]
-        out.append("| " + " | ".join(cells) + " |")
+        out.append("| " + " | ".join(measured_cells(r, lengths)) + " |")
     return "\n".join(out)
 
 
