@@ -113,6 +113,16 @@ def test_stages_write_a_loadable_folder_with_the_target_depth(tiny_dir, texts, f
     assert perplexity(lp, tokenizer, held, tokens=256, window=32, progress=False)["perplexity"] == pytest.approx(
         summary["perplexity"]["held_out"]["contiguous"], rel=1e-6
     )
+    # fidelity to the base model: the fine-tuned model's and the contiguous plan's, measured on their own
+    from truedepth.measure.eval.fidelity import fidelity
+
+    base, _ = truedepth.load(tiny_dir)
+    assert summary["fidelity_tokens"] == 256 and set(summary["fidelity"]) == {"held_out", "other_domain"}
+    for name, compared in (("fine-tuned", model), ("contiguous", lp)):
+        want = fidelity(base, compared, tokenizer, held, tokens=256, window=32, progress=False)
+        got = summary["fidelity"]["held_out"][name]
+        assert got["top1_agreement"] == want["top1_agreement"] and got["kl"] == pytest.approx(want["kl"], rel=1e-6)
+    assert "Agreement with the base model" in (out / "README.md").read_text()
     assert set(summary["stages"]) == set(compress_options.STAGES)
     assert summary["decode_tokens_per_second"]["fine-tuned"] > 0
     assert summary["machine"]["device"] == "cpu" and summary["machine"]["dtype"] == "fp32"  # resolved, not 'auto'
@@ -124,19 +134,24 @@ def test_stages_write_a_loadable_folder_with_the_target_depth(tiny_dir, texts, f
 
 def test_tasks_score_base_and_saved_model_as_lm_eval_does(tiny_dir, texts, tmp_path):
     """--tasks: compress.json and the model card hold the lm-eval scores of base and fine-tuned model,
-    equal to scoring the saved folder and the base model directly."""
+    equal to scoring the saved folder and the base model directly; --mmlu-chat likewise."""
     from truedepth.measure.eval import icl
+    from truedepth.measure.eval.fidelity import mmlu_chat_agreement
 
     task = "truedepth_mmlu_anatomy"
     out = tmp_path / "with-tasks"
-    assert cli.main(compress_args(tiny_dir, texts, out, "--tasks", task, "--limit", "3")) == 0
-    scores = json.loads((out / compress_options.SUMMARY_FILE).read_text())["tasks"]
+    assert cli.main(compress_args(tiny_dir, texts, out, "--tasks", task, "--limit", "3", "--mmlu-chat", "2")) == 0
+    summary = json.loads((out / compress_options.SUMMARY_FILE).read_text())
+    scores = summary["tasks"]
+    (base, tokenizer), (saved, _) = truedepth.load(tiny_dir), truedepth.load(out)
+    assert summary["mmlu_chat"] == mmlu_chat_agreement(base, saved, tokenizer, 2, progress=False)
     for name, folder in (("base", tiny_dir), ("fine-tuned", out)):
         model, tokenizer = truedepth.load(folder)
         direct = icl.evaluate_tasks(model, tokenizer, [task], limit=3)[task]
         assert scores[name][task]["acc"] == pytest.approx(direct["acc"], abs=1e-12)
         assert scores[name][task]["n_samples"] == 3
-    assert "## lm-eval tasks" in (out / "README.md").read_text()
+    card = (out / "README.md").read_text()
+    assert "## lm-eval tasks" in card and "MMLU-chat (2 questions" in card
 
 
 def test_untrained_models_come_from_the_cache_without_loading(tiny_dir, texts, monkeypatch):
@@ -188,6 +203,39 @@ def test_rerun_skips_finished_stages_and_refuses_changed_options(tiny_dir, texts
     assert cli.main(compress_args(tiny_dir, texts, out, "--tokens", "1024")) == 2
     assert "finished stage 'finetune'" in capsys.readouterr().err
     assert sorted(p.name for p in out.iterdir()) == before
+
+
+def test_engine_stage_serves_the_saved_folder_and_reports_it(tiny_dir, texts, finished, tmp_path, monkeypatch, capsys):
+    """--engine vllm on a finished run: only the serve stage runs; it measures the base model against the saved
+    folder through `bench --engine`'s own function, and compress.json and the model card report it."""
+    out = tmp_path / "run"
+    shutil.copytree(finished, out)
+    asked = []
+    row = {"concurrency": 1, "plan": "p", "depth": 6, "repeats": 3, "completed": 24, "failed": 0}
+    for metric in ("output_tok_s", "mean_tpot_ms", "p99_tpot_ms", "mean_ttft_ms"):
+        row |= {metric: 10.0, f"{metric}_min": 9.0, f"{metric}_max": 11.0}
+
+    def measure_engine(bench):
+        asked.append(bench)
+        lp = dict(row, model=str(out), throughput_vs_base=1.25)
+        return {"engine": "vllm", "engine_version": "0.32.0+cpu", "settings": {"dtype": "fp32", "prompt": 128,
+                "new": 64, "repeats": 3}, "models": [{"model": "base"}, {"model": str(out)}],
+                "summary": [dict(row, model="base"), lp]}  # fmt: skip
+
+    monkeypatch.setattr("truedepth.deploy.engines.VLLMEngine.check_installed", lambda self: None)
+    monkeypatch.setattr("truedepth.deploy.engine_bench.measure_engine", measure_engine)
+    monkeypatch.setattr(compress_run, "run_evaluate_stage", lambda *a, **k: pytest.fail("evaluation ran again"))
+    assert cli.main(compress_args(tiny_dir, texts, out, "--engine", "vllm", "--concurrency", "1,4")) == 0
+    assert len(asked) == 1
+    bench = asked[0]
+    assert (bench.engine, bench.plans, bench.model, bench.concurrency) == ("vllm", [str(out)], str(tiny_dir), "1,4")
+    assert bench.json_file == str(out / compress_stages.ENGINE_FILE)
+    serving = json.loads((out / compress_options.SUMMARY_FILE).read_text())["serving"]
+    assert [r["model"] for r in serving["summary"]] == ["base", "compressed"]
+    card = (out / "README.md").read_text()
+    assert "## Served by vllm under load" in card and "| compressed | 6 | 1 |" in card
+    assert f"truedepth bench --engine vllm --model {tiny_dir} --plan {out} --concurrency 1,4" in card
+    assert "Served by vllm" in capsys.readouterr().out
 
 
 def test_stage_recorded_before_an_option_existed_counts_as_its_default(
@@ -271,6 +319,9 @@ def test_interrupted_finetune_resumes_from_its_checkpoint(tiny_dir, texts, finis
         (["--tokens", "0"], "--tokens must be a positive integer (got 0)"),
         (["--batch-size", "0"], "--batch-size must be a positive integer (got 0)"),
         (["--threads", "0"], "--threads must be at least 1 (got 0)"),
+        (["--fidelity-tokens", "8"], "--fidelity-tokens (8) must be 0 (no comparison with the base model) or"),
+        (["--mmlu-chat", "-1"], "--mmlu-chat must be between 1 and"),
+        (["--engine", "vllm", "--concurrency", "0"], "--concurrency needs integers >= 1"),
     ],
 )
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(tiny_dir, texts, tmp_path, capsys, extra, message):

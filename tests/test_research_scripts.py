@@ -25,7 +25,7 @@ pytestmark = pytest.mark.slow  # each test starts a Python process that imports 
 
 def test_every_research_script_is_smoke_tested_or_archived():
     """A script added to scripts/research/ needs a test here; a finished one moves next to its log."""
-    assert sorted(p.name for p in (ROOT / "scripts" / "research").glob("*.py")) == ["lsq_repair.py"]
+    assert sorted(p.name for p in (ROOT / "scripts" / "research").glob("*.py")) == ["lsq_repair.py", "vllm_profile.py"]
 
 
 def text_file(path: Path, seed: int, chars: int = 4000) -> Path:
@@ -130,3 +130,74 @@ def test_lsq_repair_finetunes_from_the_repaired_weights(tiny_dir, texts, tmp_pat
     assert res.returncode == 0, res.stderr[-3000:]
     assert "least-squares repair of 2 wide layers" in res.stderr  # the fine-tune's student was repaired first
     assert (out / "config.json").is_file()
+
+
+VLLM_PROFILE = ROOT / "scripts" / "research" / "vllm_profile.py"
+PARTS = ("input_layernorm", "self_attn.qkv_proj", "self_attn.rotary_emb", "self_attn.attn", "self_attn.o_proj")
+PARTS += ("post_attention_layernorm", "mlp.gate_up_proj", "mlp.act_fn", "mlp.down_proj")
+
+
+def profile_run(step: float, layers: float, parts: dict[str, float], layer_ms: dict[str, float]) -> dict:
+    """One repeat of one model in a vllm_profile.py report ("raw"): its timed generates, CPU ms per step."""
+    return {
+        "clean": {"decode_step_cpu_ms_mean": step - 1.0},
+        "clean2": {"decode_step_cpu_ms_mean": step + 1.0},
+        "layers": {"decode_step_cpu_ms_mean": step + 2.0, "layers_total_cpu_ms": layers, "layer_cpu_ms": layer_ms},
+        "parts": {"part_cpu_ms": parts},
+    }
+
+
+def profile_result(step: float) -> dict:
+    """The profile of one model ("results"), as its workers would have summarised it."""
+    return {
+        "decode_step_cpu_ms": {"median": step},
+        "decode_step_ms_profiled": {"median": 2 * step},  # a profiled step: twice the clean CPU time
+        "by_shape_ms": [],
+        "self_ms": [
+            {"layer": "L:decoder_layer w=1", "region": "L:mlp.down_proj w=1", "op": "_C::onednn_mm", "ms": 10.0}
+            | {"calls_per_step": 3},
+            {"layer": "-", "region": "model.compute_logits", "op": "_C::onednn_mm", "ms": 4.0, "calls_per_step": 1},
+        ],
+    }
+
+
+def test_vllm_profile_analysis_takes_the_per_layer_share_from_the_narrow_and_wide_layer_times(tmp_path):
+    """The vLLM runs themselves take minutes (docs/research/serving-measurements.md); the arithmetic that
+    turns their timings into the documented shares runs here on a report with made-up timings."""
+    base_parts = {f"{p} w=1": 1.0 + i for i, p in enumerate(PARTS)}  # 3 narrow layers
+    lp_parts = {f"{p} w=1": 1.0 + i for i, p in enumerate(PARTS)} | {f"{p} w=2": 1.5 + i for i, p in enumerate(PARTS)}
+    report = {
+        "workers": {"base": {"widths": [1, 1, 1]}, "parallel=1:3": {"widths": [1, 2]}},
+        "results": {"base | batch 1": profile_result(100.0), "parallel=1:3 | batch 1": profile_result(90.0)},
+        "raw": {
+            "base | batch 1": [profile_run(100.0, 80.0, base_parts, {"1": 20.0})],
+            "parallel=1:3 | batch 1": [profile_run(90.0, 70.0, lp_parts, {"1": 20.0, "2": 30.0})],
+        },
+    }
+    path = tmp_path / "report.json"
+    path.write_text(json.dumps(report))
+    res = subprocess.run(
+        [sys.executable, str(VLLM_PROFILE), "--analyze", str(path)], capture_output=True, text=True, timeout=60
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    a = json.loads(path.read_text())["analysis"]["parallel=1:3 | batch 1"]
+
+    def median(key: str) -> float:
+        return a[key]["median"]
+
+    assert median("per_layer_fixed_ms") == pytest.approx(2 * 20.0 - 30.0)  # two narrow layers against one wide
+    assert median("per_layer_share_of_base_step") == pytest.approx(3 * 10.0 / 100.0)
+    assert median("lp_saving_predicted_ms") == pytest.approx(10.0)
+    assert median("lp_saving_measured_ms") == pytest.approx(10.0)  # the clean runs' mean: 100 against 90
+    assert median("speedup_cpu") == pytest.approx(100.0 / 90.0)
+    rows = a["ms_per_token"]
+    assert rows["mlp.down_proj"]["base"] == pytest.approx(9.0) and rows["mlp.down_proj"]["lp"] == pytest.approx(18.5)
+    rest = "rest of the decoder layers (Python: residuals, split, views, calls)"
+    assert rows[rest]["base"] == pytest.approx(80.0 - sum(base_parts.values()))
+    outside = rows["outside the decoder layers (lm_head, sampling, engine)"]  # the layer-timed step less its layers
+    assert outside["base"] == pytest.approx(102.0 - 80.0) and outside["lp"] == pytest.approx(92.0 - 70.0)
+    assert a["saving_per_merge_ms"]["input_layernorm"]["median"] == pytest.approx(2 * 1.0 - 1.5)
+    # the profile's wall times scaled to the clean CPU step (here: halved)
+    assert a["profile_ms_per_token"]["base"]["GEMM kernels (oneDNN)"] == pytest.approx(5.0)
+    assert a["profile_ms_per_token"]["base"]["logits (lm_head GEMM and its wrapper)"] == pytest.approx(2.0)
+    assert "| mlp.down_proj | 9.00 | 18.50 | +9.50 | 8.500 |" in res.stdout  # 2 x 9.0 - 9.5 per merge

@@ -1,11 +1,11 @@
 """Saved truedepth models served by stock vLLM (CPU build) through truedepth's plugin.
 
-vLLM runs in subprocesses (tests/helpers/vllm_worker.py, `vllm serve`): its engine starts worker processes
-with `spawn`. Engines run in eager mode with a 1 GiB KV cache; tensor parallelism binds one core
-per rank. The worker runs the engine core in its own process (VLLM_ENABLE_V1_MULTIPROCESSING=0) and
-single-rank engines with the "uni" executor, so no engine costs two spawned processes that each
-import vLLM again (about 15 s of the 20 s an engine took); `vllm serve` runs vLLM's own process
-layout, and tensor parallelism keeps one spawned worker per rank. The reference is the transformed
+vLLM runs in subprocesses (tests/helpers/vllm_worker.py; `vllm serve` is tested in
+tests/test_vllm_serving.py): its engine starts worker processes with `spawn`. Engines run in eager
+mode with a 1 GiB KV cache; tensor parallelism binds one core per rank. The worker runs the engine
+core in its own process (VLLM_ENABLE_V1_MULTIPROCESSING=0) and single-rank engines with the "uni"
+executor, so no engine costs two spawned processes that each import vLLM again (about 15 s of the
+20 s an engine took); tensor parallelism keeps one spawned worker per rank. The reference is the transformed
 transformers model, teacher-forced on vLLM's tokens:
 up to the first position where either side's top two log-probabilities differ by less than
 NEAR_TIE, greedy tokens must be equal and the chosen tokens' log-probabilities within LOGPROB_TOL.
@@ -17,12 +17,8 @@ import json
 import os
 import pickle
 import shutil
-import signal
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -296,93 +292,3 @@ def test_default_model_lp_greedy_matches_transformers(default_lp, tmp_path):
     for prompt, text, out in zip(prompts, DEFAULT_PROMPTS, outputs(run_engines([spec], tmp_path)[0])):
         reports.append(assert_agree(f"default parallel=20:28 {text!r}", out, reference(model, prompt, out["tokens"])))
     assert sum(r["near_tie"] is None for r in reports) >= 1  # some prompt must be compared over all 32 tokens
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def post_json(url: str, payload: dict, timeout: float) -> dict:
-    request = urllib.request.Request(url, json.dumps(payload).encode(), {"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=timeout) as response:
-        return json.loads(response.read())
-
-
-def wait_until_ready(url: str, proc: subprocess.Popen, deadline: float) -> None:
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"vllm serve exited with {proc.returncode} before it was ready")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            time.sleep(1)
-    raise AssertionError(f"vllm serve was not ready at {url} in time")
-
-
-def stop(proc: subprocess.Popen) -> None:
-    """Stop the server and every process it started (its own session), however it ended."""
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
-    try:  # workers left behind by an abrupt end
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-
-
-@pytest.mark.integration
-def test_openai_server_answers_a_completion(default_lp, tmp_path):
-    folder, model, tokenizer = default_lp
-    prompt = "The capital of France is"
-    ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
-    with torch.no_grad():
-        expected = tokenizer.decode(model.generate(ids, max_new_tokens=8, do_sample=False)[0, ids.shape[1] :])
-    vllm = Path(sys.executable).with_name("vllm")
-    port = free_port()
-    with open(tmp_path / "serve.log", "w") as log:
-        proc = subprocess.Popen(
-            [
-                str(vllm),
-                "serve",
-                str(folder),
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-                "--served-model-name",
-                "lp",
-                "--dtype",
-                "float32",
-                "--enforce-eager",
-                "--max-model-len",
-                "512",
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=vllm_env(),
-            start_new_session=True,
-        )
-    try:
-        wait_until_ready(f"http://127.0.0.1:{port}/health", proc, time.monotonic() + 360)
-        answer = post_json(
-            f"http://127.0.0.1:{port}/v1/completions",
-            {"model": "lp", "prompt": prompt, "max_tokens": 8, "temperature": 0},
-            timeout=120,
-        )
-    except AssertionError as exc:
-        raise AssertionError(f"{exc}\n{(tmp_path / 'serve.log').read_text()[-4000:]}") from None
-    finally:
-        stop(proc)
-    assert proc.poll() is not None
-    assert answer["model"] == "lp"
-    print(f"server: {prompt!r} -> {answer['choices'][0]['text']!r}; transformers: {expected!r}")
-    assert answer["choices"][0]["text"] == expected
-    assert "Paris" in expected

@@ -13,10 +13,16 @@ Only whole windows are evaluated.
 'austen-train', 'other-domain' (the Jargon File), any UTF-8 text file, or a Hugging Face dataset
 'name[:config][@split]' (needs `datasets` and network access).
 
+--against base (or a plan of --model, or another model with the same tokenizer) compares the model with that
+reference on the same windows: top-1 agreement (share of scored tokens where both models' most likely next
+token is the same), mean KL(reference || model) in nats per token, and both perplexities; --mmlu-chat N asks
+N MMLU questions through the chat template and reports how often both pick the same letter.
+
 Examples:
   truedepth eval --plan parallel=20:28 --text default --tokens 16384 --window 1024
   truedepth eval --model default --plan parallel=20:28 --text notes.txt --json
   truedepth eval --tasks truedepth_austen_lastword --limit 100   # ICL only (no --text: no perplexity)
+  truedepth eval --plan parallel=20:28 --against base --text other-domain --mmlu-chat 100
 """
 
 from __future__ import annotations

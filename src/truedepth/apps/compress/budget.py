@@ -16,7 +16,7 @@ from .options import STAGES, CompressOptions
 # model and the calibration options); generation stops at its share. The fine-tune gets what is left
 # once the evaluation's share is set aside, and fits its schedule to that time (finetune's
 # --max-minutes with the tokens fitted to it); the evaluation (four models on two texts) keeps its share.
-BUDGET_SHARES = {"search": 0.20, "generate": 0.10, "finetune": 0.50, "evaluate": 0.20, "save": 0.0}
+BUDGET_SHARES = {"search": 0.20, "generate": 0.10, "finetune": 0.50, "evaluate": 0.20, "save": 0.0, "serve": 0.0}
 
 
 def layer_and_head_weights(config: Any) -> tuple[int, int]:

@@ -3,6 +3,7 @@ model's config.json, the output folder, and (budget.py) a budget the search alon
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +77,15 @@ def check_options(opts: CompressOptions) -> None:
         raise UserError(f"--budget-minutes must be positive (got {opts.budget_minutes}).")
     if opts.eval_tokens < opts.eval_window:
         raise UserError(f"--eval-tokens ({opts.eval_tokens}) must be at least one --eval-window ({opts.eval_window}).")
+    if opts.fidelity_tokens and opts.fidelity_tokens < opts.eval_window:
+        raise UserError(
+            f"--fidelity-tokens ({opts.fidelity_tokens}) must be 0 (no comparison with the base model) or at least "
+            f"one --eval-window ({opts.eval_window})."
+        )
+    if opts.mmlu_chat:
+        from ...measure.eval.fidelity import mmlu_chat_questions
+
+        mmlu_chat_questions(opts.mmlu_chat)  # a count out of range, or MMLU not installed: refused here
     # a '+' spec joins texts: none of its parts may be a measuring text
     if {opts.data, *text_parts(opts.data)} & {opts.eval_text, opts.other_text}:
         raise UserError(
@@ -120,6 +130,19 @@ def check_output(out: Path, overwrite: bool) -> None:
     )
 
 
+def check_engine(opts: CompressOptions) -> None:
+    """--engine vllm / llama.cpp: its options and its programs, before the first stage (the serve stage is last)."""
+    if opts.engine == "transformers":
+        return
+    from ...deploy.engines import engine_for
+    from ...measure.bench.serving import check_engine_options
+    from .stages import engine_bench_options
+
+    bench = engine_bench_options(opts, Path(opts.out))
+    check_engine_options(dataclasses.replace(bench, json_file=None))  # DIR is made after the checks
+    engine_for(opts.engine).check_installed()
+
+
 def check_inputs(opts: CompressOptions) -> tuple[int, str]:
     """Everything that can be refused before any work: returns (model depth, device)."""
     from ...core.loading import read_config
@@ -134,5 +157,6 @@ def check_inputs(opts: CompressOptions) -> tuple[int, str]:
     layers = check_target_depth(config, opts.target_depth, opts.model)
     check_output(Path(opts.out), opts.overwrite)
     check_budget(opts, config, searched=read_stage(Path(opts.out), "search") is not None and not opts.overwrite)
+    check_engine(opts)
     device, _ = device_and_dtype(opts.device, opts.dtype)
     return layers, device

@@ -7,7 +7,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ...core.loading import ModelOptions
+from ...measure.bench.serving import EngineOptions
 from ...measure.eval.evaluate import TaskOptions
+from ...measure.eval.fidelity import MmluChatOption
 from ...measure.eval.heldout import EvalTextOptions
 from ...utils.options import option, option_names, override
 from ...utils.shared_options import OutDirOption, OverwriteOption, QuietOption, ThreadsOption
@@ -42,6 +44,21 @@ class CompressGenerated:
     )
 
 
+FIDELITY_TOKENS = 8192  # --fidelity-tokens' default (or --eval-tokens if fewer)
+
+
+@dataclass
+class CompressFidelity:
+    group_title = "evaluation"
+    fidelity_tokens: int | None = option(
+        None,
+        "tokens of each measuring text on which the contiguous plan, the searched plan and the fine-tuned "
+        "model are compared with the base model: top-1 agreement with its next token and KL divergence "
+        f"from it (the first tokens, in --eval-window windows); 0: not compared. Default: {FIDELITY_TOKENS}, "
+        "or --eval-tokens if fewer",
+    )
+
+
 @dataclass
 class CompressTail:
     decode_tokens: int = option(32, "new tokens per decode-speed run.")
@@ -49,6 +66,7 @@ class CompressTail:
 
 @dataclass
 class CompressOptions(
+    EngineOptions,
     QuietOption,
     ThreadsOption,
     CompressTail,
@@ -56,6 +74,8 @@ class CompressOptions(
     TrainOptions,
     FinetuneData,
     CalibrationOptions,
+    MmluChatOption,
+    CompressFidelity,
     EvalTextOptions,
     TaskOptions,
     OverwriteOption,
@@ -77,6 +97,7 @@ class CompressOptions(
         "the novels alone, docs/research/compress-experiments.md)",
     )
     eval_tokens: int = override(32768)
+    mmlu_chat: int = override(0, help_note="Compress asks the base model and the fine-tuned one.")
     search_dtype: str | None = override("auto", default_help="auto (bf16 where the CPU or GPU is fast at it)")
     loss: str = override(DEFAULT_LOSS, default_help=DEFAULT_LOSS)  # compress refuses a transformed --model
     tokens: int | None = override(
@@ -84,6 +105,13 @@ class CompressOptions(
         default_help="as many as fit in the fine-tune's time (timed on the first "
         "batch); training stops earlier when its time is up",
     )
+    engine: str = override(
+        "transformers",
+        help_note="Compress: with vllm or llama.cpp, a last stage serves the saved model and the base model in "
+        "that engine and measures them under load (time on top of --budget-minutes; rerun it alone later with "
+        "the same --out and --engine).",
+    )
+    concurrency: str = override("1,8")
     command: str = "truedepth compress"  # the command line, recorded in compress.json (not an option)
 
 
@@ -103,7 +131,7 @@ HIDDEN_OPTIONS = (
 
 DEFAULT_OPTIONS = CompressOptions()
 
-STAGES = ("search", "generate", "finetune", "evaluate", "save")
+STAGES = ("search", "generate", "finetune", "evaluate", "save", "serve")
 
 # The options each stage's result depends on; a later stage also depends on every earlier one. A record
 # written before an option existed counts as that option's default (stages.check_unchanged).
@@ -111,8 +139,15 @@ STAGE_INPUTS = {
     "search": ("model", "target_depth", "dtype", "data", *option_names(CalibrationOptions)),
     "generate": ("generate_tokens", "budget_minutes"),
     "finetune": (*TRAJECTORY_OPTIONS, "corpus_share", "budget_minutes"),
-    "evaluate": (*option_names(EvalTextOptions), *option_names(TaskOptions), "decode_tokens"),
+    "evaluate": (
+        *option_names(EvalTextOptions),
+        *option_names(TaskOptions),
+        "decode_tokens",
+        "fidelity_tokens",
+        "mmlu_chat",
+    ),
     "save": (),
+    "serve": option_names(EngineOptions),
 }
 
 STAGE_DIR = "stages"

@@ -15,12 +15,13 @@ from .options import STAGE_DIR, STAGES, SUMMARY_FILE, CompressOptions
 from .report import show_report, write_report
 from .stages import (
     check_unchanged,
-    read_stage,
+    finished_stage,
     run_evaluate_stage,
     run_finetune_stage,
     run_generate_stage,
     run_save_stage,
     run_search_stage,
+    run_serve_stage,
     stage_path,
     write_stage,
 )
@@ -44,7 +45,7 @@ def run_compress(opts: CompressOptions) -> dict[str, Any]:
     clock = Clock(opts.budget_minutes)
     ran = False
     for i, stage in enumerate(STAGES, 1):
-        done = read_stage(out, stage)
+        done = finished_stage(out, stage, opts)
         if done is not None:
             print(
                 f"[{i}/{len(STAGES)}] {stage}: finished earlier with the same options "
@@ -75,7 +76,9 @@ def _run_stage(stage: str, opts: CompressOptions, out: Path, layers: int, record
         return run_finetune_stage(opts, out, plan, stage_seconds_left(opts, records, stage) / 60)
     if stage == "evaluate":
         return run_evaluate_stage(opts, out, layers, plan)
-    return run_save_stage(out)
+    if stage == "save":
+        return run_save_stage(out)
+    return run_serve_stage(opts, out)
 
 
 class Clock:

@@ -65,7 +65,11 @@ def build_summary(opts: CompressOptions, records: dict[str, dict], device: str) 
             for text, row in ev["perplexity"].items()
         },
         "decode_tokens_per_second": ev["decode_tokens_per_second"],
+        "serving": serving_record(records),
         "tasks": ev.get("tasks"),
+        "fidelity": ev.get("fidelity"),  # absent from an evaluate stage recorded before it was measured
+        "fidelity_tokens": ev.get("fidelity_tokens"),
+        "mmlu_chat": ev.get("mmlu_chat"),
         "finetune": {k: v for k, v in ft.items() if k not in ("perplexity", "history")},
         "generate": records["generate"]["result"],
         "corpus_share": opts.corpus_share,
@@ -86,6 +90,32 @@ def build_summary(opts: CompressOptions, records: dict[str, dict], device: str) 
     }
 
 
+def serving_record(records: dict[str, dict]) -> dict[str, Any] | None:
+    """The serve stage's measurements, when an engine was asked for (absent from runs before the stage existed)."""
+    result = records.get("serve", {}).get("result")
+    return result if result and result.get("engine") != "transformers" else None
+
+
+def serving_section(summary: dict[str, Any]) -> str:
+    """The model card's section on speed under load in a serving engine (empty without --engine)."""
+    from ...measure.bench.serving_report import format_markdown
+
+    serving = summary.get("serving")
+    if not serving:
+        return ""
+    s = serving["settings"]
+    return f"""
+## Served by {serving["engine"]} under load
+
+{serving["engine"]} {serving["engine_version"]}, {s["dtype"]}, random prompts of {s["prompt"]} tokens and {s["new"]} new
+tokens, median (min-max) of {s["repeats"]} repeats, base and compressed model taking turns on the same machine.
+
+{format_markdown(serving["summary"])}
+
+Measure it again (on your machine, your engine): `{serving["command"]}`
+"""
+
+
 def write_report(out: Path, opts: CompressOptions, records: dict[str, dict], device: str) -> dict[str, Any]:
     from ..search import plot as plot_search
 
@@ -100,6 +130,8 @@ def write_report(out: Path, opts: CompressOptions, records: dict[str, dict], dev
 def show_report(out: Path, summary: dict[str, Any] | None = None) -> dict[str, Any]:
     summary = summary or json.loads((out / SUMMARY_FILE).read_text())
     print(quality_table(summary))
+    if summary.get("serving"):
+        print(serving_section(summary))
     print(stage_table(summary))
     print(f"saved to {out}: load with truedepth.load('{out}'); {SUMMARY_FILE}, {CARD}, {SEARCH_PLOT}, {QUALITY_PLOT}")
     return summary
@@ -121,6 +153,32 @@ def quality_table(summary: dict[str, Any]) -> str:
         f"\nDecode speed (batch 1, greedy): base {speed['base']:.1f} tok/s, compressed "
         f"{speed['fine-tuned']:.1f} tok/s ({speed['fine-tuned'] / speed['base']:.2f}x)."
     )
+    return "\n".join(rows) + fidelity_table(summary)
+
+
+def fidelity_table(summary: dict[str, Any]) -> str:
+    """Markdown: top-1 agreement with the base model and KL divergence from it, per text and model; the
+    MMLU-chat choice agreement. Empty when they were not measured."""
+    fidelity, chat, rows = summary.get("fidelity"), summary.get("mmlu_chat"), []
+    if fidelity:
+        columns = COLUMNS[1:]
+        rows += [
+            f"\n\nAgreement with the base model on the first {summary['fidelity_tokens']} tokens of each text: top-1 "
+            "(the same most likely next token) / KL(base || model) in nats per token.\n",
+            "| text | " + " | ".join(LABELS[c] for c in columns) + " |",
+            "|" + "---|" * (len(columns) + 1),
+        ]
+        for text, row in fidelity.items():
+            cells = [f"{row[c]['top1_agreement']:.1%} / {row[c]['kl']:.4f}" if row.get(c) else "n/a" for c in columns]
+            rows.append(f"| {text.replace('_', '-')} | " + " | ".join(cells) + " |")
+    if chat:
+        rows.append(
+            f"\nMMLU-chat ({chat['questions']} questions, greedy answers through the chat template): the fine-tuned "
+            f"model picks the base model's letter on {chat['agreement']:.0%} of them (chance: "
+            f"{chat['chance_agreement']:.0%}); accuracy {chat['accuracy']:.0%} "
+            f"(base {chat['reference_accuracy']:.0%}); answers without a letter {chat['unparsed']} "
+            f"(base {chat['reference_unparsed']})."
+        )
     return "\n".join(rows)
 
 
@@ -170,7 +228,7 @@ The contiguous plan is the paper's scheme at the same depth (`{summary["contiguo
 {quality_table(summary)}
 
 ![quality](quality.png)
-{tasks}
+{tasks}{serving_section(summary)}
 ## Time per stage
 
 {stage_table(summary)}
@@ -188,6 +246,12 @@ truedepth generate --model path/to/this/folder "Once upon a time"
 vllm serve path/to/this/folder                      # with truedepth installed: its vLLM plugin serves it
 truedepth export --model path/to/this/folder --gguf model.gguf --type q8_0   # for llama.cpp / Ollama
 ```
+
+Where LP pays: a fused wide layer reads the same weight bytes and does the same FLOPs as the layers
+it replaces, so it saves only per-layer work (attention calls, norms, kernel launches; all-reduces under
+tensor parallelism). On a 2-core CPU in vLLM that was 6-10 % more output tokens/s at concurrency 1-16
+for a depth-24 plan of SmolLM2-135M (truedepth docs/SERVING.md, 2026-12-05); it grows with the batch
+and under tensor parallelism. Measure your own set-up with `truedepth bench --engine vllm`.
 
 The folder is an ordinary truedepth model (safetensors, `config.truedepth` records the plan).
 Everything measured is in `compress.json`.

@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ from ..search import SearchOptions, run_search
 from .budget import BUDGET_SHARES
 from .options import (
     DEFAULT_OPTIONS,
+    FIDELITY_TOKENS,
     FINETUNE_DIR,
     GENERATED_DIR,
     STAGE_DIR,
@@ -75,21 +77,39 @@ def write_stage(out: Path, stage: str, opts: CompressOptions, seconds: float, re
     return record
 
 
+# Stages that only measure, and that nothing later depends on: other options measure them again, not refused
+REMEASURED = ("serve",)
+
+
+def changed_inputs(record: dict[str, Any], opts: CompressOptions, stage: str) -> Iterator[tuple[str, Any, Any]]:
+    """(option, value the stage used, value now) for each input of `stage` that differs now."""
+    for key, now in stage_inputs(opts, stage).items():
+        # A stage recorded before an option existed ran as that option's default does.
+        was = record["inputs"].get(key, getattr(DEFAULT_OPTIONS, key))
+        if was != now:
+            yield key, was, now
+
+
+def finished_stage(out: Path, stage: str, opts: CompressOptions) -> dict[str, Any] | None:
+    """The record of `stage` if it finished with the options of this run (a remeasured stage may differ)."""
+    record = read_stage(out, stage)
+    if record is not None and stage in REMEASURED and any(changed_inputs(record, opts, stage)):
+        return None
+    return record
+
+
 def check_unchanged(out: Path, opts: CompressOptions) -> None:
     """Refuse options that differ from those a finished stage used (its result would be stale)."""
     for stage in STAGES:
         record = read_stage(out, stage)
-        if record is None:
+        if record is None or stage in REMEASURED:
             continue
-        for key, now in stage_inputs(opts, stage).items():
-            # A stage recorded before an option existed ran as that option's default does.
-            was = record["inputs"].get(key, getattr(DEFAULT_OPTIONS, key))
-            if was != now:
-                raise UserError(
-                    f"{flag_of(CompressOptions, key)} is {now!r} but the finished stage '{stage}' in {out} used "
-                    f"{was!r}; rerun with the same options to resume, pass --overwrite to start over, "
-                    "or choose another --out."
-                )
+        for key, was, now in changed_inputs(record, opts, stage):
+            raise UserError(
+                f"{flag_of(CompressOptions, key)} is {now!r} but the finished stage '{stage}' in {out} used "
+                f"{was!r}; rerun with the same options to resume, pass --overwrite to start over, "
+                "or choose another --out."
+            )
 
 
 # =============================================================================================
@@ -237,9 +257,59 @@ def measured_perplexities(
     )
 
 
+def fidelity_tokens(opts: CompressOptions) -> int:
+    return min(opts.eval_tokens, FIDELITY_TOKENS) if opts.fidelity_tokens is None else opts.fidelity_tokens
+
+
+def measured_fidelity(
+    opts: CompressOptions,
+    texts: dict[str, str],
+    base: Any,
+    tokenizer: Any,
+    label: str,
+    plan: str | None = None,
+    model: Any = None,
+) -> dict[str, dict[str, Any]]:
+    """Top-1 agreement with `base`, KL divergence from it and both perplexities, of `model` (or of `plan` applied
+    to the base) on the first --fidelity-tokens tokens of each text. A plan's model is loaded next to the base
+    only on a miss of finetune's cache (like measured_perplexities), and dropped when measured."""
+    from ...measure.eval.fidelity import fidelity
+    from ...measure.eval.heldout import cached_perplexities, texts_digest
+    from ...utils.device import as_dtype, autocast, device_and_dtype
+
+    tokens = fidelity_tokens(opts)
+    if not tokens:
+        return {}
+    device, dtype_name = device_and_dtype(opts.device, opts.dtype)
+    dtype = as_dtype(dtype_name)
+
+    def measure(compared: Any) -> dict[str, dict[str, Any]]:
+        with autocast(device, dtype):
+            return {
+                name: fidelity(
+                    base, compared, tokenizer, text, tokens=tokens, window=opts.eval_window, progress=not opts.quiet
+                )
+                for name, text in texts.items()
+            }
+
+    if model is not None:
+        return measure(model)
+    return cached_perplexities(
+        lambda: measure(load_model(opts, plan=plan)[0]),
+        opts.model,
+        f"fidelity {label}",
+        texts_digest(texts),
+        tokens,
+        opts.eval_window,
+        dtype,
+        device,
+    )
+
+
 def run_evaluate_stage(opts: CompressOptions, out: Path, layers: int, plan: str) -> dict[str, Any]:
     """Perplexity of the base model, the paper's contiguous plan, the searched plan (both without training) and
-    the fine-tuned model on the same texts; the lm-eval tasks; decode speed of base and compressed model."""
+    the fine-tuned model on the same texts, and their fidelity to the base model; the lm-eval tasks; MMLU-chat
+    choice agreement and decode speed of base and compressed model. At most two models are loaded at a time."""
     from ...measure.bench.speed import interleaved_decode_rates
     from ...measure.eval.heldout import measuring_texts
 
@@ -253,7 +323,13 @@ def run_evaluate_stage(opts: CompressOptions, out: Path, layers: int, plan: str)
     }
     ppl = {name: {model: values.get(name) for model, values in measured.items()} for name in texts}
     base, tokenizer = load_model(opts)
+    fidelity: dict[str, dict] = {}
+    for name, measured_plan in (("contiguous", contiguous), ("searched", plan)):  # next to the base, in turn
+        fidelity[name] = (
+            measured_fidelity(opts, texts, base, tokenizer, measured_plan, plan=measured_plan) if measured_plan else {}
+        )
     compressed, _ = load_model(opts, out / FINETUNE_DIR)
+    fidelity["fine-tuned"] = measured_fidelity(opts, texts, base, tokenizer, "fine-tuned", model=compressed)
     models = {"base": base, "fine-tuned": compressed}
     speed = interleaved_decode_rates(models, tokenizer, new_tokens=opts.decode_tokens, progress=not opts.quiet)
     result: dict[str, Any] = {
@@ -264,6 +340,13 @@ def run_evaluate_stage(opts: CompressOptions, out: Path, layers: int, plan: str)
         "decode_tokens_per_second": speed,
         "depth": {"base": layers, "fine-tuned": compressed.config.num_hidden_layers},
     }
+    if fidelity_tokens(opts):
+        result["fidelity"] = {name: {model: values.get(name) for model, values in fidelity.items()} for name in texts}
+        result["fidelity_tokens"] = fidelity_tokens(opts)
+    if opts.mmlu_chat:
+        from ...measure.eval.fidelity import mmlu_chat_agreement
+
+        result["mmlu_chat"] = mmlu_chat_agreement(base, compressed, tokenizer, opts.mmlu_chat, progress=not opts.quiet)
     if opts.tasks:
         from ...measure.eval.evaluate import EvalOptions, run_tasks
 
@@ -287,6 +370,48 @@ def run_save_stage(out: Path) -> dict[str, Any]:
             os.replace(tmp, dst)
             linked.append(src.name)
     return {"files": linked}
+
+
+ENGINE_FILE = "engine_bench.json"  # the serve stage's measurements, as `bench --engine` writes them
+
+
+def engine_bench_options(opts: CompressOptions, out: Path) -> Any:
+    """`bench --engine`'s options for the serve stage: the base model against the saved folder `out`."""
+    from ...measure.bench.benchmark import BenchOptions
+
+    return fill(
+        BenchOptions, opts, plans=[str(out)], json_file=str(out / ENGINE_FILE), prompt_tokens=128, new_tokens=64
+    )
+
+
+def rerun_engine_command(opts: CompressOptions, out: Path) -> str:
+    """The `truedepth bench` command that measures the same thing again, for the model card."""
+    extra = f" --tensor-parallel-size {opts.tensor_parallel_size}" if opts.tensor_parallel_size != 1 else ""
+    if opts.engine == "llama.cpp" and opts.gguf_type != "f32":
+        extra += f" --gguf-type {opts.gguf_type}"
+    return (
+        f"truedepth bench --engine {opts.engine} --model {opts.model} --plan {out} --concurrency {opts.concurrency} "
+        f"--prompt 128 --new 64{extra} --json {ENGINE_FILE}"
+    )
+
+
+def run_serve_stage(opts: CompressOptions, out: Path) -> dict[str, Any]:
+    """With --engine vllm or llama.cpp: the saved model and the base model served by that engine, under load."""
+    if opts.engine == "transformers":
+        return {"engine": "transformers"}  # nothing to do: the evaluate stage measured transformers' speed
+    from ...deploy.engine_bench import measure_engine
+
+    results = measure_engine(engine_bench_options(opts, out))
+    label = next(m["model"] for m in results["models"] if m["model"] != "base")
+    summary = [dict(row, model="compressed" if row["model"] == label else row["model"]) for row in results["summary"]]
+    return {
+        "engine": results["engine"],
+        "engine_version": results["engine_version"],
+        "settings": results["settings"],
+        "summary": summary,
+        "command": rerun_engine_command(opts, out),
+        "file": ENGINE_FILE,
+    }
 
 
 def options_record(opts: CompressOptions) -> dict[str, Any]:

@@ -2,8 +2,9 @@
 
 config.py: the training options (TrainOptions), the trajectory record (TrainConfig), FinetuneOptions and the
 file names; pipeline.py: a run end to end; model.py: student, teacher, LoRA, memory; train.py: batches,
-losses, the resumable loop; blockloss.py: the blocks loss; checkpoint.py; selfdata.py: text the base model
-generates itself; report.py: the summary and plots.
+losses, the resumable loop; blockloss.py: the blocks loss; calibrate.py: per-member vectors folded into the
+weights (`--calibrate`); checkpoint.py; selfdata.py: text the base model generates itself; report.py: the
+summary and plots.
 
 The names below are the package's public API (what `apps.compress` and scripts use).
 """

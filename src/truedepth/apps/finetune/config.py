@@ -17,6 +17,10 @@ from ...utils.shared_options import OutDirOption, OverwriteOption, QuietOption, 
 LOSSES = ("lm", "distill", "blocks")
 
 
+CALIBRATE = ("none", "scales", "norms", "both")  # what `--calibrate` trains (apps/finetune/calibrate.py)
+CALIBRATE_LR = 3e-2  # of 1e-2, 3e-2 and 1e-1 the best on the default model (docs/research/finetune-experiments.md)
+
+
 TEACHER_LOSSES = ("distill", "blocks")  # need the model before the plan
 
 
@@ -90,6 +94,19 @@ class TrainOptions(SeedOption):
     )
     lora_rank: int = option(16, "LoRA rank.")
     lora_alpha: float = option(32.0, "LoRA alpha.")
+    calibrate: str = option(
+        "none",
+        "few-parameter calibration of every wide layer, folded into its weights when saving: per member "
+        "layer, scales: one gain per output channel of its attention and of its MLP output; norms: its "
+        "input-norm and post-attention-norm gains (folded into its projections by the transform, trained "
+        "as separate vectors); both. Trained for the first --calibrate-share of the steps, then the wide "
+        "layers' weights train",
+        choices=CALIBRATE,
+    )
+    calibrate_share: float = option(
+        1.0, "with --calibrate: share of the steps that calibrate before the weights train; 1: calibration only"
+    )
+    calibrate_lr: float = option(CALIBRATE_LR, "with --calibrate: peak AdamW learning rate of the calibration vectors.")
     neighbours: int = option(
         0, "also train this many ordinary layers on each side of every wide block. Default: 0 (wide layers only)"
     )
@@ -127,6 +144,20 @@ class TrainConfig(TrainOptions):
     def total_steps(self) -> int:
         return max(1, self.tokens // self.tokens_per_step)
 
+    @property
+    def calibrate_steps(self) -> int:
+        """The first steps, in which only the calibration vectors train (all of them: calibration only)."""
+        if self.calibrate == "none":
+            return 0
+        if self.calibrate_share >= 1:
+            return self.total_steps
+        return max(1, min(self.total_steps - 1, round(self.calibrate_share * self.total_steps)))
+
+    @property
+    def weights_train(self) -> bool:
+        """Whether the wide layers' weights (or LoRA adapters) train at all."""
+        return self.calibrate == "none" or self.calibrate_share < 1
+
     def validate(self) -> None:
         if self.loss not in LOSSES:
             raise UserError(f"unknown --loss {self.loss!r}; use one of {', '.join(LOSSES)}.")
@@ -161,8 +192,28 @@ class TrainConfig(TrainOptions):
                 f"--block-weight adds the blocks loss to --loss distill, not to --loss {self.loss}; "
                 "drop --block-weight (--loss blocks is the blocks loss alone)."
             )
+        self.validate_calibration()
         if self.max_minutes is not None and not self.max_minutes > 0:
             raise UserError(f"--max-minutes must be positive (got {self.max_minutes}).")
+
+    def validate_calibration(self) -> None:
+        if self.calibrate not in CALIBRATE:
+            raise UserError(f"unknown --calibrate {self.calibrate!r}; use one of {', '.join(CALIBRATE)}.")
+        if self.calibrate == "none":
+            if self.calibrate_share != 1.0 or self.calibrate_lr != CALIBRATE_LR:
+                raise UserError("--calibrate-share and --calibrate-lr set the calibration: pass --calibrate as well.")
+            return
+        if not 0 < self.calibrate_share <= 1:
+            raise UserError(f"--calibrate-share is a share of the steps in (0, 1] (got {self.calibrate_share}).")
+        if not self.calibrate_lr > 0:
+            raise UserError(f"--calibrate-lr must be positive (got {self.calibrate_lr}).")
+        if self.lora:
+            raise UserError("--calibrate trains vectors folded into the full weights; it does not combine with --lora.")
+        if self.neighbours and not self.weights_train:
+            raise UserError(
+                "--calibrate-share 1 trains only the wide layers' calibration vectors, never the --neighbours "
+                "layers; drop --neighbours or pass --calibrate-share below 1."
+            )
 
     def trajectory(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in TRAJECTORY_OPTIONS}

@@ -23,6 +23,7 @@ from ...utils.env import use_threads
 from ...utils.errors import InputPathError, OutputPathError, UserError, check_output_dir
 from ...utils.options import default_of, fill, flag_of
 from .blockloss import BlockMatch, check_one_attention_type
+from .calibrate import calibrate_model, fold
 from .checkpoint import latest_checkpoint
 from .config import (
     CHECKPOINT_DIR,
@@ -280,6 +281,8 @@ def make_trainable(setup: Setup, cfg: TrainConfig, train_dtype: torch.dtype) -> 
 
     freeze_all_but(setup.student, setup.trained_layers)
     model = add_lora(setup.student, setup.trained_layers, cfg.lora_rank, cfg.lora_alpha) if cfg.lora else setup.student
+    if cfg.calibrate != "none":
+        calibrate_model(model, cfg.calibrate, cfg.weights_train)
     for p in model.parameters():
         if p.requires_grad:
             p.data = p.data.float()  # master copy: AdamW updates are lost in bf16
@@ -303,7 +306,8 @@ def final_model(
 ) -> tuple[Any, Any]:
     """The original weights in `dtype` with the plan applied and the trained tensors put in.
 
-    LoRA adapters are merged here, in float32 where `dtype` is float32. Frozen weights come from
+    LoRA adapters are merged and calibration vectors folded here, in float32 where `dtype` is float32 (a
+    calibrated weight is W * s computed in float32, cast to `dtype`). Frozen weights come from
     the model file, not from the training copy, which may have been cast to a lower precision.
     """
     from ...core.loading import load
@@ -317,9 +321,12 @@ def final_model(
     freeze_all_but(model, layers)
     if cfg.lora:
         model = add_lora(model, layers, cfg.lora_rank, cfg.lora_alpha)
+    if cfg.calibrate != "none":
+        calibrate_model(model, cfg.calibrate, cfg.weights_train)
     load_trained(model, trained)
     if cfg.lora:
         model = model.merge_and_unload()
+    fold(model)  # the calibration vectors into the weights: the same names and shapes as without them
     for p in model.parameters():
         p.requires_grad_(False)
     return model.eval(), tokenizer
@@ -402,10 +409,11 @@ def _report_setup(
     n_all = sum(p.numel() for p in unique_parameters(model))
     epochs = data.epochs(cfg.total_steps)
     depth = len(recorded_widths(setup.student.config))
+    count = f"{n_train / 1e6:.2f}M" if n_train >= 1e5 else f"{n_train:,}"  # calibration vectors: a few thousand
     print(
         f"plan {setup.plan}: training layers {setup.trained_layers} of {depth} "
-        f"({f'LoRA r={cfg.lora_rank}' if cfg.lora else 'full weights'}; {n_train / 1e6:.2f}M of "
-        f"{n_all / 1e6:.1f}M parameters), loss {cfg.loss}, computing in {str(train_dtype)[6:]}",
+        f"({_what_trains(cfg)}; {count} of {n_all / 1e6:.1f}M parameters), loss {cfg.loss}, "
+        f"computing in {str(train_dtype)[6:]}",
         file=sys.stderr,
     )
     print(
@@ -418,3 +426,12 @@ def _report_setup(
         print(
             f"note: {epochs:.1f} passes over the training data; beyond one the model may memorise it.", file=sys.stderr
         )
+
+
+def _what_trains(cfg: TrainConfig) -> str:
+    weights = f"LoRA r={cfg.lora_rank}" if cfg.lora else "full weights"
+    if cfg.calibrate == "none":
+        return weights
+    if not cfg.weights_train:
+        return f"calibration vectors ({cfg.calibrate}) only"
+    return f"calibration vectors ({cfg.calibrate}) for {cfg.calibrate_steps} steps, then {weights}"

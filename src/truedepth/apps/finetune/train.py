@@ -132,14 +132,40 @@ def compute_loss(
 # =============================================================================================
 # The training loop
 # =============================================================================================
-def lr_factor(step: int, cfg: TrainConfig) -> float:
-    """Linear warm-up, then cosine decay to `min_lr_ratio` at the last step."""
-    total = cfg.total_steps
+def lr_factor(step: int, cfg: TrainConfig, start: int = 0, end: int | None = None) -> float:
+    """Linear warm-up, then cosine decay to `min_lr_ratio` at the last step; with `start`/`end`, the same
+    schedule over steps start..end-1 and 0 outside them (a stage of a two-stage run)."""
+    if end is not None and not start <= step < end:
+        return 0.0
+    end = cfg.total_steps if end is None else end
+    step, total = step - start, end - start
     warm = int(cfg.warmup * total)
     if step < warm:
         return (step + 1) / warm
     progress = (step - warm) / max(1, total - warm)
     return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def make_optimizer(params: dict[str, torch.Tensor], cfg: TrainConfig) -> tuple[Any, Any]:
+    """AdamW and its schedule. With --calibrate, two parameter groups: the calibration vectors at
+    --calibrate-lr for the first `cfg.calibrate_steps` steps, then the weights at --lr for the rest, each with
+    its own warm-up and cosine decay (a group outside its stage is at learning rate 0, see `_train_step`)."""
+    from .calibrate import is_calibration
+
+    adamw = dict(weight_decay=cfg.weight_decay, betas=(0.9, 0.95), foreach=False)
+    if cfg.calibrate == "none":
+        optimizer = torch.optim.AdamW(list(params.values()), lr=cfg.lr, **adamw)
+        return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
+    calibration = [p for n, p in params.items() if is_calibration(n)]
+    weights = [p for n, p in params.items() if not is_calibration(n)]
+    split = cfg.calibrate_steps
+    groups = [{"params": calibration, "lr": cfg.calibrate_lr}]
+    schedules = [lambda s: lr_factor(s, cfg, 0, split)]
+    if weights:
+        groups.append({"params": weights, "lr": cfg.lr})
+        schedules.append(lambda s: lr_factor(s, cfg, split, cfg.total_steps))
+    optimizer = torch.optim.AdamW(groups, **adamw)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedules)
 
 
 @dataclass
@@ -186,10 +212,7 @@ def train(
     params = trainable_state(student)
     if not params:
         raise UserError("the model has no trainable parameters; is there a parallel group in the plan?")
-    optimizer = torch.optim.AdamW(
-        list(params.values()), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95), foreach=False
-    )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
+    optimizer, scheduler = make_optimizer(params, cfg)
     result = TrainResult(step=0, tokens=0, finished=False, train_seconds=0.0)
     meta = dict(meta or {})
     if resume:
@@ -229,7 +252,7 @@ def train(
                     "step": result.step,
                     "tokens": result.tokens,
                     "loss": loss,
-                    "lr": scheduler.get_last_lr()[0],
+                    "lr": max(scheduler.get_last_lr()),  # of the group in its stage (--calibrate)
                     "seconds": round(result.train_seconds, 3),
                 }
             )
@@ -266,6 +289,10 @@ def _train_step(
     with autocast(device, dtype):
         loss = compute_loss(student, teacher, ids, cfg.loss, cfg.block_weight)
     loss.backward()
+    for group in optimizer.param_groups:
+        if group["lr"] == 0:  # outside its stage (--calibrate): no clipping share, no update, moments untouched
+            for p in group["params"]:
+                p.grad = None
     if cfg.grad_clip:
         torch.nn.utils.clip_grad_norm_(list(params.values()), cfg.grad_clip, foreach=False)
     optimizer.step()

@@ -24,6 +24,7 @@ from .decode import (
     release_compiled_state,
 )
 from .report import format_markdown, format_table, plot, write_json
+from .serving import EngineOptions
 from .timing import NewTokensOption, PromptTokensOption, RepeatsOption, WarmupRunsOption, measure_bandwidth
 
 
@@ -62,6 +63,7 @@ class BenchMeasure:
 
 @dataclass  # bases in reverse order: --help lists the last base's options first
 class BenchOptions(
+    EngineOptions,
     BenchMeasure,
     PlotFileOption,
     JsonFileOption,

@@ -11,6 +11,7 @@ from ...runtime.distributed.tp import TPOptions
 from ...utils.errors import UserError
 from ...utils.options import option, override
 from ...utils.shared_options import ProgressOption
+from .fidelity import FidelityOptions
 
 
 @dataclass
@@ -49,11 +50,16 @@ class TaskOptions:
 
 
 @dataclass  # bases in reverse order: --help lists the last base's options first
-class EvalOptions(ProgressOption, TaskOptions, PerplexityOptions, PlanOption, ModelOptions):
-    """What `evaluate` measures: perplexity of `text` (None: only `tasks`) and/or lm-eval `tasks`."""
+class EvalOptions(ProgressOption, FidelityOptions, TaskOptions, PerplexityOptions, PlanOption, ModelOptions):
+    """What `evaluate` measures: perplexity of `text` (None: only `tasks`) and/or lm-eval `tasks`; with `against`,
+    fidelity to that reference on the text, and MMLU-chat choice agreement with it (`mmlu_chat` questions)."""
 
     text: str | None = override(None, default_help="'default', or no perplexity at all when only --tasks is given")
-    batch_size: int | None = option(None, "windows per forward pass (default: about 2048 tokens per batch)")
+    batch_size: int | None = option(
+        None,
+        "windows per forward pass (default: about 2048 tokens per batch; with --against: one window, or 512 "
+        "tokens of short ones)",
+    )
     tp: TPOptions = field(default_factory=TPOptions)
 
 
@@ -71,8 +77,14 @@ def check_args(args: EvalOptions) -> None:
     """Reject bad settings before anything is loaded."""
     from .perplexity import check_window_args
 
-    if args.text is not None or not args.tasks:
+    if measures_text(args):
         check_window_args(args.tokens, args.window, args.stride)
+    if args.against is not None and args.tp.enabled:
+        raise UserError("--against loads a second model, which --tp does not shard; drop one of them.")
+    if args.mmlu_chat < 0:
+        raise UserError(f"--mmlu-chat is a number of questions, 0 or more (got {args.mmlu_chat}).")
+    if args.mmlu_chat and args.against is None:
+        raise UserError("--mmlu-chat compares the model's answers with a reference's; add --against (e.g. base).")
     if args.batch_size is not None and args.batch_size < 1:
         raise UserError(f"--batch-size must be at least 1 (got {args.batch_size}).")
     if args.tasks is not None and not task_list(args.tasks):
@@ -86,7 +98,11 @@ def check_before_loading(args: EvalOptions) -> None:
 
     config = check_model_and_plan(args.model, args.plan)
     positions = getattr(config, "max_position_embeddings", None)
-    if positions and (args.text is not None or not args.tasks) and args.window > positions:
+    if args.against is not None:
+        from .fidelity import reference_source
+
+        reference_source(args.against, args.model, args.plan)
+    if positions and measures_text(args) and args.window > positions:
         raise UserError(
             f"--window {args.window} is longer than the model's {positions} positions "
             f"(max_position_embeddings); use --window {positions} or less."
@@ -95,6 +111,11 @@ def check_before_loading(args: EvalOptions) -> None:
         from .icl import check_tasks, task_manager
 
         check_tasks(task_list(args.tasks), task_manager(task_list(args.tasks)))
+
+
+def measures_text(args: EvalOptions) -> bool:
+    """A text is scored: --text given, or no --tasks (perplexity on the default text), or --against."""
+    return args.text is not None or not args.tasks or args.against is not None
 
 
 def task_list(tasks: str | None) -> list[str]:
@@ -153,9 +174,10 @@ def evaluate(args: EvalOptions) -> dict[str, Any]:
     check_args(args)
     check_before_loading(args)
     start = time.perf_counter()
-    text_spec = args.text if args.text is not None or args.tasks else "default"
+    text_spec = (args.text if args.text is not None else "default") if measures_text(args) else None
     ids = text_token_ids(args, text_spec) if text_spec is not None else None
     model, tokenizer = load_model(args.model, args.plan, args.dtype, args.device, args.tp)
+    reference = load_reference(args) if args.against is not None else None
     param = next(model.parameters())
     result: dict[str, Any] = {
         "model": args.model,
@@ -163,7 +185,25 @@ def evaluate(args: EvalOptions) -> dict[str, Any]:
         "dtype": str(param.dtype).replace("torch.", ""),
         "device": str(param.device),
     }
-    if ids is not None:
+    progress = not args.no_progress and is_main()
+    if ids is not None and reference is not None:
+        from .fidelity import fidelity
+
+        fid = fidelity(
+            reference,
+            model,
+            tokenizer,
+            ids,
+            tokens=args.tokens,
+            window=args.window,
+            stride=args.stride,
+            batch_size=args.batch_size,
+            progress=progress,
+        )  # the model's perplexity comes with it, from the same forward passes
+        result.update({"text": text_spec, **{k: v for k, v in fid.items() if k in PERPLEXITY_KEYS}})
+        result["against"] = args.against
+        result["fidelity"] = {k: v for k, v in fid.items() if k not in PERPLEXITY_KEYS}
+    elif ids is not None:
         ppl = perplexity(
             model,
             tokenizer,
@@ -172,14 +212,31 @@ def evaluate(args: EvalOptions) -> dict[str, Any]:
             window=args.window,
             stride=args.stride,
             batch_size=args.batch_size,
-            progress=not args.no_progress and is_main(),
+            progress=progress,
         )
         result.update({"text": text_spec, **ppl})
+    if args.mmlu_chat:
+        from .fidelity import mmlu_chat_agreement
+
+        result["mmlu_chat"] = mmlu_chat_agreement(reference, model, tokenizer, args.mmlu_chat, progress=progress)
     if args.tasks:
         result["task_names"] = task_list(args.tasks)
         result["tasks"] = run_tasks(model, tokenizer, args)
     result["seconds"] = round(time.perf_counter() - start, 2)
     return result
+
+
+# what `perplexity` returns: `fidelity` returns these too, for the model, from the same forward passes
+PERPLEXITY_KEYS = ("perplexity", "nll", "tokens", "windows", "window", "stride", "used_tokens")
+
+
+def load_reference(args: EvalOptions) -> Any:
+    """The model --against names (reference_source), in --dtype on --device like the model itself."""
+    from ...core.loading import load_for_device
+    from .fidelity import reference_source
+
+    source, plan = reference_source(args.against, args.model, args.plan)
+    return load_for_device(source, plan=plan, dtype=args.dtype, device=args.device)[0]
 
 
 def task_rows(results: dict[str, Any], tasks: list[str]) -> list[tuple[str, str]]:
@@ -226,6 +283,24 @@ def format_table(result: dict[str, Any]) -> str:
             ("tokens scored", str(result["tokens"])),
             ("nll / token", f"{result['nll']:.4f}"),
             ("perplexity", f"{result['perplexity']:.3f}"),
+        ]
+    if "fidelity" in result:
+        fid = result["fidelity"]
+        rows += [
+            ("against", str(result["against"])),
+            ("reference perplexity", f"{fid['reference_perplexity']:.3f}"),
+            ("top-1 agreement", f"{fid['top1_agreement']:.2%} of {result['tokens']} tokens"),
+            ("KL(reference || model)", f"{fid['kl']:.4f} nats / token"),
+        ]
+    if "mmlu_chat" in result:
+        chat = result["mmlu_chat"]
+        rows += [
+            (
+                f"MMLU-chat ({chat['questions']} q.)",
+                f"same choice as the reference {chat['agreement']:.1%} (chance {chat['chance_agreement']:.1%})",
+            ),
+            ("  accuracy", f"model {chat['accuracy']:.1%}, reference {chat['reference_accuracy']:.1%}"),
+            ("  unparsed answers", f"model {chat['unparsed']}, reference {chat['reference_unparsed']}"),
         ]
     if "tasks" in result:
         rows += task_rows(result["tasks"], result.get("task_names", list(result["tasks"])))

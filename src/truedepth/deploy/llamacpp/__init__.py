@@ -1,7 +1,8 @@
 """Run a GGUF file with llama.cpp through llama-cpp-python: logits, greedy tokens, perplexity, speed.
 
 Used to check exported files against truedepth's own models and to measure them; every number
-comes from llama.cpp itself (its logits, its own timers).
+comes from llama.cpp itself (its logits, its own timers). llama.cpp's own programs (llama-server,
+llama-bench, ...): `find_program` finds them, `python -m truedepth.deploy.llamacpp.build` builds them.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+
+from .programs import PROGRAMS, MissingProgramError, find_program  # noqa: F401  (the public finder)
 
 
 def open_gguf(
