@@ -207,3 +207,25 @@ def test_vllm_engine_bench_end_to_end(tiny32, tmp_path):
         assert row["throughput_vs_base"] > 0 and row["tpot_speedup_vs_base"] > 0
         assert row["output_tok_s_min"] <= row["output_tok_s"] <= row["output_tok_s_max"]
     assert "x base" in result.stdout and "parallel=2:6" in result.stdout
+
+
+def test_llama_bench_rows_name_each_model_and_test(tmp_path, monkeypatch):
+    """`bench --engine llama.cpp` adds llama-bench's pp/tg speeds; each row is named by the model it measured."""
+    from truedepth.deploy.engines import Candidate, LlamaCppEngine
+    from truedepth.measure.bench.serving import LoadSettings
+
+    base, lp = tmp_path / "base.gguf", tmp_path / "lp.gguf"
+    rows = [
+        {"model_filename": str(f), "n_prompt": p, "n_gen": g, "n_threads": 2, "avg_ts": ts, "stddev_ts": 0.5}
+        for f, p, g, ts in [(base, 16, 0, 400.0), (base, 0, 8, 80.0), (lp, 16, 0, 410.0), (lp, 0, 8, 90.0)]
+    ]
+    fake = tmp_path / "llama-bench"
+    fake.write_text(f"#!{sys.executable}\nimport sys\nprint('build info')\nprint({json.dumps(rows)!r})\n")
+    fake.chmod(0o755)
+    monkeypatch.setattr("truedepth.deploy.llamacpp.find_program", lambda name: fake)
+    settings = LoadSettings(16, 8, [1], None, 3, 1, 0, "q8_0", False, 1)
+    candidates = [Candidate("base", "base", 30, "base", served=base), Candidate("lp", "p", 26, "plan", served=lp)]
+    found = LlamaCppEngine().extra_measurements(candidates, settings)["llama_bench"]
+    assert [(r["model"], r["test"], r["tok_s"]) for r in found] == [
+        ("base", "pp16", 400.0), ("base", "tg8", 80.0), ("lp", "pp16", 410.0), ("lp", "tg8", 90.0),
+    ]  # fmt: skip

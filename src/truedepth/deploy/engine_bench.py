@@ -233,6 +233,7 @@ def measure_engine(args: Any) -> dict[str, Any]:
             engine.prepare(c, args, settings, work)
         meta["models"] = [model_record(c) for c in candidates]
         measure_turns(engine, candidates, settings, work / "logs", args.sequential, save)
+        meta |= engine.extra_measurements(candidates, settings)  # while the files exist
     if args.json_file:
         write_results(args.json_file, meta, runs)
     return meta | {"runs": runs, "summary": summarize(runs)}
@@ -246,6 +247,8 @@ def run_engine_bench(args: Any) -> int:
     summary = results["summary"]
     print(describe_settings(results))
     print(format_markdown(summary) if args.markdown else format_table(summary))
+    for row in results.get("llama_bench", []):
+        print(f"llama-bench {row['model']}: {row['test']} {row['tok_s']:.1f} ± {row['stddev_tok_s']:.1f} tok/s")
     if args.json_file:
         print(f"wrote {args.json_file}")
     if args.plot:

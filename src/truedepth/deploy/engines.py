@@ -108,6 +108,10 @@ class Engine:
     def version(self) -> str:
         return ""
 
+    def extra_measurements(self, candidates: list[Candidate], settings: LoadSettings) -> dict[str, Any]:
+        """What the engine's own tools measure besides the served load (llama.cpp: llama-bench)."""
+        return {}
+
 
 class VLLMEngine(Engine):
     name = "vllm"
@@ -263,6 +267,36 @@ class LlamaCppEngine(Engine):
 
     def env(self, settings: LoadSettings) -> dict[str, str]:
         return dict(os.environ)
+
+    def extra_measurements(self, candidates: list[Candidate], settings: LoadSettings) -> dict[str, Any]:
+        """llama-bench's prompt (pp) and generation (tg) speed of every GGUF, in one call: the models run in
+        turns inside it, --repeats repetitions each (llama.cpp's own mean and standard deviation)."""
+        import json
+        import subprocess
+
+        from .llamacpp import find_program
+
+        threads = self.threads or len(os.sched_getaffinity(0))
+        argv = [str(find_program("llama-bench"))]
+        for c in candidates:
+            argv += ["-m", str(c.served)]
+        argv += ["-p", str(settings.prompt), "-n", str(settings.new), "-t", str(threads)]
+        argv += ["-r", str(settings.repeats), "-o", "json"]
+        out = subprocess.run(argv, capture_output=True, text=True, check=True, timeout=3600).stdout
+        label = {str(c.served): c.label for c in candidates}
+        rows = json.loads(out[out.index("[") : out.rindex("]") + 1])
+        return {
+            "llama_bench": [
+                {
+                    "model": label.get(r["model_filename"], r["model_filename"]),
+                    "test": f"pp{r['n_prompt']}" if r["n_prompt"] else f"tg{r['n_gen']}",
+                    "threads": r["n_threads"],
+                    "tok_s": r["avg_ts"],
+                    "stddev_tok_s": r["stddev_ts"],
+                }
+                for r in rows
+            ]
+        }
 
 
 def save_lp_folder(model: str, plan: str, dtype: str, work: Path) -> Path:
