@@ -186,34 +186,18 @@ def evaluate(args: EvalOptions) -> dict[str, Any]:
         "device": str(param.device),
     }
     progress = not args.no_progress and is_main()
+    windows = dict(tokens=args.tokens, window=args.window, stride=args.stride, batch_size=args.batch_size)
+    windows["progress"] = progress  # the same windows for perplexity alone and for fidelity
     if ids is not None and reference is not None:
         from .fidelity import fidelity
 
-        fid = fidelity(
-            reference,
-            model,
-            tokenizer,
-            ids,
-            tokens=args.tokens,
-            window=args.window,
-            stride=args.stride,
-            batch_size=args.batch_size,
-            progress=progress,
-        )  # the model's perplexity comes with it, from the same forward passes
+        # the model's perplexity comes with it, from the same forward passes
+        fid = fidelity(reference, model, tokenizer, ids, **windows)
         result.update({"text": text_spec, **{k: v for k, v in fid.items() if k in PERPLEXITY_KEYS}})
         result["against"] = args.against
         result["fidelity"] = {k: v for k, v in fid.items() if k not in PERPLEXITY_KEYS}
     elif ids is not None:
-        ppl = perplexity(
-            model,
-            tokenizer,
-            ids,
-            tokens=args.tokens,
-            window=args.window,
-            stride=args.stride,
-            batch_size=args.batch_size,
-            progress=progress,
-        )
+        ppl = perplexity(model, tokenizer, ids, **windows)
         result.update({"text": text_spec, **ppl})
     if args.mmlu_chat:
         from .fidelity import mmlu_chat_agreement
