@@ -97,7 +97,7 @@ def test_blocks_loss_refuses_neighbours_and_mixed_attention_types():
     from truedepth.apps.finetune.blockloss import check_one_attention_type
     from truedepth.apps.finetune.config import TrainConfig
 
-    with pytest.raises(ValueError, match="never reaches the --neighbours layers"):
+    with pytest.raises(ValueError, match="never reaches the --neighbours or --train-last layers"):
         TrainConfig(loss="blocks", neighbours=1).validate()
     TrainConfig(loss="distill", neighbours=1, block_weight=1.0).validate()
     check_one_attention_type(tiny_model("qwen3", layers=4).config)

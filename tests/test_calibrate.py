@@ -245,7 +245,7 @@ def test_cli_refuses_bad_calibration_options_before_loading(tiny_dir, tmp_path, 
         (["--calibrate-share", "0.5"], "pass --calibrate as well"),
         (["--calibrate", "scales", "--calibrate-share", "0"], "--calibrate-share is a share"),
         (["--calibrate", "norms", "--lora"], "does not combine with --lora"),
-        (["--calibrate", "both", "--neighbours", "1"], "drop --neighbours"),
+        (["--calibrate", "both", "--neighbours", "1"], "never the --neighbours or --train-last layers"),
         (["--calibrate", "both", "--calibrate-lr", "0"], "--calibrate-lr must be positive"),
     ]:
         assert_user_error(capsys, *base, *extra, words=words)

@@ -185,6 +185,19 @@ def test_finetune_text_mixes_generated_text_and_the_data(texts, finished):
     assert "generated itself" in (finished / "README.md").read_text()
 
 
+def test_generate_stage_asks_the_model_questions_with_generate_from_chat(tmp_path, monkeypatch):
+    from truedepth.apps.compress import report as compress_report
+
+    calls = []
+    monkeypatch.setattr(compress_stages, "load_model", lambda opts: ("model", "tokenizer"))
+    monkeypatch.setattr(compress_stages, "generate_text", lambda *a, **k: calls.append(k) or {"tokens": 10})
+    opts = compress_options.CompressOptions(target_depth=4, generate_tokens=10, generate_from="chat")
+    compress_stages.run_generate_stage(opts, tmp_path, max_seconds=60)
+    assert calls[0]["source"] == "chat" and calls[0]["max_seconds"] == 60
+    summary = {"generate": {"tokens": 10, "source": "chat"}, "corpus_share": 0.5, "options": {"data": "d"}}
+    assert "answers to questions through its chat template" in compress_report.training_text(summary)
+
+
 def test_rerun_skips_finished_stages_and_refuses_changed_options(tiny_dir, texts, finished, monkeypatch, capsys):
     out, summary = finished, json.loads((finished / compress_options.SUMMARY_FILE).read_text())
     monkeypatch.setattr(compress_stages, "run_search", lambda *a, **k: pytest.fail("search ran again"))
@@ -193,6 +206,7 @@ def test_rerun_skips_finished_stages_and_refuses_changed_options(tiny_dir, texts
     assert cli.main(compress_args(tiny_dir, texts, out)) == 0
     printed = capsys.readouterr().out
     assert all(f"{s}: finished earlier with the same options" in printed for s in compress_options.STAGES)
+    assert printed.startswith("expected: --budget-minutes 5 leaves about ")  # the budget curve's line, first
     assert json.loads((out / compress_options.SUMMARY_FILE).read_text())["perplexity"] == summary["perplexity"]
 
     # an option a finished stage used is refused, naming the option and the stage; nothing changes
@@ -314,8 +328,10 @@ def test_interrupted_finetune_resumes_from_its_checkpoint(tiny_dir, texts, finis
         (["--generate-tokens", "-1"], "--generate-tokens must be 0"),
         (["--search-dtype", "int8"], "unknown dtype 'int8'"),
         (["--lr", "0"], "--lr must be positive"),  # the fine-tune's own checks, before the search
-        (["--loss", "blocks", "--neighbours", "1"], "never reaches the --neighbours layers"),
-        (["--neighbours", "-1"], "--neighbours and --eval-every must be >= 0"),
+        (["--loss", "blocks", "--neighbours", "1"], "never reaches the --neighbours or --train-last layers"),
+        (["--neighbours", "-1"], "--neighbours, --train-last and --eval-every must be >= 0"),
+        (["--train-last", "-1"], "--neighbours, --train-last and --eval-every must be >= 0"),
+        (["--generate-from", "chat"], "tokenizer has no chat template"),  # the tiny model's: refused before the search
         (["--tokens", "0"], "--tokens must be a positive integer (got 0)"),
         (["--batch-size", "0"], "--batch-size must be a positive integer (got 0)"),
         (["--threads", "0"], "--threads must be at least 1 (got 0)"),
@@ -386,6 +402,28 @@ def test_budget_the_search_alone_overruns_is_refused_unless_the_search_is_done(
         compress_budget.check_budget(dataclasses.replace(opts, budget_minutes=need - 0.1), config, searched=False)
     monkeypatch.setattr(compress_stages, "run_search", lambda *a, **k: pytest.fail("search ran again"))
     assert cli.main(compress_args(tiny_dir, texts, finished)) == 0  # recorded search: only the step must fit
+
+
+def test_expected_quality_reads_the_budget_curve_at_the_finetunes_tokens(monkeypatch):
+    """The fine-tune's minutes: the end of its share of the budget (80 %) less the search's usual time (4.3 times
+    its least time); its tokens: those minutes at the curve machine's speed; the curve read linearly between its
+    points, and held at its ends."""
+    monkeypatch.setattr(compress_budget, "least_seconds", lambda config, opts: (600.0, 1.0, "cpu"))
+    monkeypatch.setattr(compress_budget, "CURVE_TOKENS_PER_SECOND", 10)
+    monkeypatch.setattr(compress_budget, "BUDGET_CURVE", ((0, 1.4, 1.6), (6000, 1.2, 1.4), (18000, 1.1, 1.2)))
+
+    def line(minutes):
+        return compress_budget.expected_quality(compress_options.CompressOptions(budget_minutes=minutes), None)
+
+    got = line(60)  # 48 - 43 = 5 min, 3,000 tokens: half way to the second point
+    assert (
+        "leaves about 5 min" in got and "about 3,000 tokens" in got and "held-out 1.30x and other domain 1.50x" in got
+    )
+    assert "not measured" not in got and "the budget curve was measured on" in got
+    got = line(100)  # 37 min: beyond the last point
+    assert "about 37 min" in got and "1.10x and other domain 1.20x" in got and "curve ends at 18,000 tokens" in got
+    got = line(10)  # the search takes it all
+    assert "about 0 min" in got and "about 0 tokens" in got and "1.40x and other domain 1.60x" in got
 
 
 def test_folder_with_other_content_is_refused_unless_overwrite(tiny_dir, texts, tmp_path, capsys, monkeypatch):

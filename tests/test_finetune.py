@@ -84,6 +84,42 @@ def test_only_wide_layers_train_and_neighbours_add_the_adjacent_layers():
     assert ft_model.trainable_layer_indices([1, 1, 2, 1, 3, 1, 1], 2) == [0, 1, 2, 3, 4, 5, 6]
 
 
+def test_train_last_adds_the_last_layers_and_a_private_final_norm_and_untied_head():
+    assert ft_model.trainable_layer_indices([1, 1, 2, 1, 2, 1, 1], last=2) == [2, 4, 5, 6]
+    assert ft_model.trainable_layer_indices([1, 2, 1], last=9) == [0, 1, 2]
+    base = tiny_model("llama", layers=8, seed=0)
+    norm_before = base.model.norm.weight.detach().clone()
+    student = ft_model.build_student(base, PLAN, last=2)
+    layers = ft_model.trainable_layer_indices(student.config.truedepth["layer_widths"], last=2)
+    assert layers == [2, 3, 4, 5]  # 6 layers after the plan: wide 2, 3 and the last two, 4 and 5
+    names = ft_model.freeze_all_but(student, layers, head=True)
+    assert {"model.norm.weight", "lm_head.weight"} <= set(names) and not any(
+        n.startswith("model.layers.1.") for n in names
+    )
+    assert "model.embed_tokens.weight" not in names
+    assert student.model.norm.weight is not base.model.norm.weight  # trained: the teacher keeps its own
+    assert student.lm_head.weight is not base.lm_head.weight
+    tied = tiny_model("llama", layers=8, seed=0, tie_word_embeddings=True)
+    tied_student = ft_model.build_student(tied, PLAN, last=2)
+    names = ft_model.freeze_all_but(tied_student, layers, head=True)
+    assert "model.norm.weight" in names and "lm_head.weight" not in names  # the input embeddings stay
+    assert tied_student.lm_head.weight is tied.lm_head.weight is tied.model.embed_tokens.weight
+    assert student.model.layers[1].mlp.up_proj.weight is base.model.layers[1].mlp.up_proj.weight
+    with torch.no_grad():
+        student.model.norm.weight.add_(1.0)
+        student.model.layers[5].mlp.down_proj.weight.mul_(2.0)
+    assert torch.equal(base.model.norm.weight, norm_before)
+    # the original model still gives its own logits, through the teacher that starts at the split
+    split = ft_model.shared_prefix_length(truedepth.as_plan(PLAN).blocks(8), layers)
+    teacher = ft_model.Teacher(base, student.model.layers, split)
+    ids = torch.randint(3, 128, (2, 10))
+    with torch.no_grad():
+        student(input_ids=ids, use_cache=False)
+        got = teacher(ids)
+    torch.testing.assert_close(got, tiny_model("llama", layers=8, seed=0)(ids).logits, rtol=0, atol=1e-6)
+    teacher.close()
+
+
 def test_student_shares_frozen_weights_and_leaves_the_base_model_intact():
     base = tiny_model("llama", layers=8, seed=0)
     ids = torch.randint(3, 128, (2, 12))
@@ -443,6 +479,22 @@ def test_cli_trains_saves_summarises_and_resumes_identically(tiny_dir, tmp_path,
     resumed = json.loads((killed / ft_config.SUMMARY_FILE).read_text())
     assert resumed["perplexity"] == summary["perplexity"] and resumed["evals"] == summary["evals"]
     assert cli.main(finetune_args(tiny_dir, tmp_path, killed)) == 2  # finished run: --overwrite needed
+
+
+def test_cli_train_last_saves_trained_last_layers_and_norm_and_nothing_else(tiny_dir, tmp_path, capsys):
+    out = tmp_path / "last"
+    assert cli.main(finetune_args(tiny_dir, tmp_path, out, "--train-last", "1", "--no-eval")) == 0
+    assert json.loads((out / ft_config.SUMMARY_FILE).read_text())["config"]["train_last"] == 1
+    model, _ = truedepth.load(out)
+    lp, _ = truedepth.load(tiny_dir, plan=PLAN)
+    state, before = dict(model.named_parameters()), dict(lp.named_parameters())
+    layer_of = lambda n: ".".join(n.split(".")[:3]) if n.startswith("model.layers.") else n  # noqa: E731
+    changed = {layer_of(n) for n, p in state.items() if not torch.equal(p, before[n])}
+    assert changed == {"model.layers.2", "model.layers.3", "model.layers.5", "model.norm.weight", "lm_head.weight"}
+    for extra, message in ((["--lora"], "does not combine with --lora"), (["--loss", "blocks"], "--train-last layers")):
+        assert cli.main(finetune_args(tiny_dir, tmp_path, tmp_path / "bad", "--train-last", "1", *extra)) == 2
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
 
 
 def test_cli_lora_merges_into_a_loadable_model(tiny_dir, tmp_path):

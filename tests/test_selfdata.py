@@ -12,7 +12,7 @@ from truedepth.apps.finetune import selfdata
 from truedepth.apps.finetune import train as ft_train
 from truedepth.apps.finetune.config import TrainConfig
 from truedepth.apps.finetune.model import Teacher, freeze_all_but
-from truedepth.utils.errors import InputPathError
+from truedepth.utils.errors import InputPathError, UserError
 
 
 def test_generation_is_seeded_resumable_and_starts_from_bos(tmp_path):
@@ -53,6 +53,70 @@ def test_generation_stops_at_its_time_limit_keeping_what_it_wrote(tmp_path):
     assert done["stopped_by"] == "time" and done["parts"] == 0
     with pytest.raises(InputPathError, match="holds no generated text"):
         selfdata.read_generated(tmp_path)
+
+
+POOLS = {
+    "wordnet": ("scorch, singe (noun): a surface burn", "parented (adjective): having a parent"),
+    "fortune": ("Patience is a minor form of despair, disguised as virtue.",),
+    "mmlu": ("Answer this question about anatomy and explain your answer.\n\nWhat is 2+2?\nA. 3\nB. 4\nC. 5\nD. 6",),
+}
+
+
+def chat_tokenizer():
+    tok = char_tokenizer()
+    tok.chat_template = (
+        "{% for m in messages %}<s>{{ m['role'] }}\n{{ m['content'] }}</s>\n{% endfor %}"
+        "{% if add_generation_prompt %}<s>assistant\n{% endif %}"
+    )
+    return tok
+
+
+def test_chat_generation_is_seeded_resumable_and_renders_each_exchange(tmp_path, monkeypatch):
+    from truedepth.measure.eval.fidelity import greedy_answers
+
+    monkeypatch.setattr(selfdata, "question_pools", lambda: POOLS)
+    model, tok = tiny_model("llama", layers=2, seed=3), chat_tokenizer()
+    run = dict(tokens=400, batch_size=3, length=12, progress=False, source="chat")
+    first = selfdata.generate_text(model, tok, tmp_path / "a", **run)
+    parts = selfdata.finished_parts(tmp_path / "a")
+    kept = [p.read_text() for p in parts]
+    count = [len(tok(k, add_special_tokens=False)["input_ids"]) for k in kept]
+    assert first["parts"] == len(parts) >= 2 and first["tokens"] == sum(count) >= 400 > sum(count[:-1])
+    parts[-1].unlink()
+    again = selfdata.generate_text(model, tok, tmp_path / "a", **run)
+    assert (
+        again["tokens"] == first["tokens"] and [p.read_text() for p in selfdata.finished_parts(tmp_path / "a")] == kept
+    )
+    # part 1: the questions its seed draws, each followed by the answer the model samples with that seed
+    seed = selfdata.part_seed(0, 1)
+    questions = selfdata.chat_questions(3, seed)
+    prompts = [
+        tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
+        for q in questions
+    ]
+    torch.manual_seed(seed)
+    answers = greedy_answers(model, tok, prompts, 12, 3, progress=False, temperature=0.7, top_p=0.9)
+    expected = [f"<s>user\n{q}</s>\n<s>assistant\n{a.strip()}</s>\n" for q, a in zip(questions, answers)]
+    assert kept[1] == selfdata.SEPARATOR.join(expected) + selfdata.SEPARATOR
+    assert any(a.strip() for a in answers)
+    with pytest.raises(UserError, match="no chat template.*--generate-from bos"):
+        selfdata.generate_text(model, char_tokenizer(), tmp_path / "b", **run)
+    assert not (tmp_path / "b").exists()
+
+
+def test_chat_questions_come_from_every_kind_of_material_and_never_an_mmlu_test_question():
+    from truedepth.measure.eval.tasks import MMLU_SUBJECTS, mmlu_splits
+
+    pools = selfdata.question_pools()
+    assert 250 < len(pools["mmlu"]) < 5 * len(MMLU_SUBJECTS) and len(pools["wordnet"]) > 100_000
+    tested = {d["question"].strip() for s in MMLU_SUBJECTS for d in mmlu_splits(s)[1]}
+    assert not any(q.split("\n\n", 1)[1].split("\nA. ")[0] in tested for q in pools["mmlu"])
+    questions = selfdata.chat_questions(400, seed=7)
+    assert questions == selfdata.chat_questions(400, seed=7) != selfdata.chat_questions(400, seed=8)
+    assert sum(q.startswith("What does the ") for q in questions) > 50  # a word to define
+    assert sum(q.startswith("What does this mean?") for q in questions) > 50  # a fortune to explain
+    assert sum(q.startswith("Answer this question about ") for q in questions) > 50  # MMLU
+    assert sum(any(q.startswith(t.split("{}")[0]) for t in selfdata._ASK_ABOUT) for q in questions) > 50
 
 
 @pytest.mark.parametrize("share", [0.25, 0.5, 0.75])

@@ -147,13 +147,14 @@ def resident_mib(server) -> float:
 
 
 def test_two_hundred_requests_leave_memory_flat(server):
-    def short(i: int) -> int:
-        return post(server, {"prompt": f"{TOPICS[i % len(TOPICS)]} (request {i})", "max_tokens": 4})[0]
+    def short(i: int) -> int:  # one new token: each request allocates and frees what a longer one would
+        return post(server, {"prompt": f"{TOPICS[i % len(TOPICS)]} (request {i})", "max_tokens": 1})[0]
 
-    with ThreadPoolExecutor(8) as pool:
-        assert set(pool.map(short, range(100))) == {200}  # warm: allocator pools and caches filled
-        before = resident_mib(server)
-        assert set(pool.map(short, range(100, 300))) == {200}
+    # one after another, as the issue says: concurrent requests batch differently with the machine's load, and
+    # each new batch shape adds kernels to oneDNN's (bounded) primitive cache, which is not growth per request
+    assert {short(i) for i in range(20)} == {200}  # warm: allocator pools and caches filled
+    before = resident_mib(server)
+    assert {short(i) for i in range(20, 220)} == {200}
     after = resident_mib(server)
     print(f"server RSS {before:.0f} MiB -> {after:.0f} MiB over 200 requests (pid {os.getpid()})")
     assert after - before < RSS_GROWTH_MIB

@@ -160,8 +160,8 @@ def finetune_from_repair(opts, finetune_args):
     original, tok = ft_pipeline.build_student, load_tokenizer(opts.model, resolve(opts.model))
     repaired = []
 
-    def build_and_repair(base, plan, neighbours=0):
-        student = original(base, plan, neighbours)
+    def build_and_repair(base, plan, *args):
+        student = original(base, plan, *args)
         repair(student, base, tok, opts)
         repaired.append(plan)
         return student

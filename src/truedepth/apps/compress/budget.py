@@ -18,6 +18,20 @@ from .options import STAGES, CompressOptions
 # --max-minutes with the tokens fitted to it); the evaluation (four models on two texts) keeps its share.
 BUDGET_SHARES = {"search": 0.20, "generate": 0.10, "finetune": 0.50, "evaluate": 0.20, "save": 0.0, "serve": 0.0}
 
+# The budget curve (docs/COMPRESS.md, "What a budget buys"): the default model's searched depth-24 plan
+# fine-tuned with compress's training text on this many tokens, then perplexity as a multiple of the base
+# model's on the first 8,192 tokens of the held-out novel and of the other-domain text (2026-12-05). 0 tokens:
+# the searched plan untrained.
+BUDGET_CURVE = (  # (fine-tuning tokens, held-out, other domain)
+    (0, 1.333, 1.390),
+    (49_152, 1.098, 1.180),
+    (98_304, 1.072, 1.151),
+    (196_608, 1.058, 1.127),
+    (393_216, 1.035, 1.108),
+)
+CURVE_TOKENS_PER_SECOND = 578  # compress's fine-tune on the curve's machine (2 threads, batch 4 x 256, bf16)
+SEARCH_OVER_FLOOR = 4.3  # the whole search took 2.0 (bf16) to 4.3 (fp32) times its least time (docs/COMPRESS.md)
+
 
 def layer_and_head_weights(config: Any) -> tuple[int, int]:
     """Matrix weights one token passes through in one decoder layer (of an original model: all alike), and in
@@ -81,6 +95,36 @@ def check_budget(opts: CompressOptions, config: Any, searched: bool) -> None:
             f"{after}, less than one training step (about {step:.3g} s or more on {device}); "
             f"pass --budget-minutes {need:g} or more."
         )
+
+
+def expected_quality(opts: CompressOptions, config: Any) -> str:
+    """What the budget can be expected to reach, from the budget curve: the fine-tune's minutes once the search
+    has taken its usual time, the tokens they hold on the curve's machine, read off the curve. The curve's
+    machine, not this one: a step's real cost is not predictable from matmul speed alone."""
+    search, _, _ = least_seconds(config, opts)
+    finetune_end = sum(BUDGET_SHARES[s] for s in STAGES[: STAGES.index("finetune") + 1])
+    minutes = max(0.0, opts.budget_minutes * finetune_end - SEARCH_OVER_FLOOR * search / 60)
+    tokens = int(minutes * 60 * CURVE_TOKENS_PER_SECOND)
+    held, other = curve_at(tokens)
+    most = BUDGET_CURVE[-1][0]
+    beyond = f"; the curve ends at {most:,} tokens, more is not measured" if tokens > most else ""
+    return (
+        f"expected: --budget-minutes {opts.budget_minutes:g} leaves about {minutes:.0f} min of fine-tuning after the "
+        f"search, about {tokens:,} tokens on the 2-core CPU the budget curve was measured on "
+        f"({CURVE_TOKENS_PER_SECOND} tokens/s; faster hardware trains more); on the default model at depth 24 that "
+        f"reached held-out {held:.2f}x and other domain {other:.2f}x the base model's perplexity{beyond} (other "
+        "models and depths differ: docs/COMPRESS.md)"
+    )
+
+
+def curve_at(tokens: int) -> tuple[float, float]:
+    """(held-out, other domain) of the budget curve at `tokens`, linear between its points (the last beyond it)."""
+    points = BUDGET_CURVE
+    for (t0, h0, o0), (t1, h1, o1) in zip(points, points[1:]):
+        if tokens <= t1:
+            f = (tokens - t0) / (t1 - t0)
+            return h0 + f * (h1 - h0), o0 + f * (o1 - o0)
+    return points[-1][1], points[-1][2]
 
 
 def stage_seconds_left(opts: CompressOptions, records: dict[str, dict], stage: str) -> float:

@@ -103,6 +103,7 @@ def check_options(opts: CompressOptions) -> None:
                 "batch_size",
                 "lr",
                 "neighbours",
+                "train_last",
                 "checkpoint_every",
                 "block_weight",
                 "warmup",
@@ -143,6 +144,17 @@ def check_engine(opts: CompressOptions) -> None:
     engine_for(opts.engine).check_installed()
 
 
+def check_chat_generation(opts: CompressOptions) -> None:
+    """--generate-from chat: the tokenizer has a chat template and the question material is fetched."""
+    if not opts.generate_tokens or opts.generate_from != "chat":
+        return
+    from ...core.loading import load_tokenizer, resolve
+    from ..finetune import check_chat_template, question_pools
+
+    check_chat_template(load_tokenizer(opts.model, resolve(opts.model)))
+    question_pools()
+
+
 def check_inputs(opts: CompressOptions) -> tuple[int, str]:
     """Everything that can be refused before any work: returns (model depth, device)."""
     from ...core.loading import read_config
@@ -158,5 +170,6 @@ def check_inputs(opts: CompressOptions) -> tuple[int, str]:
     check_output(Path(opts.out), opts.overwrite)
     check_budget(opts, config, searched=read_stage(Path(opts.out), "search") is not None and not opts.overwrite)
     check_engine(opts)
+    check_chat_generation(opts)
     device, _ = device_and_dtype(opts.device, opts.dtype)
     return layers, device

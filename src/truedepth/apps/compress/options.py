@@ -33,9 +33,16 @@ class CompressGenerated:
     group_title = "training"
     generate_tokens: int = option(
         0,
-        "tokens of text the base model generates itself (from BOS, temperature 1) to "
-        "distil on as well: data-free distillation. 0: none (on the default model it did "
-        "worse than the training novels alone, docs/COMPRESS.md). Default: 0",
+        "tokens of text the base model generates itself (--generate-from) to distil on as well. 0: none (on "
+        "the default model neither kind beat the training text alone at equal tokens, docs/COMPRESS.md). Default: 0",
+    )
+    generate_from: str = option(
+        "bos",
+        "what the base model generates: bos: samples from the BOS token alone (temperature 1); chat: its "
+        "answers (temperature 0.7) to questions built from offline training material (WordNet words to "
+        "define or write about, fortunes to explain, MMLU's few-shot questions) through its chat template: "
+        "self-distillation on its own answers",
+        choices=("bos", "chat"),
     )
     corpus_share: float | None = option(
         None,
@@ -137,7 +144,7 @@ STAGES = ("search", "generate", "finetune", "evaluate", "save", "serve")
 # written before an option existed counts as that option's default (stages.check_unchanged).
 STAGE_INPUTS = {
     "search": ("model", "target_depth", "dtype", "data", *option_names(CalibrationOptions)),
-    "generate": ("generate_tokens", "budget_minutes"),
+    "generate": ("generate_tokens", "generate_from", "budget_minutes"),
     "finetune": (*TRAJECTORY_OPTIONS, "corpus_share", "budget_minutes"),
     "evaluate": (
         *option_names(EvalTextOptions),

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from ...utils.env import use_threads
-from .budget import BUDGET_SHARES, stage_seconds_left
+from .budget import BUDGET_SHARES, expected_quality, stage_seconds_left
 from .checks import check_inputs
 from .options import STAGE_DIR, STAGES, SUMMARY_FILE, CompressOptions
 from .report import show_report, write_report
@@ -40,6 +40,9 @@ def run_compress(opts: CompressOptions) -> dict[str, Any]:
     out = Path(opts.out)
     if not opts.overwrite:
         check_unchanged(out, opts)
+    from ...core.loading import read_config
+
+    print(expected_quality(opts, read_config(opts.model)))
     prepare_folder(out, opts.overwrite)
     records: dict[str, dict[str, Any]] = {}
     clock = Clock(opts.budget_minutes)

@@ -250,8 +250,10 @@ truedepth export --model path/to/this/folder --gguf model.gguf --type q8_0   # f
 Where LP pays: a fused wide layer reads the same weight bytes and does the same FLOPs as the layers
 it replaces, so it saves only per-layer work (attention calls, norms, kernel launches; all-reduces under
 tensor parallelism). On a 2-core CPU in vLLM that was 6-10 % more output tokens/s at concurrency 1-16
-for a depth-24 plan of SmolLM2-135M (truedepth docs/SERVING.md, 2026-12-05); it grows with the batch
-and under tensor parallelism. Measure your own set-up with `truedepth bench --engine vllm`.
+for a depth-24 plan of SmolLM2-135M, about the same at every level; at tensor-parallel size 2 (a
+Qwen2.5-0.5B shape) 5-13 % less time per output token at concurrency 1-8; in llama.cpp's server nothing
+(0.95-1.01x) (truedepth docs/SERVING.md, 2026-12-05). Measure your own set-up with
+`truedepth bench --engine vllm` (or `--engine llama.cpp`).
 
 The folder is an ordinary truedepth model (safetensors, `config.truedepth` records the plan).
 Everything measured is in `compress.json`.
@@ -262,10 +264,13 @@ def training_text(summary: dict[str, Any]) -> str:
     gen, share, data = summary["generate"], summary["corpus_share"], summary["options"]["data"]
     if not gen.get("tokens"):
         return f"`{data}`"
-    return (
-        f"{1 - share:.0%} text the base model generated itself ({gen['tokens']:,} tokens sampled from BOS at "
-        f"temperature 1: data-free distillation) and {share:.0%} `{data}`"
+    how = (
+        "its answers to questions through its chat template: self-distillation"
+        if gen.get("source") == "chat"
+        else "sampled from BOS at temperature 1: data-free distillation"
     )
+    generated = f"{1 - share:.0%} text the base model generated itself ({gen['tokens']:,} tokens, {how})"
+    return f"{generated} and {share:.0%} `{data}`"
 
 
 def plot_quality(summary: dict[str, Any], path: Path) -> None:

@@ -162,12 +162,19 @@ def run_search_stage(opts: CompressOptions) -> dict[str, Any]:
 
 
 def run_generate_stage(opts: CompressOptions, out: Path, max_seconds: float) -> dict[str, Any]:
-    """Text the base model samples itself (data-free distillation), in resumable parts under DIR/generated."""
+    """Text the base model samples itself (data-free distillation) or its answers to questions
+    (self-distillation), in resumable parts under DIR/generated."""
     if not opts.generate_tokens:
         return {"tokens": 0, "parts": 0, "seconds": 0.0, "stopped_by": None}
     model, tokenizer = load_model(opts)
     return generate_text(
-        model, tokenizer, out / GENERATED_DIR, opts.generate_tokens, max_seconds=max_seconds, progress=not opts.quiet
+        model,
+        tokenizer,
+        out / GENERATED_DIR,
+        opts.generate_tokens,
+        max_seconds=max_seconds,
+        progress=not opts.quiet,
+        source=opts.generate_from,
     ) | {"max_seconds": round(max_seconds, 1)}
 
 

@@ -23,7 +23,7 @@ from .config import (
     TrainOptions,
 )
 from .pipeline import run_finetune
-from .selfdata import generate_text, mix_texts, read_generated
+from .selfdata import check_chat_template, generate_text, mix_texts, question_pools, read_generated
 
 __all__ = [
     "CURVE_FILE",
@@ -36,9 +36,11 @@ __all__ = [
     "FinetuneOptions",
     "TrainConfig",
     "TrainOptions",
+    "check_chat_template",
     "generate_text",
     "latest_checkpoint",
     "mix_texts",
+    "question_pools",
     "read_generated",
     "run_finetune",
 ]

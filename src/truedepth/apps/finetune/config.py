@@ -110,6 +110,12 @@ class TrainOptions(SeedOption):
     neighbours: int = option(
         0, "also train this many ordinary layers on each side of every wide block. Default: 0 (wide layers only)"
     )
+    train_last: int = option(
+        0,
+        "also train the model's last N layers, its final norm and its LM head (unless the head is tied to the "
+        "input embeddings, as in the default model: then it stays). Default: 0",
+        metavar="N",
+    )
     train_dtype: str = option(
         "auto",
         "precision of the training forward/backward (torch.autocast; frozen weights "
@@ -178,15 +184,17 @@ class TrainConfig(TrainOptions):
             raise UserError(f"--lr must be positive (got {self.lr}).")
         if not 0 <= self.warmup < 1:
             raise UserError(f"--warmup is a fraction of the steps in [0, 1) (got {self.warmup}).")
-        if self.neighbours < 0 or self.eval_every < 0:
-            raise UserError("--neighbours and --eval-every must be >= 0.")
+        if self.neighbours < 0 or self.eval_every < 0 or self.train_last < 0:
+            raise UserError("--neighbours, --train-last and --eval-every must be >= 0.")
         if not self.block_weight >= 0:
             raise UserError(f"--block-weight must be >= 0 (got {self.block_weight}).")
-        if self.loss == "blocks" and self.neighbours:
+        if self.loss == "blocks" and (self.neighbours or self.train_last):
             raise UserError(
                 "--loss blocks trains each wide layer on its own error, which never reaches the "
-                "--neighbours layers; use --loss distill --block-weight W to train them as well."
+                "--neighbours or --train-last layers; use --loss distill --block-weight W to train them as well."
             )
+        if self.train_last and self.lora:
+            raise UserError("--train-last trains full weights; it does not combine with --lora.")
         if self.block_weight and self.loss != "distill":
             raise UserError(
                 f"--block-weight adds the blocks loss to --loss distill, not to --loss {self.loss}; "
@@ -209,10 +217,10 @@ class TrainConfig(TrainOptions):
             raise UserError(f"--calibrate-lr must be positive (got {self.calibrate_lr}).")
         if self.lora:
             raise UserError("--calibrate trains vectors folded into the full weights; it does not combine with --lora.")
-        if self.neighbours and not self.weights_train:
+        if (self.neighbours or self.train_last) and not self.weights_train:
             raise UserError(
                 "--calibrate-share 1 trains only the wide layers' calibration vectors, never the --neighbours "
-                "layers; drop --neighbours or pass --calibrate-share below 1."
+                "or --train-last layers; drop them or pass --calibrate-share below 1."
             )
 
     def trajectory(self) -> dict[str, Any]:

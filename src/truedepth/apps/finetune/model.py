@@ -28,13 +28,21 @@ def wide_members(plan: Any, depth: int) -> dict[int, tuple[int, ...]]:
     return {i: b.layers for i, b in enumerate(as_plan(plan).blocks(depth)) if b.kind == "parallel"}
 
 
-def trainable_layer_indices(layer_widths: list[int], neighbours: int = 0) -> list[int]:
-    """Wide layers plus `neighbours` ordinary layers on each side of every wide block."""
+def trainable_layer_indices(layer_widths: list[int], neighbours: int = 0, last: int = 0) -> list[int]:
+    """Wide layers plus `neighbours` ordinary layers on each side of every wide block, plus the `last` layers."""
     wide = [i for i, w in enumerate(layer_widths) if w > 1]
-    chosen = set(wide)
+    chosen = set(wide) | set(range(max(0, len(layer_widths) - last), len(layer_widths)))
     for i in wide:
         chosen.update(j for j in range(i - neighbours, i + neighbours + 1) if 0 <= j < len(layer_widths))
     return sorted(chosen)
+
+
+def head_parameters(model: Any) -> list[torch.nn.Parameter]:
+    """What --train-last trains after the last layers: the final norm, and the LM head unless it is the input
+    embedding matrix (tied: training it would move every token's input too)."""
+    head = model.get_output_embeddings().weight
+    tied = head is model.get_input_embeddings().weight
+    return list(model.get_decoder().norm.parameters()) + ([] if tied else [head])
 
 
 def check_plan_has_parallel_groups(plan: Any, recorded: dict[str, Any] | None = None) -> None:
@@ -57,12 +65,13 @@ def check_plan_has_parallel_groups(plan: Any, recorded: dict[str, Any] | None = 
         )
 
 
-def build_student(base: Any, plan: Any, neighbours: int = 0) -> Any:
+def build_student(base: Any, plan: Any, neighbours: int = 0, last: int = 0) -> Any:
     """A transformed copy of `base` that shares every weight it will not train with `base`.
 
     `base` itself stays the original model (the distillation teacher and the 'base' perplexity).
     Only the layers the plan rewrites and the trainable neighbours are copied; all other
-    parameters (embeddings, untouched layers, head) are the same tensors in both models.
+    parameters (embeddings, untouched layers, head) are the same tensors in both models; with `last`, the
+    final norm and an untied head are the student's own as well.
     """
     from ...core.plan import as_plan, widths
     from ...core.transform import apply_plan, decoder_layers
@@ -70,27 +79,30 @@ def build_student(base: Any, plan: Any, neighbours: int = 0) -> Any:
     plan = as_plan(plan)
     layers = decoder_layers(base)
     blocks = plan.blocks(len(layers))
-    trained_new = trainable_layer_indices(widths(blocks), neighbours)
+    trained_new = trainable_layer_indices(widths(blocks), neighbours, last)
     # never share what apply_plan rewrites (it moves fused members to meta) or what training changes
     private = {j for b in blocks if b.kind != "keep" for j in b.layers}
     private |= {j for i in trained_new for j in blocks[i].layers}
     own = {id(p) for j in private for p in layers[j].parameters()}
+    if last:
+        own |= {id(p) for p in head_parameters(base)}
     memo = {id(p): p for p in base.parameters() if id(p) not in own}
     student = copy.deepcopy(base, memo)
     apply_plan(student, plan)
     return student
 
 
-def freeze_all_but(model: Any, layer_indices: list[int]) -> list[str]:
-    """Freeze every parameter except those of the given decoder layers; return the trained names."""
+def freeze_all_but(model: Any, layer_indices: list[int], head: bool = False) -> list[str]:
+    """Freeze every parameter except those of the given decoder layers (and with `head`, the final norm and an
+    untied LM head); return the trained names."""
     from ...core.arch import decoder_layers
 
     layers = decoder_layers(model)
     for p in model.parameters():
         p.requires_grad_(False)
-    for i in layer_indices:
-        for p in layers[i].parameters():
-            p.requires_grad_(True)
+    trained = [p for i in layer_indices for p in layers[i].parameters()]
+    for p in trained + (head_parameters(model) if head else []):
+        p.requires_grad_(True)
     return [n for n, p in model.named_parameters() if p.requires_grad]
 
 

@@ -235,7 +235,7 @@ def prepare_models(args: FinetuneOptions, cfg: TrainConfig, device: Any, dtype: 
     recorded = transformed_record(base.config)
     if recorded is not None:
         plan = _already_transformed(args, cfg, recorded)
-        trained = trainable_layer_indices(recorded_widths(base.config), cfg.neighbours)
+        trained = trainable_layer_indices(recorded_widths(base.config), cfg.neighbours, cfg.train_last)
         return Setup(base, None, tokenizer, plan, trained, 0)
     return student_setup(base, tokenizer, as_plan(args.plan or DEFAULT_PLAN), cfg)
 
@@ -244,8 +244,8 @@ def student_setup(base: Any, tokenizer: Any, plan: Any, cfg: TrainConfig) -> Set
     """The student `plan` makes of `base` (sharing its frozen weights), the layers that train in it, and the
     leading layers it shares with the teacher."""
     check_plan_has_parallel_groups(plan)
-    student = build_student(base, plan, cfg.neighbours)
-    trained = trainable_layer_indices(recorded_widths(student.config), cfg.neighbours)
+    student = build_student(base, plan, cfg.neighbours, cfg.train_last)
+    trained = trainable_layer_indices(recorded_widths(student.config), cfg.neighbours, cfg.train_last)
     split = shared_prefix_length(plan.blocks(recorded_depth(student)), trained)
     return Setup(student, base, tokenizer, plan, trained, split)
 
@@ -279,7 +279,7 @@ def make_trainable(setup: Setup, cfg: TrainConfig, train_dtype: torch.dtype) -> 
     `train_dtype` for everything frozen; the distillation teacher when needed."""
     from ...core.arch import decoder_layers
 
-    freeze_all_but(setup.student, setup.trained_layers)
+    freeze_all_but(setup.student, setup.trained_layers, head=cfg.train_last > 0)
     model = add_lora(setup.student, setup.trained_layers, cfg.lora_rank, cfg.lora_alpha) if cfg.lora else setup.student
     if cfg.calibrate != "none":
         calibrate_model(model, cfg.calibrate, cfg.weights_train)
@@ -317,8 +317,8 @@ def final_model(
         from ...core.transform import apply_plan
 
         apply_plan(model, args.plan or DEFAULT_PLAN)
-    layers = trainable_layer_indices(recorded_widths(model.config), cfg.neighbours)
-    freeze_all_but(model, layers)
+    layers = trainable_layer_indices(recorded_widths(model.config), cfg.neighbours, cfg.train_last)
+    freeze_all_but(model, layers, head=cfg.train_last > 0)
     if cfg.lora:
         model = add_lora(model, layers, cfg.lora_rank, cfg.lora_alpha)
     if cfg.calibrate != "none":

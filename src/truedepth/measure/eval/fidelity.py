@@ -248,9 +248,12 @@ def greedy_answers(
     batch_size: int = MMLU_CHAT_BATCH,
     progress: bool = True,
     desc: str = "answers",
+    temperature: float = 0.0,
+    top_p: float = 1.0,
 ) -> list[str]:
     """The first `new_tokens` tokens `model` decodes greedily after each prompt (left-padded batches of
-    prompts of similar length), decoded without special tokens."""
+    prompts of similar length), decoded without special tokens. With `temperature` > 0 it samples instead
+    (and `top_p`): seed torch first for the same answers again."""
     from tqdm.auto import tqdm
 
     encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
@@ -270,10 +273,10 @@ def greedy_answers(
             out = model.generate(
                 input_ids=ids,
                 attention_mask=mask,
-                do_sample=False,
-                temperature=None,
+                do_sample=temperature > 0,
+                temperature=temperature or None,
                 top_k=None,
-                top_p=None,  # greedy: silence the model's sampling defaults
+                top_p=top_p if temperature > 0 else None,  # greedy: silence the model's sampling defaults
                 max_new_tokens=new_tokens,
                 pad_token_id=pad,
             )
