@@ -119,12 +119,10 @@ def expected_quality(opts: CompressOptions, config: Any) -> str:
 
 def curve_at(tokens: int) -> tuple[float, float]:
     """(held-out, other domain) of the budget curve at `tokens`, linear between its points (the last beyond it)."""
-    points = BUDGET_CURVE
-    for (t0, h0, o0), (t1, h1, o1) in zip(points, points[1:]):
-        if tokens <= t1:
-            f = (tokens - t0) / (t1 - t0)
-            return h0 + f * (h1 - h0), o0 + f * (o1 - o0)
-    return points[-1][1], points[-1][2]
+    import numpy as np
+
+    xs, held, other = zip(*BUDGET_CURVE)
+    return float(np.interp(tokens, xs, held)), float(np.interp(tokens, xs, other))
 
 
 def stage_seconds_left(opts: CompressOptions, records: dict[str, dict], stage: str) -> float:

@@ -155,8 +155,8 @@ def check_chat_generation(opts: CompressOptions) -> None:
     question_pools()
 
 
-def check_inputs(opts: CompressOptions) -> tuple[int, str]:
-    """Everything that can be refused before any work: returns (model depth, device)."""
+def check_inputs(opts: CompressOptions) -> tuple[Any, str]:
+    """Everything that can be refused before any work: returns (the model's config, device)."""
     from ...core.loading import read_config
     from ...utils.device import device_and_dtype
     from .budget import check_budget
@@ -166,10 +166,10 @@ def check_inputs(opts: CompressOptions) -> tuple[int, str]:
         raise UserError("give --out DIR, the folder that will hold the compressed model.")
     check_options(opts)
     config = read_config(opts.model)
-    layers = check_target_depth(config, opts.target_depth, opts.model)
+    check_target_depth(config, opts.target_depth, opts.model)
     check_output(Path(opts.out), opts.overwrite)
     check_budget(opts, config, searched=read_stage(Path(opts.out), "search") is not None and not opts.overwrite)
     check_engine(opts)
     check_chat_generation(opts)
     device, _ = device_and_dtype(opts.device, opts.dtype)
-    return layers, device
+    return config, device

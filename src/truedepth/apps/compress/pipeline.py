@@ -36,13 +36,12 @@ def prepare_folder(out: Path, overwrite: bool) -> None:
 def run_compress(opts: CompressOptions) -> dict[str, Any]:
     """Run (or resume) every stage as `opts` says; returns compress.json's content."""
     use_threads(opts.threads)  # before the checks: the budget check times matmuls
-    layers, device = check_inputs(opts)
+    config, device = check_inputs(opts)
+    layers = config.num_hidden_layers
     out = Path(opts.out)
     if not opts.overwrite:
         check_unchanged(out, opts)
-    from ...core.loading import read_config
-
-    print(expected_quality(opts, read_config(opts.model)))
+    print(expected_quality(opts, config))
     prepare_folder(out, opts.overwrite)
     records: dict[str, dict[str, Any]] = {}
     clock = Clock(opts.budget_minutes)

@@ -146,11 +146,11 @@ def check_chat_template(tokenizer: Any) -> None:
 def generate_conversations(model: Any, tokenizer: Any, batch_size: int, length: int, seed: int) -> list[str]:
     """`batch_size` conversations: a question (chat_questions) and the answer the model samples to it (at most
     `length` tokens), rendered by the chat template as the model sees a finished exchange."""
-    from ...measure.eval.fidelity import greedy_answers
+    from ...measure.eval.fidelity import greedy_answers, user_turn
 
     check_chat_template(tokenizer)
     questions = chat_questions(batch_size, seed)
-    prompts = [chat_prompt(tokenizer, q) for q in questions]
+    prompts = [user_turn(tokenizer, q) for q in questions]
     torch.manual_seed(seed)
     answers = greedy_answers(
         model, tokenizer, prompts, length, batch_size, progress=False, temperature=CHAT_TEMPERATURE, top_p=CHAT_TOP_P
@@ -161,12 +161,6 @@ def generate_conversations(model: Any, tokenizer: Any, batch_size: int, length: 
         )
         for q, a in zip(questions, answers)
     ]
-
-
-def chat_prompt(tokenizer: Any, question: str) -> str:
-    return tokenizer.apply_chat_template(
-        [{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True
-    )
 
 
 # =============================================================================================

@@ -216,7 +216,14 @@ def mmlu_chat_prompt(tokenizer: Any, doc: dict) -> str:
     )
     if not getattr(tokenizer, "chat_template", None):
         return ask + "\nAnswer:"
-    return tokenizer.apply_chat_template([{"role": "user", "content": ask}], tokenize=False, add_generation_prompt=True)
+    return user_turn(tokenizer, ask)
+
+
+def user_turn(tokenizer: Any, text: str) -> str:
+    """`text` as a user message in the tokenizer's chat template, ready for the assistant's answer."""
+    return tokenizer.apply_chat_template(
+        [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
+    )
 
 
 # "B", "B.", "(B)", "B) text", "**C**: text", "D 5"; not "A cat" (the article)
