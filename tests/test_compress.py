@@ -417,13 +417,13 @@ def test_expected_quality_reads_the_budget_curve_at_the_finetunes_tokens(monkeyp
 
     got = line(60)  # 48 - 43 = 5 min, 3,000 tokens: half way to the second point
     assert (
-        "leaves about 5 min" in got and "about 3,000 tokens" in got and "held-out 1.30x and other domain 1.50x" in got
+        "leaves about 5 min" in got and "about 3,000 tokens" in got and "held-out 1.300x and other domain 1.500x" in got
     )
     assert "not measured" not in got and "the budget curve was measured on" in got
     got = line(100)  # 37 min: beyond the last point
-    assert "about 37 min" in got and "1.10x and other domain 1.20x" in got and "curve ends at 18,000 tokens" in got
+    assert "about 37 min" in got and "1.100x and other domain 1.200x" in got and "curve ends at 18,000 tokens" in got
     got = line(10)  # the search takes it all
-    assert "about 0 min" in got and "about 0 tokens" in got and "1.40x and other domain 1.60x" in got
+    assert "about 0 min" in got and "about 0 tokens" in got and "1.400x and other domain 1.600x" in got
 
 
 def test_folder_with_other_content_is_refused_unless_overwrite(tiny_dir, texts, tmp_path, capsys, monkeypatch):

@@ -1,10 +1,11 @@
 """`truedepth bench --engine`: servers that always stop, refusals before any server starts, the summary's
-arithmetic, and one end-to-end run of vLLM on tiny models (JSON fields, no process left behind)."""
+arithmetic, and one end-to-end run of vLLM: the README's example (JSON fields, no process left behind)."""
 
 from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -15,9 +16,11 @@ import time
 import psutil
 import pytest
 from helpers.cli import assert_user_error
+from helpers.readme import commands
 from helpers.tiny import char_tokenizer, tiny_model
 
 import truedepth
+from truedepth.core.loading import resolve
 from truedepth.deploy import engine_bench
 from truedepth.deploy import server as server_mod
 from truedepth.deploy.server import ServerError, running_server
@@ -179,34 +182,37 @@ def processes_mentioning(text: str) -> list[str]:
 
 
 @pytest.mark.slow
-def test_vllm_engine_bench_end_to_end(tiny32, tmp_path):
+def test_the_readme_vllm_load_example_end_to_end(tmp_path):
+    """The README's `bench --engine vllm` example (its variant), on the default model: two servers taking turns
+    at two levels, the JSON's fields, nothing left running."""
+    (command,) = commands("test_engine_bench.py")
     out, work = tmp_path / "load.json", tmp_path / "work"
-    argv = [*BENCH, "--model", str(tiny32), "--plan", "parallel=2:6", "--prompt", "16", "--new", "8"]
-    argv += ["--repeats", "2", "--json", str(out), "--work-dir", str(work)]
+    argv = [*shlex.split(command)[1:], "--json", str(out), "--work-dir", str(work)]
     result = subprocess.run(
         [sys.executable, "-m", "truedepth", *argv], capture_output=True, text=True, timeout=900,
         env=dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", TOKENIZERS_PARALLELISM="false"),
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
-    assert not processes_mentioning(str(tiny32)) and not processes_mentioning(str(work)), "a server was left running"
+    assert not processes_mentioning(str(work)) and not processes_mentioning(resolve("default")), (
+        "a server was left running"
+    )
     data = json.loads(out.read_text())
     assert data["engine"] == "vllm" and data["engine_version"]
-    assert [m["model"] for m in data["models"]] == ["base", "parallel=2:6"]
-    assert [m["depth"] for m in data["models"]] == [8, 6]
-    assert len(data["runs"]) == 2 * 2 * 2  # repeats x levels x models, in turns
-    assert [(r["repeat"], r["concurrency"], r["model"]) for r in data["runs"][:4]] == [
-        (0, 1, "base"), (0, 1, "parallel=2:6"), (0, 2, "base"), (0, 2, "parallel=2:6"),
+    assert [m["model"] for m in data["models"]] == ["base", "parallel=20:28"]
+    assert [m["depth"] for m in data["models"]] == [30, 26]
+    assert [(r["repeat"], r["concurrency"], r["model"]) for r in data["runs"]] == [  # the models take turns
+        (0, 1, "base"), (0, 1, "parallel=20:28"), (0, 2, "base"), (0, 2, "parallel=20:28"),
     ]  # fmt: skip
     for run in data["runs"]:
         assert (run["completed"], run["failed"]) == (4, 0), run
         for key in ("output_tok_s", "mean_tpot_ms", "p99_tpot_ms", "mean_ttft_ms", "duration_s"):
             assert run[key] > 0, (key, run)
-    lp = [row for row in data["summary"] if row["model"] == "parallel=2:6"]
+    lp = [row for row in data["summary"] if row["model"] == "parallel=20:28"]
     assert {row["concurrency"] for row in lp} == {1, 2}
     for row in lp:
         assert row["throughput_vs_base"] > 0 and row["tpot_speedup_vs_base"] > 0
         assert row["output_tok_s_min"] <= row["output_tok_s"] <= row["output_tok_s_max"]
-    assert "x base" in result.stdout and "parallel=2:6" in result.stdout
+    assert "x base" in result.stdout and "parallel=20:28" in result.stdout
 
 
 def test_llama_bench_rows_name_each_model_and_test(tmp_path, monkeypatch):

@@ -3,38 +3,22 @@
 ```python blocks run as scripts; in ```bash blocks every line that starts with `truedepth ` runs as
 `python -m truedepth ...` (`make ...` lines are what CI runs and are skipped). A command too slow
 for the test suite carries a visible comment in the README naming the variant the test runs:
-`# ... tests/test_readme.py runs: truedepth demo --quick`.
+`# ... tests/test_readme.py runs: truedepth demo --quick`; one that names another test file is run
+there, with assertions on what it writes (tests/helpers/readme.py).
 """
 
 from __future__ import annotations
 
 import os
-import re
 import shlex
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from helpers.readme import README, VARIANT, blocks, commands
 
-README = Path(__file__).resolve().parent.parent / "README.md"
-VARIANT = re.compile(r"tests/test_readme\.py runs:\s*(truedepth .+)$")
 pytestmark = pytest.mark.integration
-
-
-def blocks(language: str) -> list[str]:
-    return re.findall(rf"^```{language}\n(.*?)^```", README.read_text(), flags=re.S | re.M)
-
-
-def commands() -> list[str]:
-    found = []
-    for block in blocks("bash"):
-        for line in block.splitlines():
-            if not line.startswith("truedepth "):
-                continue  # `make demo` / `make test`: CI runs them
-            variant = VARIANT.search(line)
-            found.append(variant.group(1).strip() if variant else line.split("  #")[0].strip())
-    return found
 
 
 def run(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess:
@@ -44,6 +28,15 @@ def run(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess:
 
 def test_the_readme_has_examples():
     assert blocks("python") and len(commands()) >= 4
+
+
+def test_every_command_that_names_another_test_file_is_run_there():
+    """A README variant naming a test file that does not run it would leave the example untested."""
+    named = {m.group(1) for line in README.read_text().splitlines() if (m := VARIANT.search(line))}
+    assert named, "no README command names the test file that runs it"
+    for file in named - {"test_readme.py"}:
+        source = (README.parent / "tests" / file).read_text()
+        assert commands(file) and f'commands("{file}")' in source, file
 
 
 @pytest.mark.parametrize("index", range(len(blocks("python"))))

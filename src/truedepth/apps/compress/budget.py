@@ -19,17 +19,20 @@ from .options import STAGES, CompressOptions
 BUDGET_SHARES = {"search": 0.20, "generate": 0.10, "finetune": 0.50, "evaluate": 0.20, "save": 0.0, "serve": 0.0}
 
 # The budget curve (docs/COMPRESS.md, "What a budget buys"): the default model's searched depth-24 plan
-# fine-tuned with compress's training text on this many tokens, then perplexity as a multiple of the base
-# model's on the first 8,192 tokens of the held-out novel and of the other-domain text (2026-12-05). 0 tokens:
-# the searched plan untrained.
+# fine-tuned with compress's training text and loss on this many tokens, then perplexity as a multiple of the base
+# model's on the first 32,768 tokens of the held-out novel and of the other-domain text (2026-12-05). 0 tokens:
+# the searched plan untrained; up to 393,216: `finetune` alone (batch 2 x 256); the last two: whole `compress`
+# runs with --budget-minutes 30 and 60 on the machine of CURVE_TOKENS_PER_SECOND.
 BUDGET_CURVE = (  # (fine-tuning tokens, held-out, other domain)
-    (0, 1.333, 1.390),
-    (49_152, 1.098, 1.180),
-    (98_304, 1.072, 1.151),
-    (196_608, 1.058, 1.127),
-    (393_216, 1.035, 1.108),
+    (0, 1.329, 1.426),
+    (49_152, 1.088, 1.200),
+    (98_304, 1.061, 1.172),
+    (196_608, 1.047, 1.151),
+    (393_216, 1.027, 1.132),
+    (580_608, 1.021, 1.120),
+    (1_347_584, 1.009, 1.101),
 )
-CURVE_TOKENS_PER_SECOND = 578  # compress's fine-tune on the curve's machine (2 threads, batch 4 x 256, bf16)
+CURVE_TOKENS_PER_SECOND = 525  # compress's fine-tune over the 60-minute run (2-core Xeon with AMX, batch 4 x 256, bf16)
 SEARCH_OVER_FLOOR = 4.3  # the whole search took 2.0 (bf16) to 4.3 (fp32) times its least time (docs/COMPRESS.md)
 
 
@@ -112,7 +115,7 @@ def expected_quality(opts: CompressOptions, config: Any) -> str:
         f"expected: --budget-minutes {opts.budget_minutes:g} leaves about {minutes:.0f} min of fine-tuning after the "
         f"search, about {tokens:,} tokens on the 2-core CPU the budget curve was measured on "
         f"({CURVE_TOKENS_PER_SECOND} tokens/s; faster hardware trains more); on the default model at depth 24 that "
-        f"reached held-out {held:.2f}x and other domain {other:.2f}x the base model's perplexity{beyond} (other "
+        f"reached held-out {held:.3f}x and other domain {other:.3f}x the base model's perplexity{beyond} (other "
         "models and depths differ: docs/COMPRESS.md)"
     )
 
