@@ -18,8 +18,8 @@ def blocks(language: str) -> list[str]:
     return re.findall(rf"^```{language}\n(.*?)^```", README.read_text(), flags=re.S | re.M)
 
 
-def commands(runner: str = "test_readme.py") -> list[str]:
-    """The README's `truedepth` commands that the test file `runner` runs (as written or as their variant)."""
+def runs() -> list[tuple[str, str]]:
+    """(test file that runs it, command as written or as its variant) for each of the README's `truedepth` lines."""
     found = []
     for block in blocks("bash"):
         for line in block.splitlines():
@@ -27,6 +27,10 @@ def commands(runner: str = "test_readme.py") -> list[str]:
                 continue  # `make demo` / `make test`: CI runs them
             variant = VARIANT.search(line)
             file, command = variant.groups() if variant else ("test_readme.py", line.split("  #")[0])
-            if file == runner:
-                found.append(command.strip())
+            found.append((file, command.strip()))
     return found
+
+
+def commands(runner: str = "test_readme.py") -> list[str]:
+    """The README's `truedepth` commands that the test file `runner` runs."""
+    return [command for file, command in runs() if file == runner]
